@@ -1,0 +1,77 @@
+# kubetune: the two commands a newcomer needs are `make quickstart` and `make test`.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV ?= $(HOME)/.cache/kubetune/venv
+PY := $(VENV)/bin/python
+export KUBETUNE_VENV := $(VENV)
+# Stage pods on the test cluster's process node run `kubetune` from this PATH.
+export PATH := $(VENV)/bin:$(PATH)
+PYTEST_ARGS ?=
+
+.PHONY: help setup quickstart test test-unit test-integration test-cluster lint fmt typecheck \
+        generate check-generated tools system-deps cluster-up cluster-down demo-cluster \
+        bench bench-quick clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
+
+setup: ## create/reuse the Python env (~/.cache/kubetune/venv) with kubetune[operator,trainer,dev]
+	@bash scripts/setup-python.sh
+
+quickstart: setup ## offline demo: pre-train a tiny base model, fine-tune it on tldr-pages, evaluate, report
+	$(PY) -m kubetune_trainer.cli run examples/quickstart-base.yaml --no-progress
+	$(PY) -m kubetune_trainer.cli run examples/quickstart.yaml
+	@echo "report: runs/quickstart/report/report.md (and report.html)"
+
+test: setup system-deps tools lint ## everything CI runs: lint, types, generated files, all tests
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+test-unit: setup ## pure unit tests (no cluster, no training)
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+test-integration: setup ## stages on real text with tiny models, real S3 (moto server)
+	$(PY) -m pytest tests/integration $(PYTEST_ARGS)
+
+test-cluster: setup system-deps tools ## the real control plane, process node, S3, Prometheus
+	$(PY) -m pytest tests/cluster $(PYTEST_ARGS)
+
+lint: setup check-generated ## ruff + mypy + generated files up to date
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check trainer operator
+	$(VENV)/bin/mypy
+
+fmt: setup ## format the code
+	$(VENV)/bin/ruff format trainer operator tests bench
+	$(VENV)/bin/ruff check --fix .
+
+generate: setup ## regenerate crds/ and the chart's generated templates from the schema
+	$(PY) -m kubetune_trainer.crd
+	@if [ -f operator/kubetune_operator/rbac.py ]; then $(PY) -m kubetune_operator.rbac --write-chart; fi
+
+check-generated: setup ## fail if generated files drifted from the schema
+	$(PY) -m kubetune_trainer.crd --check
+
+system-deps: ## Debian packages the tests need (prometheus, promtool, lua)
+	@bash scripts/install-system-deps.sh
+
+tools: ## build/reuse kube-apiserver, etcd, ... helm, kubeconform (cached in ~/.cache/kubetune/tools)
+	@bash scripts/build-tools.sh
+
+cluster-up: setup tools ## start the test cluster (control plane, process node, S3) for manual use
+	cd tests && $(PY) -m harness up
+
+cluster-down: ## stop the test cluster
+	cd tests && $(PY) -m harness down
+
+demo-cluster: setup tools ## the README's cluster walkthrough as one command (exit 0 on Succeeded)
+	bash scripts/demo-cluster.sh
+
+bench: setup ## full benchmarks (bench/results/latest.json, bench/RESULTS.md)
+	$(PY) -m bench.run --full
+
+bench-quick: setup ## a few-minute benchmark run
+	$(PY) -m bench.run --quick
+
+clean: ## remove local run outputs
+	rm -rf runs .pytest_cache .mypy_cache .ruff_cache

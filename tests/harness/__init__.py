@@ -1,0 +1,14 @@
+"""kubetune's test harness: real Kubernetes, S3 and Prometheus processes on loopback.
+
+Modules:
+    harness.tools          find/build the control-plane binaries (scripts/build-tools.sh)
+    harness.cluster        ControlPlane: etcd, kube-apiserver, kube-controller-manager, kube-scheduler
+    harness.process_node   a Node that runs its pods as local processes (no kubelet, no runtime)
+    harness.s3             moto's S3 server
+    harness.prometheus     a private Prometheus from Debian's package
+    harness.fixtures       the pytest plugin (pytest_plugins = ["harness.fixtures"])
+
+From a shell (with tests/ on PYTHONPATH):
+    python -m harness up [--state-dir DIR]     # prints `export KUBECONFIG=...` and S3 settings
+    python -m harness down [--state-dir DIR]
+"""

@@ -1,0 +1,119 @@
+"""Bring a test cluster up or down from the shell, detached from this process.
+
+    PYTHONPATH=tests python -m harness up [--state-dir DIR] [--gpus 2]
+    eval "$(PYTHONPATH=tests python -m harness up)"     # sets KUBECONFIG and AWS_* here
+    PYTHONPATH=tests python -m harness down [--state-dir DIR]
+
+The state dir (default ${KUBETUNE_CLUSTER_DIR:-/tmp/kubetune-cluster}) holds the PKI,
+kubeconfigs, etcd data, logs/ and state.json with the pids that `down` stops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import sys
+from pathlib import Path
+
+from harness._proc import ManagedProcess, kill_process_group
+from harness.cluster import ControlPlane, start_process_node, wait_node_ready
+from harness.s3 import S3Server
+from harness.tools import ToolsMissing, find_bin_dir
+
+NODE_NAME = "process-node"
+
+
+def _default_state_dir() -> Path:
+    return Path(os.environ.get("KUBETUNE_CLUSTER_DIR") or "/tmp/kubetune-cluster")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _exports(state: dict[str, object]) -> str:
+    env = {"KUBECONFIG": str(state["kubeconfig"])}
+    s3 = state["s3"]
+    assert isinstance(s3, dict)
+    env.update(s3["env"])
+    lines = [f"export {k}={shlex.quote(v)}" for k, v in env.items()]
+    return "\n".join(lines + [f"# S3 endpoint {s3['endpoint_url']} (access key {s3['access_key']}, any secret works)"])
+
+
+def up(state_dir: Path, gpus: str) -> int:
+    state_file = state_dir / "state.json"
+    if state_file.exists():
+        state = json.loads(state_file.read_text())
+        if all(_alive(pid) for pid in state["pids"].values()):
+            print("# already up", file=sys.stderr)
+            print(_exports(state))
+            return 0
+        down(state_dir)
+    try:
+        bin_dir = find_bin_dir(build=True)
+    except ToolsMissing as err:
+        print(f"harness up: {err}", file=sys.stderr)
+        return 1
+    state_dir.mkdir(parents=True, exist_ok=True)
+    control_plane = ControlPlane(state_dir=state_dir, bin_dir=bin_dir)
+    extra: list[ManagedProcess] = []
+    try:
+        control_plane.start()
+        extra.append(start_process_node(control_plane, name=NODE_NAME, gpus=gpus))
+        wait_node_ready(control_plane, NODE_NAME)
+        s3 = S3Server.start(control_plane.log_dir)
+        assert s3.process is not None
+        extra.append(s3.process)
+    except BaseException as err:
+        for proc in extra:
+            proc.stop()
+        control_plane.stop()
+        print(f"harness up: failed: {err}", file=sys.stderr)
+        return 1
+    pids = control_plane.pids() | {proc.name: proc.pid for proc in extra}
+    state = {
+        "pids": pids,
+        "kubeconfig": str(control_plane.kubeconfig),
+        "api_url": control_plane.api_url,
+        "s3": {"endpoint_url": s3.endpoint_url, "access_key": s3.access_key, "env": s3.env()},
+    }
+    state_file.write_text(json.dumps(state, indent=2) + "\n")
+    print(f"# cluster up; logs in {control_plane.log_dir}; stop with: python -m harness down", file=sys.stderr)
+    print(_exports(state))
+    return 0
+
+
+def down(state_dir: Path) -> int:
+    state_file = state_dir / "state.json"
+    if not state_file.exists():
+        print(f"harness down: nothing running ({state_file} not found)", file=sys.stderr)
+        return 0
+    pids: dict[str, int] = json.loads(state_file.read_text())["pids"]
+    # Reverse start order: S3 and the node first, etcd last.
+    for name, pid in reversed(list(pids.items())):
+        kill_process_group(pid, grace=5.0)
+        print(f"stopped {name} (pid {pid})", file=sys.stderr)
+    shutil.rmtree(state_dir, ignore_errors=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m harness", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=["up", "down"])
+    parser.add_argument("--state-dir", type=Path, default=_default_state_dir())
+    parser.add_argument("--gpus", default="2", help="nvidia.com/gpu capacity of the process node")
+    args = parser.parse_args(argv)
+    state_dir = args.state_dir.resolve()
+    return up(state_dir, args.gpus) if args.command == "up" else down(state_dir)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

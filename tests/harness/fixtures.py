@@ -1,0 +1,129 @@
+"""pytest fixtures for tests against real Kubernetes, S3 and Prometheus processes.
+
+Load as a plugin: `pytest_plugins = ["harness.fixtures"]` in a conftest.py (with tests/ on
+sys.path), or `pytest -p harness.fixtures`. Everything starts on first use and stops at the end
+of the session (or test, for function-scoped fixtures). Nothing is skipped: a missing binary that
+cannot be built fails the test with what to run.
+
+    tools_bin            Path of the dir with etcd, kube-*, helm, kubeconform
+    k8s_cluster          K8sCluster: .kubeconfig .api_url .bin_dir .node_name .kubectl(*args) .api_client()
+    k8s_namespace        str: a fresh namespace (with its default service account), deleted after
+    s3_server            S3Server: .endpoint_url .access_key .secret_key .region .make_bucket() .env()
+    prometheus_factory   callable(targets: list["host:port"]) -> Prometheus (.url .query() .wait_for_target_up())
+"""
+
+from __future__ import annotations
+
+import subprocess
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from harness._proc import install_exit_handlers, wait_until
+from harness.cluster import ControlPlane, start_process_node, wait_node_ready
+from harness.prometheus import Prometheus, PrometheusMissing
+from harness.s3 import S3Server
+from harness.tools import ToolsMissing, find_bin_dir
+
+NODE_NAME = "process-node"
+NODE_CAPACITY = {"cpu": "8", "memory": "32Gi", "pods": "110", "gpus": "2"}
+
+
+@dataclass
+class K8sCluster:
+    control_plane: ControlPlane
+    node_name: str
+
+    @property
+    def kubeconfig(self) -> Path:
+        return self.control_plane.kubeconfig
+
+    @property
+    def api_url(self) -> str:
+        return self.control_plane.api_url
+
+    @property
+    def bin_dir(self) -> Path:
+        return self.control_plane.bin_dir
+
+    @property
+    def log_dir(self) -> Path:
+        return self.control_plane.log_dir
+
+    def kubectl(self, *args: str, check: bool = True, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+        """Run the real kubectl with this cluster's admin kubeconfig; raise on failure if `check`."""
+        return self.control_plane.kubectl(*args, check=check, timeout=timeout)
+
+    def api_client(self) -> Any:
+        """A kubernetes.client.ApiClient for this cluster (close it, or use it as a context manager)."""
+        from kubernetes import config
+
+        return config.new_client_from_config(config_file=str(self.kubeconfig))
+
+
+@pytest.fixture(scope="session")
+def tools_bin() -> Path:
+    try:
+        return find_bin_dir(build=True)
+    except ToolsMissing as err:
+        pytest.fail(f"harness binaries unavailable: {err}", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def k8s_cluster(tools_bin: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[K8sCluster]:
+    install_exit_handlers()
+    control_plane = ControlPlane(state_dir=tmp_path_factory.mktemp("k8s"), bin_dir=tools_bin)
+    control_plane.start()
+    node = None
+    try:
+        node = start_process_node(control_plane, name=NODE_NAME, **NODE_CAPACITY)
+        wait_node_ready(control_plane, NODE_NAME)
+        yield K8sCluster(control_plane=control_plane, node_name=NODE_NAME)
+    finally:
+        if node is not None:
+            node.stop()
+        control_plane.stop()
+
+
+@pytest.fixture
+def k8s_namespace(k8s_cluster: K8sCluster) -> Iterator[str]:
+    name = f"test-{uuid.uuid4().hex[:8]}"
+    k8s_cluster.kubectl("create", "namespace", name)
+
+    # Pods are rejected until the service-account controller has made `default`.
+    def has_default_sa() -> bool:
+        status, _ = k8s_cluster.control_plane.get(f"/api/v1/namespaces/{name}/serviceaccounts/default")
+        return status == 200
+
+    wait_until(has_default_sa, timeout=30, what=f"service account default in {name}")
+    yield name
+    k8s_cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    install_exit_handlers()
+    server = S3Server.start(tmp_path_factory.mktemp("s3"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def prometheus_factory(tmp_path: Path) -> Iterator[Callable[[list[str]], Prometheus]]:
+    started: list[Prometheus] = []
+
+    def start(targets: list[str]) -> Prometheus:
+        try:
+            prom = Prometheus.start(targets, tmp_path / f"prometheus-{len(started)}")
+        except PrometheusMissing as err:
+            pytest.fail(str(err), pytrace=False)
+        started.append(prom)
+        return prom
+
+    yield start
+    for prom in started:
+        prom.stop()

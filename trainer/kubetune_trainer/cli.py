@@ -1,0 +1,183 @@
+"""The ``kubetune`` command.
+
+    kubetune run job.yaml                 # all stages on this machine (local mode)
+    kubetune validate job.yaml            # check a manifest, list every problem
+    kubetune prepare  --job job.json --output s3://runs/x/g1   # one stage (what pods run)
+    kubetune train    --job job.json --output ...
+    kubetune evaluate --job job.json --output ... [--report]
+    kubetune report   --job job.json --output ...
+    kubetune crd [--check]                # regenerate crds/ from the schema
+    kubetune operator                     # run the kopf operator (needs the [operator] extra)
+
+Exit codes: 0 success, 1 stage failed (retriable), 2 bad usage or manifest,
+3 stage failed in a way a retry cannot fix (bad dataset or spec).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from kubetune_trainer import __version__
+from kubetune_trainer.schema import FineTuneJob, ManifestError, load_job
+from kubetune_trainer.stages import (
+    EXIT_OK,
+    EXIT_USAGE,
+    STAGE_ORDER,
+    exit_code_for,
+    failure_payload,
+    run_stage,
+    termination_summary,
+    write_termination_message,
+)
+
+
+def _load(path: str) -> FineTuneJob:
+    return load_job(Path(path))
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from kubetune_trainer.local import run_local, summary_table
+
+    job = _load(args.manifest)
+    stages = args.stages.split(",") if args.stages else list(STAGE_ORDER)
+    unknown = [s for s in stages if s not in STAGE_ORDER]
+    if unknown:
+        print(
+            f"kubetune run: unknown stage(s) {unknown}; use {','.join(STAGE_ORDER)}",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    run = run_local(
+        job,
+        output=args.output,
+        stages=stages,
+        scratch=Path(args.scratch) if args.scratch else None,
+        show_progress=not args.no_progress,
+    )
+    print(summary_table(run))
+    if run.error is not None:
+        print(f"kubetune run: stage {run.failed_stage} failed: {run.error}", file=sys.stderr)
+        return exit_code_for(run.error)
+    return EXIT_OK
+
+
+def _cmd_stage(args: argparse.Namespace) -> int:
+    from kubetune_trainer.context import make_context
+
+    stage: str = args.command
+    try:
+        job = _load(args.job)
+    except ManifestError as exc:
+        write_termination_message({"stage": stage, "error": str(exc), "reason": "InvalidSpec"})
+        raise
+    ctx = make_context(
+        job,
+        output=args.output,
+        scratch=Path(args.scratch) if args.scratch else None,
+        show_progress=sys.stderr.isatty(),
+    )
+    names = [stage] + (["report"] if getattr(args, "report", False) else [])
+    summary: dict[str, object] = {}
+    for name in names:
+        try:
+            result = run_stage(name, ctx)
+        except Exception as exc:
+            payload = failure_payload(name, exc)
+            write_termination_message(payload)
+            # The traceback helps a developer (-v); the one-line message is for users.
+            logging.getLogger("kubetune").debug("%s failed", name, exc_info=exc)
+            print(f"kubetune {name}: {payload['reason']}: {payload['error']}", file=sys.stderr)
+            return exit_code_for(exc)
+        summary = termination_summary(result) if name == stage else summary
+        print(result.to_json())
+    write_termination_message(summary)
+    return EXIT_OK
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    job = _load(args.manifest)
+    print(
+        f"{args.manifest}: valid FineTuneJob {job.metadata.name!r} "
+        f"(model {job.spec.model.display_name}, output {job.spec.storage.output})"
+    )
+    return EXIT_OK
+
+
+def _cmd_crd(args: argparse.Namespace) -> int:
+    from kubetune_trainer import crd
+
+    return crd.main(["--check"] if args.check else [])
+
+
+def _cmd_operator(args: argparse.Namespace) -> int:
+    try:
+        from kubetune_operator.main import run as run_operator
+    except ImportError as exc:
+        print(
+            f"kubetune operator needs the operator extra (pip install 'kubetune[operator]'): {exc}",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    return int(run_operator(args.operator_args) or 0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kubetune",
+        description="Fine-tune and evaluate language models.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
+    parser.add_argument("--version", action="version", version=f"kubetune {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run all stages on this machine")
+    run.add_argument("manifest", help="FineTuneJob YAML/JSON")
+    run.add_argument("--output", help="override spec.storage.output")
+    run.add_argument("--stages", help=f"comma-separated subset of {','.join(STAGE_ORDER)}")
+    run.add_argument("--scratch", help="working directory (default: a temp dir)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.set_defaults(func=_cmd_run)
+
+    for name in STAGE_ORDER:
+        p = sub.add_parser(name, help=f"run the {name} stage (as a pod does)")
+        p.add_argument("--job", required=True, help="FineTuneJob YAML/JSON (the resolved job)")
+        p.add_argument("--output", help="output prefix of this run (default spec.storage.output)")
+        p.add_argument("--scratch", help="working directory (default $KUBETUNE_SCRATCH or temp)")
+        if name == "evaluate":
+            p.add_argument("--report", action="store_true", help="also write the report")
+        p.set_defaults(func=_cmd_stage)
+
+    val = sub.add_parser("validate", help="check a manifest")
+    val.add_argument("manifest")
+    val.set_defaults(func=_cmd_validate)
+
+    crd = sub.add_parser("crd", help="regenerate the CRD YAML from the schema")
+    crd.add_argument("--check", action="store_true", help="fail if the files are stale")
+    crd.set_defaults(func=_cmd_crd)
+
+    op = sub.add_parser("operator", help="run the operator (kopf)")
+    op.add_argument("operator_args", nargs=argparse.REMAINDER, help="passed to the operator")
+    op.set_defaults(func=_cmd_operator)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args))
+    except ManifestError as exc:
+        print(str(exc), file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""Where each artifact of a run lives under ``spec.storage.output``.
+
+One place names every key, so the stages, the local runner, the operator and
+the tests agree::
+
+    <output>/
+      dataset/   train.jsonl test.jsonl  train.tokens.npy train.offsets.npy
+                 test.tokens.npy test.offsets.npy  tokenizer/  prepare.json
+      checkpoints/step-00000200/ ... COMPLETE        (resumable Accelerate state)
+      model/     save_pretrained() model + tokenizer (the fine_tuned_model)
+      train/     progress.json  metrics.jsonl  train.json
+      eval/      evaluate.json  samples.jsonl
+      report/    report.md  report.html  loss.png  report.json
+
+The operator gives each run (spec generation) its own output prefix, so an
+earlier run's results stay readable after a spec change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+def join_uri(base: str, *parts: str) -> str:
+    """Join URI parts with single slashes (``s3://b/p/`` + ``x`` -> ``s3://b/p/x``)."""
+    out = base.rstrip("/")
+    for part in parts:
+        part = part.strip("/")
+        if part:
+            out = f"{out}/{part}"
+    return out
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """Keys (relative to the output root) of every artifact of one run."""
+
+    output: str
+
+    DATASET = "dataset"
+    TRAIN_TEXT = "dataset/train.jsonl"
+    TEST_TEXT = "dataset/test.jsonl"
+    TRAIN_TOKENS = "dataset/train.tokens.npy"
+    TRAIN_OFFSETS = "dataset/train.offsets.npy"
+    TEST_TOKENS = "dataset/test.tokens.npy"
+    TEST_OFFSETS = "dataset/test.offsets.npy"
+    TOKENIZER = "dataset/tokenizer"
+    PREPARE_RESULT = "dataset/prepare.json"
+    CHECKPOINTS = "checkpoints"
+    CHECKPOINT_MARKER = "COMPLETE"
+    MODEL = "model"
+    PROGRESS = "train/progress.json"
+    TRAIN_METRICS = "train/metrics.jsonl"
+    TRAIN_RESULT = "train/train.json"
+    EVAL_RESULT = "eval/evaluate.json"
+    EVAL_SAMPLES = "eval/samples.jsonl"
+    REPORT_MD = "report/report.md"
+    REPORT_HTML = "report/report.html"
+    LOSS_PNG = "report/loss.png"
+    REPORT_RESULT = "report/report.json"
+
+    RESULT_KEYS = {
+        "prepare": PREPARE_RESULT,
+        "train": TRAIN_RESULT,
+        "evaluate": EVAL_RESULT,
+        "report": REPORT_RESULT,
+    }
+
+    def uri(self, key: str) -> str:
+        return join_uri(self.output, key)
+
+    @staticmethod
+    def checkpoint_key(step: int) -> str:
+        return f"checkpoints/step-{step:08d}"

@@ -1,0 +1,184 @@
+"""Test-set perplexity of a causal language model: exp(total NLL / total predicted tokens).
+
+Usage::
+
+    from kubetune_trainer.perplexity import score_sequences
+    result = score_sequences(model, token_lists, context_token=tok.eos_token_id,
+                             max_length=1024, batch_size=8)
+    result.perplexity, result.nll_sum, result.predicted_tokens
+
+Conventions (the numbers in the report mean exactly this):
+
+* Each test line is scored as its own text, with ``context_token`` (the eos/bos
+  token) prepended: every token of the line is predicted, the first one from
+  the context token alone. Without a context token the first token of a line
+  is context only and is not counted.
+* Perplexity is ``exp(sum of NLL over every predicted token of the split /
+  number of predicted tokens)``, summed in float64 over the WHOLE split. It is
+  never a mean of per-batch (or per-line) means: those weight short lines as
+  much as long ones and give a different number.
+* A text longer than ``max_length`` (the model context) is scored in rolling
+  windows (the Hugging Face "perplexity of fixed-length models" method): a
+  window starts every ``stride`` tokens (default half the context) and
+  predicts only the tokens no earlier window predicted, with the tokens before
+  them in the window as context. Every token is predicted exactly once.
+* Windows are sorted by length and batched with right padding (attention mask
+  0 and no target on pads), so many short lines share one forward pass.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+
+# Logits of one batch are [rows, length, vocab]; keep them under this many
+# values so a big-vocabulary model (e.g. 150k tokens) does not run out of memory.
+LOGITS_BUDGET = {"cuda": 512 * 1024 * 1024, "cpu": 64 * 1024 * 1024}
+
+
+class PerplexityResult(NamedTuple):
+    """Summed NLL (nats, float64), tokens predicted, exp(nll_sum / tokens), throughput."""
+
+    nll_sum: float
+    predicted_tokens: int
+    perplexity: float
+    tokens_per_second: float
+
+
+@dataclass(frozen=True)
+class Window:
+    """One forward pass worth of tokens; the last ``targets`` tokens are predicted."""
+
+    tokens: tuple[int, ...]
+    targets: int
+
+
+def perplexity_from_nll(nll_sum: float, predicted_tokens: int) -> float:
+    """exp(nll_sum / predicted_tokens); inf when it overflows, nan with no tokens."""
+    if predicted_tokens <= 0:
+        return math.nan
+    try:
+        return math.exp(nll_sum / predicted_tokens)
+    except OverflowError:
+        return math.inf
+
+
+def rolling_windows(
+    ids: Sequence[int], context_token: int | None, max_length: int, stride: int | None = None
+) -> list[Window]:
+    """Split one text into windows of at most ``max_length`` tokens.
+
+    The windows together predict each token of ``ids`` exactly once (all of
+    them with a context token; all but the first without one).
+    """
+    if max_length < 2:
+        raise ValueError(f"max_length must be >= 2 tokens, got {max_length}")
+    tokens = ([context_token] if context_token is not None else []) + list(ids)
+    if len(tokens) < 2:
+        return []
+    stride = stride or max_length // 2
+    # A stride of the whole window would leave a window's first token without context.
+    stride = max(1, min(stride, max_length - 1))
+    windows = []
+    predicted_until = 1  # tokens[0] is context only
+    begin = 0
+    while True:
+        end = min(begin + max_length, len(tokens))
+        windows.append(Window(tuple(tokens[begin:end]), end - predicted_until))
+        predicted_until = end
+        if end == len(tokens):
+            return windows
+        begin += stride
+
+
+def _batches(windows: list[Window], max_rows: int, max_tokens: int) -> list[list[Window]]:
+    """Windows sorted by length, grouped so rows * padded length stays under the budgets."""
+    ordered = sorted(windows, key=lambda w: len(w.tokens))
+    batches: list[list[Window]] = []
+    current: list[Window] = []
+    for window in ordered:
+        # Sorted ascending: the newest window is the longest, so it sets the padded length.
+        rows = len(current) + 1
+        if current and (rows > max_rows or rows * len(window.tokens) > max_tokens):
+            batches.append(current)
+            current = []
+        current.append(window)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def _batch_nll(
+    model: Any, batch: list[Window], device: torch.device, autocast_dtype: torch.dtype | None
+) -> tuple[float, int]:
+    length = max(len(w.tokens) for w in batch)
+    input_ids = torch.zeros((len(batch), length), dtype=torch.long)
+    attention = torch.zeros((len(batch), length), dtype=torch.long)
+    labels = torch.full((len(batch), length), -100, dtype=torch.long)
+    for row, window in enumerate(batch):
+        n = len(window.tokens)
+        ids = torch.tensor(window.tokens, dtype=torch.long)
+        input_ids[row, :n] = ids
+        attention[row, :n] = 1
+        labels[row, n - window.targets : n] = ids[n - window.targets :]
+    input_ids, attention, labels = (t.to(device) for t in (input_ids, attention, labels))
+    with torch.autocast(
+        device_type=device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
+    ):
+        logits = model(input_ids=input_ids, attention_mask=attention).logits
+    # Position t predicts token t+1; keep only target positions before the softmax.
+    shift_labels = labels[:, 1:]
+    mask = shift_labels != -100
+    picked = logits[:, :-1][mask].float()
+    targets = shift_labels[mask]
+    nll = torch.nn.functional.cross_entropy(picked, targets, reduction="none")
+    return float(nll.double().sum().item()), int(targets.numel())
+
+
+def score_sequences(
+    model: Any,
+    sequences: Sequence[Sequence[int]],
+    *,
+    context_token: int | None,
+    max_length: int,
+    stride: int | None = None,
+    batch_size: int = 8,
+    autocast_dtype: torch.dtype | None = None,
+) -> PerplexityResult:
+    """Perplexity of ``model`` over all ``sequences`` (token ids of one test line each).
+
+    ``batch_size`` is in full-context sequences: a batch holds up to
+    ``batch_size * max_length`` tokens, so short lines are batched many at a
+    time (at most 1024 rows). ``autocast_dtype`` (e.g. ``torch.bfloat16`` on a
+    GPU) runs the forward pass in mixed precision; the NLL is summed in float64.
+    """
+    windows = [w for ids in sequences for w in rolling_windows(ids, context_token, max_length, stride)]
+    device = _model_device(model)
+    vocab = int(getattr(getattr(model, "config", None), "vocab_size", 0) or 50_000)
+    budget = LOGITS_BUDGET.get(device.type, LOGITS_BUDGET["cpu"]) // vocab
+    max_tokens = max(max_length, min(batch_size * max_length, budget))
+    was_training = model.training
+    model.eval()
+    start = time.perf_counter()
+    nll_sum, count = 0.0, 0
+    try:
+        for batch in _batches(windows, max_rows=max(1024, batch_size), max_tokens=max_tokens):
+            nll, n = _batch_nll(model, batch, device, autocast_dtype)
+            nll_sum += nll
+            count += n
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    finally:
+        model.train(was_training)
+    seconds = max(time.perf_counter() - start, 1e-9)
+    return PerplexityResult(nll_sum, count, perplexity_from_nll(nll_sum, count), count / seconds)

@@ -1,0 +1,718 @@
+"""The FineTuneJob schema: the one source of truth for spec and status.
+
+Everything else derives from these models:
+
+* ``crds/finetunejob.yaml`` and the Helm chart's CRD are generated from them
+  (``python -m kubetune_trainer.crd``; ``tests/unit/test_crd.py`` fails on drift);
+* ``kubetune run job.yaml`` and the stage commands parse manifests with them;
+* the operator parses the resource it watches with them and builds its status
+  with the status models.
+
+This module imports only pydantic, so the operator image (no torch) and the
+trainer image (no kopf) can both use it.
+
+Cross-field rules are written once as :class:`CelRule` objects: the CRD carries
+the CEL expression (the API server rejects a bad manifest at ``kubectl apply``)
+and the same rule runs in Python for local mode, where there is no API server.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.alias_generators import to_camel
+
+GROUP = "kubetune.io"
+VERSION = "v1alpha1"
+KIND = "FineTuneJob"
+PLURAL = "finetunejobs"
+SINGULAR = "finetunejob"
+SHORT_NAMES = ["ftj"]
+API_VERSION = f"{GROUP}/{VERSION}"
+
+URI_PATTERN = r"^(s3|file)://.+"
+SOURCE_PATTERN = r"^(s3|file|hf)://.+"
+
+
+@dataclass(frozen=True)
+class CelRule:
+    """A cross-field rule: CEL for the API server, the same check in Python for local mode.
+
+    ``check`` receives the model instance and returns True when the rule holds.
+    ``field`` is the JSON path (relative to the object carrying the rule) that the
+    message is about; the API server reports it as ``fieldPath``.
+    """
+
+    expression: str
+    message: str
+    check: Callable[[Any], bool]
+    field: str | None = None
+
+
+class _Model(BaseModel):
+    """Base: camelCase on the wire, snake_case in Python, unknown fields rejected."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        use_enum_values=True,
+        validate_default=True,
+    )
+    cel_rules: ClassVar[tuple[CelRule, ...]] = ()
+
+    @model_validator(mode="after")
+    def _check_cel_rules(self) -> _Model:
+        failed = [rule.message for rule in self.cel_rules if not rule.check(self)]
+        if failed:
+            raise ValueError("; ".join(failed))
+        return self
+
+    def to_wire(self) -> dict[str, Any]:
+        """The object as it appears in a manifest or in the API (camelCase, no nulls)."""
+        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+# --------------------------------------------------------------------------- enums
+
+
+class DatasetFormat(str, enum.Enum):
+    AUTO = "auto"
+    TEXT = "text"
+    MARKDOWN = "markdown"
+    JSONL = "jsonl"
+    CSV = "csv"
+    PARQUET = "parquet"
+
+
+class DedupMode(str, enum.Enum):
+    EXACT = "exact"
+    NONE = "none"
+
+
+class SplitUnit(str, enum.Enum):
+    LINE = "line"
+    DOCUMENT = "document"
+
+
+class Scheduler(str, enum.Enum):
+    COSINE = "cosine"
+    LINEAR = "linear"
+    CONSTANT = "constant"
+
+
+class Precision(str, enum.Enum):
+    BF16 = "bf16"
+    FP16 = "fp16"
+    FP32 = "fp32"
+
+
+class Phase(str, enum.Enum):
+    PENDING = "Pending"
+    PREPARING = "Preparing"
+    TRAINING = "Training"
+    EVALUATING = "Evaluating"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    SUSPENDED = "Suspended"
+
+
+class ConditionType(str, enum.Enum):
+    READY = "Ready"
+    RECONCILING = "Reconciling"
+    STALLED = "Stalled"
+    DATASET_READY = "DatasetReady"
+    TRAINED = "Trained"
+    EVALUATED = "Evaluated"
+
+
+class Reason(str, enum.Enum):
+    """Typed reasons for conditions and Events (CamelCase, as Kubernetes expects)."""
+
+    CREATED = "Created"
+    STAGE_RUNNING = "StageRunning"
+    STAGE_PENDING = "StagePending"
+    STAGE_SUCCEEDED = "StageSucceeded"
+    SUCCEEDED = "Succeeded"
+    INVALID_SPEC = "InvalidSpec"
+    DATASET_UNUSABLE = "DatasetUnusable"
+    STAGE_FAILED = "StageFailed"
+    OOM_KILLED = "OOMKilled"
+    DEADLINE_EXCEEDED = "DeadlineExceeded"
+    IMAGE_PULL_FAILED = "ImagePullFailed"
+    UNSCHEDULABLE = "Unschedulable"
+    BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"
+    SUSPENDED = "Suspended"
+    NEW_GENERATION = "NewGeneration"
+    WAITING = "Waiting"
+
+
+# --------------------------------------------------------------------------- spec
+
+
+class FreshModelSpec(_Model):
+    """A GPT-2-shaped model initialised from scratch (small demos, pre-training)."""
+
+    n_layer: int = Field(4, ge=1, le=96, description="Number of transformer blocks.")
+    n_head: int = Field(4, ge=1, le=128, description="Attention heads per block.")
+    n_embd: int = Field(256, ge=8, le=16384, description="Hidden size; must divide by nHead.")
+    n_positions: int = Field(
+        512, ge=16, le=32768, description="Longest sequence the position table covers (tokens)."
+    )
+    vocab_size: int = Field(
+        8192,
+        ge=256,
+        le=262144,
+        description="Vocabulary size of the byte-level BPE tokenizer trained on the training split "
+        "when model.tokenizer is not set.",
+    )
+
+    cel_rules = (
+        CelRule(
+            "self.nEmbd % self.nHead == 0",
+            "model.fresh.nEmbd must be a multiple of model.fresh.nHead",
+            lambda m: m.n_embd % m.n_head == 0,
+            field=".nEmbd",
+        ),
+    )
+
+
+class ModelSpec(_Model):
+    """Which pre-trained model to fine-tune: exactly one of name, uri or fresh."""
+
+    name: str | None = Field(
+        None,
+        min_length=1,
+        max_length=256,
+        description="Model id on the Hugging Face hub, e.g. gpt2. Needs a reachable hub.",
+    )
+    uri: str | None = Field(
+        None,
+        pattern=URI_PATTERN,
+        description="s3:// or file:// prefix holding a save_pretrained() model and tokenizer "
+        "(for air-gapped clusters).",
+    )
+    fresh: FreshModelSpec | None = Field(
+        None, description="Initialise a GPT-2-shaped model from scratch instead of loading one."
+    )
+    tokenizer: str | None = Field(
+        None,
+        description="Tokenizer to use instead of the model's own: hub id, s3:// or file:// prefix.",
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+
+    cel_rules = (
+        CelRule(
+            "(has(self.name) ? 1 : 0) + (has(self.uri) ? 1 : 0) + (has(self.fresh) ? 1 : 0) == 1",
+            "exactly one of model.name, model.uri or model.fresh must be set",
+            lambda m: sum(x is not None for x in (m.name, m.uri, m.fresh)) == 1,
+        ),
+    )
+
+    @property
+    def display_name(self) -> str:
+        if self.name:
+            return self.name
+        if self.uri:
+            return self.uri
+        assert self.fresh is not None
+        f = self.fresh
+        return f"fresh gpt2 ({f.n_layer}x{f.n_embd}, vocab {f.vocab_size})"
+
+
+class CleanSpec(_Model):
+    """How raw text becomes training text. Every rule is applied line by line."""
+
+    normalize_unicode: bool = Field(True, description="Apply Unicode NFKC normalisation.")
+    normalize_whitespace: bool = Field(
+        True, description="Collapse runs of spaces and tabs to one space and trim each line."
+    )
+    remove_control_chars: bool = Field(
+        True, description="Drop control characters and stray special symbols (e.g. U+FFFD)."
+    )
+    strip_markup: bool = Field(
+        True, description="Strip Markdown and HTML markup (headings, emphasis, links, tags)."
+    )
+    lowercase: bool = Field(False, description="Lower-case all text.")
+    min_chars: int = Field(
+        16, ge=0, le=100000, description="Drop lines shorter than this after cleaning (chars)."
+    )
+    max_chars: int | None = Field(
+        None, ge=1, description="Drop lines longer than this after cleaning (chars)."
+    )
+    dedup: DedupMode = Field(
+        DedupMode.EXACT, description="exact: drop lines whose cleaned text was seen before."
+    )
+
+    cel_rules = (
+        CelRule(
+            "!has(self.maxChars) || self.maxChars >= self.minChars",
+            "dataset.clean.maxChars must be >= dataset.clean.minChars",
+            lambda c: c.max_chars is None or c.max_chars >= c.min_chars,
+            field=".maxChars",
+        ),
+    )
+
+
+class SplitSpec(_Model):
+    """How the test set is split off."""
+
+    test_fraction: float = Field(
+        0.1, gt=0.0, le=0.5, description="Share of lines (or documents) held out for evaluation."
+    )
+    seed: int = Field(
+        42, ge=0, description="Seed of the split; the same seed gives the same split."
+    )
+    unit: SplitUnit = Field(
+        SplitUnit.LINE,
+        description="line: each cleaned line goes to one split; document: whole documents do.",
+    )
+
+
+class DatasetSpec(_Model):
+    """Where the text comes from and how it is cleaned and split."""
+
+    source: str = Field(
+        ...,
+        pattern=SOURCE_PATTERN,
+        description="A file or a prefix of files (.txt, .md, .jsonl, .csv, .parquet): s3://, "
+        "file://, or hf://<dataset>[/<config>][@<split>] where a hub is reachable.",
+    )
+    format: DatasetFormat = Field(
+        DatasetFormat.AUTO, description="File format; auto picks by file extension."
+    )
+    text_field: str = Field(
+        "text", min_length=1, description="Column holding the text in jsonl, csv and parquet."
+    )
+    max_documents: int | None = Field(
+        None, ge=1, description="Read at most this many documents (files or records)."
+    )
+    clean: CleanSpec = Field(default_factory=CleanSpec, description="Cleaning rules.")
+    split: SplitSpec = Field(default_factory=SplitSpec, description="Train/test split.")
+
+
+class LoraSpec(_Model):
+    """Low-rank adapters through peft instead of full fine-tuning."""
+
+    r: int = Field(16, ge=1, le=1024, description="Adapter rank.")
+    alpha: int = Field(32, ge=1, le=4096, description="Adapter scaling (lora_alpha).")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the adapter input.")
+    target_modules: list[str] | None = Field(
+        None, description="Module names to adapt; default: peft's choice for the architecture."
+    )
+
+
+class TrainingSpec(_Model):
+    """Hyperparameters of the fine-tune."""
+
+    epochs: float = Field(3.0, gt=0, le=1000, description="Passes over the training split.")
+    max_steps: int | None = Field(
+        None, ge=1, description="Stop after this many optimizer steps (overrides epochs)."
+    )
+    batch_size: int = Field(8, ge=1, le=4096, description="Sequences per device per micro-step.")
+    gradient_accumulation_steps: int = Field(
+        1, ge=1, le=1024, description="Micro-steps per optimizer step."
+    )
+    learning_rate: float = Field(5e-5, gt=0, le=1.0, description="Peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0, le=1.0, description="AdamW weight decay.")
+    scheduler: Scheduler = Field(Scheduler.COSINE, description="Decay after warmup.")
+    warmup_ratio: float = Field(
+        0.03, ge=0, lt=1.0, description="Share of steps with linear warmup."
+    )
+    max_seq_length: int = Field(
+        512, ge=16, le=32768, description="Tokens per training sequence (packed block size)."
+    )
+    packing: bool = Field(
+        True,
+        description="Pack short lines into full maxSeqLength blocks; attention never crosses "
+        "a line boundary.",
+    )
+    precision: Precision = Field(
+        Precision.BF16, description="Mixed precision: bf16, fp16 (GPU only) or fp32."
+    )
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping (L2 norm).")
+    lora: LoraSpec | None = Field(None, description="Train LoRA adapters instead of all weights.")
+    checkpoint_every_steps: int = Field(
+        200, ge=1, description="Save a resumable checkpoint every N optimizer steps."
+    )
+    keep_checkpoints: int = Field(2, ge=1, le=100, description="Complete checkpoints to keep.")
+    log_every_steps: int = Field(10, ge=1, description="Log and export metrics every N steps.")
+    seed: int = Field(42, ge=0, description="Seed for initialisation and data order.")
+
+
+class BleuSpec(_Model):
+    """BLEU on generations: prompt = first part of a test line, reference = the rest."""
+
+    enabled: bool = Field(True, description="Compute BLEU.")
+    prompt_fraction: float = Field(
+        0.5, gt=0.0, lt=1.0, description="Share of each line's words used as the prompt."
+    )
+    max_new_tokens: int = Field(48, ge=1, le=4096, description="Generation budget per line.")
+    max_samples: int = Field(500, ge=1, description="Test lines used for BLEU.")
+    batch_size: int = Field(16, ge=1, le=1024, description="Lines generated per batch.")
+
+
+class CompareWithSpec(_Model):
+    """An OpenAI-compatible endpoint (Ollama, vLLM, OpenAI) scored on the same test set."""
+
+    name: str = Field(..., min_length=1, max_length=63, description="Label in the report.")
+    base_url: str = Field(
+        ..., pattern=r"^https?://.+", description="API base, e.g. http://ollama:11434/v1"
+    )
+    model: str = Field(..., min_length=1, description="Model name the endpoint serves.")
+    api_key_env: str | None = Field(
+        None, description="Environment variable holding the API key (local mode)."
+    )
+    api_key_secret: str | None = Field(
+        None, description="Secret name with key 'apiKey' holding the API key (cluster mode)."
+    )
+
+
+class EvaluationSpec(_Model):
+    """What is measured on the test split."""
+
+    perplexity: bool = Field(True, description="Compute test perplexity.")
+    bleu: BleuSpec = Field(default_factory=BleuSpec, description="BLEU settings.")
+    baseline: bool = Field(True, description="Also evaluate the pre-trained model.")
+    batch_size: int = Field(8, ge=1, le=4096, description="Sequences per perplexity batch.")
+    stride: int | None = Field(
+        None,
+        ge=1,
+        description="Rolling-window stride for texts longer than the model context "
+        "(default: half the context).",
+    )
+    max_samples: int | None = Field(
+        None, ge=1, description="Score at most this many test lines for perplexity."
+    )
+    compare_with: list[CompareWithSpec] = Field(
+        default_factory=list, description="Extra OpenAI-compatible endpoints to score."
+    )
+
+    cel_rules = (
+        CelRule(
+            "self.perplexity || self.bleu.enabled",
+            "evaluation must compute perplexity or BLEU (or both)",
+            lambda e: e.perplexity or e.bleu.enabled,
+        ),
+    )
+
+
+class Toleration(_Model):
+    """A Kubernetes toleration."""
+
+    key: str | None = Field(None, description="Taint key.")
+    operator: str | None = Field(None, description="Exists or Equal.")
+    value: str | None = Field(None, description="Taint value.")
+    effect: str | None = Field(None, description="NoSchedule, PreferNoSchedule or NoExecute.")
+    toleration_seconds: int | None = Field(None, description="For NoExecute taints.")
+
+
+class ResourcesSpec(_Model):
+    """Where and how the stage pods run (cluster mode)."""
+
+    image: str | None = Field(
+        None, description="Trainer image; default: the operator's KUBETUNE_TRAINER_IMAGE."
+    )
+    image_pull_policy: str | None = Field(
+        None, pattern=r"^(Always|IfNotPresent|Never)$", description="Image pull policy."
+    )
+    workers: int = Field(1, ge=1, le=512, description="Training pods (nodes).")
+    gpus_per_worker: int = Field(1, ge=0, le=16, description="nvidia.com/gpu per training pod.")
+    cpu: str | None = Field(None, description="CPU request per pod, e.g. '4'.")
+    memory: str | None = Field(None, description="Memory request and limit per pod, e.g. 32Gi.")
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Node selector.")
+    tolerations: list[Toleration] = Field(default_factory=list, description="Tolerations.")
+    service_account_name: str | None = Field(None, description="Service account of stage pods.")
+    priority_class_name: str | None = Field(None, description="Priority class of stage pods.")
+    backoff_limit: int = Field(2, ge=0, le=100, description="Retries of each stage Job.")
+    active_deadline_seconds: int | None = Field(
+        None, ge=1, description="Wall-clock limit of each stage Job (seconds)."
+    )
+
+    cel_rules = (
+        CelRule(
+            "self.workers == 1 || self.gpusPerWorker >= 1",
+            "resources.workers > 1 needs resources.gpusPerWorker >= 1",
+            lambda r: r.workers == 1 or r.gpus_per_worker >= 1,
+            field=".gpusPerWorker",
+        ),
+    )
+
+
+class StorageSpec(_Model):
+    """Where every artifact goes."""
+
+    output: str = Field(
+        ...,
+        pattern=URI_PATTERN,
+        description="s3:// or file:// prefix for dataset/, checkpoints/, model/, eval/, report/.",
+    )
+    endpoint: str | None = Field(
+        None, pattern=r"^https?://.+", description="S3 endpoint URL (MinIO, Ceph, ...)."
+    )
+    region: str | None = Field(None, description="S3 region.")
+    credentials_secret: str | None = Field(
+        None,
+        description="Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY for the stage pods.",
+    )
+
+    cel_rules = (
+        CelRule(
+            "self.output.startsWith('s3://') || !has(self.endpoint)",
+            "storage.endpoint only applies to an s3:// storage.output",
+            lambda s: s.output.startswith("s3://") or s.endpoint is None,
+            field=".endpoint",
+        ),
+    )
+
+
+class FineTuneJobSpec(_Model):
+    """The desired fine-tune: model, data, hyperparameters, evaluation, placement, storage."""
+
+    model: ModelSpec = Field(..., description="The model to fine-tune.")
+    dataset: DatasetSpec = Field(..., description="The training text.")
+    training: TrainingSpec = Field(default_factory=TrainingSpec, description="Hyperparameters.")
+    evaluation: EvaluationSpec = Field(
+        default_factory=EvaluationSpec, description="Test-set metrics."
+    )
+    resources: ResourcesSpec = Field(
+        default_factory=ResourcesSpec, description="Pods (cluster mode only)."
+    )
+    storage: StorageSpec = Field(..., description="Artifact storage.")
+    suspend: bool = Field(False, description="Pause: stop running stage pods; resume later.")
+    ttl_seconds_after_finished: int | None = Field(
+        None, ge=0, description="Delete finished child Jobs after this long; results stay."
+    )
+
+    cel_rules = (
+        CelRule(
+            "!has(self.model.fresh) || self.training.maxSeqLength <= self.model.fresh.nPositions",
+            "training.maxSeqLength must be <= model.fresh.nPositions",
+            lambda s: (
+                s.model.fresh is None or s.training.max_seq_length <= s.model.fresh.n_positions
+            ),
+            field=".training.maxSeqLength",
+        ),
+        CelRule(
+            "!has(self.training.lora) || !has(self.model.fresh)",
+            "training.lora needs a pre-trained model (model.name or model.uri), not model.fresh",
+            lambda s: s.training.lora is None or s.model.fresh is None,
+            field=".training.lora",
+        ),
+    )
+
+
+# --------------------------------------------------------------------------- status
+
+
+class Condition(_Model):
+    """A Kubernetes-style condition (API conventions, kstatus)."""
+
+    type: str = Field(..., description="Ready, Reconciling, Stalled, DatasetReady, ...")
+    status: str = Field(..., pattern=r"^(True|False|Unknown)$", description="True/False/Unknown.")
+    reason: str = Field(..., description="CamelCase reason.")
+    message: str = Field("", description="Human-readable detail.")
+    last_transition_time: str = Field(..., description="RFC 3339 time of the last change.")
+    observed_generation: int | None = Field(None, description="Generation this is about.")
+
+
+class DatasetStats(_Model):
+    """What prepare found."""
+
+    documents: int = Field(0, description="Documents (files or records) read.")
+    lines: int = Field(0, description="Non-empty lines read before cleaning.")
+    kept_lines: int = Field(0, description="Lines left after cleaning and dedup.")
+    dropped_short: int = Field(0, description="Lines dropped for minChars/maxChars.")
+    duplicates_removed: int = Field(0, description="Lines dropped as duplicates.")
+    train_lines: int = Field(0, description="Lines in the training split.")
+    test_lines: int = Field(0, description="Lines in the test split.")
+    train_tokens: int = Field(0, description="Tokens in the training split.")
+    test_tokens: int = Field(0, description="Tokens in the test split.")
+    overlap: int = Field(0, description="Normalised texts found in both splits (always 0).")
+
+
+class Progress(_Model):
+    """Training progress, refreshed while the train stage runs."""
+
+    step: int = Field(0, description="Optimizer steps done.")
+    total_steps: int = Field(0, description="Optimizer steps planned.")
+    percent: int = Field(0, description="step / totalSteps in percent.")
+    epoch: float = Field(0.0, description="Epochs done (fractional).")
+    loss: float | None = Field(None, description="Recent training loss.")
+    tokens_per_second: float | None = Field(None, description="Recent training throughput.")
+    eta_seconds: float | None = Field(None, description="Estimated seconds left.")
+    updated_at: str | None = Field(None, description="When the trainer last reported.")
+
+
+class Comparison(_Model):
+    """Metrics of one compareWith endpoint."""
+
+    name: str = Field(..., description="compareWith name.")
+    bleu: float | None = Field(None, description="BLEU of the endpoint.")
+    perplexity: float | None = Field(
+        None, description="Perplexity, if the endpoint gives logprobs."
+    )
+    note: str | None = Field(None, description="Why a metric is missing.")
+
+
+class Results(_Model):
+    """The evaluation's numbers."""
+
+    perplexity: float | None = Field(None, description="Test perplexity of the fine-tuned model.")
+    baseline_perplexity: float | None = Field(None, description="Test perplexity of the base.")
+    perplexity_delta: float | None = Field(None, description="perplexity - baselinePerplexity.")
+    bleu: float | None = Field(None, description="Test BLEU of the fine-tuned model.")
+    baseline_bleu: float | None = Field(None, description="Test BLEU of the base model.")
+    bleu_delta: float | None = Field(None, description="bleu - baselineBleu.")
+    bleu_signature: str | None = Field(None, description="sacrebleu signature.")
+    comparisons: list[Comparison] = Field(default_factory=list, description="compareWith results.")
+
+
+class Artifacts(_Model):
+    """Where the outputs are."""
+
+    dataset: str | None = Field(None, description="Prepared dataset prefix.")
+    model: str | None = Field(None, description="Fine-tuned model prefix (save_pretrained).")
+    last_checkpoint: str | None = Field(None, description="Newest complete checkpoint.")
+    report: str | None = Field(None, description="Report (Markdown) URI.")
+
+
+class RunRecord(_Model):
+    """An earlier run (one per spec generation) kept for GitOps history."""
+
+    run: str = Field(..., description="Run id.")
+    generation: int = Field(..., description="metadata.generation the run was for.")
+    phase: str = Field(..., description="Final or last phase.")
+    output: str | None = Field(None, description="Output prefix of that run.")
+    results: Results | None = Field(None, description="Its results, if it got that far.")
+    completion_time: str | None = Field(None, description="When it ended.")
+
+
+class StageStatus(_Model):
+    """One stage's child Job and its timing."""
+
+    job: str | None = Field(None, description="Child Job name.")
+    state: str | None = Field(None, description="Pending, Running, Succeeded or Failed.")
+    start_time: str | None = Field(None, description="When the Job was created.")
+    completion_time: str | None = Field(None, description="When it finished.")
+    message: str | None = Field(None, description="Last message (failure reason).")
+
+
+class FineTuneJobStatus(_Model):
+    """Observed state, written only by the operator (or the local runner)."""
+
+    phase: Phase | None = Field(None, description="Where the current run is.")
+    observed_generation: int | None = Field(None, description="Generation the status is about.")
+    run: str | None = Field(None, description="Current run id (one per spec generation).")
+    output: str | None = Field(None, description="Output prefix of the current run.")
+    conditions: list[Condition] = Field(default_factory=list, description="Conditions.")
+    stages: dict[str, StageStatus] = Field(
+        default_factory=dict, description="prepare, train and evaluate Jobs."
+    )
+    dataset: DatasetStats | None = Field(None, description="Dataset statistics after prepare.")
+    progress: Progress | None = Field(None, description="Training progress.")
+    results: Results | None = Field(None, description="Evaluation results.")
+    artifacts: Artifacts | None = Field(None, description="Artifact URIs.")
+    history: list[RunRecord] = Field(
+        default_factory=list, description="Earlier runs, newest first."
+    )
+    start_time: str | None = Field(None, description="When the current run started.")
+    completion_time: str | None = Field(None, description="When the current run ended.")
+    message: str | None = Field(None, description="Summary of the current state.")
+
+
+class ObjectMeta(BaseModel):
+    """The part of metadata the CLI and operator read."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    name: str = Field(..., min_length=1, max_length=63)
+    namespace: str | None = None
+    generation: int | None = None
+    uid: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+
+class FineTuneJob(BaseModel):
+    """A whole FineTuneJob manifest."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    api_version: str = Field(API_VERSION, alias="apiVersion")
+    kind: str = Field(KIND)
+    metadata: ObjectMeta
+    spec: FineTuneJobSpec
+    status: FineTuneJobStatus | None = None
+
+    @model_validator(mode="after")
+    def _check_type(self) -> FineTuneJob:
+        if self.api_version != API_VERSION or self.kind != KIND:
+            raise ValueError(
+                f"expected apiVersion {API_VERSION} and kind {KIND}, "
+                f"got {self.api_version} {self.kind}"
+            )
+        return self
+
+    def to_wire(self) -> dict[str, Any]:
+        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+class ManifestError(ValueError):
+    """A manifest that does not parse; the message names each bad field and what to do."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        self.source = source
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{source}: invalid FineTuneJob:\n{lines}")
+
+
+def _format_error(err: dict[str, Any]) -> str:
+    loc = ".".join(str(p) for p in err.get("loc", ()))
+    msg = str(err.get("msg", "invalid"))
+    msg = msg.removeprefix("Value error, ")
+    if err.get("type") == "extra_forbidden":
+        msg = "unknown field (check spelling; fields are camelCase, see `kubectl explain ftj.spec`)"
+    elif err.get("type") == "missing":
+        msg = "required field is missing"
+    inp = err.get("input")
+    if err.get("type") not in ("missing", "extra_forbidden") and isinstance(
+        inp, (str, int, float, bool)
+    ):
+        msg = f"{msg} (got {inp!r})"
+    return f"{loc}: {msg}" if loc else msg
+
+
+def parse_job(data: Any, source: str = "manifest") -> FineTuneJob:
+    """Validate a manifest dict; raise :class:`ManifestError` listing every problem at once."""
+    if not isinstance(data, dict):
+        raise ManifestError(source, ["the document is not a mapping (expected a FineTuneJob)"])
+    try:
+        return FineTuneJob.model_validate(data)
+    except ValidationError as exc:
+        raise ManifestError(source, [_format_error(e) for e in exc.errors()]) from None  # type: ignore[arg-type]
+
+
+def load_job(path: str | Path) -> FineTuneJob:
+    """Read a FineTuneJob from a YAML or JSON file (the first FineTuneJob document in it)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ManifestError(str(path), [f"cannot read the file: {exc.strerror}"]) from None
+    try:
+        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as exc:
+        raise ManifestError(str(path), [f"not valid YAML: {exc}"]) from None
+    jobs = [d for d in docs if isinstance(d, dict) and d.get("kind") == KIND]
+    if not jobs:
+        raise ManifestError(str(path), [f"no document with kind: {KIND}"])
+    return parse_job(jobs[0], str(path))
