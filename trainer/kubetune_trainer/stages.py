@@ -63,16 +63,18 @@ def termination_summary(result: StageResult) -> dict[str, Any]:
 
 
 def write_termination_message(payload: dict[str, Any]) -> None:
-    """Write ``payload`` to ``$KUBETUNE_TERMINATION_LOG`` (the container's terminationMessagePath)."""
+    """Write ``payload`` to ``$KUBETUNE_TERMINATION_LOG`` (the pod's terminationMessagePath)."""
     path = os.environ.get("KUBETUNE_TERMINATION_LOG")
     if not path:
         return
     text = json.dumps(payload, separators=(",", ":"), default=str)
     if len(text.encode()) > TERMINATION_MESSAGE_LIMIT:
-        text = json.dumps(
-            {k: payload[k] for k in ("stage", "error", "reason") if k in payload}
-            | {"truncated": True}
-        )[:TERMINATION_MESSAGE_LIMIT]
+        # Keep what the operator needs (stage, reason, the start of the error) as valid JSON.
+        small = {k: payload[k] for k in ("stage", "reason") if k in payload}
+        small["truncated"] = True
+        room = TERMINATION_MESSAGE_LIMIT - len(json.dumps(small)) - 64
+        small["error"] = str(payload.get("error", ""))[: max(room, 0)]
+        text = json.dumps(small, separators=(",", ":"))
     # Not in a pod (or no writable path): the result file in storage is the record.
     with contextlib.suppress(OSError):
         Path(path).write_text(text)

@@ -1,0 +1,438 @@
+"""Pure builders of every object the operator creates for a FineTuneJob.
+
+Each function takes the parsed :class:`~kubetune_trainer.schema.FineTuneJob`,
+the :class:`RunRef` it is for and the :class:`~kubetune_operator.config.OperatorConfig`,
+and returns a plain dict ready for the Kubernetes API. Nothing here talks to a
+cluster; ``tests/unit/test_builders.py`` compares the output with golden YAML
+(``UPDATE_GOLDEN=1 pytest tests/unit/test_builders.py`` rewrites it).
+
+Objects of one run ``g<generation>`` of FineTuneJob ``<ftj>``:
+
+* ConfigMap ``<ftj>-<run>-job``: the resolved manifest as ``job.json`` (the stage CLI's
+  ``--job``), immutable, annotated with the run's spec hash;
+* Job ``<ftj>-<run>-prepare``, ``<ftj>-<run>-train``, ``<ftj>-<run>-evaluate``;
+* Service ``<ftj>-<run>-train`` (headless) when training uses several workers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from kubetune_trainer.layout import join_uri
+from kubetune_trainer.schema import API_VERSION, KIND, FineTuneJob
+
+from kubetune_operator.config import OperatorConfig
+
+STAGES = ("prepare", "train", "evaluate")
+"""Stage Jobs in order; the evaluate Job also writes the report (``--report``)."""
+
+# Label and annotation keys (the chart, the tests and kubectl selectors use these).
+LABEL_NAME = "app.kubernetes.io/name"
+LABEL_COMPONENT = "app.kubernetes.io/component"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+LABEL_INSTANCE = "app.kubernetes.io/instance"
+LABEL_JOB = "kubetune.io/job"
+LABEL_STAGE = "kubetune.io/stage"
+LABEL_RUN = "kubetune.io/run"
+MANAGED_BY = "kubetune-operator"
+ANNOTATION_SPEC_HASH = "kubetune.io/spec-hash"
+ANNOTATION_GENERATION = "kubetune.io/generation"
+ANNOTATION_OUTPUT = "kubetune.io/output"
+# Set by the operator on a stage Job it gave up on (image pull, OOM, unschedulable): the
+# Job's own status cannot say so, and the operator must not retry it after a restart.
+ANNOTATION_FAILED_REASON = "kubetune.io/failed-reason"
+ANNOTATION_FAILED_MESSAGE = "kubetune.io/failed-message"
+
+# Paths inside the stage containers.
+JOB_DIR = "/etc/kubetune"
+JOB_FILE = f"{JOB_DIR}/job.json"
+JOB_KEY = "job.json"
+SCRATCH_DIR = "/scratch"
+TERMINATION_LOG = "/dev/termination-log"
+
+TRAIN_METRICS_PORT = 9400
+RENDEZVOUS_PORT = 29500
+NOT_RETRIABLE_EXIT_CODE = 3
+"""The stage CLI exits 3 for a StageError that retrying cannot fix (DatasetUnusable, InvalidSpec)."""
+
+# Child names must fit a DNS label (63) with room for the pod suffixes the Job controller
+# adds (``-<index>`` for Indexed Jobs, ``-xxxxx`` for pods), so we cap them lower.
+MAX_CHILD_NAME = 52
+_INVALID = re.compile(r"[^a-z0-9-]+")
+
+
+@dataclass(frozen=True)
+class RunRef:
+    """One run of a FineTuneJob: one spec generation, with its own output prefix."""
+
+    id: str  # "g<generation>"
+    generation: int
+    output: str  # <spec.storage.output>/runs/<id>
+    spec_hash: str
+
+    @classmethod
+    def for_generation(cls, job: FineTuneJob, generation: int) -> RunRef:
+        run_id = f"g{generation}"
+        return cls(
+            id=run_id,
+            generation=generation,
+            output=run_output(job.spec.storage.output, run_id),
+            spec_hash=spec_hash(job),
+        )
+
+
+def run_output(output: str, run_id: str) -> str:
+    """Where run ``run_id`` writes: ``<spec.storage.output>/runs/<run_id>``."""
+    return join_uri(output, "runs", run_id)
+
+
+def spec_hash(job: FineTuneJob) -> str:
+    """Hash of the parts of the spec that change a run's outputs.
+
+    ``suspend`` and ``ttlSecondsAfterFinished`` are left out: toggling them bumps
+    ``metadata.generation`` but must pause/resume or clean up the SAME run.
+    """
+    wire = job.spec.to_wire()
+    for key in ("suspend", "ttlSecondsAfterFinished"):
+        wire.pop(key, None)
+    data = json.dumps(wire, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def child_name(ftj: str, run_id: str, suffix: str) -> str:
+    """``<ftj>-<run>-<suffix>`` as a DNS-1035 label of at most :data:`MAX_CHILD_NAME` chars.
+
+    Long FineTuneJob names are truncated and a hash of the full name is added, so two long
+    names that share a prefix still get different children.
+    """
+    base = _INVALID.sub("-", ftj.lower()).strip("-") or "ftj"
+    if not base[0].isalpha():  # Services need a leading letter
+        base = f"kt-{base}"
+    tail = f"-{run_id}-{suffix}"
+    if len(base) + len(tail) > MAX_CHILD_NAME:
+        digest = hashlib.sha256(ftj.encode()).hexdigest()[:6]
+        keep = MAX_CHILD_NAME - len(tail) - len(digest) - 1
+        base = f"{base[:keep].rstrip('-')}-{digest}"
+    return f"{base}{tail}"
+
+
+def config_map_name(ftj: str, run_id: str) -> str:
+    return child_name(ftj, run_id, "job")
+
+
+def job_name(ftj: str, run_id: str, stage: str) -> str:
+    return child_name(ftj, run_id, stage)
+
+
+def service_name(ftj: str, run_id: str) -> str:
+    return child_name(ftj, run_id, "train")
+
+
+def labels(ftj: str, run_id: str, component: str) -> dict[str, str]:
+    """Labels of every child; ``kubetune.io/job`` selects all children of one FineTuneJob."""
+    out = {
+        LABEL_NAME: "kubetune",
+        LABEL_COMPONENT: component,
+        LABEL_MANAGED_BY: MANAGED_BY,
+        LABEL_INSTANCE: ftj,
+        LABEL_JOB: ftj,
+        LABEL_RUN: run_id,
+    }
+    if component in STAGES:
+        out[LABEL_STAGE] = component
+    return out
+
+
+def owner_reference(job: FineTuneJob) -> dict[str, Any]:
+    """Makes the FineTuneJob the controller of a child, so deleting it deletes the child."""
+    if not job.metadata.uid:
+        raise ValueError(f"FineTuneJob {job.metadata.name} has no metadata.uid (not from the API?)")
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "name": job.metadata.name,
+        "uid": job.metadata.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _metadata(job: FineTuneJob, run: RunRef, name: str, component: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "namespace": job.metadata.namespace,
+        "labels": labels(job.metadata.name, run.id, component),
+        "annotations": {
+            ANNOTATION_SPEC_HASH: run.spec_hash,
+            ANNOTATION_GENERATION: str(run.generation),
+            ANNOTATION_OUTPUT: run.output,
+        },
+        "ownerReferences": [owner_reference(job)],
+    }
+
+
+def resolved_manifest(job: FineTuneJob, run: RunRef) -> dict[str, Any]:
+    """The FineTuneJob the stage pods read from ``/etc/kubetune/job.json``.
+
+    Only identity and spec (with every default filled in); never status.
+    """
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "metadata": {
+            "name": job.metadata.name,
+            "namespace": job.metadata.namespace,
+            "generation": run.generation,
+            "uid": job.metadata.uid,
+        },
+        "spec": job.spec.to_wire(),
+    }
+
+
+def build_job_config_map(job: FineTuneJob, run: RunRef) -> dict[str, Any]:
+    """ConfigMap ``<ftj>-<run>-job`` with the resolved manifest; immutable for the run."""
+    manifest = resolved_manifest(job, run)
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(job, run, config_map_name(job.metadata.name, run.id), "config"),
+        "immutable": True,
+        "data": {JOB_KEY: json.dumps(manifest, indent=2, sort_keys=True) + "\n"},
+    }
+
+
+def build_train_service(job: FineTuneJob, run: RunRef) -> dict[str, Any]:
+    """Headless Service giving multi-worker training pods stable DNS names (rank 0 = master)."""
+    name = service_name(job.metadata.name, run.id)
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(job, run, name, "train"),
+        "spec": {
+            "clusterIP": "None",
+            # Ranks must resolve each other before they are Ready (there is no readiness).
+            "publishNotReadyAddresses": True,
+            "selector": {
+                LABEL_JOB: job.metadata.name,
+                LABEL_RUN: run.id,
+                LABEL_STAGE: "train",
+            },
+            "ports": [{"name": "rendezvous", "port": RENDEZVOUS_PORT, "protocol": "TCP"}],
+        },
+    }
+
+
+def needs_service(job: FineTuneJob) -> bool:
+    return job.spec.resources.workers > 1
+
+
+def image(job: FineTuneJob, cfg: OperatorConfig) -> str:
+    return job.spec.resources.image or cfg.trainer_image
+
+
+def stage_gpus(job: FineTuneJob, stage: str) -> int:
+    """GPUs per pod: training uses gpusPerWorker, evaluation one if the job uses GPUs."""
+    gpus = job.spec.resources.gpus_per_worker
+    if stage == "train":
+        return gpus
+    if stage == "evaluate":
+        return 1 if gpus > 0 else 0
+    return 0
+
+
+def stage_command(job: FineTuneJob, run: RunRef, stage: str) -> list[str]:
+    """The container command: ``kubetune <stage> --job ... --output ...``.
+
+    Training on several GPUs or workers goes through ``accelerate launch``; the machine
+    rank comes from the Indexed Job's completion index, the master is the pod of index 0.
+    """
+    cli_args = [stage, "--job", JOB_FILE, "--output", run.output]
+    if stage == "evaluate":
+        cli_args.append("--report")
+    workers = job.spec.resources.workers
+    gpus = stage_gpus(job, stage)
+    if stage != "train" or (workers == 1 and gpus <= 1):
+        return ["kubetune", *cli_args]
+    launch = ["accelerate", "launch", "--num_processes", str(workers * max(gpus, 1))]
+    if gpus > 1 or workers > 1:
+        launch.append("--multi_gpu")
+    if workers > 1:
+        ftj = job.metadata.name
+        master = f"{job_name(ftj, run.id, 'train')}-0.{service_name(ftj, run.id)}"
+        launch += [
+            "--num_machines", str(workers),
+            "--machine_rank", "$(JOB_COMPLETION_INDEX)",
+            "--main_process_ip", master,
+            "--main_process_port", str(RENDEZVOUS_PORT),
+            "--same_network",
+        ]
+    return [*launch, "-m", "kubetune_trainer.cli", *cli_args]
+
+
+def stage_env(job: FineTuneJob, stage: str) -> list[dict[str, Any]]:
+    """Environment of a stage container. Credentials only as secretKeyRef, never as values."""
+    env: list[dict[str, Any]] = [
+        {"name": "KUBETUNE_TERMINATION_LOG", "value": TERMINATION_LOG},
+        {"name": "KUBETUNE_SCRATCH", "value": SCRATCH_DIR},
+        {"name": "HOME", "value": f"{SCRATCH_DIR}/home"},
+        {"name": "HF_HOME", "value": f"{SCRATCH_DIR}/hf"},
+        {"name": "XDG_CACHE_HOME", "value": f"{SCRATCH_DIR}/cache"},
+        {"name": "TMPDIR", "value": "/tmp"},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+        {"name": "KUBETUNE_METRICS_PORT", "value": str(TRAIN_METRICS_PORT if stage == "train" else 0)},
+    ]
+    storage = job.spec.storage
+    if storage.credentials_secret:
+        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            ref = {"name": storage.credentials_secret, "key": key}
+            env.append({"name": key, "valueFrom": {"secretKeyRef": ref}})
+    if storage.endpoint:
+        env.append({"name": "AWS_ENDPOINT_URL", "value": storage.endpoint})
+    if storage.region:
+        env.append({"name": "AWS_REGION", "value": storage.region})
+    if stage == "train" and job.spec.resources.workers > 1:
+        index = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+        env.append({"name": "JOB_COMPLETION_INDEX", "valueFrom": {"fieldRef": {"fieldPath": index}}})
+    return env
+
+
+def _resources(job: FineTuneJob, stage: str) -> dict[str, Any]:
+    res = job.spec.resources
+    requests: dict[str, str] = {}
+    limits: dict[str, str | int] = {}
+    if res.cpu:
+        requests["cpu"] = res.cpu
+    if res.memory:
+        requests["memory"] = res.memory
+        limits["memory"] = res.memory
+    gpus = stage_gpus(job, stage)
+    if gpus:
+        limits["nvidia.com/gpu"] = gpus
+    out: dict[str, Any] = {}
+    if requests:
+        out["requests"] = requests
+    if limits:
+        out["limits"] = limits
+    return out
+
+
+def _pod_spec(job: FineTuneJob, run: RunRef, stage: str, cfg: OperatorConfig) -> dict[str, Any]:
+    res = job.spec.resources
+    ftj = job.metadata.name
+    container: dict[str, Any] = {
+        "name": stage,
+        "image": image(job, cfg),
+        "command": stage_command(job, run, stage),
+        "env": stage_env(job, stage),
+        "resources": _resources(job, stage),
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+        },
+        # Results come from this file (or from storage), never from logs.
+        "terminationMessagePath": TERMINATION_LOG,
+        "terminationMessagePolicy": "File",
+        "volumeMounts": [
+            {"name": "job", "mountPath": JOB_DIR, "readOnly": True},
+            {"name": "scratch", "mountPath": SCRATCH_DIR},
+            {"name": "tmp", "mountPath": "/tmp"},
+        ],
+    }
+    if res.image_pull_policy:
+        container["imagePullPolicy"] = res.image_pull_policy
+    if stage == "train":
+        container["ports"] = [{"name": "metrics", "containerPort": TRAIN_METRICS_PORT}]
+        if res.workers > 1:
+            container["ports"].append({"name": "rendezvous", "containerPort": RENDEZVOUS_PORT})
+    volumes: list[dict[str, Any]] = [
+        {
+            "name": "job",
+            "configMap": {
+                "name": config_map_name(ftj, run.id),
+                "items": [{"key": JOB_KEY, "path": JOB_KEY}],
+            },
+        },
+        {"name": "scratch", "emptyDir": {}},
+        {"name": "tmp", "emptyDir": {}},
+    ]
+    if stage_gpus(job, stage):
+        # NCCL and DataLoader workers need more shared memory than the runtime's 64 MiB.
+        container["volumeMounts"].append({"name": "dshm", "mountPath": "/dev/shm"})
+        volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
+    spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        # Stage pods never call the API server.
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": 1000,
+            "runAsGroup": 1000,
+            "fsGroup": 1000,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [container],
+        "volumes": volumes,
+    }
+    if res.service_account_name:
+        spec["serviceAccountName"] = res.service_account_name
+    if res.priority_class_name:
+        spec["priorityClassName"] = res.priority_class_name
+    if res.node_selector:
+        spec["nodeSelector"] = dict(sorted(res.node_selector.items()))
+    if res.tolerations:
+        spec["tolerations"] = [t.to_wire() for t in res.tolerations]
+    if stage == "train" and res.workers > 1:
+        spec["subdomain"] = service_name(ftj, run.id)
+    return spec
+
+
+def build_stage_job(
+    job: FineTuneJob, run: RunRef, stage: str, cfg: OperatorConfig
+) -> dict[str, Any]:
+    """The batch/v1 Job running ``stage`` of ``run``."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; expected one of {', '.join(STAGES)}")
+    res = job.spec.resources
+    ftj = job.metadata.name
+    meta = _metadata(job, run, job_name(ftj, run.id, stage), stage)
+    job_spec: dict[str, Any] = {
+        "backoffLimit": res.backoff_limit,
+        "podFailurePolicy": {
+            "rules": [
+                # The stage said retrying cannot help (bad dataset, bad spec): fail now.
+                {
+                    "action": "FailJob",
+                    "onExitCodes": {
+                        "containerName": stage,
+                        "operator": "In",
+                        "values": [NOT_RETRIABLE_EXIT_CODE],
+                    },
+                },
+                # Evictions, preemptions and node drains are not the stage's fault.
+                {
+                    "action": "Ignore",
+                    "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
+                },
+            ]
+        },
+        "template": {
+            "metadata": {"labels": labels(ftj, run.id, stage)},
+            "spec": _pod_spec(job, run, stage, cfg),
+        },
+    }
+    if res.active_deadline_seconds:
+        job_spec["activeDeadlineSeconds"] = res.active_deadline_seconds
+    if job.spec.ttl_seconds_after_finished is not None:
+        job_spec["ttlSecondsAfterFinished"] = job.spec.ttl_seconds_after_finished
+    if stage == "train" and res.workers > 1:
+        job_spec["completionMode"] = "Indexed"
+        job_spec["completions"] = res.workers
+        job_spec["parallelism"] = res.workers
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": job_spec}

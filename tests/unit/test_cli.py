@@ -1,0 +1,79 @@
+"""The `kubetune` command: manifest errors, exit codes and termination messages."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from kubetune_trainer.cli import main
+from kubetune_trainer.context import StageError
+from kubetune_trainer.stages import (
+    EXIT_FAILED,
+    EXIT_NOT_RETRIABLE,
+    EXIT_USAGE,
+    exit_code_for,
+    failure_payload,
+    write_termination_message,
+)
+
+GOOD = """
+apiVersion: kubetune.io/v1alpha1
+kind: FineTuneJob
+metadata: {name: demo}
+spec:
+  model: {name: gpt2}
+  dataset: {source: "file:///nonexistent/corpus/"}
+  storage: {output: "file://%s"}
+"""
+
+
+def test_validate_accepts_a_good_manifest(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "job.yaml"
+    path.write_text(GOOD % tmp_path)
+    assert main(["validate", str(path)]) == 0
+    assert "valid FineTuneJob 'demo'" in capsys.readouterr().out
+
+
+def test_validate_names_every_bad_field(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "job.yaml"
+    path.write_text((GOOD % tmp_path) + "  training: {batchSize: 0, precision: fp8}\n")
+    assert main(["validate", str(path)]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "spec.training.batchSize" in err and "spec.training.precision" in err
+    assert str(path) in err
+
+
+def test_stage_failure_writes_reason_to_termination_log(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "job.yaml"
+    path.write_text(GOOD % (tmp_path / "out"))
+    log = tmp_path / "termination-log"
+    monkeypatch.setenv("KUBETUNE_TERMINATION_LOG", str(log))
+    code = main(["prepare", "--job", str(path), "--scratch", str(tmp_path / "scratch")])
+    payload = json.loads(log.read_text())
+    assert payload["stage"] == "prepare"
+    assert "/nonexistent/corpus" in payload["error"]
+    assert code in (EXIT_FAILED, EXIT_NOT_RETRIABLE)
+    assert "/nonexistent/corpus" in capsys.readouterr().err
+
+
+def test_not_retriable_reasons_map_to_exit_3() -> None:
+    assert exit_code_for(StageError("no text", reason="DatasetUnusable")) == EXIT_NOT_RETRIABLE
+    assert exit_code_for(StageError("oom", reason="StageFailed")) == EXIT_FAILED
+    assert exit_code_for(RuntimeError("boom")) == EXIT_FAILED
+    assert failure_payload("train", RuntimeError("boom"))["reason"] == "StageFailed"
+
+
+def test_termination_message_stays_under_the_kubernetes_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = tmp_path / "log"
+    monkeypatch.setenv("KUBETUNE_TERMINATION_LOG", str(log))
+    write_termination_message({"stage": "evaluate", "error": "x" * 10000, "reason": "StageFailed"})
+    assert len(log.read_bytes()) <= 4096
+    assert json.loads(log.read_text())["reason"] == "StageFailed"
