@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Install the Debian packages the test harness needs: prometheus (which brings promtool).
+# Install the Debian packages the test harness needs: prometheus (which brings promtool),
+# and lua5.1 (tests/unit/test_argocd_health.py runs the chart's Argo CD health check in it).
 #
 #   sudo bash scripts/install-system-deps.sh    # (or as root)
 #
-# Idempotent: does nothing when prometheus and promtool are already on PATH, and runs
+# Idempotent: does nothing when prometheus, promtool and lua5.1 are already on PATH, and runs
 # `apt-get update` only when the package is not installable from the current lists.
 # The tests start their own Prometheus processes, so the system service the package
 # starts is stopped and disabled again.
@@ -11,8 +12,9 @@ set -euo pipefail
 
 log() { echo "install-system-deps: $*" >&2; }
 
-if command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1; then
-    log "prometheus and promtool already installed: $(command -v prometheus)"
+if command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 \
+    && command -v lua5.1 >/dev/null 2>&1; then
+    log "prometheus, promtool and lua5.1 already installed: $(command -v prometheus)"
     exit 0
 fi
 
@@ -25,7 +27,7 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 export DEBIAN_FRONTEND=noninteractive
-if ! apt-cache show prometheus >/dev/null 2>&1; then
+if ! apt-cache show prometheus lua5.1 >/dev/null 2>&1; then
     apt-get update
 fi
 # A policy-rc.d that refuses every start keeps the package's service from starting in
@@ -38,7 +40,7 @@ if [ ! -e "$policy" ]; then
     created_policy=1
 fi
 trap '[ "$created_policy" = 1 ] && rm -f "$policy"' EXIT
-apt-get install -y --no-install-recommends prometheus
+apt-get install -y --no-install-recommends prometheus lua5.1
 
 # Belt and braces: if a service got started anyway, stop and disable it.
 if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet prometheus 2>/dev/null; then
@@ -51,4 +53,5 @@ if id prometheus >/dev/null 2>&1 && pids="$(pgrep -u prometheus -x prometheus)";
 fi
 
 command -v promtool >/dev/null || { log "ERROR: promtool missing after install"; exit 1; }
+command -v lua5.1 >/dev/null || { log "ERROR: lua5.1 missing after install"; exit 1; }
 log "installed $(prometheus --version 2>&1 | head -1)"

@@ -56,8 +56,8 @@ TERMINATION_LOG = "/dev/termination-log"
 
 TRAIN_METRICS_PORT = 9400
 RENDEZVOUS_PORT = 29500
-NOT_RETRIABLE_EXIT_CODE = 3
-"""The stage CLI exits 3 for a StageError that retrying cannot fix (DatasetUnusable, InvalidSpec)."""
+NOT_RETRIABLE_EXIT_CODES = [2, 3]
+"""Stage CLI exit codes a retry cannot fix: 2 bad manifest, 3 e.g. DatasetUnusable."""
 
 # Child names must fit a DNS label (63) with room for the pod suffixes the Job controller
 # adds (``-<index>`` for Indexed Jobs, ``-xxxxx`` for pods), so we cap them lower.
@@ -264,10 +264,14 @@ def stage_command(job: FineTuneJob, run: RunRef, stage: str) -> list[str]:
         ftj = job.metadata.name
         master = f"{job_name(ftj, run.id, 'train')}-0.{service_name(ftj, run.id)}"
         launch += [
-            "--num_machines", str(workers),
-            "--machine_rank", "$(JOB_COMPLETION_INDEX)",
-            "--main_process_ip", master,
-            "--main_process_port", str(RENDEZVOUS_PORT),
+            "--num_machines",
+            str(workers),
+            "--machine_rank",
+            "$(JOB_COMPLETION_INDEX)",
+            "--main_process_ip",
+            master,
+            "--main_process_port",
+            str(RENDEZVOUS_PORT),
             "--same_network",
         ]
     return [*launch, "-m", "kubetune_trainer.cli", *cli_args]
@@ -283,7 +287,10 @@ def stage_env(job: FineTuneJob, stage: str) -> list[dict[str, Any]]:
         {"name": "XDG_CACHE_HOME", "value": f"{SCRATCH_DIR}/cache"},
         {"name": "TMPDIR", "value": "/tmp"},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
-        {"name": "KUBETUNE_METRICS_PORT", "value": str(TRAIN_METRICS_PORT if stage == "train" else 0)},
+        {
+            "name": "KUBETUNE_METRICS_PORT",
+            "value": str(TRAIN_METRICS_PORT if stage == "train" else 0),
+        },
     ]
     storage = job.spec.storage
     if storage.credentials_secret:
@@ -296,7 +303,9 @@ def stage_env(job: FineTuneJob, stage: str) -> list[dict[str, Any]]:
         env.append({"name": "AWS_REGION", "value": storage.region})
     if stage == "train" and job.spec.resources.workers > 1:
         index = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
-        env.append({"name": "JOB_COMPLETION_INDEX", "valueFrom": {"fieldRef": {"fieldPath": index}}})
+        env.append(
+            {"name": "JOB_COMPLETION_INDEX", "valueFrom": {"fieldRef": {"fieldPath": index}}}
+        )
     return env
 
 
@@ -412,7 +421,7 @@ def build_stage_job(
                     "onExitCodes": {
                         "containerName": stage,
                         "operator": "In",
-                        "values": [NOT_RETRIABLE_EXIT_CODE],
+                        "values": NOT_RETRIABLE_EXIT_CODES,
                     },
                 },
                 # Evictions, preemptions and node drains are not the stage's fault.

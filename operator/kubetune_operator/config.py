@@ -73,7 +73,5 @@ class OperatorConfig:
             metrics_port=_int(env, "KUBETUNE_OPERATOR_METRICS_PORT", defaults.metrics_port),
             health_port=_int(env, "KUBETUNE_HEALTH_PORT", defaults.health_port),
             log_level=(env.get("KUBETUNE_LOG_LEVEL", "").strip() or defaults.log_level).upper(),
-            resync_interval=_float(
-                env, "KUBETUNE_RESYNC_INTERVAL", defaults.resync_interval, 1.0
-            ),
+            resync_interval=_float(env, "KUBETUNE_RESYNC_INTERVAL", defaults.resync_interval, 1.0),
         )

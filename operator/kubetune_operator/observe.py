@@ -206,9 +206,12 @@ def observe_stage(
         when = done or failed.get("lastTransitionTime")
         from_pods = _failure_from_pods(pods)
         if job_reason == "DeadlineExceeded":
-            reason, message = Reason.DEADLINE_EXCEEDED.value, (
-                f"the stage ran longer than spec.resources.activeDeadlineSeconds "
-                f"({(job.get('spec') or {}).get('activeDeadlineSeconds')}s)"
+            reason, message = (
+                Reason.DEADLINE_EXCEEDED.value,
+                (
+                    f"the stage ran longer than spec.resources.activeDeadlineSeconds "
+                    f"({(job.get('spec') or {}).get('activeDeadlineSeconds')}s)"
+                ),
             )
         elif from_pods and from_pods[0] == Reason.OOM_KILLED.value:
             reason, message = from_pods

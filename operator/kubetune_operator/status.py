@@ -160,7 +160,9 @@ def _fmt(x: float | None) -> str:
 def _results_summary(results: Results) -> str:
     parts = []
     if results.perplexity is not None:
-        parts.append(f"perplexity {_fmt(results.perplexity)} (baseline {_fmt(results.baseline_perplexity)})")
+        parts.append(
+            f"perplexity {_fmt(results.perplexity)} (baseline {_fmt(results.baseline_perplexity)})"
+        )
     if results.bleu is not None:
         parts.append(f"BLEU {_fmt(results.bleu)} (baseline {_fmt(results.baseline_bleu)})")
     return ", ".join(parts) or "no metrics"
@@ -242,7 +244,11 @@ def compute_status(old: Status | None, view: RunView, now: str) -> tuple[Status,
             phase, reason, message = Phase.PENDING, Reason.WAITING.value, f"{stage} not started"
             stage_conditions[stage] = (False, reason, message)
         elif obs.state == SUCCEEDED:
-            stage_conditions[stage] = (True, Reason.STAGE_SUCCEEDED.value, _stage_success_message(stage, view))
+            stage_conditions[stage] = (
+                True,
+                Reason.STAGE_SUCCEEDED.value,
+                _stage_success_message(stage, view),
+            )
         elif obs.state == FAILED:
             phase, reason = Phase.FAILED, obs.reason or Reason.STAGE_FAILED.value
             message = f"{stage} failed: {obs.message}"
@@ -272,25 +278,43 @@ def compute_status(old: Status | None, view: RunView, now: str) -> tuple[Status,
     conditions: list[dict[str, Any]] = list(prev.get("conditions") or [])
     gen = view.generation
     conditions = set_condition(
-        conditions, ConditionType.READY.value, phase == Phase.SUCCEEDED,
+        conditions,
+        ConditionType.READY.value,
+        phase == Phase.SUCCEEDED,
         Reason.SUCCEEDED.value if phase == Phase.SUCCEEDED else reason,
-        message or "the run succeeded", now, gen,
+        message or "the run succeeded",
+        now,
+        gen,
     )
     conditions = set_condition(
-        conditions, ConditionType.RECONCILING.value, phase in WORKING,
-        reason if phase in WORKING else (Reason.SUCCEEDED.value if phase == Phase.SUCCEEDED else reason),
-        message if phase in WORKING else "", now, gen,
+        conditions,
+        ConditionType.RECONCILING.value,
+        phase in WORKING,
+        reason
+        if phase in WORKING
+        else (Reason.SUCCEEDED.value if phase == Phase.SUCCEEDED else reason),
+        message if phase in WORKING else "",
+        now,
+        gen,
     )
     conditions = set_condition(
-        conditions, ConditionType.STALLED.value, phase == Phase.FAILED,
-        reason if phase == Phase.FAILED else (Reason.SUCCEEDED.value if phase == Phase.SUCCEEDED else reason),
-        message if phase == Phase.FAILED else "", now, gen,
+        conditions,
+        ConditionType.STALLED.value,
+        phase == Phase.FAILED,
+        reason
+        if phase == Phase.FAILED
+        else (Reason.SUCCEEDED.value if phase == Phase.SUCCEEDED else reason),
+        message if phase == Phase.FAILED else "",
+        now,
+        gen,
     )
     for stage in STAGES:
         ok, why, msg = stage_conditions[stage]
         conditions = set_condition(conditions, STAGE_CONDITION[stage].value, ok, why, msg, now, gen)
     order = [c.value for c in ConditionType]
-    new["conditions"] = sorted(conditions, key=lambda c: order.index(c["type"]) if c["type"] in order else 99)
+    new["conditions"] = sorted(
+        conditions, key=lambda c: order.index(c["type"]) if c["type"] in order else 99
+    )
 
     stages: dict[str, Any] = {}
     for stage in STAGES:
@@ -329,7 +353,9 @@ def compute_status(old: Status | None, view: RunView, now: str) -> tuple[Status,
     new["startTime"] = prev.get("startTime") or now
     if phase in (Phase.SUCCEEDED, Phase.FAILED):
         done = (view.stages.get("evaluate") or StageObservation(state="")).completion_time
-        new["completionTime"] = prev.get("completionTime") or (done if phase == Phase.SUCCEEDED and done else now)
+        new["completionTime"] = prev.get("completionTime") or (
+            done if phase == Phase.SUCCEEDED and done else now
+        )
     history = _history(old, view, now)
     if history:
         new["history"] = history
@@ -340,12 +366,18 @@ def compute_status(old: Status | None, view: RunView, now: str) -> tuple[Status,
         ok = stage_conditions[stage][0]
         was = get_condition(prev, STAGE_CONDITION[stage].value)
         if ok and not (was and was.get("status") == "True"):
-            events.append(Event("Normal", Reason.STAGE_SUCCEEDED.value, f"{stage}: {stage_conditions[stage][2]}"))
+            events.append(
+                Event(
+                    "Normal", Reason.STAGE_SUCCEEDED.value, f"{stage}: {stage_conditions[stage][2]}"
+                )
+            )
     if phase.value != old_phase:
         if phase == Phase.FAILED:
             events.append(Event("Warning", reason, message))
         elif phase == Phase.SUCCEEDED:
-            events.append(Event("Normal", Reason.SUCCEEDED.value, f"run {view.run.id} succeeded: {message}"))
+            events.append(
+                Event("Normal", Reason.SUCCEEDED.value, f"run {view.run.id} succeeded: {message}")
+            )
         elif phase == Phase.SUSPENDED:
             events.append(Event("Normal", Reason.SUSPENDED.value, message))
         elif phase in (Phase.PREPARING, Phase.TRAINING, Phase.EVALUATING):

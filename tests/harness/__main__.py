@@ -44,7 +44,8 @@ def _exports(state: dict[str, object]) -> str:
     assert isinstance(s3, dict)
     env.update(s3["env"])
     lines = [f"export {k}={shlex.quote(v)}" for k, v in env.items()]
-    return "\n".join(lines + [f"# S3 endpoint {s3['endpoint_url']} (access key {s3['access_key']}, any secret works)"])
+    note = f"# S3 endpoint {s3['endpoint_url']} (access key {s3['access_key']}, any secret works)"
+    return "\n".join([*lines, note])
 
 
 def up(state_dir: Path, gpus: str) -> int:
@@ -85,7 +86,10 @@ def up(state_dir: Path, gpus: str) -> int:
         "s3": {"endpoint_url": s3.endpoint_url, "access_key": s3.access_key, "env": s3.env()},
     }
     state_file.write_text(json.dumps(state, indent=2) + "\n")
-    print(f"# cluster up; logs in {control_plane.log_dir}; stop with: python -m harness down", file=sys.stderr)
+    print(
+        f"# cluster up; logs in {control_plane.log_dir}; stop with: python -m harness down",
+        file=sys.stderr,
+    )
     print(_exports(state))
     return 0
 
@@ -105,8 +109,11 @@ def down(state_dir: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m harness", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m harness",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("command", choices=["up", "down"])
     parser.add_argument("--state-dir", type=Path, default=_default_state_dir())
     parser.add_argument("--gpus", default="2", help="nvidia.com/gpu capacity of the process node")

@@ -8,6 +8,7 @@ in a log file whose tail goes into error messages. Not meant to be run directly.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import signal
 import socket
@@ -42,7 +43,7 @@ def wait_until(
             result = check()
             if result is not None and result is not False:
                 return result
-        except Exception as err:  # noqa: BLE001 - the last error goes into the message
+        except Exception as err:
             last_error = err
         if time.monotonic() > deadline:
             detail = f" (last error: {last_error!r})" if last_error else ""
@@ -57,8 +58,12 @@ def log_tail(path: Path, lines: int = 30) -> str:
         return "(no log)"
 
 
-def kill_process_group(pid: int, grace: float = 5.0) -> None:
-    """SIGTERM the process group led by `pid`, wait up to `grace` seconds, then SIGKILL it."""
+def kill_process_group(pid: int, grace: float = 5.0, *, reap: bool = True) -> None:
+    """SIGTERM the process group led by `pid`, wait up to `grace` seconds, then SIGKILL it.
+
+    `reap=False` when another thread waits on the leader (subprocess.Popen.wait): reaping it
+    here would make that wait report exit code 0.
+    """
     try:
         os.killpg(pid, signal.SIGTERM)
     except ProcessLookupError:
@@ -69,21 +74,19 @@ def kill_process_group(pid: int, grace: float = 5.0) -> None:
             os.killpg(pid, 0)
         except ProcessLookupError:
             return
-        _reap(pid)
+        if reap:
+            _reap(pid)
         time.sleep(0.05)
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    _reap(pid)
+    if reap:
+        _reap(pid)
 
 
 def _reap(pid: int) -> None:
     # Collect our own zombie children so that killpg(pid, 0) stops finding them.
-    try:
+    with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
 
 
 class ManagedProcess:
@@ -102,7 +105,7 @@ class ManagedProcess:
         self.log_path = log_path
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "ab") as log:
-            self.popen = subprocess.Popen(  # noqa: S603 - argv is built by the harness
+            self.popen = subprocess.Popen(
                 self.argv,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -153,8 +156,15 @@ def stop_all() -> None:
         proc.stop(grace=2.0)
 
 
+_handlers_installed = False
+
+
 def install_exit_handlers() -> None:
     """Stop children at interpreter exit and on SIGTERM, so nothing outlives a test run."""
+    global _handlers_installed
+    if _handlers_installed:
+        return
+    _handlers_installed = True
     atexit.register(stop_all)
     previous = signal.getsignal(signal.SIGTERM)
 

@@ -91,7 +91,9 @@ class ControlPlane:
         self.serving = self.ca.issue("apiserver", "kube-apiserver", hosts=hosts, server=True)
         self.sa_keys = pki.write_service_account_keys(self.pki_dir)
         self.kubelet_client = self.ca.issue(
-            "apiserver-kubelet-client", "kube-apiserver-kubelet-client", organization="system:masters"
+            "apiserver-kubelet-client",
+            "kube-apiserver-kubelet-client",
+            organization="system:masters",
         )
         self.kubelet_serving = self.ca.issue(
             "kubelet-serving", "process-node", hosts=("127.0.0.1", "localhost"), server=True
@@ -108,13 +110,21 @@ class ControlPlane:
             "clusters": [
                 {
                     "name": "kubetune-test",
-                    "cluster": {"server": self.api_url, "certificate-authority": str(self.ca.cert_path)},
+                    "cluster": {
+                        "server": self.api_url,
+                        "certificate-authority": str(self.ca.cert_path),
+                    },
                 }
             ],
             "users": [
-                {"name": user, "user": {"client-certificate": str(pair.cert), "client-key": str(pair.key)}}
+                {
+                    "name": user,
+                    "user": {"client-certificate": str(pair.cert), "client-key": str(pair.key)},
+                }
             ],
-            "contexts": [{"name": "kubetune-test", "context": {"cluster": "kubetune-test", "user": user}}],
+            "contexts": [
+                {"name": "kubetune-test", "context": {"cluster": "kubetune-test", "user": user}}
+            ],
             "current-context": "kubetune-test",
         }
         path.write_text(json.dumps(config, indent=2) + "\n")
@@ -184,7 +194,9 @@ class ControlPlane:
 
     def _start_controller_manager(self) -> None:
         kubeconfig = self._write_kubeconfig(
-            self.state_dir / "controller-manager.kubeconfig", "system:kube-controller-manager", self.kcm
+            self.state_dir / "controller-manager.kubeconfig",
+            "system:kube-controller-manager",
+            self.kcm,
         )
         self._spawn(
             "kube-controller-manager",
@@ -239,7 +251,9 @@ class ControlPlane:
         """GET an API path as the admin user; returns (status, body)."""
         request = urllib.request.Request(self.api_url + path)
         try:
-            with urllib.request.urlopen(request, context=self._ssl_context(), timeout=timeout) as resp:
+            with urllib.request.urlopen(
+                request, context=self._ssl_context(), timeout=timeout
+            ) as resp:
                 return resp.status, resp.read()
         except urllib.error.HTTPError as err:
             return err.code, err.read()
@@ -265,9 +279,11 @@ class ControlPlane:
 
         wait_until(exists, timeout=START_TIMEOUT, what="the controller manager", interval=0.25)
 
-    def kubectl(self, *args: str, check: bool = True, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    def kubectl(
+        self, *args: str, check: bool = True, timeout: float = 60.0
+    ) -> subprocess.CompletedProcess[str]:
         """Run the real kubectl against this control plane and capture its output."""
-        result = subprocess.run(  # noqa: S603
+        result = subprocess.run(
             ["kubectl", f"--kubeconfig={self.kubeconfig}", *args],
             capture_output=True,
             text=True,
@@ -275,7 +291,9 @@ class ControlPlane:
             check=False,
         )
         if check and result.returncode != 0:
-            raise RuntimeError(f"kubectl {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
+            raise RuntimeError(
+                f"kubectl {' '.join(args)} failed ({result.returncode}):\n{result.stderr}"
+            )
         return result
 
 
@@ -317,6 +335,10 @@ def _child_env() -> dict[str, str]:
     tests_dir = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (tests_dir, env.get("PYTHONPATH", "")) if p)
     env["PYTHONUNBUFFERED"] = "1"
+    # Pods run on the host's PATH: put this interpreter's bin dir (the venv, with the
+    # `kubetune` console script) first, even when the venv is not activated.
+    venv_bin = str(Path(sys.executable).parent)
+    env["PATH"] = os.pathsep.join([venv_bin, env.get("PATH", "/usr/bin:/bin")])
     return env
 
 

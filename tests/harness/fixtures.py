@@ -5,11 +5,14 @@ sys.path), or `pytest -p harness.fixtures`. Everything starts on first use and s
 of the session (or test, for function-scoped fixtures). Nothing is skipped: a missing binary that
 cannot be built fails the test with what to run.
 
-    tools_bin            Path of the dir with etcd, kube-*, helm, kubeconform
-    k8s_cluster          K8sCluster: .kubeconfig .api_url .bin_dir .node_name .kubectl(*args) .api_client()
-    k8s_namespace        str: a fresh namespace (with its default service account), deleted after
-    s3_server            S3Server: .endpoint_url .access_key .secret_key .region .make_bucket() .env()
-    prometheus_factory   callable(targets: list["host:port"]) -> Prometheus (.url .query() .wait_for_target_up())
+    tools_bin           Path of the dir with etcd, kube-*, helm, kubeconform
+    k8s_cluster         K8sCluster: .kubeconfig .api_url .bin_dir .node_name .kubectl(*args)
+                        .api_client()
+    k8s_namespace       str: a fresh namespace (with its default service account), deleted after
+    s3_server           S3Server: .endpoint_url .access_key .secret_key .region .make_bucket()
+                        .env()
+    prometheus_factory  callable(["host:port", ...]) -> Prometheus: .url .query(expr)
+                        .wait_for_target_up(timeout)
 """
 
 from __future__ import annotations
@@ -54,15 +57,23 @@ class K8sCluster:
     def log_dir(self) -> Path:
         return self.control_plane.log_dir
 
-    def kubectl(self, *args: str, check: bool = True, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
-        """Run the real kubectl with this cluster's admin kubeconfig; raise on failure if `check`."""
+    def kubectl(
+        self, *args: str, check: bool = True, timeout: float = 60.0
+    ) -> subprocess.CompletedProcess[str]:
+        """Run the real kubectl with this cluster's admin kubeconfig; raise if `check` fails."""
         return self.control_plane.kubectl(*args, check=check, timeout=timeout)
 
     def api_client(self) -> Any:
-        """A kubernetes.client.ApiClient for this cluster (close it, or use it as a context manager)."""
+        """A kubernetes.client.ApiClient for this cluster (use it as a context manager)."""
         from kubernetes import config
 
         return config.new_client_from_config(config_file=str(self.kubeconfig))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "cluster: needs the real control plane, S3 or Prometheus from harness.fixtures"
+    )
 
 
 @pytest.fixture(scope="session")
@@ -96,7 +107,9 @@ def k8s_namespace(k8s_cluster: K8sCluster) -> Iterator[str]:
 
     # Pods are rejected until the service-account controller has made `default`.
     def has_default_sa() -> bool:
-        status, _ = k8s_cluster.control_plane.get(f"/api/v1/namespaces/{name}/serviceaccounts/default")
+        status, _ = k8s_cluster.control_plane.get(
+            f"/api/v1/namespaces/{name}/serviceaccounts/default"
+        )
         return status == 200
 
     wait_until(has_default_sa, timeout=30, what=f"service account default in {name}")

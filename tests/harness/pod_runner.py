@@ -10,9 +10,12 @@ to `BACKOFF_MAX`, shorter than the kubelet's 10s..300s so tests stay fast.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import os
 import shlex
 import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -45,7 +48,9 @@ class ContainerRun:
     popen: subprocess.Popen[bytes] | None = None
     started_at: str = ""
     restart_count: int = 0
-    state: dict[str, Any] = field(default_factory=lambda: {"waiting": {"reason": "ContainerCreating"}})
+    state: dict[str, Any] = field(
+        default_factory=lambda: {"waiting": {"reason": "ContainerCreating"}}
+    )
     last_state: dict[str, Any] = field(default_factory=dict)
     exit_code: int | None = None
     restart_at: float | None = None  # monotonic time of the next restart, while backing off
@@ -89,14 +94,22 @@ class PodRunner:
         self.wake = threading.Event()
         self.gone = False  # the API object is deleted: nothing left to report to
         spec = pod["spec"]
-        self.init_runs = [ContainerRun(c, self.sandbox / "init" / c["name"]) for c in spec.get("initContainers") or []]
-        self.runs = [ContainerRun(c, self.sandbox / "containers" / c["name"]) for c in spec.get("containers") or []]
+        self.init_runs = [
+            ContainerRun(c, self.sandbox / "init" / c["name"])
+            for c in spec.get("initContainers") or []
+        ]
+        self.runs = [
+            ContainerRun(c, self.sandbox / "containers" / c["name"])
+            for c in spec.get("containers") or []
+        ]
         self.phase = "Pending"
         self.reason = ""
         self.message = ""
         self.start_time = now_rfc3339()
         self.conditions: dict[str, tuple[str, str, str]] = {}  # type -> (status, reason, since)
-        self.thread = threading.Thread(target=self._run, name=f"pod-{self.namespace}-{self.name}", daemon=True)
+        self.thread = threading.Thread(
+            target=self._run, name=f"pod-{self.namespace}-{self.name}", daemon=True
+        )
 
     # -- called from the watch thread ----------------------------------------------------
 
@@ -106,10 +119,15 @@ class PodRunner:
     def update(self, pod: pod_spec.Pod) -> None:
         self.pod = pod
         self.wake.set()
+        if not self.thread.is_alive() and pod["metadata"].get("deletionTimestamp"):
+            # Finished before the delete arrived: nothing to kill, just let the object go.
+            self.node.delete_pod_now(pod)
 
     def deleted(self) -> None:
         self.gone = True
         self.wake.set()
+        if not self.thread.is_alive():
+            shutil.rmtree(self.sandbox, ignore_errors=True)
 
     def find(self, container: str) -> ContainerRun | None:
         return next((r for r in self.init_runs + self.runs if r.name == container), None)
@@ -123,7 +141,7 @@ class PodRunner:
     def _run(self) -> None:
         try:
             outcome = self._lifecycle()
-        except Exception as err:  # noqa: BLE001 - a harness bug must not look like a hung pod
+        except Exception as err:
             self.node.log(f"pod {self.namespace}/{self.name}: internal error {err!r}")
             self.kill_all()
             outcome = "Failed"
@@ -157,7 +175,11 @@ class PodRunner:
         while not self.deleting:
             try:
                 return pod_spec.materialize_volumes(
-                    self.pod, self.sandbox, self.node.lookup, self._request_token, self.node.root_dir
+                    self.pod,
+                    self.sandbox,
+                    self.node.lookup,
+                    self._request_token,
+                    self.node.root_dir,
                 )
             except pod_spec.PodConfigError as err:
                 self._wait_all("CreateContainerConfigError", str(err))
@@ -187,12 +209,25 @@ class PodRunner:
                 return "Failed"
             changed = False
             for run in runs:
-                if run.popen is not None and not run.done and run.restart_at is None and run.popen.poll() is not None:
+                if (
+                    run.popen is not None
+                    and not run.done
+                    and run.restart_at is None
+                    and run.popen.poll() is not None
+                ):
                     self._record_exit(run)
+                    # Like a runtime tearing down the container: no stray children survive.
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.killpg(run.popen.pid, signal.SIGKILL)
                     failed = run.exit_code != 0
                     if (policy == "Always" and not init) or (policy != "Never" and failed):
-                        run.restart_at = time.monotonic() + min(BACKOFF_START * 2**run.restart_count, BACKOFF_MAX)
-                        run.last_state, run.state = run.state, {"waiting": {"reason": "CrashLoopBackOff"}}
+                        run.restart_at = time.monotonic() + min(
+                            BACKOFF_START * 2**run.restart_count, BACKOFF_MAX
+                        )
+                        run.last_state, run.state = (
+                            run.state,
+                            {"waiting": {"reason": "CrashLoopBackOff"}},
+                        )
                     else:
                         run.done = True
                     changed = True
@@ -220,7 +255,9 @@ class PodRunner:
                 argv, env, cwd = self._container_process(run, volumes)
                 break
             except pod_spec.PodConfigError as err:
-                run.state = {"waiting": {"reason": "CreateContainerConfigError", "message": str(err)}}
+                run.state = {
+                    "waiting": {"reason": "CreateContainerConfigError", "message": str(err)}
+                }
                 self._publish()
                 self.wake.wait(BACKOFF_START * 2)
                 self.wake.clear()
@@ -231,42 +268,68 @@ class PodRunner:
         run.started_at = now_rfc3339()
         try:
             with open(run.log_path(), "ab") as log:
-                run.popen = subprocess.Popen(  # noqa: S603 - running the pod's command is the point
-                    argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                    env=env, cwd=cwd, start_new_session=True,
+                run.popen = subprocess.Popen(
+                    argv,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    env=env,
+                    cwd=cwd,
+                    start_new_session=True,
                 )
         except OSError as err:
             # Like a container runtime that cannot exec the entrypoint: exit code 128.
             run.popen = None
             run.exit_code = 128
-            run.state = {"terminated": {"exitCode": 128, "reason": "StartError", "message": str(err),
-                                        "startedAt": run.started_at, "finishedAt": now_rfc3339()}}
+            run.state = {
+                "terminated": {
+                    "exitCode": 128,
+                    "reason": "StartError",
+                    "message": str(err),
+                    "startedAt": run.started_at,
+                    "finishedAt": now_rfc3339(),
+                }
+            }
             run.done = True
             return False
         threading.Thread(target=self._wait_exit, args=(run.popen,), daemon=True).start()
         run.state = {"running": {"startedAt": run.started_at}}
         run.exit_code = None
-        self.node.log(f"pod {self.namespace}/{self.name}: started {run.name} pid {run.popen.pid}: {shlex.join(argv)}")
+        self.node.log(
+            f"pod {self.namespace}/{self.name}: started {run.name} "
+            f"pid {run.popen.pid}: {shlex.join(argv)}"
+        )
         return True
 
     def _wait_exit(self, popen: subprocess.Popen[bytes]) -> None:
         popen.wait()
         self.wake.set()
 
-    def _container_process(self, run: ContainerRun, volumes: dict[str, Path]) -> tuple[list[str], dict[str, str], Path]:
+    def _container_process(
+        self, run: ContainerRun, volumes: dict[str, Path]
+    ) -> tuple[list[str], dict[str, str], Path]:
         spec = run.spec
         env = pod_spec.container_env(self.pod, spec, self.node.lookup)
         run.dir.mkdir(parents=True, exist_ok=True)
         paths = pod_spec.container_path_map(spec, volumes, run.termination_file, env)
         env = {k: paths.rewrite(v) for k, v in env.items()}
-        argv = [paths.rewrite(pod_spec.expand_vars(a, env)) for a in (spec.get("command") or []) + (spec.get("args") or [])]
+        argv = [
+            paths.rewrite(pod_spec.expand_vars(a, env))
+            for a in (spec.get("command") or []) + (spec.get("args") or [])
+        ]
         if not argv:
-            raise pod_spec.PodConfigError(f"container {run.name}: no command (images are ignored, so one is required)")
+            raise pod_spec.PodConfigError(
+                f"container {run.name}: no command (images are ignored, so one is required)"
+            )
         workdir = run.dir / "workdir"
         if spec.get("workingDir"):
             mapped = Path(paths.rewrite(spec["workingDir"]))
             # An unmounted absolute workingDir would be the image's; give it a private copy.
-            workdir = mapped if mapped.is_relative_to(self.sandbox) or mapped.exists() else run.dir / "rootfs" / mapped.relative_to("/")
+            workdir = (
+                mapped
+                if mapped.is_relative_to(self.sandbox) or mapped.exists()
+                else run.dir / "rootfs" / mapped.relative_to("/")
+            )
         workdir.mkdir(parents=True, exist_ok=True)
         full_env = pod_spec.host_env(self.node.passthrough_env)
         full_env.update(self.node.service_env)
@@ -276,8 +339,10 @@ class PodRunner:
 
     def _record_exit(self, run: ContainerRun) -> None:
         assert run.popen is not None
-        code = run.popen.returncode
-        run.exit_code = 128 - code if code < 0 else code  # killed by signal N -> 128+N, like a runtime
+        code = run.popen.wait()
+        run.exit_code = (
+            128 - code if code < 0 else code
+        )  # killed by signal N -> 128+N, like a runtime
         terminated: dict[str, Any] = {
             "exitCode": run.exit_code,
             "reason": "Completed" if run.exit_code == 0 else "Error",
@@ -295,7 +360,11 @@ class PodRunner:
             text = run.termination_file.read_text(errors="replace")[:4096]
         except OSError:
             text = ""
-        if not text and run.spec.get("terminationMessagePolicy") == "FallbackToLogsOnError" and run.exit_code:
+        if (
+            not text
+            and run.spec.get("terminationMessagePolicy") == "FallbackToLogsOnError"
+            and run.exit_code
+        ):
             lines = run.log_path().read_text(errors="replace").splitlines()[-80:]
             text = "\n".join(lines)[-2048:]
         return text
@@ -305,16 +374,28 @@ class PodRunner:
         return deadline is not None and time.time() - self._start_epoch() >= int(deadline)
 
     def _start_epoch(self) -> float:
-        return datetime.datetime.strptime(self.start_time, "%Y-%m-%dT%H:%M:%SZ").replace(
-            tzinfo=datetime.timezone.utc
-        ).timestamp()
+        return (
+            datetime.datetime.strptime(self.start_time, "%Y-%m-%dT%H:%M:%SZ")
+            .replace(tzinfo=datetime.timezone.utc)
+            .timestamp()
+        )
 
-    def kill_all(self) -> None:
-        grace = self.pod["metadata"].get("deletionGracePeriodSeconds")
+    def kill_all(self, grace: float | None = None) -> None:
+        """SIGTERM every process group, SIGKILL after the pod's grace period (or `grace`)."""
+        if grace is None:
+            grace = self.pod["metadata"].get("deletionGracePeriodSeconds")
         if grace is None:
             grace = self.pod["spec"].get("terminationGracePeriodSeconds", 30)
-        alive = [r for r in self.init_runs + self.runs if r.popen is not None and r.popen.poll() is None]
-        threads = [threading.Thread(target=kill_process_group, args=(r.popen.pid, float(grace))) for r in alive if r.popen]
+        alive = [
+            r for r in self.init_runs + self.runs if r.popen is not None and r.popen.poll() is None
+        ]
+        threads = [
+            threading.Thread(
+                target=kill_process_group, args=(r.popen.pid, float(grace)), kwargs={"reap": False}
+            )
+            for r in alive
+            if r.popen
+        ]
         for thread in threads:
             thread.start()
         for thread in threads:
@@ -351,7 +432,12 @@ class PodRunner:
         if self.gone:
             return
         conditions = [
-            {"type": kind, "status": status, "lastTransitionTime": since, **({"reason": reason} if reason else {})}
+            {
+                "type": kind,
+                "status": status,
+                "lastTransitionTime": since,
+                **({"reason": reason} if reason else {}),
+            }
             for kind, (status, reason, since) in self.conditions.items()
         ]
         status: dict[str, Any] = {

@@ -48,7 +48,7 @@ def expand_vars(text: str, env: Mapping[str, str]) -> str:
                 out.append(text[i:])
                 break
             name = text[i + 2 : end]
-            out.append(env[name] if name in env else f"$({name})")
+            out.append(env.get(name, f"$({name})"))
             i = end + 1
         else:
             out.append(char)
@@ -132,11 +132,15 @@ def container_env(pod: Pod, container: Mapping[str, Any], lookup: Lookup) -> dic
     return env
 
 
-def _write_items(target: Path, data: Mapping[str, bytes], items: Iterable[Mapping[str, Any]] | None) -> None:
+def _write_items(
+    target: Path, data: Mapping[str, bytes], items: Iterable[Mapping[str, Any]] | None
+) -> None:
     target.mkdir(parents=True, exist_ok=True)
-    wanted = [(item["key"], item["path"], item.get("mode")) for item in items] if items else [
-        (key, key, None) for key in data
-    ]
+    wanted = (
+        [(item["key"], item["path"], item.get("mode")) for item in items]
+        if items
+        else [(key, key, None) for key in data]
+    )
     for key, rel, mode in wanted:
         if key not in data:
             raise PodConfigError(f'volume item key "{key}" not found')
@@ -148,7 +152,11 @@ def _write_items(target: Path, data: Mapping[str, bytes], items: Iterable[Mappin
 
 
 def materialize_volumes(
-    pod: Pod, sandbox: Path, lookup: Lookup, request_token: Callable[[Mapping[str, Any]], str], node_root: Path
+    pod: Pod,
+    sandbox: Path,
+    lookup: Lookup,
+    request_token: Callable[[Mapping[str, Any]], str],
+    node_root: Path,
 ) -> dict[str, Path]:
     """Create every pod volume on the host; returns volume name -> host directory."""
     namespace = pod["metadata"]["namespace"]
@@ -170,7 +178,11 @@ def materialize_volumes(
             for source in volume["projected"].get("sources") or []:
                 if "serviceAccountToken" in source:
                     token_src = source["serviceAccountToken"]
-                    _write_items(target, {"t": request_token(token_src).encode()}, [{"key": "t", "path": token_src["path"]}])
+                    _write_items(
+                        target,
+                        {"t": request_token(token_src).encode()},
+                        [{"key": "t", "path": token_src["path"]}],
+                    )
                 elif "downwardAPI" in source:
                     _write_downward(target, pod, source["downwardAPI"].get("items") or [])
                 elif "configMap" in source or "secret" in source:
@@ -179,7 +191,9 @@ def materialize_volumes(
                     data = lookup.data(kind, namespace, src["name"], bool(src.get("optional")))
                     _write_items(target, data, src.get("items"))
                 else:
-                    raise PodConfigError(f"volume {name}: unsupported projected source {sorted(source)}")
+                    raise PodConfigError(
+                        f"volume {name}: unsupported projected source {sorted(source)}"
+                    )
         elif "hostPath" in volume:
             target = Path(volume["hostPath"]["path"])
             target.mkdir(parents=True, exist_ok=True)
@@ -196,7 +210,11 @@ def materialize_volumes(
 
 
 def _write_downward(target: Path, pod: Pod, items: Iterable[Mapping[str, Any]]) -> None:
-    data = {item["path"]: field_ref(pod, item["fieldRef"]["fieldPath"]).encode() for item in items if "fieldRef" in item}
+    data = {
+        item["path"]: field_ref(pod, item["fieldRef"]["fieldPath"]).encode()
+        for item in items
+        if "fieldRef" in item
+    }
     _write_items(target, data, None)
 
 
@@ -217,7 +235,10 @@ class PathMap:
 
 
 def container_path_map(
-    container: Mapping[str, Any], volumes: Mapping[str, Path], termination_file: Path, env: Mapping[str, str]
+    container: Mapping[str, Any],
+    volumes: Mapping[str, Path],
+    termination_file: Path,
+    env: Mapping[str, str],
 ) -> PathMap:
     mapping: dict[str, Path] = {}
     for mount in container.get("volumeMounts") or []:
@@ -227,25 +248,42 @@ def container_path_map(
             host = host / sub
             host.mkdir(parents=True, exist_ok=True)
         mapping[mount["mountPath"]] = host
-    mapping[container.get("terminationMessagePath") or DEFAULT_TERMINATION_MESSAGE_PATH] = termination_file
+    mapping[container.get("terminationMessagePath") or DEFAULT_TERMINATION_MESSAGE_PATH] = (
+        termination_file
+    )
     return PathMap(mapping)
 
 
-def decode_secret(data: Mapping[str, str] | None) -> dict[str, bytes]:
+def decode_secret(data: Mapping[str, str | bytes] | None) -> dict[str, bytes]:
     return {k: base64.b64decode(v) for k, v in (data or {}).items()}
 
 
-def encode_config_map(data: Mapping[str, str] | None, binary: Mapping[str, str] | None) -> dict[str, bytes]:
-    out = {k: v.encode() for k, v in (data or {}).items()}
+def encode_config_map(
+    data: Mapping[str, str | bytes] | None, binary: Mapping[str, str | bytes] | None
+) -> dict[str, bytes]:
+    out = {k: v.encode() if isinstance(v, str) else v for k, v in (data or {}).items()}
     out.update({k: base64.b64decode(v) for k, v in (binary or {}).items()})
     return out
 
 
 # Host variables a process inherits (the "image" is the host): enough to find the venv's tools.
 HOST_ENV_PASSTHROUGH = (
-    "PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "TZ", "TMPDIR", "VIRTUAL_ENV",
-    "HF_HOME", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "XDG_CACHE_HOME",
-    "TORCH_HOME", "CUDA_VISIBLE_DEVICES",
+    "PATH",
+    "HOME",
+    "USER",
+    "LOGNAME",
+    "LANG",
+    "LC_ALL",
+    "TZ",
+    "TMPDIR",
+    "VIRTUAL_ENV",
+    "HF_HOME",
+    "HF_HUB_OFFLINE",
+    "HF_DATASETS_OFFLINE",
+    "TRANSFORMERS_OFFLINE",
+    "XDG_CACHE_HOME",
+    "TORCH_HOME",
+    "CUDA_VISIBLE_DEVICES",
 )
 
 

@@ -31,7 +31,7 @@ import time
 import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
@@ -102,26 +102,41 @@ class ProcessNode:
         meta = pod["metadata"]
         spec: dict[str, Any] = {
             "expirationSeconds": int(source.get("expirationSeconds", 3607)),
-            "boundObjectRef": {"apiVersion": "v1", "kind": "Pod", "name": meta["name"], "uid": meta["uid"]},
+            "boundObjectRef": {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "name": meta["name"],
+                "uid": meta["uid"],
+            },
         }
         if source.get("audience"):
             spec["audiences"] = [source["audience"]]
+        # A plain dict is serialized as-is; the client's typings only know the model classes.
+        body = cast(Any, {"spec": spec})
         result = self.core.create_namespaced_service_account_token(
-            pod["spec"].get("serviceAccountName", "default"), meta["namespace"], {"spec": spec}
+            pod["spec"].get("serviceAccountName", "default"), meta["namespace"], body
         )
+        assert result.status is not None
         return str(result.status.token)
 
     def patch_pod_status(self, pod: pod_spec.Pod, status: dict[str, Any]) -> None:
         meta = pod["metadata"]
         try:
-            self.core.patch_namespaced_pod_status(meta["name"], meta["namespace"], {"status": status})
+            self.core.patch_namespaced_pod_status(
+                meta["name"], meta["namespace"], {"status": status}
+            )
         except ApiException as err:
             if err.status != 404:  # a pod deleted meanwhile has no status left to write
-                self.log(f"status of {meta['namespace']}/{meta['name']}: {err.status} {err.reason}: {err.body}")
+                self.log(
+                    f"status of {meta['namespace']}/{meta['name']}: "
+                    f"{err.status} {err.reason}: {err.body}"
+                )
 
     def delete_pod_now(self, pod: pod_spec.Pod) -> None:
         meta = pod["metadata"]
-        body = client.V1DeleteOptions(grace_period_seconds=0, preconditions=client.V1Preconditions(uid=meta["uid"]))
+        body = client.V1DeleteOptions(
+            grace_period_seconds=0, preconditions=client.V1Preconditions(uid=meta["uid"])
+        )
         try:
             self.core.delete_namespaced_pod(meta["name"], meta["namespace"], body=body)
         except ApiException as err:
@@ -138,11 +153,15 @@ class ProcessNode:
             "kubetune.io/process-node": "true",
         }
         try:
-            self.core.create_node({"apiVersion": "v1", "kind": "Node", "metadata": {"name": self.name, "labels": labels}})
+            self.core.create_node(
+                client.V1Node(metadata=client.V1ObjectMeta(name=self.name, labels=labels))
+            )
         except ApiException as err:
             if err.status != 409:
                 raise
-        self.node_uid = self.core.read_node(self.name).metadata.uid
+        meta = self.core.read_node(self.name).metadata
+        assert meta is not None
+        self.node_uid = meta.uid
         self.log_port = log_port
         self._update_node_status()
 
@@ -158,30 +177,58 @@ class ProcessNode:
             "capacity": self.capacity,
             "allocatable": self.capacity,
             "conditions": [
-                {"type": t, "status": s, "reason": r, "message": m, "lastHeartbeatTime": now, "lastTransitionTime": now}
+                {
+                    "type": t,
+                    "status": s,
+                    "reason": r,
+                    "message": m,
+                    "lastHeartbeatTime": now,
+                    "lastTransitionTime": now,
+                }
                 for t, s, r, m in healthy
             ],
-            "addresses": [{"type": "InternalIP", "address": "127.0.0.1"}, {"type": "Hostname", "address": self.name}],
+            "addresses": [
+                {"type": "InternalIP", "address": "127.0.0.1"},
+                {"type": "Hostname", "address": self.name},
+            ],
             "daemonEndpoints": {"kubeletEndpoint": {"Port": self.log_port}},
             "nodeInfo": {
-                "machineID": "", "systemUUID": "", "bootID": "", "kernelVersion": "", "osImage": "process-node",
-                "containerRuntimeVersion": "process://1", "kubeletVersion": "v0.0.0-process-node",
-                "kubeProxyVersion": "", "operatingSystem": "linux", "architecture": "amd64",
+                "machineID": "",
+                "systemUUID": "",
+                "bootID": "",
+                "kernelVersion": "",
+                "osImage": "process-node",
+                "containerRuntimeVersion": "process://1",
+                "kubeletVersion": "v0.0.0-process-node",
+                "kubeProxyVersion": "",
+                "operatingSystem": "linux",
+                "architecture": "amd64",
             },
         }
         self.core.patch_node_status(self.name, {"status": status})
 
     def _renew_lease(self) -> None:
         micro_now = time.strftime("%Y-%m-%dT%H:%M:%S.000000Z", time.gmtime())
-        spec = {"holderIdentity": self.name, "leaseDurationSeconds": LEASE_SECONDS, "renewTime": micro_now}
+        spec = {
+            "holderIdentity": self.name,
+            "leaseDurationSeconds": LEASE_SECONDS,
+            "renewTime": micro_now,
+        }
         try:
             self.coordination.patch_namespaced_lease(self.name, "kube-node-lease", {"spec": spec})
         except ApiException as err:
             if err.status != 404:
                 raise
             owner = {"apiVersion": "v1", "kind": "Node", "name": self.name, "uid": self.node_uid}
-            body = {"metadata": {"name": self.name, "namespace": "kube-node-lease", "ownerReferences": [owner]}, "spec": spec}
-            self.coordination.create_namespaced_lease("kube-node-lease", body)
+            body = {
+                "metadata": {
+                    "name": self.name,
+                    "namespace": "kube-node-lease",
+                    "ownerReferences": [owner],
+                },
+                "spec": spec,
+            }
+            self.coordination.create_namespaced_lease("kube-node-lease", cast(Any, body))
 
     def _heartbeat_loop(self) -> None:
         beats = 0
@@ -191,7 +238,7 @@ class ProcessNode:
                 if beats % 6 == 0:  # the Lease is the heartbeat; status every minute is plenty
                     self._update_node_status()
                 beats += 1
-            except Exception as err:  # noqa: BLE001 - keep beating through API hiccups
+            except Exception as err:
                 self.log(f"heartbeat failed: {err!r}")
             self.stopping.wait(RENEW_EVERY)
 
@@ -222,7 +269,9 @@ class ProcessNode:
         selector = f"spec.nodeName={self.name}"
         while not self.stopping.is_set():
             try:
-                listing = self.core.list_pod_for_all_namespaces(field_selector=selector, _preload_content=False)
+                listing: Any = self.core.list_pod_for_all_namespaces(
+                    field_selector=selector, _preload_content=False
+                )
                 body = json.loads(listing.data)
                 seen = {item["metadata"]["uid"] for item in body["items"]}
                 for item in body["items"]:
@@ -232,15 +281,17 @@ class ProcessNode:
                 for uid in vanished:
                     self._handle("DELETED", self.runners[uid].pod)
                 stream = watch.Watch().stream(
-                    self.core.list_pod_for_all_namespaces, field_selector=selector,
-                    resource_version=body["metadata"]["resourceVersion"], timeout_seconds=300,
+                    self.core.list_pod_for_all_namespaces,
+                    field_selector=selector,
+                    resource_version=body["metadata"]["resourceVersion"],
+                    timeout_seconds=300,
                 )
                 for event in stream:
                     if self.stopping.is_set():
                         return
                     if event["type"] in ("ADDED", "MODIFIED", "DELETED"):
                         self._handle(event["type"], event["raw_object"])
-            except Exception as err:  # noqa: BLE001 - 410 Gone, API restarts: relist and go on
+            except Exception as err:
                 if not self.stopping.is_set():
                     self.log(f"pod watch restarting: {err!r}")
                     time.sleep(1)
@@ -264,11 +315,14 @@ class ProcessNode:
             runners = list(self.runners.values())
         for runner in runners:
             runner.gone = True  # report nothing more: the node is going away
-            runner.kill_all()
+            # Short grace: whoever stops the node will not wait a pod's 30s for it.
+            runner.kill_all(grace=1.0)
 
     def runner_for(self, namespace: str, name: str) -> PodRunner | None:
         with self.lock:
-            matches = [r for r in self.runners.values() if (r.namespace, r.name) == (namespace, name)]
+            matches = [
+                r for r in self.runners.values() if (r.namespace, r.name) == (namespace, name)
+            ]
         return matches[-1] if matches else None
 
 
@@ -289,10 +343,10 @@ class _LogServer(http.server.ThreadingHTTPServer):
 class _LogHandler(http.server.BaseHTTPRequestHandler):
     server: _LogServer
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+    def log_message(self, format: str, *args: Any) -> None:
         pass
 
-    def do_GET(self) -> None:  # noqa: N802 - stdlib naming
+    def do_GET(self) -> None:
         url = urllib.parse.urlsplit(self.path)
         parts = url.path.strip("/").split("/")
         query = urllib.parse.parse_qs(url.query)
@@ -302,12 +356,19 @@ class _LogHandler(http.server.BaseHTTPRequestHandler):
         runner = self.server.node.runner_for(parts[1], parts[2])
         run = runner.find(parts[3]) if runner else None
         if runner is None or run is None:
-            self.send_error(404, f"container {parts[3]} of pod {parts[1]}/{parts[2]} not found on this node")
+            self.send_error(
+                404, f"container {parts[3]} of pod {parts[1]}/{parts[2]} not found on this node"
+            )
             return
         previous = query.get("previous", ["false"])[0] == "true"
         path = run.log_path(run.restart_count - 1 if previous else None)
         if not path.exists():
-            self.send_error(400, f'previous terminated container "{run.name}" not found' if previous else "no logs yet")
+            self.send_error(
+                400,
+                f'previous terminated container "{run.name}" not found'
+                if previous
+                else "no logs yet",
+            )
             return
         self.send_response(200)
         self.send_header("Content-Type", "text/plain")
@@ -315,7 +376,11 @@ class _LogHandler(http.server.BaseHTTPRequestHandler):
         data = path.read_bytes()
         if "tailLines" in query:
             lines = data.splitlines(keepends=True)
-            data = b"".join(lines[-int(query["tailLines"][0]) :]) if int(query["tailLines"][0]) else b""
+            data = (
+                b"".join(lines[-int(query["tailLines"][0]) :])
+                if int(query["tailLines"][0])
+                else b""
+            )
         limit = int(query["limitBytes"][0]) if "limitBytes" in query else None
         self.wfile.write(data[:limit])
         if query.get("follow", ["false"])[0] != "true" or previous:
@@ -336,7 +401,9 @@ class _LogHandler(http.server.BaseHTTPRequestHandler):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--kubeconfig", required=True)
     parser.add_argument("--name", default="process-node")
     parser.add_argument("--cpu", default="8")
@@ -346,7 +413,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root-dir", type=Path, help="pod sandboxes (default: a new temp dir)")
     parser.add_argument("--tls-cert-file", type=Path, help="serving cert of the log endpoint")
     parser.add_argument("--tls-private-key-file", type=Path)
-    parser.add_argument("--pass-env", action="append", default=[], help="extra host env var for pods")
+    parser.add_argument(
+        "--pass-env", action="append", default=[], help="extra host env var for pods"
+    )
     args = parser.parse_args(argv)
 
     root = args.root_dir or Path(tempfile.mkdtemp(prefix=f"{args.name}-"))
@@ -359,7 +428,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.gpus != "0":
         capacity["nvidia.com/gpu"] = args.gpus
     api = config.new_client_from_config(config_file=args.kubeconfig)
-    node = ProcessNode(api, name=args.name, capacity=capacity, root_dir=root, tls=tls, passthrough_env=tuple(args.pass_env))
+    node = ProcessNode(
+        api,
+        name=args.name,
+        capacity=capacity,
+        root_dir=root,
+        tls=tls,
+        passthrough_env=tuple(args.pass_env),
+    )
 
     def on_signal(signum: int, _frame: object) -> None:
         node.stop()

@@ -36,7 +36,9 @@ class Prometheus:
     job: str = "test"
 
     @classmethod
-    def start(cls, targets: list[str], workdir: Path, job: str = "test", timeout: float = 30.0) -> Prometheus:
+    def start(
+        cls, targets: list[str], workdir: Path, job: str = "test", timeout: float = 30.0
+    ) -> Prometheus:
         binary = shutil.which("prometheus")
         if binary is None:
             raise PrometheusMissing(
@@ -45,18 +47,30 @@ class Prometheus:
         workdir.mkdir(parents=True, exist_ok=True)
         config = workdir / "prometheus.yml"
         # JSON is valid YAML.
-        config.write_text(json.dumps({
-            "global": {"scrape_interval": SCRAPE_INTERVAL, "evaluation_interval": SCRAPE_INTERVAL},
-            "scrape_configs": [{"job_name": job, "static_configs": [{"targets": targets}]}],
-        }, indent=2))
+        config.write_text(
+            json.dumps(
+                {
+                    "global": {
+                        "scrape_interval": SCRAPE_INTERVAL,
+                        "evaluation_interval": SCRAPE_INTERVAL,
+                    },
+                    "scrape_configs": [{"job_name": job, "static_configs": [{"targets": targets}]}],
+                },
+                indent=2,
+            )
+        )
         port = free_port()
-        proc = ManagedProcess("prometheus", [
-            binary,
-            f"--config.file={config}",
-            f"--storage.tsdb.path={workdir / 'data'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-            "--log.level=warn",
-        ], workdir / "prometheus.log")
+        proc = ManagedProcess(
+            "prometheus",
+            [
+                binary,
+                f"--config.file={config}",
+                f"--storage.tsdb.path={workdir / 'data'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+                "--log.level=warn",
+            ],
+            workdir / "prometheus.log",
+        )
         prom = cls(url=f"http://127.0.0.1:{port}", process=proc, job=job)
 
         def ready() -> bool:
@@ -94,6 +108,7 @@ class Prometheus:
 
     def wait_for_target_up(self, timeout: float = 30.0) -> None:
         """Wait until every configured target has been scraped successfully."""
+
         def all_up() -> bool:
             targets = self.targets()
             return bool(targets) and all(t["health"] == "up" for t in targets)
@@ -101,4 +116,6 @@ class Prometheus:
         try:
             wait_until(all_up, timeout=timeout, what="Prometheus targets to be up", interval=0.25)
         except TimeoutError as err:
-            raise TimeoutError(f"{err}; targets: {self.targets()}\n{log_tail(self.process.log_path)}") from None
+            raise TimeoutError(
+                f"{err}; targets: {self.targets()}\n{log_tail(self.process.log_path)}"
+            ) from None

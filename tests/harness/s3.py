@@ -23,7 +23,7 @@ from typing import Any
 from harness._proc import ManagedProcess, free_port, wait_until
 
 ACCESS_KEY = "testing"
-SECRET_KEY = "testing"  # noqa: S105 - moto accepts anything; this is not a secret
+SECRET_KEY = "testing"
 REGION = "us-east-1"
 
 
@@ -47,7 +47,9 @@ class S3Server:
     @classmethod
     def start(cls, log_dir: Path, timeout: float = 30.0) -> S3Server:
         port = free_port()
-        proc = ManagedProcess("s3", [*_moto_server_argv(), "-H", "127.0.0.1", "-p", str(port)], log_dir / "s3.log")
+        proc = ManagedProcess(
+            "s3", [*_moto_server_argv(), "-H", "127.0.0.1", "-p", str(port)], log_dir / "s3.log"
+        )
         server = cls(endpoint_url=f"http://127.0.0.1:{port}", process=proc)
 
         def up() -> bool:

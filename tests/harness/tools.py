@@ -17,7 +17,14 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO_ROOT / "scripts" / "build-tools.sh"
-REQUIRED = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "helm", "kubeconform")
+REQUIRED = (
+    "etcd",
+    "kube-apiserver",
+    "kube-controller-manager",
+    "kube-scheduler",
+    "helm",
+    "kubeconform",
+)
 
 
 class ToolsMissing(RuntimeError):
@@ -45,15 +52,19 @@ def find_bin_dir(*, build: bool = True) -> Path:
     if shutil.which("bash") is None:
         raise ToolsMissing(f"missing {', '.join(missing)} and no bash to build them; {hint}")
     print(f"harness: building {', '.join(missing)} with {BUILD_SCRIPT} ...", file=sys.stderr)
-    result = subprocess.run(  # noqa: S603 - our own script
+    result = subprocess.run(
         ["bash", str(BUILD_SCRIPT)], stdout=subprocess.PIPE, stderr=None, text=True, check=False
     )
     if result.returncode != 0:
-        raise ToolsMissing(f"{BUILD_SCRIPT} failed (exit {result.returncode}); see its output; {hint}")
+        raise ToolsMissing(
+            f"{BUILD_SCRIPT} failed (exit {result.returncode}); see its output; {hint}"
+        )
     built = Path(result.stdout.strip().splitlines()[-1])
     still_missing = missing_tools(built)
     if still_missing:
-        raise ToolsMissing(f"{BUILD_SCRIPT} ran but {', '.join(still_missing)} is missing in {built}")
+        raise ToolsMissing(
+            f"{BUILD_SCRIPT} ran but {', '.join(still_missing)} is missing in {built}"
+        )
     return built
 
 

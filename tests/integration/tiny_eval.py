@@ -13,15 +13,16 @@ Everything is built from real text (tldr-pages) in a few seconds on a CPU:
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-
 from kubetune_trainer.layout import RunLayout
 from kubetune_trainer.results import PrepareResult, TrainResult
 from kubetune_trainer.schema import DatasetStats, FineTuneJob, parse_job
@@ -31,6 +32,17 @@ DATA = Path(__file__).resolve().parents[2] / "../shared/data"
 EOS = "<|endoftext|>"
 N_POSITIONS = 64
 SEED = 7
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Run torch on one thread: on a shared, busy CPU, more threads spin and run 10x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def tldr_lines(limit: int, platform: str = "common") -> list[str]:
@@ -147,11 +159,21 @@ def write_run(root: Path, n_train: int = 1500, n_test: int = 60) -> dict[str, An
     store.upload_dir(work / "tokenizer", RunLayout.TOKENIZER)
 
     train_ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in train]
-    model = fit(tiny_gpt2(len(tokenizer)), train_ids, eos)
+    with one_thread():
+        model = fit(tiny_gpt2(len(tokenizer)), train_ids, eos)
     model.save_pretrained(work / "model")
     tokenizer.save_pretrained(work / "model")
     store.upload_dir(work / "model", RunLayout.MODEL)
 
+    write_stage_results(store, n_train, n_test, sum(map(len, train_ids)), int(offsets[-1]))
+    return {"tokenizer": tokenizer, "model": model, "test": test, "test_ids": test_ids,
+            "store": store}
+
+
+def write_stage_results(
+    store: Any, n_train: int, n_test: int, train_tokens: int, test_tokens: int
+) -> None:
+    """prepare.json, train.json and a 40-step train/metrics.jsonl as the other stages write them."""
     metrics = [
         {"step": s, "epoch": s / 40, "loss": 6.0 * math.exp(-s / 15) + 2.0, "lr": 3e-3,
          "tokens_per_second": 5000.0, "elapsed": s * 0.1}
@@ -159,17 +181,18 @@ def write_run(root: Path, n_train: int = 1500, n_test: int = 60) -> dict[str, An
     ]
     store.write_text(RunLayout.TRAIN_METRICS, "".join(json.dumps(m) + "\n" for m in metrics))
     stats = DatasetStats(
-        documents=10, lines=n_train + n_test, kept_lines=n_train + n_test, train_lines=n_train,
-        test_lines=n_test, train_tokens=sum(map(len, train_ids)), test_tokens=int(offsets[-1]),
+        documents=10, lines=n_train + n_test + 7, kept_lines=n_train + n_test, dropped_short=4,
+        duplicates_removed=3, train_lines=n_train, test_lines=n_test, train_tokens=train_tokens,
+        test_tokens=test_tokens,
     )
     store.write_text(RunLayout.PREPARE_RESULT, PrepareResult(
-        stats=stats, train_sha256="0" * 64, test_sha256="1" * 64, tokenizer="trained byte-level BPE",
+        stats=stats, train_sha256="0" * 64, test_sha256="1" * 64,
+        tokenizer="trained byte-level BPE",
         dataset_uri=store.uri(RunLayout.DATASET), seconds=1.5,
     ).to_json())
     store.write_text(RunLayout.TRAIN_RESULT, TrainResult(
         steps=40, total_steps=40, epochs=1.0, final_loss=metrics[-1]["loss"], train_tokens=10000,
         tokens_per_second=5000.0, model_uri=store.uri(RunLayout.MODEL), seconds=4.0,
-        config={"learningRate": 3e-3, "batchSize": 16, "maxSeqLength": N_POSITIONS},
+        config={"learningRate": 3e-3, "batchSize": 16, "maxSeqLength": N_POSITIONS,
+                "lora": {"r": 8, "alpha": 16}},
     ).to_json())
-    return {"tokenizer": tokenizer, "model": model, "test": test, "test_ids": test_ids,
-            "store": store}

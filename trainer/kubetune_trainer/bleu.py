@@ -25,9 +25,10 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch is imported where it is used: remote.py needs none of it
+    import torch
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,8 @@ def corpus_bleu(hypotheses: Sequence[str], references: Sequence[str]) -> tuple[f
 
 def stop_token_mask(tokenizer: Any, vocab_size: int) -> torch.Tensor:
     """Boolean [vocab_size]: True for tokens whose text contains a newline."""
+    import torch
+
     size = min(vocab_size, len(tokenizer))
     texts = tokenizer.batch_decode([[i] for i in range(size)])
     mask = torch.zeros(vocab_size, dtype=torch.bool)
@@ -80,7 +83,7 @@ def stop_token_mask(tokenizer: Any, vocab_size: int) -> torch.Tensor:
 
 
 def context_token_id(tokenizer: Any) -> int | None:
-    """The token every scored or generated text starts from: bos if the tokenizer has one, else eos."""
+    """The token every scored or generated text starts from: bos if there is one, else eos."""
     for name in ("bos_token_id", "eos_token_id"):
         value = getattr(tokenizer, name, None)
         if isinstance(value, int):
@@ -92,7 +95,6 @@ def _cut(text: str) -> str:
     return text.split("\n", 1)[0].strip()
 
 
-@torch.no_grad()
 def generate_continuations(
     model: Any,
     tokenizer: Any,
@@ -107,6 +109,7 @@ def generate_continuations(
 
     Prompts longer than ``max_length - max_new_tokens`` tokens keep their last tokens.
     """
+    import torch
     from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
     device = next(model.parameters()).device
@@ -116,7 +119,9 @@ def generate_continuations(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     if pad is None:
         pad = 0
-    newline = stop_token_mask(tokenizer, vocab_size).to(device)
+    newline_mask = stop_token_mask(tokenizer, vocab_size)
+    newline = newline_mask.to(device)
+    is_newline = newline_mask.tolist()  # host copy: no device sync per token below
 
     class _StopAtNewline(StoppingCriteria):
         def __call__(
@@ -172,7 +177,7 @@ def generate_continuations(
                 if eos is not None and eos in ids:
                     ids = ids[: ids.index(eos)]
                 # Count the tokens up to the stop (the rest of the row is padding).
-                stop = next((k + 1 for k, t in enumerate(ids) if bool(newline[t])), len(ids))
+                stop = next((k + 1 for k, t in enumerate(ids) if is_newline[t]), len(ids))
                 generated += stop
                 outputs[i] = _cut(tokenizer.decode(ids[:stop], skip_special_tokens=True))
     finally:

@@ -273,7 +273,13 @@ def render_crd_yaml() -> str:
 def render_chart_crd_yaml() -> str:
     crd = build_crd()
     crd["metadata"]["annotations"] = {"helm.sh/resource-policy": "keep"}
-    return HEADER + yaml.safe_dump(crd, sort_keys=False, width=100)
+    body = yaml.safe_dump(crd, sort_keys=False, width=100)
+    if "{{" in body:  # Helm would read it as a template action
+        raise ValueError("the CRD contains '{{'; escape it before it reaches the Helm chart")
+    # `crds.install: false` in the chart leaves the CRD to its owner (kubectl apply -f crds/).
+    # The guard sits in YAML comments, so the file still parses as plain YAML.
+    guard = "# Rendered unless the chart's crds.install is false: {{- if .Values.crds.install }}\n"
+    return HEADER + guard + body + "# {{- end }}\n"
 
 
 def outputs() -> dict[Path, str]:

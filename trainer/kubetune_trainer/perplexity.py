@@ -133,7 +133,9 @@ def _batch_nll(
         labels[row, n - window.targets : n] = ids[n - window.targets :]
     input_ids, attention, labels = (t.to(device) for t in (input_ids, attention, labels))
     with torch.autocast(
-        device_type=device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
+        device_type=device.type,
+        dtype=autocast_dtype or torch.float32,
+        enabled=autocast_dtype is not None,
     ):
         logits = model(input_ids=input_ids, attention_mask=attention).logits
     # Position t predicts token t+1; keep only target positions before the softmax.
@@ -162,7 +164,9 @@ def score_sequences(
     time (at most 1024 rows). ``autocast_dtype`` (e.g. ``torch.bfloat16`` on a
     GPU) runs the forward pass in mixed precision; the NLL is summed in float64.
     """
-    windows = [w for ids in sequences for w in rolling_windows(ids, context_token, max_length, stride)]
+    windows = [
+        w for ids in sequences for w in rolling_windows(ids, context_token, max_length, stride)
+    ]
     device = _model_device(model)
     vocab = int(getattr(getattr(model, "config", None), "vocab_size", 0) or 50_000)
     budget = LOGITS_BUDGET.get(device.type, LOGITS_BUDGET["cpu"]) // vocab

@@ -149,6 +149,7 @@ class Source:
     documents: int = 0
     lines_read: int = 0
     skipped_files: list[str] = field(default_factory=list)
+    _keys: list[str] | None = field(default=None, repr=False)
 
     # ----------------------------------------------------------------- iteration
 
@@ -174,7 +175,7 @@ class Source:
         if self.storage is None:
             yield from self._hf_documents()
             return
-        keys = self._keys()
+        keys = self.keys()
         single = keys == [""]
         declared = DatasetFormat(self.spec.format)
         readable: list[tuple[str, DatasetFormat]] = []
@@ -209,8 +210,14 @@ class Source:
                 else:
                     yield from self._parquet_documents(path, name, doc_base)
 
-    def _keys(self) -> list[str]:
+    def keys(self) -> list[str]:
+        """The files of the source (keys relative to it; ``[""]`` for a single file), sorted.
+
+        Raises StageError for an empty or unreadable source.
+        """
         assert self.storage is not None
+        if self._keys is not None:
+            return self._keys
         try:
             keys = self.storage.list("")
         except StorageError as exc:
@@ -220,7 +227,8 @@ class Source:
                 f"dataset.source {self.uri}: empty source, no files found there; check the path "
                 "or prefix (a prefix should end with /) and that the files were uploaded"
             )
-        return sorted(keys)
+        self._keys = sorted(keys)
+        return self._keys
 
     @contextmanager
     def _local_copy(self, key: str) -> Iterator[Path]:

@@ -1,0 +1,5 @@
+"""``python -m kubetune_operator``: the same as ``kubetune operator``."""
+
+from kubetune_operator.main import main
+
+main()

@@ -1,0 +1,144 @@
+"""A small synchronous Kubernetes REST client that speaks plain dicts.
+
+    kube = Kube.from_environment()       # in-cluster service account, else $KUBECONFIG
+    job = kube.get(job_path("ns", "name"))              # None when 404
+    kube.create(jobs_path("ns"), body)                  # raises Conflict on 409
+    kube.merge_patch(ftj_path("ns", "x") + "/status", {"phase": "Training"})
+
+Built on the official client's configuration loading (kubeconfig, in-cluster token,
+TLS), without its generated model classes: the operator builds children as dicts
+(see :mod:`kubetune_operator.builders`) and reads them as dicts.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+from urllib.parse import quote, urlencode
+
+from kubetune_trainer.schema import GROUP, PLURAL, VERSION
+
+Obj = dict[str, Any]
+METADATA_ONLY = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"
+
+
+class ApiError(RuntimeError):
+    """The API server answered with an error status."""
+
+    def __init__(self, status: int, body: Obj | None, method: str, path: str) -> None:
+        self.status = status
+        self.body = body or {}
+        self.reason = str(self.body.get("reason") or "")
+        message = str(self.body.get("message") or f"HTTP {status}")
+        super().__init__(f"{method} {path}: {status} {self.reason}: {message}")
+
+
+class Conflict(ApiError):
+    """409: already exists, or a stale resourceVersion."""
+
+
+def ftj_path(namespace: str, name: str = "") -> str:
+    base = f"/apis/{GROUP}/{VERSION}/namespaces/{quote(namespace)}/{PLURAL}"
+    return f"{base}/{quote(name)}" if name else base
+
+
+def jobs_path(namespace: str, name: str = "") -> str:
+    base = f"/apis/batch/v1/namespaces/{quote(namespace)}/jobs"
+    return f"{base}/{quote(name)}" if name else base
+
+
+def core_path(namespace: str, plural: str, name: str = "") -> str:
+    base = f"/api/v1/namespaces/{quote(namespace)}/{plural}"
+    return f"{base}/{quote(name)}" if name else base
+
+
+def path_for(obj: Obj) -> str:
+    """Collection path of a built object (Job, ConfigMap, Service)."""
+    kind, namespace = obj["kind"], obj["metadata"]["namespace"]
+    if kind == "Job":
+        return jobs_path(namespace)
+    plurals = {"ConfigMap": "configmaps", "Service": "services", "Event": "events"}
+    return core_path(namespace, plurals[kind])
+
+
+class Kube:
+    """Requests against one API server with one identity."""
+
+    def __init__(self, api_client: Any) -> None:
+        self.api = api_client
+
+    @classmethod
+    def from_environment(cls) -> Kube:
+        from kubernetes import client, config
+
+        configuration = client.Configuration()
+        try:
+            config.load_incluster_config(client_configuration=configuration)
+        except config.ConfigException:
+            config.load_kube_config(client_configuration=configuration)
+        return cls(client.ApiClient(configuration))
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Any = None,
+        query: dict[str, str] | None = None,
+        content_type: str = "application/json",
+        accept: str = "application/json",
+        timeout: float = 30.0,
+    ) -> Obj | None:
+        """The decoded JSON answer; None for 404 on GET; raises :class:`ApiError` otherwise."""
+        headers = {"Accept": accept}
+        if body is not None:
+            headers["Content-Type"] = content_type
+        url_path = path + (f"?{urlencode(query)}" if query else "")
+        m, url, hdrs, data, _ = self.api.param_serialize(
+            method=method,
+            resource_path=url_path,
+            header_params=headers,
+            body=body,
+            auth_settings=["BearerToken"],
+        )
+        resp = self.api.call_api(m, url, header_params=hdrs, body=data, _request_timeout=timeout)
+        raw = resp.read()
+        try:
+            decoded = json.loads(raw) if raw else None
+        except ValueError:
+            decoded = {"message": raw[:500].decode(errors="replace")}
+        if resp.status == 404 and method == "GET":
+            return None
+        if resp.status >= 400:
+            err = Conflict if resp.status == 409 else ApiError
+            raise err(resp.status, decoded if isinstance(decoded, dict) else None, method, path)
+        return decoded if isinstance(decoded, dict) else None
+
+    def get(self, path: str) -> Obj | None:
+        return self.request("GET", path)
+
+    def get_metadata(self, path: str) -> Obj | None:
+        """Only the object's metadata: used for Secrets, so their values never reach us."""
+        return self.request("GET", path, accept=METADATA_ONLY)
+
+    def list(self, path: str, label_selector: str = "") -> list[Obj]:
+        query = {"labelSelector": label_selector} if label_selector else None
+        answer = self.request("GET", path, query=query) or {}
+        return list(answer.get("items") or [])
+
+    def create(self, path: str, body: Obj) -> Obj:
+        return self.request("POST", path, body=body) or {}
+
+    def merge_patch(self, path: str, patch: Obj) -> Obj:
+        return (
+            self.request("PATCH", path, body=patch, content_type="application/merge-patch+json")
+            or {}
+        )
+
+    def delete(self, path: str, propagation: str = "Background") -> None:
+        body = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": propagation}
+        try:
+            self.request("DELETE", path, body=body)
+        except ApiError as exc:
+            if exc.status != 404:
+                raise

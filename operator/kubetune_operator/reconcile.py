@@ -1,0 +1,602 @@
+"""The reconciler: look at the cluster, take the next step for one FineTuneJob, write its status.
+
+Level-triggered and idempotent: every call derives the run from what exists (the run's
+ConfigMap, its stage Jobs and their pods, result files in storage) and the status is only
+a cache of that, so an operator killed at any moment continues the same run after a
+restart, never creates a second Job for a stage and never loses a result::
+
+    reconciler = Reconciler(Kube.from_environment(), OperatorConfig.from_env())
+    requeue_after = reconciler.reconcile("default", "tldr-gpt2")   # seconds, or None
+
+Runs. Run ``g<N>`` starts when the spec (without ``suspend`` and
+``ttlSecondsAfterFinished``) differs from the current run's; it writes under
+``<spec.storage.output>/runs/g<N>/``. Children of other runs are deleted; their
+results move into ``status.history``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from kubetune_trainer.layout import RunLayout
+from kubetune_trainer.results import EvaluateResult, PrepareResult, TrainResult
+from kubetune_trainer.schema import (
+    API_VERSION,
+    KIND,
+    FineTuneJob,
+    ManifestError,
+    Phase,
+    Progress,
+    Reason,
+    parse_job,
+)
+
+from kubetune_operator import builders
+from kubetune_operator.builders import (
+    ANNOTATION_FAILED_MESSAGE,
+    ANNOTATION_FAILED_REASON,
+    ANNOTATION_GENERATION,
+    ANNOTATION_OUTPUT,
+    ANNOTATION_SPEC_HASH,
+    LABEL_JOB,
+    LABEL_RUN,
+    LABEL_STAGE,
+    STAGES,
+    RunRef,
+)
+from kubetune_operator.config import OperatorConfig
+from kubetune_operator.kube import (
+    ApiError,
+    Conflict,
+    Kube,
+    Obj,
+    core_path,
+    ftj_path,
+    jobs_path,
+    path_for,
+)
+from kubetune_operator.observe import FAILED, SUCCEEDED, SUSPENDED, StageObservation, observe_stage
+from kubetune_operator.status import Event, RunView, compute_status, status_patch
+
+log = logging.getLogger("kubetune.operator")
+
+RESULT_MODELS: dict[str, type[PrepareResult | TrainResult | EvaluateResult]] = {
+    "prepare": PrepareResult,
+    "train": TrainResult,
+    "evaluate": EvaluateResult,
+}
+STORAGE_BACKOFF = 60.0  # seconds without storage reads after a failed one
+RETRY_SOON = 2.0  # seconds: waiting for a deleted child to disappear
+
+
+class WaitError(RuntimeError):
+    """Not an error of ours: something in the cluster must happen first; retry after ``delay``."""
+
+    def __init__(self, message: str, delay: float = RETRY_SOON) -> None:
+        super().__init__(message)
+        self.delay = delay
+
+
+def utcnow() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _owned_by(obj: Obj, uid: str) -> bool:
+    return any(ref.get("uid") == uid for ref in obj["metadata"].get("ownerReferences") or [])
+
+
+@dataclass
+class _Children:
+    jobs: list[Obj] = field(default_factory=list)
+    config_maps: list[Obj] = field(default_factory=list)
+    services: list[Obj] = field(default_factory=list)
+
+    def all(self) -> list[Obj]:
+        return [*self.jobs, *self.config_maps, *self.services]
+
+
+class ResultReader:
+    """Reads stage results and training progress from a run's storage, when it can.
+
+    The operator's own environment gives it storage access (AWS_* variables); without it
+    the termination messages are enough. Reads are short-timeout, few-retry, and after a
+    failure the reader leaves that FineTuneJob's storage alone for a minute.
+    """
+
+    def __init__(self) -> None:
+        self._failed_at: dict[str, float] = {}
+        self._clients: dict[tuple[str | None, str | None], Any] = {}
+
+    def _storage(self, job: FineTuneJob, output: str) -> Any:
+        from kubetune_trainer.storage import S3Storage, open_storage
+
+        spec = job.spec.storage
+        if not output.startswith("s3://"):
+            return open_storage(output)
+        key = (spec.endpoint, spec.region)
+        if key not in self._clients:
+            import boto3
+            from botocore.config import Config
+
+            self._clients[key] = boto3.client(
+                "s3",
+                endpoint_url=spec.endpoint or os.environ.get("AWS_ENDPOINT_URL"),
+                region_name=spec.region or os.environ.get("AWS_REGION") or "us-east-1",
+                config=Config(
+                    retries={"max_attempts": 2, "mode": "standard"},
+                    s3={"addressing_style": "path"},
+                    connect_timeout=3,
+                    read_timeout=10,
+                ),
+            )
+        return S3Storage(
+            output, endpoint=spec.endpoint, region=spec.region, client=self._clients[key]
+        )
+
+    def read_json(self, job: FineTuneJob, output: str, key: str) -> dict[str, Any] | None:
+        who = f"{job.metadata.namespace}/{job.metadata.name}"
+        if time.monotonic() - self._failed_at.get(who, -1e9) < STORAGE_BACKOFF:
+            return None
+        try:
+            store = self._storage(job, output)
+            if not store.exists(key):
+                return None
+            data = json.loads(store.read_bytes(key))
+        except Exception as exc:  # storage is optional for the operator: note it and go on
+            self._failed_at[who] = time.monotonic()
+            log.info(
+                "%s: cannot read %s/%s (%s); relying on termination messages",
+                who,
+                output,
+                key,
+                type(exc).__name__,
+            )
+            return None
+        return data if isinstance(data, dict) else None
+
+
+def parse_result(stage: str, data: dict[str, Any] | None) -> Any:
+    if not data or "error" in data:
+        return None
+    try:
+        return RESULT_MODELS[stage].model_validate(data)
+    except ValueError:
+        return None
+
+
+def parse_progress(data: dict[str, Any] | None) -> Progress | None:
+    """Progress from the trainer's progress.json; unknown fields are ignored."""
+    if not data:
+        return None
+    known = {f.alias or n for n, f in Progress.model_fields.items()} | set(Progress.model_fields)
+    try:
+        progress = Progress.model_validate({k: v for k, v in data.items() if k in known})
+    except ValueError:
+        return None
+    if progress.total_steps > 0 and not progress.percent:
+        progress.percent = min(100, int(100 * progress.step / progress.total_steps))
+    return progress
+
+
+class Reconciler:
+    """Reconciles FineTuneJobs one at a time (the work queue guarantees one worker per job)."""
+
+    def __init__(
+        self,
+        kube: Kube,
+        cfg: OperatorConfig,
+        metrics: Any = None,
+        reader: ResultReader | None = None,
+    ) -> None:
+        self.kube = kube
+        self.cfg = cfg
+        self.metrics = metrics
+        self.reader = reader or ResultReader()
+        self._results: dict[tuple[str, str, str, str], Any] = {}
+        self._progress_at: dict[tuple[str, str, str], float] = {}
+        self._instance = socket.gethostname()
+
+    # ------------------------------------------------------------------ entry point
+
+    def reconcile(self, namespace: str, name: str) -> float | None:
+        """One pass; returns seconds until the next pass is needed (None: wait for events)."""
+        body = self.kube.get(ftj_path(namespace, name))
+        if body is None:
+            self.forget(namespace, name)
+            return None
+        if body["metadata"].get("deletionTimestamp"):
+            return None  # garbage collection removes the children (ownerReferences)
+        old_status = body.get("status") or {}
+        try:
+            job = parse_job(
+                {
+                    "apiVersion": API_VERSION,
+                    "kind": KIND,
+                    "metadata": body["metadata"],
+                    "spec": body.get("spec") or {},
+                },
+                f"FineTuneJob {namespace}/{name}",
+            )
+        except ManifestError as exc:
+            self._write_invalid(body, "; ".join(exc.problems))
+            return None
+        try:
+            return self._reconcile(job, body, old_status)
+        except WaitError as exc:
+            log.info("%s/%s: %s", namespace, name, exc)
+            return exc.delay
+
+    def forget(self, namespace: str, name: str) -> None:
+        for key in [k for k in self._results if k[:2] == (namespace, name)]:
+            del self._results[key]
+        for pkey in [k for k in self._progress_at if k[:2] == (namespace, name)]:
+            del self._progress_at[pkey]
+        if self.metrics is not None:
+            self.metrics.forget(namespace, name)
+
+    # ------------------------------------------------------------------ the pass
+
+    def _reconcile(self, job: FineTuneJob, body: Obj, old_status: dict[str, Any]) -> float | None:
+        ns, name, uid = (
+            job.metadata.namespace or "default",
+            job.metadata.name,
+            body["metadata"]["uid"],
+        )
+        generation = int(body["metadata"].get("generation") or 1)
+        children = self._children(ns, name, uid)
+        run = self._current_run(job, generation, children)
+        self._delete_other_runs(children, run)
+        current = [c for c in children.all() if c["metadata"]["labels"].get(LABEL_RUN) == run.id]
+        jobs = {
+            c["metadata"]["labels"].get(LABEL_STAGE): c
+            for c in current
+            if c["kind"] == "Job" and not c["metadata"].get("deletionTimestamp")
+        }
+        pods = self.kube.list(core_path(ns, "pods"), f"{LABEL_JOB}={name},{LABEL_RUN}={run.id}")
+        now = time.time()
+        view = RunView(run=run, generation=generation, suspended=job.spec.suspend)
+        cached = old_status if old_status.get("run") == run.id else {}
+        requeue: float | None = None
+        posted: list[Event] = []
+
+        for stage in STAGES:
+            view.job_names[stage] = builders.job_name(name, run.id, stage)
+            child = jobs.get(stage)
+            stage_pods = [p for p in pods if p["metadata"]["labels"].get(LABEL_STAGE) == stage]
+            obs = observe_stage(
+                child, stage_pods, now=now, unschedulable_timeout=self.cfg.unschedulable_timeout
+            )
+            if child is None:
+                obs = self._finished_without_job(job, run, stage, cached) or obs
+            if obs.state == SUCCEEDED:
+                self._record_result(job, run, stage, obs, view)
+                view.stages[stage] = obs
+                continue
+            if obs.state == FAILED:
+                if obs.terminal_by_operator and child is not None:
+                    self._give_up(child, obs)
+                view.stages[stage] = obs
+                break
+            if job.spec.suspend:
+                if child is not None and not child["spec"].get("suspend"):
+                    self._patch_job(child, {"spec": {"suspend": True}})
+                view.stages[stage] = StageObservation(
+                    state=SUSPENDED, reason=Reason.SUSPENDED.value, start_time=obs.start_time
+                )
+                requeue = self.cfg.resync_interval
+                break
+            if child is None:
+                invalid = self._check_spec(job)
+                if invalid is not None:
+                    view.invalid = invalid
+                    requeue = self.cfg.resync_interval  # the user may create the Secret
+                    break
+                self._create_stage(job, run, stage)
+                posted.append(
+                    Event(
+                        "Normal",
+                        Reason.CREATED.value,
+                        f"created Job {view.job_names[stage]} ({stage})",
+                    )
+                )
+                obs = StageObservation(
+                    state="Pending",
+                    reason=Reason.STAGE_PENDING.value,
+                    message="Job created",
+                    start_time=utcnow(),
+                )
+            elif child["spec"].get("suspend"):
+                self._patch_job(child, {"spec": {"suspend": False}})  # unsuspended
+            if stage == "train":
+                view.progress = self._progress(job, run, cached)
+            view.stages[stage] = obs
+            requeue = self.cfg.progress_interval if stage == "train" else self.cfg.resync_interval
+            if obs.state == "Pending":
+                requeue = min(requeue, max(1.0, self.cfg.unschedulable_timeout / 4))
+            break
+
+        new_status, events = compute_status(old_status, view, utcnow())
+        patch = status_patch(old_status, new_status)
+        if patch is not None:
+            self.kube.merge_patch(ftj_path(ns, name) + "/status", patch)
+            log.info("%s/%s: %s %s", ns, name, new_status["phase"], new_status.get("message", ""))
+        for event in [*posted, *events]:
+            self._post_event(body, event)
+        if self.metrics is not None:
+            self.metrics.observe(ns, name, old_status, new_status)
+        return requeue
+
+    # ------------------------------------------------------------------ runs and children
+
+    def _children(self, ns: str, name: str, uid: str) -> _Children:
+        selector = f"{LABEL_JOB}={name}"
+        return _Children(
+            jobs=[j for j in self.kube.list(jobs_path(ns), selector) if _owned_by(j, uid)],
+            config_maps=[
+                c
+                for c in self.kube.list(core_path(ns, "configmaps"), selector)
+                if _owned_by(c, uid)
+            ],
+            services=[
+                s for s in self.kube.list(core_path(ns, "services"), selector) if _owned_by(s, uid)
+            ],
+        )
+
+    def _current_run(self, job: FineTuneJob, generation: int, children: _Children) -> RunRef:
+        """The run whose ConfigMap is newest, if its spec hash is the spec's; else a new run."""
+        want = builders.spec_hash(job)
+        best: tuple[int, Obj] | None = None
+        for cm in children.config_maps:
+            if cm["metadata"].get("deletionTimestamp"):
+                continue
+            try:
+                gen = int((cm["metadata"].get("annotations") or {}).get(ANNOTATION_GENERATION, ""))
+            except ValueError:
+                continue
+            if best is None or gen > best[0]:
+                best = (gen, cm)
+        if best is not None:
+            gen, cm = best
+            annotations = cm["metadata"].get("annotations") or {}
+            if annotations.get(ANNOTATION_SPEC_HASH) == want:
+                return RunRef(
+                    id=cm["metadata"]["labels"][LABEL_RUN],
+                    generation=gen,
+                    output=annotations.get(ANNOTATION_OUTPUT)
+                    or builders.run_output(job.spec.storage.output, f"g{gen}"),
+                    spec_hash=want,
+                )
+        return RunRef.for_generation(job, generation)
+
+    def _delete_other_runs(self, children: _Children, run: RunRef) -> None:
+        for child in children.all():
+            meta = child["metadata"]
+            if meta["labels"].get(LABEL_RUN) != run.id and not meta.get("deletionTimestamp"):
+                log.info(
+                    "deleting %s %s/%s of an earlier run",
+                    child["kind"],
+                    meta["namespace"],
+                    meta["name"],
+                )
+                self.kube.delete(f"{path_for(child)}/{meta['name']}")
+
+    def _ensure(self, obj: Obj) -> Obj:
+        """Create ``obj``; if it exists, check it is ours and of the same run (never a twin)."""
+        try:
+            return self.kube.create(path_for(obj), obj)
+        except Conflict:
+            meta = obj["metadata"]
+            existing = self.kube.get(f"{path_for(obj)}/{meta['name']}")
+            if existing is None:
+                raise WaitError(f"{obj['kind']} {meta['name']} is being replaced") from None
+            emeta = existing["metadata"]
+            if emeta.get("deletionTimestamp"):
+                raise WaitError(
+                    f"{obj['kind']} {meta['name']} of an earlier run is being deleted"
+                ) from None
+            same_owner = _owned_by(existing, meta["ownerReferences"][0]["uid"])
+            same_run = (emeta.get("labels") or {}).get(LABEL_RUN) == meta["labels"][LABEL_RUN]
+            same_spec = (emeta.get("annotations") or {}).get(ANNOTATION_SPEC_HASH) == meta[
+                "annotations"
+            ][ANNOTATION_SPEC_HASH]
+            if same_owner and same_run and same_spec:
+                return existing
+            if same_owner:
+                # Same name, other spec: the run id was reused (ConfigMap deleted by hand).
+                self.kube.delete(f"{path_for(obj)}/{meta['name']}")
+                raise WaitError(f"replacing {obj['kind']} {meta['name']} of another spec") from None
+            raise RuntimeError(
+                f"{obj['kind']} {meta['namespace']}/{meta['name']} exists and is not owned by this "
+                "FineTuneJob; delete or rename it"
+            ) from None
+
+    def _create_stage(self, job: FineTuneJob, run: RunRef, stage: str) -> None:
+        self._ensure(builders.build_job_config_map(job, run))
+        if stage == "train" and builders.needs_service(job):
+            self._ensure(builders.build_train_service(job, run))
+        self._ensure(builders.build_stage_job(job, run, stage, self.cfg))
+        log.info(
+            "%s/%s: created Job %s",
+            job.metadata.namespace,
+            job.metadata.name,
+            builders.job_name(job.metadata.name, run.id, stage),
+        )
+
+    def _patch_job(self, child: Obj, patch: Obj) -> None:
+        meta = child["metadata"]
+        self.kube.merge_patch(jobs_path(meta["namespace"], meta["name"]), patch)
+
+    def _give_up(self, child: Obj, obs: StageObservation) -> None:
+        """Record on the Job why the operator stopped it, then suspend it (its pods go away)."""
+        if (child["metadata"].get("annotations") or {}).get(ANNOTATION_FAILED_REASON):
+            return
+        self._patch_job(
+            child,
+            {
+                "metadata": {
+                    "annotations": {
+                        ANNOTATION_FAILED_REASON: obs.reason,
+                        ANNOTATION_FAILED_MESSAGE: obs.message[:1000],
+                    }
+                },
+                "spec": {"suspend": True},
+            },
+        )
+
+    def _check_spec(self, job: FineTuneJob) -> tuple[str, str] | None:
+        """Problems the CRD cannot see; checked before creating a stage Job."""
+        secret = job.spec.storage.credentials_secret
+        ns = job.metadata.namespace or "default"
+        if secret:
+            try:
+                found = self.kube.get_metadata(core_path(ns, "secrets", secret))
+            except ApiError as exc:
+                if exc.status == 403:
+                    return None  # not allowed to look: let the pod tell us
+                raise
+            if found is None:
+                return Reason.INVALID_SPEC.value, (
+                    f"Secret {ns}/{secret} named by spec.storage.credentialsSecret does not exist; "
+                    "create it with the keys AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+                )
+        return None
+
+    # ------------------------------------------------------------------ results
+
+    def _finished_without_job(
+        self, job: FineTuneJob, run: RunRef, stage: str, cached: dict[str, Any]
+    ) -> StageObservation | None:
+        """A stage whose Job is gone (ttlSecondsAfterFinished): the status or storage knows."""
+        entry = (cached.get("stages") or {}).get(stage) or {}
+        if entry.get("state") in (SUCCEEDED, FAILED):
+            cond = {"prepare": "DatasetReady", "train": "Trained", "evaluate": "Evaluated"}[stage]
+            reason = next(
+                (
+                    c.get("reason", "")
+                    for c in cached.get("conditions") or []
+                    if c.get("type") == cond
+                ),
+                "",
+            )
+            return StageObservation(
+                state=entry["state"],
+                reason=reason,
+                message=entry.get("message", ""),
+                start_time=entry.get("startTime"),
+                completion_time=entry.get("completionTime"),
+            )
+        data = self.reader.read_json(job, run.output, RunLayout.RESULT_KEYS[stage])
+        result = parse_result(stage, data)
+        if result is None:
+            return None
+        key = (job.metadata.namespace or "", job.metadata.name, run.id, stage)
+        self._results[key] = result
+        return StageObservation(
+            state=SUCCEEDED, reason=Reason.STAGE_SUCCEEDED.value, message="result found in storage"
+        )
+
+    def _record_result(
+        self, job: FineTuneJob, run: RunRef, stage: str, obs: StageObservation, view: RunView
+    ) -> None:
+        key = (job.metadata.namespace or "", job.metadata.name, run.id, stage)
+        result = self._results.get(key)
+        if result is None:
+            result = parse_result(stage, obs.result)
+            if result is None or (stage == "train" and not obs.result):
+                full = parse_result(
+                    stage, self.reader.read_json(job, run.output, RunLayout.RESULT_KEYS[stage])
+                )
+                result = full or result
+            if result is not None:
+                self._results[key] = result
+        if result is None:
+            return
+        if stage == "prepare":
+            view.prepare = result
+        elif stage == "train":
+            view.train = result
+        else:
+            view.evaluate = result
+
+    def _progress(self, job: FineTuneJob, run: RunRef, cached: dict[str, Any]) -> Progress | None:
+        key = (job.metadata.namespace or "", job.metadata.name, run.id)
+        last = self._progress_at.get(key)
+        if last is not None and time.monotonic() - last < self.cfg.progress_interval:
+            return None  # keep the status' progress; bounded read rate
+        self._progress_at[key] = time.monotonic()
+        return parse_progress(self.reader.read_json(job, run.output, RunLayout.PROGRESS))
+
+    # ------------------------------------------------------------------ status and events
+
+    def _write_invalid(self, body: Obj, problems: str) -> None:
+        meta = body["metadata"]
+        status = body.get("status") or {}
+        if status.get("phase") == Phase.FAILED.value and status.get(
+            "observedGeneration"
+        ) == meta.get("generation"):
+            return
+        now = utcnow()
+        message = f"the spec cannot be used: {problems}"
+        cond = [
+            {
+                "type": t,
+                "status": s,
+                "reason": Reason.INVALID_SPEC.value,
+                "message": message,
+                "lastTransitionTime": now,
+                "observedGeneration": meta.get("generation"),
+            }
+            for t, s in (("Ready", "False"), ("Reconciling", "False"), ("Stalled", "True"))
+        ]
+        self.kube.merge_patch(
+            ftj_path(meta["namespace"], meta["name"]) + "/status",
+            {
+                "phase": Phase.FAILED.value,
+                "observedGeneration": meta.get("generation"),
+                "conditions": cond,
+                "message": message,
+            },
+        )
+        self._post_event(body, Event("Warning", Reason.INVALID_SPEC.value, message))
+
+    def _post_event(self, body: Obj, event: Event) -> None:
+        meta = body["metadata"]
+        now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        obj = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+            "involvedObject": {
+                "apiVersion": API_VERSION,
+                "kind": KIND,
+                "name": meta["name"],
+                "namespace": meta["namespace"],
+                "uid": meta["uid"],
+            },
+            "type": event.type,
+            "reason": event.reason,
+            "message": event.message[:1024],
+            "source": {"component": builders.MANAGED_BY},
+            "reportingComponent": builders.MANAGED_BY,
+            "reportingInstance": self._instance,
+            "firstTimestamp": now[:19] + "Z",
+            "lastTimestamp": now[:19] + "Z",
+            "count": 1,
+        }
+        try:
+            self.kube.create(core_path(meta["namespace"], "events"), obj)
+        except ApiError as exc:  # an Event is best effort; the status has the same facts
+            log.warning(
+                "cannot post Event %s for %s/%s: %s",
+                event.reason,
+                meta["namespace"],
+                meta["name"],
+                exc,
+            )

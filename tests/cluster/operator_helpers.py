@@ -1,0 +1,257 @@
+"""Helpers for tests/cluster/test_operator.py: run the operator, upload data, poll FineTuneJobs.
+
+op = OperatorProcess.start(cluster, namespace, s3, log_dir)   # `python -m kubetune_operator`
+op.kill()                                                     # SIGKILL, as a crash would
+ftj = get_ftj(cluster, namespace, "tldr-tiny")
+wait_for(lambda: phase(...) == "Succeeded", 300, "run to succeed", dump=...)
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+TINY_EXAMPLE = REPO / "examples" / "cluster" / "tldr-tiny.yaml"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class OperatorProcess:
+    """The operator as a child process (``python -m kubetune_operator``) watching one namespace."""
+
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    env: dict[str, str]
+    metrics_port: int
+    health_port: int
+
+    @classmethod
+    def start(
+        cls,
+        kubeconfig: Path,
+        namespace: str,
+        s3_env: dict[str, str],
+        log_path: Path,
+        **extra_env: str,
+    ) -> OperatorProcess:
+        metrics_port, health_port = free_port(), free_port()
+        env = {
+            **os.environ,
+            **s3_env,  # the operator's own storage access (to read results and progress)
+            "KUBECONFIG": str(kubeconfig),
+            "KUBETUNE_NAMESPACE": namespace,
+            "KUBETUNE_PROGRESS_INTERVAL": "2",
+            "KUBETUNE_RESYNC_INTERVAL": "5",
+            "KUBETUNE_TRAINER_IMAGE": "kubetune/trainer:test",
+            "KUBETUNE_OPERATOR_METRICS_PORT": str(metrics_port),
+            "KUBETUNE_HEALTH_PORT": str(health_port),
+            "KUBETUNE_LOG_LEVEL": "DEBUG",
+            "PYTHONUNBUFFERED": "1",
+            **extra_env,
+        }
+        op = cls._spawn(env, log_path, metrics_port, health_port)
+        op.wait_healthy()
+        return op
+
+    @classmethod
+    def _spawn(
+        cls, env: dict[str, str], log_path: Path, metrics_port: int, health_port: int
+    ) -> OperatorProcess:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(log_path, "ab")  # noqa: SIM115 - the child keeps it open
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "kubetune_operator"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+            start_new_session=True,
+        )
+        log.close()
+        return cls(proc, log_path, env, metrics_port, health_port)
+
+    def restart(self) -> OperatorProcess:
+        self.stop()
+        op = self._spawn(self.env, self.log_path, self.metrics_port, self.health_port)
+        op.wait_healthy()
+        return op
+
+    def wait_healthy(self, timeout: float = 60.0) -> None:
+        url = f"http://127.0.0.1:{self.health_port}/healthz"
+
+        def healthy() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(
+                    f"operator exited ({self.proc.returncode}):\n{self.log_tail()}"
+                )
+            try:
+                with urllib.request.urlopen(url, timeout=2) as resp:
+                    return bool(resp.status == 200)
+            except OSError:
+                return False
+
+        wait_for(healthy, timeout, "operator liveness endpoint", dump=self.log_tail)
+
+    def metrics(self) -> str:
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return str(resp.read().decode())
+
+    def kill(self) -> None:
+        """SIGKILL: no cleanup, exactly like a crashed or OOM-killed operator pod."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def log_text(self) -> str:
+        return (
+            self.log_path.read_text(encoding="utf-8", errors="replace")
+            if self.log_path.exists()
+            else ""
+        )
+
+    def log_tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
+
+
+def wait_for(
+    check: Callable[[], Any],
+    timeout: float,
+    what: str,
+    dump: Callable[[], str] | None = None,
+    interval: float = 1.0,
+) -> Any:
+    """Poll ``check`` until truthy; on timeout fail with ``dump()`` for diagnosis."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            extra = f"\n{dump()}" if dump else ""
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}{extra}")
+        time.sleep(interval)
+
+
+def kubectl(
+    kubeconfig: Path,
+    *args: str,
+    stdin: str | None = None,
+    check: bool = True,
+    timeout: float = 60.0,
+) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        ["kubectl", f"--kubeconfig={kubeconfig}", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"kubectl {' '.join(args)} failed:\n{result.stderr}")
+    return result
+
+
+def apply(
+    kubeconfig: Path, namespace: str, obj: dict[str, Any], *extra: str, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    return kubectl(
+        kubeconfig,
+        "apply",
+        "-n",
+        namespace,
+        *extra,
+        "-f",
+        "-",
+        stdin=yaml.safe_dump(obj),
+        check=check,
+    )
+
+
+def get_json(kubeconfig: Path, namespace: str, *what: str) -> dict[str, Any]:
+    out = kubectl(kubeconfig, "get", "-n", namespace, *what, "-o", "json").stdout
+    return dict(json.loads(out))
+
+
+def get_ftj(kubeconfig: Path, namespace: str, name: str) -> dict[str, Any]:
+    return get_json(kubeconfig, namespace, "finetunejob", name)
+
+
+def phase(kubeconfig: Path, namespace: str, name: str) -> str:
+    return str((get_ftj(kubeconfig, namespace, name).get("status") or {}).get("phase") or "")
+
+
+def child_jobs(kubeconfig: Path, namespace: str, name: str) -> list[dict[str, Any]]:
+    items = get_json(kubeconfig, namespace, "jobs", "-l", f"kubetune.io/job={name}")["items"]
+    return list(items)
+
+
+def diagnose(kubeconfig: Path, namespace: str, name: str, op: OperatorProcess | None) -> str:
+    """Everything useful when a wait times out."""
+    parts = []
+    for args in (
+        ("get", "ftj", name, "-o", "yaml"),
+        ("get", "jobs,pods", "-o", "wide"),
+        ("get", "events", "--sort-by=.lastTimestamp"),
+    ):
+        result = kubectl(kubeconfig, "-n", namespace, *args, check=False)
+        parts.append(f"$ kubectl {' '.join(args)}\n{result.stdout}{result.stderr}")
+    for pod in get_json(kubeconfig, namespace, "pods").get("items", []):
+        pname = pod["metadata"]["name"]
+        logs = kubectl(kubeconfig, "-n", namespace, "logs", pname, "--tail=30", check=False)
+        parts.append(f"$ kubectl logs {pname}\n{logs.stdout[-3000:]}{logs.stderr[-500:]}")
+    if op is not None:
+        parts.append(f"operator log:\n{op.log_tail(80)}")
+    return "\n".join(parts)
+
+
+def tiny_job(
+    name: str, *, data_uri: str, output: str, endpoint: str, secret: str, **training: Any
+) -> dict[str, Any]:
+    """examples/cluster/tldr-tiny.yaml pointed at the test's buckets (training overrides)."""
+    job = copy.deepcopy(yaml.safe_load(TINY_EXAMPLE.read_text(encoding="utf-8")))
+    job["metadata"] = {"name": name}
+    job["spec"]["dataset"]["source"] = data_uri
+    job["spec"]["storage"].update(
+        {"output": output, "endpoint": endpoint, "credentialsSecret": secret}
+    )
+    job["spec"]["training"].update(training)
+    return job
+
+
+def upload_files(s3_client: Any, bucket: str, prefix: str, files: list[Path]) -> None:
+    for path in files:
+        s3_client.put_object(Bucket=bucket, Key=f"{prefix}/{path.name}", Body=path.read_bytes())
+
+
+def upload_text(s3_client: Any, bucket: str, key: str, text: str) -> None:
+    s3_client.put_object(Bucket=bucket, Key=key, Body=text.encode())

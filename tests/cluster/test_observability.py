@@ -1,0 +1,272 @@
+"""Dashboards and alerts against a real Prometheus that scraped a real job.
+
+A private Prometheus (harness.prometheus, Debian's package) scrapes the operator
+(``python -m kubetune_operator``) and the train pod's endpoint (127.0.0.1:9400: the process
+node runs pods on the host) while a tiny FineTuneJob runs end to end on the test cluster.
+Then every dashboard query and alert expression of the chart runs through the query API:
+each must parse, the ones about training and results must return data, and a healthy run must
+fire no failure alert. ``promtool check metrics`` lints both endpoints' real output.
+
+    pytest -m cluster tests/cluster/test_observability.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from datapaths import tldr_files
+from observability_contract import (
+    DASHBOARDS,
+    alert_rules,
+    dashboard_queries,
+    grafana_to_promql,
+    metric_names,
+)
+from operator_helpers import (
+    REPO,
+    OperatorProcess,
+    diagnose,
+    get_ftj,
+    kubectl,
+    tiny_job,
+    upload_files,
+    wait_for,
+)
+
+pytestmark = pytest.mark.cluster
+
+_VENV_BIN = str(Path(sys.executable).parent)
+if _VENV_BIN not in os.environ.get("PATH", "").split(os.pathsep):
+    os.environ["PATH"] = _VENV_BIN + os.pathsep + os.environ.get("PATH", "")
+
+TRAIN_METRICS = "127.0.0.1:9400"
+JOB = "obs-tiny"
+MAX_STEPS = 40
+RUN_TIMEOUT = 480.0
+
+# Series a healthy CPU run produces; queries reading only these must return data.
+PRODUCED = {
+    "kubetune_train_loss",
+    "kubetune_train_learning_rate",
+    "kubetune_train_tokens_per_second",
+    "kubetune_train_step",
+    "kubetune_train_total_steps",
+    "kubetune_train_epoch",
+    "kubetune_train_eta_seconds",
+    "kubetune_train_tokens_total",
+    "kubetune_train_nonfinite_loss_total",
+    "kubetune_operator_finetunejobs",
+    "kubetune_operator_stage_duration_seconds_bucket",
+    "kubetune_operator_stage_duration_seconds_sum",
+    "kubetune_operator_stage_duration_seconds_count",
+    "kubetune_operator_runs_total",
+    "kubetune_finetunejob_perplexity",
+    "kubetune_finetunejob_bleu",
+}
+
+
+class TrainScraper(threading.Thread):
+    """Keeps the last /metrics text of the train pod that had training series in it."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.text = ""
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopping.wait(0.5):
+            try:
+                with urllib.request.urlopen(f"http://{TRAIN_METRICS}/metrics", timeout=2) as resp:
+                    body = resp.read().decode()
+            except OSError:
+                continue
+            if f'finetunejob="{JOB}"' in body and "kubetune_train_step{" in body:
+                self.text = body
+
+
+def _range_query(url: str, expr: str, start: float, end: float) -> dict[str, Any]:
+    params = urllib.parse.urlencode({"query": expr, "start": start, "end": end, "step": "2"})
+    try:
+        with urllib.request.urlopen(f"{url}/api/v1/query_range?{params}", timeout=20) as resp:
+            return dict(json.load(resp))
+    except urllib.error.HTTPError as err:  # 400 carries the parse error in its body
+        return dict(json.loads(err.read().decode()))
+
+
+def _label_values(url: str, label: str, metric: str) -> list[str]:
+    params = urllib.parse.urlencode({"match[]": metric})
+    with urllib.request.urlopen(f"{url}/api/v1/label/{label}/values?{params}", timeout=10) as resp:
+        return list(json.load(resp)["data"])
+
+
+def _promtool_check_metrics(text: str) -> subprocess.CompletedProcess[str]:
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool missing: run `bash scripts/install-system-deps.sh`"
+    return subprocess.run(
+        [promtool, "check", "metrics"],
+        input=text,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=30,
+    )
+
+
+@pytest.fixture(scope="module")
+def observed_run(
+    k8s_cluster: Any,
+    s3_server: Any,
+    tmp_path_factory: pytest.TempPathFactory,
+    request: pytest.FixtureRequest,
+) -> Iterator[dict[str, Any]]:
+    """One tiny job run end to end with Prometheus scraping the operator and the trainer."""
+    kc = k8s_cluster.kubeconfig
+    k8s_cluster.kubectl(
+        "apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds/finetunejob.yaml")
+    )
+    k8s_cluster.kubectl(
+        "wait", "--for=condition=Established", "crd/finetunejobs.kubetune.io", "--timeout=60s"
+    )
+    ns = f"obs-{os.urandom(3).hex()}"
+    k8s_cluster.kubectl("create", "namespace", ns)
+    wait_for(
+        lambda: k8s_cluster.kubectl("-n", ns, "get", "sa", "default", check=False).returncode == 0,
+        30,
+        "the default service account",
+    )
+    client = s3_server.client()
+    data_bucket = s3_server.make_bucket(f"{ns}-data")
+    out_bucket = s3_server.make_bucket(f"{ns}-runs")
+    upload_files(client, data_bucket, "tldr/common", tldr_files("common")[:150])
+    kubectl(
+        kc,
+        "-n",
+        ns,
+        "create",
+        "secret",
+        "generic",
+        "kubetune-s3",
+        f"--from-literal=AWS_ACCESS_KEY_ID={s3_server.access_key}",
+        f"--from-literal=AWS_SECRET_ACCESS_KEY={s3_server.secret_key}",
+    )
+    workdir = tmp_path_factory.mktemp("observability")
+    op = OperatorProcess.start(kc, ns, s3_server.env(), workdir / "operator.log")
+    start_prometheus: Callable[[list[str]], Any] = request.getfixturevalue("prometheus_factory")
+    prom = start_prometheus([f"127.0.0.1:{op.metrics_port}", TRAIN_METRICS])
+    scraper = TrainScraper()
+    scraper.start()
+    start = time.time()
+    try:
+        job = tiny_job(
+            JOB,
+            data_uri=f"s3://{data_bucket}/tldr/common/",
+            output=f"s3://{out_bucket}/{JOB}/",
+            endpoint=s3_server.endpoint_url,
+            secret="kubetune-s3",
+            maxSteps=MAX_STEPS,
+        )
+        kubectl(kc, "apply", "-n", ns, "-f", "-", stdin=yaml.safe_dump(job))
+
+        def finished() -> str | None:
+            phase = (get_ftj(kc, ns, JOB).get("status") or {}).get("phase")
+            return phase if phase in ("Succeeded", "Failed") else None
+
+        dump = lambda: diagnose(kc, ns, JOB, op)  # noqa: E731
+        phase = wait_for(finished, RUN_TIMEOUT, f"{JOB} to finish", dump=dump, interval=2)
+        assert phase == "Succeeded", dump()
+        # The operator's result gauges reach Prometheus within a few scrapes.
+        wait_for(
+            lambda: prom.query(f'kubetune_finetunejob_bleu{{finetunejob="{JOB}"}}'),
+            60,
+            "the result gauges in Prometheus",
+            dump=dump,
+        )
+        yield {
+            "prom": prom,
+            "op": op,
+            "ns": ns,
+            "start": start,
+            "end": time.time(),
+            "train_text": scraper.text,
+            "operator_text": op.metrics(),
+        }
+    finally:
+        scraper.stopping.set()
+        op.stop()
+        k8s_cluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+
+
+def test_prometheus_scraped_the_trainer_through_the_whole_run(observed_run: dict[str, Any]) -> None:
+    prom, ns = observed_run["prom"], observed_run["ns"]
+    sel = f'{{finetunejob="{JOB}", namespace="{ns}"}}'
+    steps = prom.query(f"max_over_time(kubetune_train_step{sel}[30m])")
+    total = prom.query(f"max_over_time(kubetune_train_total_steps{sel}[30m])")
+    assert steps and total, "the train pod's metrics were never scraped"
+    assert float(total[0]["value"][1]) == MAX_STEPS
+    assert float(steps[0]["value"][1]) == MAX_STEPS
+    samples = prom.query(f"count_over_time(kubetune_train_loss{sel}[30m])")
+    assert int(samples[0]["value"][1]) >= 2, "expected several scrapes during training"
+
+
+def test_every_dashboard_query_runs_and_the_training_and_result_panels_have_data(
+    observed_run: dict[str, Any],
+) -> None:
+    prom = observed_run["prom"]
+    empty = []
+    for path in DASHBOARDS:
+        for where, expr in dashboard_queries(path):
+            if " panel " not in where:
+                continue
+            body = _range_query(
+                prom.url, grafana_to_promql(expr), observed_run["start"], observed_run["end"]
+            )
+            assert body["status"] == "success", f"{where}: {body.get('error')}"
+            expects_data = metric_names(expr) <= PRODUCED and 'outcome="failed"' not in expr
+            if expects_data and not body["data"]["result"]:
+                empty.append(where)
+    assert not empty, f"queries with no data after a successful run: {empty}"
+
+
+def test_dashboard_variables_find_the_job_and_its_namespace(observed_run: dict[str, Any]) -> None:
+    prom, ns = observed_run["prom"], observed_run["ns"]
+    for metric in ("kubetune_train_step", "kubetune_finetunejob_perplexity"):
+        assert ns in _label_values(prom.url, "namespace", metric)
+        assert JOB in _label_values(prom.url, "finetunejob", metric)
+
+
+def test_alert_expressions_run_and_a_healthy_run_fires_no_failure_alert(
+    observed_run: dict[str, Any],
+) -> None:
+    prom = observed_run["prom"]
+    for rule in alert_rules():
+        result = prom.query(rule["expr"])  # raises unless the API answered success
+        if rule["alert"] in (
+            "KubetuneFineTuneJobFailed",
+            "KubetuneTrainingLossNonFinite",
+            "KubetuneTrainingStalled",
+        ):
+            assert result == [], f"{rule['alert']} fires for a healthy run: {result}"
+    runs = prom.query('kubetune_operator_runs_total{outcome="succeeded"}')
+    assert runs and float(runs[0]["value"][1]) >= 1
+
+
+def test_promtool_check_metrics_passes_on_both_endpoints(observed_run: dict[str, Any]) -> None:
+    train_text, operator_text = observed_run["train_text"], observed_run["operator_text"]
+    assert "kubetune_train_loss{" in train_text, "no scrape of the train pod was captured"
+    assert "kubetune_finetunejob_perplexity{" in operator_text
+    for name, text in (("trainer", train_text), ("operator", operator_text)):
+        result = _promtool_check_metrics(text)
+        assert result.returncode == 0, f"{name}: {result.stdout}{result.stderr}"

@@ -1,0 +1,511 @@
+"""The operator against a real control plane (tests/harness): kube-apiserver, etcd,
+controller-manager, scheduler, the process node running stage pods as local processes,
+and a moto S3 server. Run with ``pytest -m cluster tests/cluster/test_operator.py``.
+
+Each test gets a fresh namespace and its own operator process (``python -m kubetune_operator``
+watching only that namespace), so killing and restarting it is part of a test. Jobs are
+tiny (a fresh 1-layer model, 20-40 steps on ~150 tldr pages) to keep the file in minutes.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from datapaths import tldr_files
+from operator_helpers import (
+    REPO,
+    OperatorProcess,
+    apply,
+    child_jobs,
+    diagnose,
+    get_ftj,
+    get_json,
+    kubectl,
+    tiny_job,
+    upload_files,
+    upload_text,
+    wait_for,
+)
+
+pytestmark = pytest.mark.cluster
+
+# Stage pods run the venv's `kubetune` from the host PATH (the process node passes PATH on).
+_VENV_BIN = str(Path(sys.executable).parent)
+if _VENV_BIN not in os.environ.get("PATH", "").split(os.pathsep):
+    os.environ["PATH"] = _VENV_BIN + os.pathsep + os.environ.get("PATH", "")
+
+RUN_TIMEOUT = 420.0  # seconds for a whole tiny run on a loaded 2-core machine
+
+
+@pytest.fixture(scope="module")
+def crd_installed(k8s_cluster: Any) -> None:
+    k8s_cluster.kubectl("apply", "-f", str(REPO / "crds" / "finetunejob.yaml"))
+    wait_for(
+        lambda: (
+            k8s_cluster.kubectl(
+                "get",
+                "crd",
+                "finetunejobs.kubetune.io",
+                "-o",
+                "jsonpath={.status.conditions[?(@.type=='Established')].status}",
+            ).stdout
+            == "True"
+        ),
+        60,
+        "the FineTuneJob CRD to be established",
+    )
+
+
+@pytest.fixture
+def env(
+    k8s_cluster: Any, k8s_namespace: str, s3_server: Any, crd_installed: None, tmp_path: Path
+) -> Iterator[dict[str, Any]]:
+    """Buckets with a tldr slice, a credentials Secret with a unique value, an operator."""
+    s3 = s3_server
+    client = s3.client()
+    suffix = k8s_namespace.removeprefix("test-")
+    data_bucket = s3.make_bucket(f"data-{suffix}")
+    out_bucket = s3.make_bucket(f"runs-{suffix}")
+    upload_files(client, data_bucket, "tldr/common", tldr_files("common")[:150])
+    # A distinctive value so the leak check cannot match by accident (moto accepts any).
+    secret_value = f"sk-{uuid.uuid4().hex}"
+    kubectl(
+        k8s_cluster.kubeconfig,
+        "-n",
+        k8s_namespace,
+        "create",
+        "secret",
+        "generic",
+        "kubetune-s3",
+        f"--from-literal=AWS_ACCESS_KEY_ID=AK{uuid.uuid4().hex[:16].upper()}",
+        f"--from-literal=AWS_SECRET_ACCESS_KEY={secret_value}",
+    )
+    op_secret = f"op-{uuid.uuid4().hex}"
+    op = OperatorProcess.start(
+        k8s_cluster.kubeconfig,
+        k8s_namespace,
+        {**s3.env(), "AWS_SECRET_ACCESS_KEY": op_secret},
+        tmp_path / "operator.log",
+    )
+    ctx = {
+        "kubeconfig": k8s_cluster.kubeconfig,
+        "ns": k8s_namespace,
+        "s3": s3,
+        "client": client,
+        "data_uri": f"s3://{data_bucket}/tldr/common/",
+        "data_bucket": data_bucket,
+        "out_bucket": out_bucket,
+        "secret_values": [secret_value, op_secret],
+        "op": op,
+    }
+    yield ctx
+    ctx["op"].stop()
+
+
+def job_for(env: dict[str, Any], name: str, **training: Any) -> dict[str, Any]:
+    return tiny_job(
+        name,
+        data_uri=env["data_uri"],
+        output=f"s3://{env['out_bucket']}/{name}/",
+        endpoint=env["s3"].endpoint_url,
+        secret="kubetune-s3",
+        **training,
+    )
+
+
+def wait_phase(
+    env: dict[str, Any],
+    name: str,
+    want: set[str],
+    timeout: float = RUN_TIMEOUT,
+) -> dict[str, Any]:
+    kc, ns = env["kubeconfig"], env["ns"]
+
+    def reached() -> dict[str, Any] | None:
+        ftj = get_ftj(kc, ns, name)
+        current = (ftj.get("status") or {}).get("phase")
+        if current in want:
+            return ftj
+        if current == "Failed" and "Failed" not in want:
+            raise AssertionError(f"{name} failed:\n{diagnose(kc, ns, name, env['op'])}")
+        return None
+
+    return dict(
+        wait_for(
+            reached,
+            timeout,
+            f"{name} to reach {sorted(want)}",
+            dump=lambda: diagnose(kc, ns, name, env["op"]),
+            interval=1.0,
+        )
+    )
+
+
+def condition(ftj: dict[str, Any], ctype: str) -> dict[str, Any]:
+    return next(c for c in ftj["status"]["conditions"] if c["type"] == ctype)
+
+
+def assert_no_secret_leaks(env: dict[str, Any], name: str) -> None:
+    kc, ns = env["kubeconfig"], env["ns"]
+    texts = {
+        "status": json.dumps(get_ftj(kc, ns, name).get("status")),
+        "events": kubectl(kc, "-n", ns, "get", "events", "-o", "yaml").stdout,
+        "configmaps": kubectl(kc, "-n", ns, "get", "configmaps", "-o", "yaml").stdout,
+        "jobs": kubectl(kc, "-n", ns, "get", "jobs", "-o", "yaml").stdout,
+        "operator log": env["op"].log_text(),
+    }
+    for where, text in texts.items():
+        for value in env["secret_values"]:
+            assert value not in text, f"a secret value leaked into the {where}"
+
+
+# --------------------------------------------------------------------------- validation
+
+
+VALID: dict[str, Any] = {
+    "apiVersion": "kubetune.io/v1alpha1",
+    "kind": "FineTuneJob",
+    "metadata": {"name": "bad"},
+    "spec": {
+        "model": {"fresh": {"nLayer": 1, "nHead": 2, "nEmbd": 32, "nPositions": 128}},
+        "dataset": {"source": "s3://data/tldr/"},
+        "training": {"maxSeqLength": 64},
+        "storage": {"output": "s3://runs/bad/"},
+    },
+}
+
+
+def _set(path: str, value: Any) -> dict[str, Any]:
+    obj = copy.deepcopy(VALID)
+    *parents, leaf = path.split(".")
+    node = obj
+    for p in parents:
+        node = node.setdefault(p, {})
+    if value is _DELETE:
+        node.pop(leaf)
+    else:
+        node[leaf] = value
+    return obj
+
+
+_DELETE = object()
+
+MALFORMED = [
+    ("spec", _DELETE, "spec"),
+    ("spec.model", _DELETE, "spec.model"),
+    ("spec.dataset.source", _DELETE, "spec.dataset.source"),
+    ("spec.storage.output", "http://bucket/x", "spec.storage.output"),
+    ("spec.dataset.source", "ftp://host/x", "spec.dataset.source"),
+    ("spec.model.name", "gpt2", "exactly one of model.name"),
+    ("spec.model", {}, "exactly one of model.name"),
+    ("spec.training.batchSize", 0, "spec.training.batchSize"),
+    ("spec.training.learningRate", -1.0, "spec.training.learningRate"),
+    ("spec.training.precision", "fp8", "spec.training.precision"),
+    ("spec.training.scheduler", "exponential", "spec.training.scheduler"),
+    ("spec.dataset.split", {"testFraction": 0.9}, "spec.dataset.split.testFraction"),
+    ("spec.dataset.format", "xml", "spec.dataset.format"),
+    ("spec.resources", {"workers": 2, "gpusPerWorker": 0}, "spec.resources.gpusPerWorker"),
+    ("spec.model.fresh.nEmbd", 33, "spec.model.fresh.nEmbd"),
+    ("spec.training.maxSeqLength", 1024, "spec.training.maxSeqLength"),
+    ("spec.training.lora", {"r": 8}, "spec.training.lora"),
+    (
+        "spec.storage",
+        {"output": "file:///runs", "endpoint": "http://s3:9000"},
+        "spec.storage.endpoint",
+    ),
+    ("spec.dataset.clean", {"minChars": 50, "maxChars": 10}, "spec.dataset.clean.maxChars"),
+    ("spec.evaluation", {"perplexity": False, "bleu": {"enabled": False}}, "spec.evaluation"),
+    ("spec.resources", {"imagePullPolicy": "Sometimes"}, "spec.resources.imagePullPolicy"),
+    ("spec.evaluation", {"bleu": {"promptFraction": 1.5}}, "spec.evaluation.bleu.promptFraction"),
+    ("spec.trainnig", {"epochs": 1}, "trainnig"),
+]
+
+
+def test_api_server_rejects_malformed_manifests_naming_the_field(
+    k8s_cluster: Any, k8s_namespace: str, crd_installed: None
+) -> None:
+    assert len(MALFORMED) >= 15
+    ok = apply(k8s_cluster.kubeconfig, k8s_namespace, VALID, "--dry-run=server", check=False)
+    assert ok.returncode == 0, ok.stderr
+    failures = []
+    for path, value, expected in MALFORMED:
+        result = apply(
+            k8s_cluster.kubeconfig,
+            k8s_namespace,
+            _set(path, value),
+            "--dry-run=server",
+            check=False,
+        )
+        if result.returncode == 0 or expected not in result.stderr:
+            failures.append(f"{path}={value!r}: rc={result.returncode} stderr={result.stderr!r}")
+    assert not failures, "\n".join(failures)
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def test_finetunejob_succeeds_with_results_and_a_spec_edit_starts_a_second_run(
+    env: dict[str, Any],
+) -> None:
+    kc, ns, name = env["kubeconfig"], env["ns"], "tldr-tiny"
+    apply(kc, ns, job_for(env, name, maxSteps=20, checkpointEverySteps=10))
+    ftj = wait_phase(env, name, {"Succeeded"})
+    status = ftj["status"]
+    results = status["results"]
+    for key in ("perplexity", "baselinePerplexity", "bleu", "baselineBleu"):
+        assert isinstance(results.get(key), (int, float)), f"status.results.{key}: {results}"
+    assert results["perplexity"] < results["baselinePerplexity"]  # training helped
+    assert results["bleuSignature"]
+    assert status["dataset"]["trainLines"] > 0 and status["dataset"]["overlap"] == 0
+    assert status["progress"]["percent"] == 100
+    assert status["run"] == "g1" and status["observedGeneration"] == 1
+    assert condition(ftj, "Ready")["status"] == "True"
+    assert condition(ftj, "Stalled")["status"] == "False"
+    assert condition(ftj, "Reconciling")["status"] == "False"
+    for ctype in ("DatasetReady", "Trained", "Evaluated"):
+        assert condition(ftj, ctype)["status"] == "True"
+
+    # The model is in S3 under the run's own prefix.
+    model_uri = status["artifacts"]["model"]
+    assert model_uri.startswith(f"s3://{env['out_bucket']}/{name}/runs/g1/")
+    bucket, _, prefix = model_uri.removeprefix("s3://").partition("/")
+    keys = [
+        o["Key"]
+        for o in env["client"]
+        .list_objects_v2(Bucket=bucket, Prefix=prefix + "/")
+        .get("Contents", [])
+    ]
+    assert any(k.endswith("config.json") for k in keys), keys
+    assert any(k.endswith((".safetensors", ".bin")) for k in keys), keys
+
+    # kubectl shows the printer columns.
+    table = kubectl(kc, "-n", ns, "get", "ftj").stdout
+    header = table.splitlines()[0].split()
+    assert header[:5] == ["NAME", "PHASE", "PROGRESS", "PPL", "BASE-PPL"], table
+    assert "Succeeded" in table and "100" in table
+
+    # One Job per stage, owned by the FineTuneJob; Events with typed reasons.
+    jobs = child_jobs(kc, ns, name)
+    assert sorted(j["metadata"]["labels"]["kubetune.io/stage"] for j in jobs) == [
+        "evaluate",
+        "prepare",
+        "train",
+    ]
+    events = get_json(
+        kc,
+        ns,
+        "events",
+        "--field-selector",
+        f"involvedObject.kind=FineTuneJob,involvedObject.name={name}",
+    )["items"]
+    reasons = {e["reason"] for e in events}
+    assert {"Created", "StageSucceeded", "Succeeded"} <= reasons, reasons
+
+    # Operator metrics.
+    metrics = env["op"].metrics()
+    assert 'kubetune_operator_finetunejobs{phase="Succeeded"} 1.0' in metrics
+    assert 'kubetune_finetunejob_perplexity{finetunejob="tldr-tiny"' in metrics
+    assert 'kubetune_operator_runs_total{outcome="succeeded"} 1.0' in metrics
+
+    # A spec edit (GitOps) starts run g2 with its own output; g1 moves into history.
+    kubectl(
+        kc,
+        "-n",
+        ns,
+        "patch",
+        "ftj",
+        name,
+        "--type=merge",
+        "-p",
+        json.dumps({"spec": {"training": {"maxSteps": 10, "learningRate": 0.005}}}),
+    )
+    wait_for(
+        lambda: (get_ftj(kc, ns, name).get("status") or {}).get("run") == "g2",
+        60,
+        "run g2 to start",
+        dump=lambda: diagnose(kc, ns, name, env["op"]),
+    )
+    ftj2 = wait_phase(env, name, {"Succeeded"})
+    s2 = ftj2["status"]
+    assert s2["run"] == "g2" and s2["observedGeneration"] == 2
+    assert s2["output"].endswith("/runs/g2")
+    assert s2["history"][0]["run"] == "g1"
+    assert s2["history"][0]["results"]["perplexity"] == results["perplexity"]
+    assert s2["results"]["perplexity"] != results["perplexity"]
+    runs = {j["metadata"]["labels"]["kubetune.io/run"] for j in child_jobs(kc, ns, name)}
+    assert runs == {"g2"}  # the earlier run's Jobs were deleted
+    assert_no_secret_leaks(env, name)
+
+
+def test_dataset_that_cleans_to_nothing_fails_with_dataset_unusable(env: dict[str, Any]) -> None:
+    kc, ns, name = env["kubeconfig"], env["ns"], "empty-data"
+    # Only lines shorter than minChars: nothing survives cleaning.
+    upload_text(env["client"], env["data_bucket"], "short/a.txt", "ab\ncd\nef\n" * 20)
+    job = job_for(env, name)
+    job["spec"]["dataset"].update({"source": f"s3://{env['data_bucket']}/short/", "format": "text"})
+    apply(kc, ns, job)
+    ftj = wait_phase(env, name, {"Failed"}, timeout=240)
+    stalled = condition(ftj, "Stalled")
+    assert stalled["status"] == "True" and stalled["reason"] == "DatasetUnusable", stalled
+    assert stalled["message"].startswith("prepare failed: ") and len(stalled["message"]) > 30
+    assert condition(ftj, "DatasetReady")["reason"] == "DatasetUnusable"
+    assert condition(ftj, "Ready")["status"] == "False"
+    # Failed fast: one pod (podFailurePolicy), and no train Job.
+    jobs = child_jobs(kc, ns, name)
+    assert [j["metadata"]["labels"]["kubetune.io/stage"] for j in jobs] == ["prepare"]
+    assert jobs[0]["status"].get("failed") == 1
+    warnings = get_json(kc, ns, "events", "--field-selector", "type=Warning")["items"]
+    assert any(e["reason"] == "DatasetUnusable" for e in warnings)
+    assert_no_secret_leaks(env, name)
+
+
+def test_missing_credentials_secret_is_an_invalid_spec_naming_the_secret(
+    env: dict[str, Any],
+) -> None:
+    kc, ns, name = env["kubeconfig"], env["ns"], "no-secret"
+    job = job_for(env, name)
+    job["spec"]["storage"]["credentialsSecret"] = "does-not-exist"
+    apply(kc, ns, job)
+    ftj = wait_phase(env, name, {"Failed"}, timeout=60)
+    stalled = condition(ftj, "Stalled")
+    assert stalled["reason"] == "InvalidSpec"
+    assert "does-not-exist" in stalled["message"] and "credentialsSecret" in stalled["message"]
+    assert child_jobs(kc, ns, name) == []
+
+
+def test_operator_killed_in_every_stage_still_finishes_with_one_job_per_stage(
+    env: dict[str, Any],
+) -> None:
+    kc, ns, name = env["kubeconfig"], env["ns"], "restarts"
+    apply(kc, ns, job_for(env, name, maxSteps=20, checkpointEverySteps=10))
+    order = ["Preparing", "Training", "Evaluating", "Succeeded"]
+    for i in range(len(order) - 1):
+        # At or past the stage (a short stage can finish between two polls).
+        wait_phase(env, name, set(order[i:]))
+        env["op"].kill()
+        env["op"] = env["op"].restart()
+    ftj = wait_phase(env, name, {"Succeeded"})
+    jobs = child_jobs(kc, ns, name)
+    stages = sorted(j["metadata"]["labels"]["kubetune.io/stage"] for j in jobs)
+    assert stages == ["evaluate", "prepare", "train"], stages
+    assert ftj["status"]["results"]["perplexity"] > 0
+    assert ftj["status"]["run"] == "g1"
+    assert_no_secret_leaks(env, name)
+
+
+def test_killed_training_pod_resumes_from_the_last_checkpoint(env: dict[str, Any]) -> None:
+    kc, ns, name = env["kubeconfig"], env["ns"], "resume"
+    apply(kc, ns, job_for(env, name, maxSteps=40, checkpointEverySteps=5))
+    client, bucket = env["client"], env["out_bucket"]
+    prefix = f"{name}/runs/g1/checkpoints/"
+
+    def checkpointed() -> bool:
+        keys = [
+            o["Key"]
+            for o in client.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])
+        ]
+        return any(k.endswith("/COMPLETE") for k in keys)
+
+    wait_for(
+        checkpointed,
+        RUN_TIMEOUT,
+        "a complete checkpoint",
+        dump=lambda: diagnose(kc, ns, name, env["op"]),
+    )
+    pods = get_json(kc, ns, "pods", "-l", f"kubetune.io/job={name},kubetune.io/stage=train")
+    running = [
+        p["metadata"]["name"] for p in pods["items"] if p["status"].get("phase") == "Running"
+    ]
+    assert running, "the training pod should still be running after its first checkpoint"
+    kubectl(kc, "-n", ns, "delete", "pod", running[0], "--wait=false")
+    wait_phase(env, name, {"Succeeded"})
+    train = json.loads(
+        client.get_object(Bucket=bucket, Key=f"{name}/runs/g1/train/train.json")["Body"].read()
+    )
+    assert (train.get("resumedFromStep") or 0) > 0, train
+    assert train["steps"] == 40
+    assert len(child_jobs(kc, ns, name)) == 3
+
+
+def test_suspend_stops_the_stage_and_resume_finishes_the_same_run(env: dict[str, Any]) -> None:
+    kc, ns, name = env["kubeconfig"], env["ns"], "pause"
+    apply(kc, ns, job_for(env, name, maxSteps=40, checkpointEverySteps=10))
+    wait_phase(env, name, {"Training"})
+    kubectl(kc, "-n", ns, "patch", "ftj", name, "--type=merge", "-p", '{"spec":{"suspend":true}}')
+    ftj = wait_phase(env, name, {"Suspended"}, timeout=60)
+    assert condition(ftj, "Reconciling")["status"] == "False"
+    wait_for(
+        lambda: (
+            not [
+                p
+                for p in get_json(kc, ns, "pods", "-l", f"kubetune.io/job={name}")["items"]
+                if p["status"].get("phase") in ("Running", "Pending")
+            ]
+        ),
+        60,
+        "stage pods to stop",
+    )
+    kubectl(kc, "-n", ns, "patch", "ftj", name, "--type=merge", "-p", '{"spec":{"suspend":false}}')
+    ftj = wait_phase(env, name, {"Succeeded"})
+    assert ftj["status"]["run"] == "g1"  # suspend is not a new run
+    assert len(child_jobs(kc, ns, name)) == 3
+
+
+def test_deleting_the_finetunejob_deletes_its_children(env: dict[str, Any]) -> None:
+    kc, ns, name = env["kubeconfig"], env["ns"], "short-lived"
+    apply(kc, ns, job_for(env, name))
+    wait_for(lambda: child_jobs(kc, ns, name), 60, "the prepare Job")
+    kubectl(kc, "-n", ns, "delete", "ftj", name, "--wait=true", timeout=60)
+    wait_for(
+        lambda: (
+            not child_jobs(kc, ns, name)
+            and not get_json(kc, ns, "configmaps", "-l", f"kubetune.io/job={name}")["items"]
+        ),
+        90,
+        "garbage collection of the children",
+    )
+
+
+def test_rbac_grants_the_operator_what_it_needs_and_no_more(
+    k8s_cluster: Any, k8s_namespace: str
+) -> None:
+    from kubetune_operator import rbac
+
+    kc = k8s_cluster.kubeconfig
+    name = f"kubetune-operator-{k8s_namespace}"
+    for obj in rbac.manifests(k8s_namespace, name):
+        apply(kc, k8s_namespace, obj)
+    who = f"--as=system:serviceaccount:{k8s_namespace}:{name}"
+    allowed = [
+        ("watch", "finetunejobs.kubetune.io"),
+        ("patch", "finetunejobs.kubetune.io/status"),
+        ("create", "jobs.batch"),
+        ("delete", "jobs.batch"),
+        ("patch", "jobs.batch"),
+        ("list", "pods"),
+        ("create", "configmaps"),
+        ("create", "services"),
+        ("get", "secrets"),
+        ("create", "events"),
+    ]
+    for verb, resource in allowed:
+        result = kubectl(kc, "auth", "can-i", verb, resource, who, "-n", k8s_namespace, check=False)
+        assert result.stdout.strip() == "yes", (verb, resource, result.stdout, result.stderr)
+    denied = [
+        ("list", "secrets"),
+        ("watch", "secrets"),
+        ("delete", "finetunejobs.kubetune.io"),
+        ("create", "pods"),
+        ("delete", "namespaces"),
+    ]
+    for verb, resource in denied:
+        result = kubectl(kc, "auth", "can-i", verb, resource, who, "-n", k8s_namespace, check=False)
+        assert result.stdout.strip() == "no", (verb, resource, result.stdout)

@@ -1,0 +1,132 @@
+"""The trainer's Prometheus endpoint and progress files.
+
+Run: ``python -m pytest tests/unit/test_exporter.py -q`` (no torch work, < 2 s).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import urllib.request
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from kubetune_trainer.exporter import METRIC_NAMES, ProgressWriter, TrainMetrics, metrics_port
+from kubetune_trainer.layout import RunLayout
+from kubetune_trainer.schema import Progress
+from kubetune_trainer.storage import open_storage
+
+GPU_ONLY = {"kubetune_gpu_memory_used_bytes", "kubetune_gpu_utilization_ratio"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _scrape(port: int) -> dict[str, list[tuple[str, dict[str, str], float]]]:
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    families: dict[str, list[tuple[str, dict[str, str], float]]] = {}
+    for family in text_string_to_metric_families(body):
+        for sample in family.samples:
+            families.setdefault(sample.name, []).append((family.type, sample.labels, sample.value))
+    return families
+
+
+def test_endpoint_serves_every_contract_metric_with_job_labels() -> None:
+    metrics = TrainMetrics("tldr-gpt2", "ml")
+    port = metrics.serve(port=_free_port(), addr="127.0.0.1")
+    assert port is not None
+    try:
+        metrics.update(step=10, total_steps=100, epoch=0.25, loss=3.5, learning_rate=5e-5,
+                       tokens_per_second=1234.5, eta_seconds=90.0, new_tokens=4096)
+        metrics.update(step=20, total_steps=100, epoch=0.5, loss=3.0, learning_rate=4e-5,
+                       tokens_per_second=1300.0, eta_seconds=80.0, new_tokens=4096)
+        metrics.count_nonfinite()
+        samples = _scrape(port)
+    finally:
+        metrics.close()
+    for name in set(METRIC_NAMES) - GPU_ONLY:
+        assert name in samples, f"{name} missing from /metrics"
+        for _, labels, _ in samples[name]:
+            assert labels["finetunejob"] == "tldr-gpt2"
+            assert labels["namespace"] == "ml"
+    value = {name: rows[0][2] for name, rows in samples.items()}
+    assert value["kubetune_train_step"] == 20
+    assert value["kubetune_train_loss"] == 3.0
+    assert value["kubetune_train_tokens_total"] == 8192
+    assert value["kubetune_train_nonfinite_loss_total"] == 1
+    assert samples["kubetune_train_tokens_total"][0][0] == "counter"
+    assert samples["kubetune_train_eta_seconds"][0][0] == "gauge"
+
+
+def test_namespace_label_defaults_to_local() -> None:
+    metrics = TrainMetrics("job", None)
+    port = metrics.serve(port=_free_port(), addr="127.0.0.1")
+    assert port is not None
+    try:
+        samples = _scrape(port)
+    finally:
+        metrics.close()
+    assert samples["kubetune_train_step"][0][1]["namespace"] == "local"
+
+
+def test_port_taken_is_logged_and_training_continues(caplog: pytest.LogCaptureFixture) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        metrics = TrainMetrics("job", None)
+        with caplog.at_level(logging.WARNING):
+            assert metrics.serve(port=port, addr="127.0.0.1") is None
+        metrics.update(step=1, total_steps=2, epoch=0.1, loss=1.0, learning_rate=1e-3,
+                       tokens_per_second=None, eta_seconds=None, new_tokens=1)
+        metrics.close()
+    assert f"port {port} unavailable" in caplog.text
+
+
+def test_metrics_port_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KUBETUNE_METRICS_PORT", raising=False)
+    assert metrics_port() == 9400
+    monkeypatch.setenv("KUBETUNE_METRICS_PORT", "0")
+    assert metrics_port() == 0
+    assert TrainMetrics("job", None).serve() is None  # 0 disables the endpoint
+    monkeypatch.setenv("KUBETUNE_METRICS_PORT", "9555")
+    assert metrics_port() == 9555
+    monkeypatch.setenv("KUBETUNE_METRICS_PORT", "nope")
+    assert metrics_port() == 0
+
+
+def _progress(step: int) -> Progress:
+    return Progress(step=step, total_steps=100, percent=step, epoch=step / 100, loss=2.0,
+                    tokens_per_second=10.0, eta_seconds=5.0, updated_at="2024-01-01T00:00:00Z")
+
+
+def test_progress_is_written_camelcase_and_throttled(tmp_path: Path) -> None:
+    store = open_storage(f"file://{tmp_path}")
+    writer = ProgressWriter(store, interval_s=3600)
+    writer.log({"step": 10, "loss": 2.0}, _progress(10))  # first write goes out at once
+    writer.log({"step": 20, "loss": 1.5}, _progress(20))  # within the interval: held back
+    progress = json.loads(store.read_text(RunLayout.PROGRESS))
+    assert progress["step"] == 10
+    assert {"totalSteps", "percent", "tokensPerSecond", "etaSeconds", "updatedAt"} <= set(progress)
+    assert len(store.read_text(RunLayout.TRAIN_METRICS).splitlines()) == 1
+    writer.flush()
+    assert json.loads(store.read_text(RunLayout.PROGRESS))["step"] == 20
+    lines = store.read_text(RunLayout.TRAIN_METRICS).splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [10, 20]
+
+
+def test_resumed_progress_keeps_earlier_metrics_up_to_the_checkpoint(tmp_path: Path) -> None:
+    store = open_storage(f"file://{tmp_path}")
+    store.write_text(RunLayout.TRAIN_METRICS,
+                     "".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (5, 10, 15)))
+    writer = ProgressWriter(store, interval_s=0)
+    writer.resume(up_to_step=10)
+    writer.log({"step": 15, "loss": 0.5}, _progress(15))
+    lines = [json.loads(x) for x in store.read_text(RunLayout.TRAIN_METRICS).splitlines()]
+    assert [(x["step"], x["loss"]) for x in lines] == [(5, 1.0), (10, 1.0), (15, 0.5)]

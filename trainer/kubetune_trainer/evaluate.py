@@ -1,0 +1,305 @@
+"""The evaluate stage: test perplexity and BLEU of the fine-tuned model, the baseline and endpoints.
+
+Run it with ``kubetune evaluate --job job.yaml [--output URI]`` (or as part of
+``kubetune run job.yaml``); in Python: ``kubetune_trainer.evaluate.run(ctx)``.
+
+Inputs (RunLayout keys): ``dataset/test.jsonl``, ``dataset/test.tokens.npy`` +
+``dataset/test.offsets.npy``, ``dataset/tokenizer/`` and ``model/``.
+Outputs: ``eval/samples.jsonl`` (the first generations next to their
+references), then ``eval/evaluate.json`` (:class:`EvaluateResult`) last.
+
+* Perplexity (``spec.evaluation.perplexity``) scores the prepared token ids of
+  each test line with the eos/bos token as context (see :mod:`.perplexity`).
+* BLEU (``spec.evaluation.bleu``) continues the first words of each test line
+  greedily and compares with the rest of the line (see :mod:`.bleu`).
+* The baseline (``spec.evaluation.baseline``) is ``spec.model`` before
+  fine-tuning: the hub model, the model under ``model.uri``, or for
+  ``model.fresh`` the same architecture freshly initialised with the training
+  seed, i.e. the untrained init.
+* ``spec.evaluation.compareWith`` endpoints are scored on the same prompts
+  (see :mod:`.remote`).
+
+Runs on CUDA when available (bf16 autocast), else on the CPU in float32.
+"""
+
+from __future__ import annotations
+
+import gc
+import io
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kubetune_trainer.bleu import (
+    BleuSample,
+    context_token_id,
+    corpus_bleu,
+    generate_continuations,
+    select_samples,
+)
+from kubetune_trainer.context import StageContext, StageError
+from kubetune_trainer.layout import RunLayout
+from kubetune_trainer.perplexity import score_sequences
+from kubetune_trainer.remote import Endpoint, score_endpoint
+from kubetune_trainer.results import EvaluateResult, ModelScores
+from kubetune_trainer.schema import Comparison
+from kubetune_trainer.storage import Storage, StorageError
+
+log = logging.getLogger(__name__)
+
+SAMPLES_KEPT = 20
+# Windows longer than this gain little on line-level test text and cost memory
+# quadratically; a model with a 128k context is scored in 4096-token windows.
+MAX_EVAL_CONTEXT = 4096
+
+
+@dataclass
+class _Scored:
+    scores: ModelScores
+    continuations: list[str]
+    signature: str | None = None
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def _read_test_texts(ctx: StageContext) -> list[str]:
+    key = RunLayout.TEST_TEXT
+    try:
+        raw = ctx.storage.read_text(key)
+    except StorageError as exc:
+        raise StageError(f"{exc}; run the prepare stage first", "DatasetUnusable") from None
+    texts = []
+    for number, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            texts.append(str(json.loads(line)["text"]))
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise StageError(
+                f"{ctx.storage.uri(key)} line {number}: expected a JSON object with a 'text' "
+                "field; re-run the prepare stage", "DatasetUnusable",
+            ) from None
+    if not texts:
+        raise StageError(f"{ctx.storage.uri(key)} is empty: the test split has no lines; "
+                         "raise dataset.split.testFraction or add data", "DatasetUnusable")
+    return texts
+
+
+def _read_test_tokens(ctx: StageContext, expected_lines: int) -> list[list[int]]:
+    try:
+        tokens = np.load(io.BytesIO(ctx.storage.read_bytes(RunLayout.TEST_TOKENS)))
+        offsets = np.load(io.BytesIO(ctx.storage.read_bytes(RunLayout.TEST_OFFSETS)))
+    except StorageError as exc:
+        raise StageError(f"{exc}; run the prepare stage first", "DatasetUnusable") from None
+    if len(offsets) != expected_lines + 1 or int(offsets[-1]) != len(tokens):
+        raise StageError(
+            f"{ctx.storage.uri(RunLayout.TEST_OFFSETS)} has {len(offsets)} offsets for "
+            f"{expected_lines} test lines and {len(tokens)} tokens (expected lines + 1, ending "
+            "at the token count); the dataset is inconsistent, re-run the prepare stage",
+            "DatasetUnusable",
+        )
+    flat = tokens.astype(np.int64)
+    return [flat[offsets[i] : offsets[i + 1]].tolist() for i in range(expected_lines)]
+
+
+# --------------------------------------------------------------------------- models
+# TODO(lead): switch to kubetune_trainer.modeling.load_model/load_tokenizer once it exists.
+
+
+def _download(storage: Storage, prefix: str, target: Path) -> Path:
+    # A fresh directory: files left by an earlier run must not mix with this model.
+    shutil.rmtree(target, ignore_errors=True)
+    storage.download_dir(prefix, target)
+    return target
+
+
+def _load_model_dir(path: Path) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    if (path / "adapter_config.json").exists() and not (path / "config.json").exists():
+        from peft import AutoPeftModelForCausalLM
+
+        return AutoPeftModelForCausalLM.from_pretrained(str(path)).merge_and_unload()
+    return AutoModelForCausalLM.from_pretrained(str(path))
+
+
+def _load_tokenizer(path: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def _load_fine_tuned(ctx: StageContext) -> tuple[Any, Any]:
+    if not ctx.storage.list(RunLayout.MODEL):
+        raise StageError(f"{ctx.storage.uri(RunLayout.MODEL)}: no fine-tuned model; run the "
+                         "train stage first")
+    model_dir = _download(ctx.storage, RunLayout.MODEL, ctx.scratch / "eval-model")
+    has_tokenizer = any(
+        (model_dir / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
+    tok_dir = model_dir if has_tokenizer else _download(
+        ctx.storage, RunLayout.TOKENIZER, ctx.scratch / "eval-tokenizer")
+    return _load_model_dir(model_dir), _load_tokenizer(tok_dir)
+
+
+def _load_baseline(ctx: StageContext, fine_tuned_config: Any) -> Any:
+    from transformers import AutoModelForCausalLM, set_seed
+
+    spec = ctx.job.spec.model
+    if spec.fresh is not None:
+        # The same architecture as the fine-tuned model, initialised with the training seed.
+        set_seed(ctx.job.spec.training.seed)
+        return AutoModelForCausalLM.from_config(fine_tuned_config)
+    if spec.uri:
+        return _load_model_dir(_download(ctx.open(spec.uri), "", ctx.scratch / "eval-baseline"))
+    assert spec.name is not None
+    return AutoModelForCausalLM.from_pretrained(spec.name, revision=spec.revision)
+
+
+def _context_length(model: Any, tokenizer: Any) -> int:
+    config = model.config
+    for attr in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 1:
+            return min(value, MAX_EVAL_CONTEXT)
+    value = getattr(tokenizer, "model_max_length", None)
+    return min(value, MAX_EVAL_CONTEXT) if isinstance(value, int) and value > 1 else 2048
+
+
+def _device() -> tuple[torch.device, torch.dtype | None]:
+    if torch.cuda.is_available():
+        return torch.device("cuda"), torch.bfloat16
+    return torch.device("cpu"), None
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def _score_model(
+    ctx: StageContext,
+    label: str,
+    model: Any,
+    tokenizer: Any,
+    token_lists: list[list[int]],
+    samples: list[BleuSample],
+) -> _Scored:
+    spec = ctx.job.spec.evaluation
+    device, autocast = _device()
+    model.to(device).eval()
+    context = _context_length(model, tokenizer)
+    scores = ModelScores()
+    if spec.perplexity:
+        vocab = int(model.config.vocab_size)
+        top = max((max(ids) for ids in token_lists if ids), default=0)
+        if top >= vocab:
+            raise StageError(
+                f"dataset/test.tokens.npy holds token id {top} but the {label} model has a "
+                f"vocabulary of {vocab}: the dataset was tokenized with another tokenizer; set "
+                "model.tokenizer to the model's tokenizer and re-run prepare", "InvalidSpec",
+            )
+        result = score_sequences(
+            model, token_lists, context_token=context_token_id(tokenizer), max_length=context,
+            stride=spec.stride, batch_size=spec.batch_size, autocast_dtype=autocast,
+        )
+        scores.perplexity, scores.nll_sum = result.perplexity, result.nll_sum
+        scores.predicted_tokens = result.predicted_tokens
+        scores.tokens_per_second = result.tokens_per_second
+        log.info("%s: perplexity %.3f over %d tokens (%.0f tokens/s)", label, result.perplexity,
+                 result.predicted_tokens, result.tokens_per_second)
+    continuations: list[str] = []
+    signature = None
+    if spec.bleu.enabled and samples:
+        continuations, gen_tps = generate_continuations(
+            model, tokenizer, [s.prompt for s in samples],
+            max_new_tokens=spec.bleu.max_new_tokens, batch_size=spec.bleu.batch_size,
+            max_length=context, autocast_dtype=autocast,
+        )
+        scores.bleu, signature = corpus_bleu(continuations, [s.reference for s in samples])
+        scores.bleu_samples = len(samples)
+        log.info("%s: BLEU %.2f on %d lines (%.0f generated tokens/s)", label, scores.bleu,
+                 len(samples), gen_tps)
+    return _Scored(scores, continuations, signature)
+
+
+def _free(model: Any) -> None:
+    model.to("cpu")
+    del model
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def run(ctx: StageContext) -> EvaluateResult:
+    """Evaluate the fine-tuned model (and baseline, endpoints); write samples then the result."""
+    start = time.perf_counter()
+    spec = ctx.job.spec.evaluation
+    texts = _read_test_texts(ctx)
+    token_lists: list[list[int]] = []
+    if spec.perplexity:
+        token_lists = _read_test_tokens(ctx, len(texts))
+        if spec.max_samples:
+            token_lists = token_lists[: spec.max_samples]
+    samples: list[BleuSample] = []
+    if spec.bleu.enabled:
+        samples = select_samples(texts, spec.bleu.prompt_fraction, spec.bleu.max_samples)
+        if not samples:
+            raise StageError(
+                f"{ctx.storage.uri(RunLayout.TEST_TEXT)}: no test line has two or more words, so "
+                "none can be split into prompt and reference; disable evaluation.bleu or use "
+                "longer lines", "DatasetUnusable",
+            )
+
+    model, tokenizer = _load_fine_tuned(ctx)
+    fine_tuned = _score_model(ctx, "fine-tuned", model, tokenizer, token_lists, samples)
+    config = model.config
+    _free(model)
+
+    baseline: _Scored | None = None
+    if spec.baseline:
+        base_model = _load_baseline(ctx, config)
+        baseline = _score_model(ctx, "baseline", base_model, tokenizer, token_lists, samples)
+        _free(base_model)
+
+    comparisons: list[Comparison] = []
+    remote_texts: dict[str, list[str]] = {}
+    for entry in spec.compare_with:
+        comparison, continuations = score_endpoint(
+            Endpoint.from_spec(entry), samples, texts[: len(samples) or spec.bleu.max_samples],
+            max_new_tokens=spec.bleu.max_new_tokens, bleu=spec.bleu.enabled,
+            perplexity=spec.perplexity,
+        )
+        comparisons.append(comparison)
+        remote_texts[entry.name] = continuations
+
+    samples_uri = None
+    if samples:
+        rows = []
+        for i, sample in enumerate(samples[:SAMPLES_KEPT]):
+            row: dict[str, Any] = {"prompt": sample.prompt, "reference": sample.reference,
+                                   "fine_tuned": fine_tuned.continuations[i]}
+            if baseline is not None:
+                row["baseline"] = baseline.continuations[i]
+            others = {k: v[i] for k, v in remote_texts.items() if i < len(v)}
+            if others:
+                row["comparisons"] = others
+            rows.append(json.dumps(row, ensure_ascii=False))
+        ctx.storage.write_text(RunLayout.EVAL_SAMPLES, "\n".join(rows) + "\n")
+        samples_uri = ctx.storage.uri(RunLayout.EVAL_SAMPLES)
+
+    result = EvaluateResult(
+        fine_tuned=fine_tuned.scores,
+        baseline=baseline.scores if baseline else None,
+        bleu_signature=fine_tuned.signature,
+        comparisons=comparisons,
+        samples_uri=samples_uri,
+        seconds=time.perf_counter() - start,
+    )
+    ctx.storage.write_text(RunLayout.EVAL_RESULT, result.to_json())
+    return result

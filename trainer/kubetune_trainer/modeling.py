@@ -1,0 +1,179 @@
+"""Load the model and tokenizer a job trains: hub id, storage prefix, or a fresh GPT-2.
+
+Usage::
+
+    tokenizer = load_tokenizer(ctx)                       # dataset/tokenizer/ (from prepare)
+    model = load_model(ctx.job.spec.model, ctx, len(tokenizer), seed=42)
+
+* ``model.name``: ``AutoModelForCausalLM.from_pretrained(name, revision=...)`` from
+  the Hugging Face hub (needs a reachable hub, or a populated ``HF_HOME`` cache);
+* ``model.uri``: an ``s3://``/``file://`` prefix holding a ``save_pretrained()``
+  model, downloaded to scratch first (air-gapped clusters);
+* ``model.fresh``: a GPT-2 config from the spec, vocabulary size from the
+  tokenizer prepare saved, weights initialised from ``seed``.
+
+Attention: ``sdpa`` where the architecture supports it, else ``eager``;
+``KUBETUNE_ATTN_IMPLEMENTATION`` (e.g. ``flash_attention_2``) overrides.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kubetune_trainer.context import StageContext, StageError
+from kubetune_trainer.layout import RunLayout
+from kubetune_trainer.schema import ModelSpec
+from kubetune_trainer.storage import StorageError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+PREFERRED_ATTENTION = "sdpa"
+
+
+def load_tokenizer(ctx: StageContext) -> PreTrainedTokenizerBase:
+    """The tokenizer prepare saved under ``dataset/tokenizer/``; pad = eos when missing."""
+    from kubetune_trainer.tokenizer_build import load_tokenizer as _load
+
+    uri = ctx.storage.uri(RunLayout.TOKENIZER)
+    if not ctx.storage.list(RunLayout.TOKENIZER):
+        raise StageError(
+            f"{uri}: no tokenizer there; run the prepare stage first (it saves the tokenizer "
+            "it used to dataset/tokenizer/)",
+            reason="DatasetUnusable",
+        )
+    tokenizer = _load(uri, ctx.open, ctx.scratch_dir("dataset"))
+    if tokenizer.eos_token_id is None:
+        raise StageError(
+            f"{uri}: the tokenizer has no eos token; training appends eos to every line to mark "
+            "its end. Use a tokenizer with an eos token (model.tokenizer)",
+            reason="DatasetUnusable",
+        )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def attention_implementation() -> str:
+    return os.environ.get("KUBETUNE_ATTN_IMPLEMENTATION", PREFERRED_ATTENTION)
+
+
+def _from_pretrained(source: str, revision: str | None, what: str) -> PreTrainedModel:
+    from transformers import AutoModelForCausalLM
+
+    impl = attention_implementation()
+    try:
+        try:
+            return AutoModelForCausalLM.from_pretrained(
+                source, revision=revision, attn_implementation=impl
+            )
+        except ValueError as exc:
+            # Architectures without SDPA support say so with a ValueError; eager always works.
+            if impl == "eager" or "attn_implementation" not in str(exc) and "SDPA" not in str(exc):
+                raise
+            log.warning("%s does not support attention %r (%s); using eager", what, impl, exc)
+            return AutoModelForCausalLM.from_pretrained(
+                source, revision=revision, attn_implementation="eager"
+            )
+    except StageError:
+        raise
+    except Exception as exc:
+        raise StageError(
+            f"cannot load model {what}: {type(exc).__name__}: {exc}. For an air-gapped cluster, "
+            "save the model with save_pretrained() to S3 and set model.uri to that prefix"
+        ) from None
+
+
+def _fresh_model(spec: ModelSpec, vocab_size: int, seed: int) -> PreTrainedModel:
+    from transformers import AutoModelForCausalLM, GPT2Config, set_seed
+
+    assert spec.fresh is not None
+    f = spec.fresh
+    config = GPT2Config(
+        n_layer=f.n_layer,
+        n_head=f.n_head,
+        n_embd=f.n_embd,
+        n_positions=f.n_positions,
+        vocab_size=vocab_size,
+        # Our tokenizers use one <|endoftext|> for bos/eos; its id comes from the tokenizer.
+        bos_token_id=None,
+        eos_token_id=None,
+    )
+    set_seed(seed)
+    model: PreTrainedModel = AutoModelForCausalLM.from_config(
+        config, attn_implementation=attention_implementation()
+    )
+    return model
+
+
+def load_model(
+    spec: ModelSpec,
+    ctx: StageContext,
+    tokenizer_vocab_size: int,
+    *,
+    seed: int = 42,
+    eos_token_id: int | None = None,
+) -> PreTrainedModel:
+    """The model to train, in fp32, with its embeddings covering the tokenizer's vocabulary."""
+    if spec.fresh is not None:
+        model = _fresh_model(spec, tokenizer_vocab_size, seed)
+    elif spec.uri:
+        local = ctx.scratch_dir("base-model")
+        try:
+            ctx.open(spec.uri).download_dir("", local)
+        except StorageError as exc:
+            raise StageError(
+                f"model.uri {spec.uri}: {exc}; it must be a prefix holding a save_pretrained() "
+                "model (config.json and model.safetensors)"
+            ) from None
+        model = _from_pretrained(str(local), None, spec.uri)
+    elif spec.name:
+        model = _from_pretrained(spec.name, spec.revision, repr(spec.name))
+    else:  # the schema's CEL rule makes this unreachable
+        raise StageError("exactly one of model.name, model.uri or model.fresh must be set",
+                         reason="InvalidSpec")
+    if eos_token_id is not None:
+        model.config.eos_token_id = eos_token_id
+        model.config.bos_token_id = eos_token_id
+        model.config.pad_token_id = eos_token_id
+        if model.generation_config is not None:
+            model.generation_config.eos_token_id = eos_token_id
+            model.generation_config.bos_token_id = eos_token_id
+            model.generation_config.pad_token_id = eos_token_id
+    embeddings = model.get_input_embeddings()
+    n_embeddings = int(embeddings.weight.shape[0])  # type: ignore[union-attr]
+    if tokenizer_vocab_size > n_embeddings:
+        # A tokenizer with added tokens (model.tokenizer): grow the embedding table.
+        log.info("resizing embeddings %d -> %d for the tokenizer", n_embeddings,
+                 tokenizer_vocab_size)
+        model.resize_token_embeddings(tokenizer_vocab_size)
+    return model.float()
+
+
+def model_config_dict(model: Any) -> dict[str, Any]:
+    """The model's config as plain JSON data (for the resolved config)."""
+    import json
+
+    config = getattr(model, "config", None)
+    if config is None:
+        return {}
+    data: dict[str, Any] = json.loads(config.to_json_string(use_diff=False))
+    return data
+
+
+def save_model(model: Any, tokenizer: Any, local_dir: Path) -> None:
+    """``save_pretrained`` a standalone model (LoRA adapters merged) and its tokenizer."""
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover - peft is in the trainer extra
+        PeftModel = None  # noqa: N806
+    if PeftModel is not None and isinstance(model, PeftModel):
+        model = model.merge_and_unload()
+    local_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(local_dir))
+    tokenizer.save_pretrained(str(local_dir))

@@ -1,0 +1,249 @@
+"""Training rows from tokenized lines: packed blocks (default) or one padded line per row.
+
+Usage::
+
+    rows = build_rows(tokens, offsets, block_size=512, eos_id=eos, packing=True)
+    batch = collate(rows, [3, 17, 42], pad_id=eos)   # numpy arrays, ready for torch
+    kwargs = model_inputs(batch_tensors, attn_implementation="sdpa", dtype=torch.bfloat16)
+    logits = model(**kwargs).logits
+    nll_sum, n = token_nll_sum(logits, batch_tensors["labels"])
+
+Inputs are the prepare stage's arrays: ``tokens`` (flat uint32 ids, no special
+tokens) and ``offsets`` (int64, lines + 1). Every line gets an eos appended, so
+the model learns where a line ends.
+
+**Packing** (``packing=True``) fills rows of exactly ``block_size`` tokens greedily,
+in line order: a line goes into the current row if it fits, otherwise the row is
+closed (the rest is padding) and a new one starts. A line longer than a block is
+cut into block-size chunks, each its own segment. Rows are made of *segments*
+(one per line or chunk), and segments never see each other:
+
+* ``position_ids`` restart at 0 at every segment start (GPT-2's learned positions
+  then see exactly what they would see for the line alone);
+* the attention mask is block-diagonal causal: a float ``[B, 1, T, T]`` mask with
+  0 where query ``q`` may attend key ``k`` (same segment and ``k <= q``) and the
+  dtype's minimum elsewhere. Padding is its own segment, so no row is empty;
+* ``labels`` follow the Hugging Face convention (the model shifts them: the logits
+  at ``t`` are scored against ``labels[t + 1]``). ``labels`` are the input ids,
+  except ``-100`` on the *first token of every segment* and on padding: so the
+  last token of a segment (its eos) is never trained to predict the next
+  segment's first token, and the first token of a line is never predicted (as
+  when the line is run alone, with no BOS). The summed loss of a packed row is
+  therefore exactly the sum of the losses of its lines run one by one
+  (``tests/unit/test_packing.py`` checks this to 1e-5).
+
+With ``flash_attention_2`` the 4D mask is not supported; there the model gets
+only ``position_ids`` and transformers derives the per-segment varlen attention
+from the restarts ("padding-free" packing). The same derivation exists for sdpa
+and eager in transformers >= 5 but only when ``use_cache=False`` and no mask is
+given; the explicit mask does not depend on that, so it is the default.
+
+**No packing** (``packing=False``): one line (or chunk of a long line) per row,
+padded to the longest row of the batch (not to ``block_size``), with a 2D padding
+mask; labels are ``-100`` on padding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class Rows:
+    """Training rows over one flat token stream.
+
+    ``stream`` holds every line followed by eos; ``seg_start`` is True where a
+    segment (line or chunk) starts; row ``i`` is ``stream[row_offsets[i]:row_offsets[i+1]]``.
+    """
+
+    stream: np.ndarray  # int32 [n_tokens]
+    seg_start: np.ndarray  # bool [n_tokens]
+    row_offsets: np.ndarray  # int64 [n_rows + 1]
+    block_size: int
+    packed: bool
+
+    def __len__(self) -> int:
+        return len(self.row_offsets) - 1
+
+    @property
+    def tokens(self) -> int:
+        """Real (non-padding) tokens, eos included."""
+        return int(self.stream.shape[0])
+
+    @property
+    def segments(self) -> int:
+        return int(self.seg_start.sum())
+
+    @property
+    def efficiency(self) -> float:
+        """Share of the token slots of full-length rows holding real tokens (packed mode)."""
+        slots = len(self) * self.block_size
+        return self.tokens / slots if slots else 0.0
+
+    def row_lengths(self) -> np.ndarray:
+        return np.diff(self.row_offsets)
+
+
+def _stream_with_eos(tokens: np.ndarray, offsets: np.ndarray, eos_id: int) -> np.ndarray:
+    """Lines followed by eos, concatenated (vectorised: no per-line Python)."""
+    n_lines = len(offsets) - 1
+    out = np.empty(int(offsets[-1]) + n_lines, dtype=np.int32)
+    eos_at = offsets[1:] + np.arange(n_lines)  # index of each line's eos in ``out``
+    is_eos = np.zeros(out.shape[0], dtype=bool)
+    is_eos[eos_at] = True
+    out[is_eos] = eos_id
+    out[~is_eos] = tokens[: int(offsets[-1])]
+    return out
+
+
+def _segment_lengths(line_lengths: np.ndarray, block_size: int) -> np.ndarray:
+    """Lengths of the segments: each line, with lines longer than a block cut into chunks."""
+    if not (line_lengths > block_size).any():
+        return line_lengths
+    chunks = -(-line_lengths // block_size)  # ceil
+    seg = np.repeat(np.full(len(line_lengths), block_size, dtype=np.int64), chunks)
+    last = np.cumsum(chunks) - 1
+    seg[last] = line_lengths - (chunks - 1) * block_size
+    return seg
+
+
+def _greedy_rows(seg_lengths: np.ndarray, block_size: int) -> np.ndarray:
+    """Row boundaries (token offsets) filling each row with whole segments, in order."""
+    bounds = [0]
+    fill = 0
+    pos = 0
+    for length in seg_lengths.tolist():
+        if fill + length > block_size:
+            bounds.append(pos)
+            fill = 0
+        fill += length
+        pos += length
+    bounds.append(pos)
+    return np.asarray(bounds, dtype=np.int64)
+
+
+def build_rows(
+    tokens: np.ndarray,
+    offsets: np.ndarray,
+    *,
+    block_size: int,
+    eos_id: int,
+    packing: bool = True,
+) -> Rows:
+    """Rows of packed blocks (``packing``) or of single lines, from prepare's arrays."""
+    if block_size < 2:
+        raise ValueError(f"block_size must be >= 2, got {block_size}")
+    offsets = np.asarray(offsets, dtype=np.int64)
+    if len(offsets) < 2 or offsets[-1] <= 0:
+        raise ValueError("no tokens to build training rows from")
+    lengths = np.diff(offsets)
+    if (lengths == 0).any():
+        # An empty line would be a lone eos; it holds no tokens, so dropping it is
+        # only a matter of dropping its offset.
+        offsets = np.concatenate([[0], np.cumsum(lengths[lengths > 0])]).astype(np.int64)
+    stream = _stream_with_eos(np.asarray(tokens), offsets, eos_id)
+    line_lengths = np.diff(offsets) + 1
+    seg_lengths = _segment_lengths(line_lengths, block_size)
+    seg_start = np.zeros(stream.shape[0], dtype=bool)
+    seg_start[np.cumsum(seg_lengths) - seg_lengths] = True
+    if packing:
+        row_offsets = _greedy_rows(seg_lengths, block_size)
+    else:
+        row_offsets = np.concatenate([[0], np.cumsum(seg_lengths)]).astype(np.int64)
+    return Rows(stream, seg_start, row_offsets, block_size, packing)
+
+
+def collate(rows: Rows, indices: np.ndarray | list[int], pad_id: int) -> dict[str, np.ndarray]:
+    """Numpy arrays of one batch: input_ids, position_ids, segment_ids, labels, attention_mask.
+
+    Packed rows are padded to ``block_size`` (fixed shapes); unpacked rows to the
+    longest row in the batch. ``segment_ids`` are 0, 1, ... per segment inside a
+    row, and padding gets the next id (its own segment).
+    """
+    starts = rows.row_offsets[np.asarray(indices)]
+    ends = rows.row_offsets[np.asarray(indices) + 1]
+    lengths = ends - starts
+    width = rows.block_size if rows.packed else int(lengths.max())
+    b = len(starts)
+    input_ids = np.full((b, width), pad_id, dtype=np.int64)
+    seg_start = np.zeros((b, width), dtype=bool)
+    real = np.zeros((b, width), dtype=bool)
+    for i, (s, e) in enumerate(zip(starts.tolist(), ends.tolist(), strict=True)):
+        n = e - s
+        input_ids[i, :n] = rows.stream[s:e]
+        seg_start[i, :n] = rows.seg_start[s:e]
+        real[i, :n] = True
+    # Padding starts a segment of its own (rows that are full have no padding).
+    pad_first = np.minimum(lengths, width - 1)
+    has_pad = lengths < width
+    seg_start[np.arange(b)[has_pad], pad_first[has_pad]] = True
+    seg_start[:, 0] = True
+    segment_ids = np.cumsum(seg_start, axis=1, dtype=np.int32) - 1
+    col = np.broadcast_to(np.arange(width, dtype=np.int64), (b, width))
+    last_start = np.maximum.accumulate(np.where(seg_start, col, 0), axis=1)
+    position_ids = col - last_start
+    labels = np.where(seg_start | ~real, IGNORE_INDEX, input_ids)
+    return {
+        "input_ids": input_ids,
+        "position_ids": position_ids,
+        "segment_ids": segment_ids,
+        "labels": labels,
+        "attention_mask": real.astype(np.int64),
+    }
+
+
+def count_targets(labels: np.ndarray) -> int:
+    """Tokens that are predicted (after the model's one-token shift)."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def block_causal_mask(segment_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Float ``[B, 1, T, T]`` mask: 0 where attention is allowed, dtype-min elsewhere."""
+    import torch
+
+    t = segment_ids.shape[1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=segment_ids.device).tril()
+    allowed = (segment_ids[:, :, None] == segment_ids[:, None, :]) & causal
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=segment_ids.device)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[:, None]
+
+
+def model_inputs(
+    batch: dict[str, torch.Tensor],
+    *,
+    packed: bool,
+    attn_implementation: str,
+    mask_dtype: torch.dtype,
+) -> dict[str, Any]:
+    """Keyword arguments for a Hugging Face causal LM forward (no labels, no cache)."""
+    kwargs: dict[str, Any] = {"input_ids": batch["input_ids"], "use_cache": False}
+    if not packed:
+        kwargs["attention_mask"] = batch["attention_mask"]
+        return kwargs
+    kwargs["position_ids"] = batch["position_ids"]
+    if not attn_implementation.startswith("flash_attention"):
+        kwargs["attention_mask"] = block_causal_mask(batch["segment_ids"], mask_dtype)
+    return kwargs
+
+
+def token_nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token NLL (fp32) with the model's shift; ``-100`` labels are skipped."""
+    import torch.nn.functional as F
+
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, 1:]
+    return F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]),
+        shift_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
