@@ -43,7 +43,7 @@ class Figure:
 
 
 def target_met(value: float | None, target: str | None) -> bool | None:
-    """True/False when ``value`` meets ``target`` (``">= 10"``, ``"< 1"``...), None if either is missing."""
+    """Whether ``value`` meets ``target`` (``">= 10"``, ``"< 1"``); None if either is missing."""
     if value is None or target is None:
         return None
     op, _, number = target.strip().partition(" ")
@@ -61,7 +61,9 @@ def target_met(value: float | None, target: str | None) -> bool | None:
 
 def not_measured(names: list[tuple[str, str, str | None]], reason: str) -> list[Figure]:
     """Figures (name, unit, target) that could not be measured, all with the same reason."""
-    return [Figure(name, None, unit, target, f"not measured: {reason}") for name, unit, target in names]
+    return [
+        Figure(name, None, unit, target, f"not measured: {reason}") for name, unit, target in names
+    ]
 
 
 def git_commit(repo: Path = REPO_ROOT) -> str | None:
@@ -69,11 +71,17 @@ def git_commit(repo: Path = REPO_ROOT) -> str | None:
     try:
         sha = subprocess.run(
             ["git", "-C", str(repo), "rev-parse", "HEAD"],
-            capture_output=True, text=True, check=True, timeout=10,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
         ).stdout.strip()
         dirty = subprocess.run(
             ["git", "-C", str(repo), "status", "--porcelain"],
-            capture_output=True, text=True, check=True, timeout=30,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None

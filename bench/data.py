@@ -20,8 +20,23 @@ from bench.common import TLDR_PAGES
 
 # Words that the variations swap in; they look like tldr text, not like noise.
 _VARIANT_WORDS = (
-    "file", "directory", "archive", "remote", "local", "current", "given", "new", "old",
-    "specific", "all", "hidden", "recursive", "verbose", "compressed", "default", "user",
+    "file",
+    "directory",
+    "archive",
+    "remote",
+    "local",
+    "current",
+    "given",
+    "new",
+    "old",
+    "specific",
+    "all",
+    "hidden",
+    "recursive",
+    "verbose",
+    "compressed",
+    "default",
+    "user",
 )
 
 
@@ -65,7 +80,9 @@ def vary_line(line: str, copy: int, index: int) -> str:
     return line.replace(" ", f" {word} ", 1) if " " in line else f"{line} {copy}"
 
 
-def varied_corpus(n_lines: int, base: list[tuple[str, str]] | None = None) -> Iterator[tuple[str, str]]:
+def varied_corpus(
+    n_lines: int, base: list[tuple[str, str]] | None = None
+) -> Iterator[tuple[str, str]]:
     """``n_lines`` (document, line) pairs: the corpus once, then varied copies of it."""
     base = base if base is not None else tldr_documents()
     produced = 0

@@ -27,20 +27,36 @@ from bench.common import REPO_ROOT, Figure
 from bench.data import write_corpus
 
 
-def run_worker(side: str, corpus: Path, lines: int, tokenizer: Path, threads: int) -> dict[str, Any]:
+def run_worker(
+    side: str, corpus: Path, lines: int, tokenizer: Path, threads: int
+) -> dict[str, Any]:
     """Run one side in a child; its result JSON plus ``peak_rss_mb`` and ``wall_s``."""
     work = scratch_root() / f"prepare-{side}-{lines}"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     result = work / "result.json"
     argv = [
-        sys.executable, "-m", "bench.prepare_worker", "--side", side, "--corpus", str(corpus),
-        "--lines", str(lines), "--tokenizer", str(tokenizer), "--out", str(work / "out"),
-        "--result", str(result), "--threads", str(threads),
+        sys.executable,
+        "-m",
+        "bench.prepare_worker",
+        "--side",
+        side,
+        "--corpus",
+        str(corpus),
+        "--lines",
+        str(lines),
+        "--tokenizer",
+        str(tokenizer),
+        "--out",
+        str(work / "out"),
+        "--result",
+        str(result),
+        "--threads",
+        str(threads),
     ]
     env = dict(os.environ)
     paths = [str(REPO_ROOT), str(REPO_ROOT / "trainer"), str(REPO_ROOT / "operator")]
-    env["PYTHONPATH"] = os.pathsep.join(paths + [env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join([*paths, env.get("PYTHONPATH", "")])
     start = time.perf_counter()
     proc = subprocess.Popen(argv, cwd=REPO_ROOT, env=env)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -57,7 +73,7 @@ def run_worker(side: str, corpus: Path, lines: int, tokenizer: Path, threads: in
 
 def run(quick: bool, threads: int) -> tuple[list[Figure], dict[str, Any]]:
     lines = 200_000 if quick else 1_000_000
-    baseline_lines = 50_000 if quick else 100_000
+    baseline_lines = 30_000 if quick else 100_000
     tokenizer = bench_tokenizer()
     corpus = write_corpus(scratch_root() / f"corpus-{lines}.tsv", lines)
     try:
@@ -68,15 +84,40 @@ def run(quick: bool, threads: int) -> tuple[list[Figure], dict[str, Any]]:
         corpus.unlink(missing_ok=True)
     speedup = small["lines_per_s"] / base["lines_per_s"]
     figures = [
-        Figure("prepare_lines_per_s", big["lines_per_s"], "lines/s", None,
-               f"kubetune prepare_lines on {lines:,} lines (tldr x variations)"),
-        Figure("prepare_peak_rss_mb", big["peak_rss_mb"], "MiB", "< 2048",
-               f"child process peak RSS, {lines:,} lines"),
-        Figure("prepare_baseline_lines_per_s", base["lines_per_s"], "lines/s", None,
-               f"per-line loop on the first {baseline_lines:,} lines"),
-        Figure("prepare_speedup", speedup, "x", ">= 5",
-               f"same first {baseline_lines:,} lines both sides"),
-        Figure("prepare_baseline_peak_rss_mb", base["peak_rss_mb"], "MiB", None,
-               f"per-line loop, {baseline_lines:,} lines"),
+        Figure(
+            "prepare_lines_per_s",
+            big["lines_per_s"],
+            "lines/s",
+            None,
+            f"kubetune prepare_lines on {lines:,} lines (tldr x variations)",
+        ),
+        Figure(
+            "prepare_peak_rss_mb",
+            big["peak_rss_mb"],
+            "MiB",
+            "< 2048",
+            f"child process peak RSS, {lines:,} lines",
+        ),
+        Figure(
+            "prepare_baseline_lines_per_s",
+            base["lines_per_s"],
+            "lines/s",
+            None,
+            f"per-line loop on the first {baseline_lines:,} lines",
+        ),
+        Figure(
+            "prepare_speedup",
+            speedup,
+            "x",
+            ">= 5",
+            f"same first {baseline_lines:,} lines both sides",
+        ),
+        Figure(
+            "prepare_baseline_peak_rss_mb",
+            base["peak_rss_mb"],
+            "MiB",
+            None,
+            f"per-line loop, {baseline_lines:,} lines",
+        ),
     ]
     return figures, {"kubetune_full": big, "kubetune_subset": small, "baseline_subset": base}

@@ -23,7 +23,9 @@ from pathlib import Path
 from typing import Any
 
 
-def _baseline(rows: Any, tokenizer: Any, out: Path, seed: int, test_fraction: float) -> dict[str, Any]:
+def _baseline(
+    rows: Any, tokenizer: Any, out: Path, seed: int, test_fraction: float
+) -> dict[str, Any]:
     import numpy as np
     from kubetune_trainer.cleaning import Cleaner
     from kubetune_trainer.schema import CleanSpec
@@ -60,12 +62,18 @@ def _baseline(rows: Any, tokenizer: Any, out: Path, seed: int, test_fraction: fl
     }
 
 
-def _kubetune(rows: Any, tokenizer: Any, out: Path, seed: int, test_fraction: float) -> dict[str, Any]:
+def _kubetune(
+    rows: Any, tokenizer: Any, out: Path, seed: int, test_fraction: float
+) -> dict[str, Any]:
     from kubetune_trainer.prepare import prepare_lines
     from kubetune_trainer.schema import CleanSpec, SplitSpec
 
     prepared = prepare_lines(
-        rows, CleanSpec(), SplitSpec(test_fraction=test_fraction, seed=seed), tokenizer, out,
+        rows,
+        CleanSpec(),
+        SplitSpec(test_fraction=test_fraction, seed=seed),
+        tokenizer,
+        out,
         source="bench corpus",
     )
     s = prepared.stats

@@ -51,23 +51,38 @@ TEST_LINES = 400
 def make_job(output: str, training: dict[str, Any], max_documents: int, vocab: int) -> Any:
     from kubetune_trainer.schema import parse_job
 
-    return parse_job({
-        "apiVersion": "kubetune.io/v1alpha1",
-        "kind": "FineTuneJob",
-        "metadata": {"name": "bench-train"},
-        "spec": {
-            "model": {"fresh": {**MODEL, "vocabSize": vocab},
-                      "tokenizer": f"file://{bench_tokenizer()}"},
-            "dataset": {"source": f"file://{TLDR_PAGES}/", "format": "markdown",
-                        "maxDocuments": max_documents,
-                        "split": {"testFraction": 0.1, "seed": SEED}},
-            "training": {"precision": "fp32", "learningRate": LEARNING_RATE,
-                         "scheduler": "cosine", "warmupRatio": WARMUP_FRACTION,
-                         "seed": SEED, "maxGradNorm": 1.0, "weightDecay": 0.0, **training},
-            "evaluation": {"perplexity": True, "bleu": {"enabled": False}, "baseline": False},
-            "storage": {"output": output},
+    return parse_job(
+        {
+            "apiVersion": "kubetune.io/v1alpha1",
+            "kind": "FineTuneJob",
+            "metadata": {"name": "bench-train"},
+            "spec": {
+                "model": {
+                    "fresh": {**MODEL, "vocabSize": vocab},
+                    "tokenizer": f"file://{bench_tokenizer()}",
+                },
+                "dataset": {
+                    "source": f"file://{TLDR_PAGES}/",
+                    "format": "markdown",
+                    "maxDocuments": max_documents,
+                    "split": {"testFraction": 0.1, "seed": SEED},
+                },
+                "training": {
+                    "precision": "fp32",
+                    "learningRate": LEARNING_RATE,
+                    "scheduler": "cosine",
+                    "warmupRatio": WARMUP_FRACTION,
+                    "seed": SEED,
+                    "maxGradNorm": 1.0,
+                    "weightDecay": 0.0,
+                    **training,
+                },
+                "evaluation": {"perplexity": True, "bleu": {"enabled": False}, "baseline": False},
+                "storage": {"output": output},
+            },
         },
-    }, source="bench")
+        source="bench",
+    )
 
 
 def _read_jsonl_texts(path: Path) -> list[str]:
@@ -83,8 +98,14 @@ def _steady_tokens_per_s(metrics_path: Path) -> float:
     return float(records[-1]["tokens_per_second"])
 
 
-def run_kubetune(workdir: Path, name: str, training: dict[str, Any], dataset_from: Path | None,
-                 max_documents: int, vocab: int) -> dict[str, Any]:
+def run_kubetune(
+    workdir: Path,
+    name: str,
+    training: dict[str, Any],
+    dataset_from: Path | None,
+    max_documents: int,
+    vocab: int,
+) -> dict[str, Any]:
     """prepare (unless ``dataset_from``) + train in their own output; figures of the run."""
     from kubetune_trainer import prepare, train
     from kubetune_trainer.context import make_context
@@ -115,8 +136,9 @@ def run_kubetune(workdir: Path, name: str, training: dict[str, Any], dataset_fro
     }
 
 
-def run_template(train_texts: list[str], tokenizer_dir: Path, steps: int, vocab: int,
-                 workdir: Path) -> dict[str, Any]:
+def run_template(
+    train_texts: list[str], tokenizer_dir: Path, steps: int, vocab: int, workdir: Path
+) -> dict[str, Any]:
     """The course template: HF Trainer, padding to 512, batch 8; steady tokens/s and the model."""
     import torch
     from datasets import Dataset
@@ -134,12 +156,21 @@ def run_template(train_texts: list[str], tokenizer_dir: Path, steps: int, vocab:
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     lines = train_texts[: steps * TEMPLATE_BATCH]
     dataset = Dataset.from_dict({"text": lines}).map(
-        lambda b: tokenizer(b["text"], padding="max_length", max_length=TEMPLATE_MAX_LENGTH,
-                            truncation=True),
-        batched=True, remove_columns=["text"])
-    config = GPT2Config(n_layer=MODEL["nLayer"], n_head=MODEL["nHead"], n_embd=MODEL["nEmbd"],
-                        n_positions=MODEL["nPositions"], vocab_size=vocab,
-                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+        lambda b: tokenizer(
+            b["text"], padding="max_length", max_length=TEMPLATE_MAX_LENGTH, truncation=True
+        ),
+        batched=True,
+        remove_columns=["text"],
+    )
+    config = GPT2Config(
+        n_layer=MODEL["nLayer"],
+        n_head=MODEL["nHead"],
+        n_embd=MODEL["nEmbd"],
+        n_positions=MODEL["nPositions"],
+        vocab_size=vocab,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     set_seed(SEED)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
 
@@ -158,14 +189,30 @@ def run_template(train_texts: list[str], tokenizer_dir: Path, steps: int, vocab:
             step_ends.append(time.perf_counter())
 
     args = TrainingArguments(
-        output_dir=str(workdir / "template"), per_device_train_batch_size=TEMPLATE_BATCH,
-        max_steps=steps, learning_rate=LEARNING_RATE, lr_scheduler_type="cosine",
-        warmup_steps=math.ceil(WARMUP_FRACTION * steps), weight_decay=0.0, max_grad_norm=1.0,
-        logging_steps=max(steps, 1), save_strategy="no", report_to=[], use_cpu=True,
-        dataloader_num_workers=0, disable_tqdm=True, seed=SEED, data_seed=SEED,
+        output_dir=str(workdir / "template"),
+        per_device_train_batch_size=TEMPLATE_BATCH,
+        max_steps=steps,
+        learning_rate=LEARNING_RATE,
+        lr_scheduler_type="cosine",
+        warmup_steps=math.ceil(WARMUP_FRACTION * steps),
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        logging_steps=max(steps, 1),
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        seed=SEED,
+        data_seed=SEED,
     )
-    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=counting_collator,
-                      callbacks=[StepClock()])
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=counting_collator,
+        callbacks=[StepClock()],
+    )
     start = time.perf_counter()
     out = trainer.train()
     wall = time.perf_counter() - start
@@ -191,8 +238,9 @@ def test_loss(model: Any, tokenizer: Any, texts: list[str]) -> float:
     from kubetune_trainer.tokenizer_build import encode_batch
 
     ids = encode_batch(tokenizer, texts)
-    result = score_sequences(model, ids, context_token=None, max_length=MODEL["nPositions"],
-                             batch_size=8)
+    result = score_sequences(
+        model, ids, context_token=None, max_length=MODEL["nPositions"], batch_size=8
+    )
     return result.nll_sum / result.predicted_tokens
 
 
@@ -205,8 +253,8 @@ def run(quick: bool, threads: int) -> tuple[list[Figure], dict[str, Any]]:
     logging.getLogger("kubetune_trainer").setLevel(logging.WARNING)
     os.environ.setdefault("KUBETUNE_METRICS_PORT", "0")
     torch.set_num_threads(threads)
-    steps = 12 if quick else 100
-    shape_steps = 4 if quick else 12
+    steps = 6 if quick else 40
+    shape_steps = 3 if quick else 8
     max_documents = 1500 if quick else 4000
     workdir = scratch_root() / "train"
     shutil.rmtree(workdir, ignore_errors=True)
@@ -224,12 +272,23 @@ def run(quick: bool, threads: int) -> tuple[list[Figure], dict[str, Any]]:
     stats = prepare.run(make_context(prep_job, scratch=workdir / "data-scratch")).stats
     mean_line = stats.train_tokens / stats.train_lines
     row = int(round(TEMPLATE_BATCH * (mean_line + 1) / 8) * 8)
-    budget = {"maxSteps": steps, "batchSize": 1, "maxSeqLength": row, "packing": True,
-              "logEverySteps": 100_000, "checkpointEverySteps": 100_000}
+    budget = {
+        "maxSteps": steps,
+        "batchSize": 1,
+        "maxSeqLength": row,
+        "packing": True,
+        "logEverySteps": 100_000,
+        "checkpointEverySteps": 100_000,
+    }
     kt = run_kubetune(workdir, "budget", budget, data_dir, max_documents, vocab)
-    shape = {"maxSteps": shape_steps, "batchSize": TEMPLATE_BATCH,
-             "maxSeqLength": TEMPLATE_MAX_LENGTH, "packing": True,
-             "logEverySteps": 100_000, "checkpointEverySteps": 100_000}
+    shape = {
+        "maxSteps": shape_steps,
+        "batchSize": TEMPLATE_BATCH,
+        "maxSeqLength": TEMPLATE_MAX_LENGTH,
+        "packing": True,
+        "logEverySteps": 100_000,
+        "checkpointEverySteps": 100_000,
+    }
     kt_shape = run_kubetune(workdir, "shape", shape, data_dir, max_documents, vocab)
 
     train_texts = _read_jsonl_texts(data_dir / "dataset" / "train.jsonl")
@@ -244,24 +303,59 @@ def run(quick: bool, threads: int) -> tuple[list[Figure], dict[str, Any]]:
     shape_speedup = kt_shape["steady_tokens_per_s"] / tpl["steady_tokens_per_s"]
     note = f"{steps} steps each, ~8 lines/step, fp32, {threads} threads"
     figures = [
-        Figure("train_tokens_per_s", kt["steady_tokens_per_s"], "tok/s", None,
-               f"kubetune packed, 1 x {row} tokens/step (~8 lines), steady state"),
-        Figure("template_tokens_per_s", tpl["steady_tokens_per_s"], "tok/s", None,
-               "HF Trainer, 8 x 512 padded, useful tokens only, steady state"),
+        Figure(
+            "train_tokens_per_s",
+            kt["steady_tokens_per_s"],
+            "tok/s",
+            None,
+            f"kubetune packed, 1 x {row} tokens/step (~8 lines), steady state",
+        ),
+        Figure(
+            "template_tokens_per_s",
+            tpl["steady_tokens_per_s"],
+            "tok/s",
+            None,
+            "HF Trainer, 8 x 512 padded, useful tokens only, steady state",
+        ),
         Figure("train_speedup_vs_template", speedup, "x", ">= 10", note),
-        Figure("train_test_loss", kt_loss, "nats/token", None,
-               f"{len(test_texts)} held-out lines, after {kt['steps']} steps"),
-        Figure("template_test_loss", tpl_loss, "nats/token", None,
-               f"same lines, after {tpl['steps']} steps"),
-        Figure("train_tokens_per_s_8x512", kt_shape["steady_tokens_per_s"], "tok/s", None,
-               f"kubetune packed at the template's shape 8 x 512, {shape_steps} steps"),
-        Figure("train_speedup_same_shape", shape_speedup, "x", ">= 10",
-               "8 x 512 packed vs 8 x 512 padded"),
+        Figure(
+            "train_test_loss",
+            kt_loss,
+            "nats/token",
+            None,
+            f"{len(test_texts)} held-out lines, after {kt['steps']} steps",
+        ),
+        Figure(
+            "template_test_loss",
+            tpl_loss,
+            "nats/token",
+            None,
+            f"same lines, after {tpl['steps']} steps",
+        ),
+        Figure(
+            "train_tokens_per_s_8x512",
+            kt_shape["steady_tokens_per_s"],
+            "tok/s",
+            None,
+            f"kubetune packed at the template's shape 8 x 512, {shape_steps} steps",
+        ),
+        Figure(
+            "train_speedup_same_shape",
+            shape_speedup,
+            "x",
+            ">= 10",
+            "8 x 512 packed vs 8 x 512 padded",
+        ),
     ]
     for d in (kt, kt_shape):
         d["output"] = str(d["output"])
-    details = {"kubetune_budget": kt, "kubetune_shape": kt_shape, "template": tpl,
-               "row_tokens": row, "mean_line_tokens": mean_line,
-               "dataset": stats.to_wire()}
+    details = {
+        "kubetune_budget": kt,
+        "kubetune_shape": kt_shape,
+        "template": tpl,
+        "row_tokens": row,
+        "mean_line_tokens": mean_line,
+        "dataset": stats.to_wire(),
+    }
     shutil.rmtree(workdir, ignore_errors=True)
     return figures, details

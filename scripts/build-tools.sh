@@ -32,6 +32,12 @@ fi
 # Two build jobs at most: the machines this runs on are small and shared.
 export GOFLAGS="${GOFLAGS:--p=2}"
 mkdir -p "$bin_dir"
+# One build at a time per cache (`make tools` and a test run may start together); the
+# second waits and then finds everything cached.
+if command -v flock >/dev/null 2>&1; then
+    exec 9>"$tools_dir/.lock"
+    flock 9
+fi
 
 module_version() {
     (cd "$tools_module" && go list -m -f '{{.Version}}' "$1") \
@@ -97,8 +103,10 @@ install_binary helm "$HELM_VERSION" go_install "helm.sh/helm/v3/cmd/helm@$HELM_V
 install_binary kubeconform "$KUBECONFORM_VERSION" go_install \
     "github.com/yannh/kubeconform/cmd/kubeconform@$KUBECONFORM_VERSION" "-X main.version=$KUBECONFORM_VERSION"
 
-for name in etcd kube-apiserver kube-controller-manager kube-scheduler helm kubeconform; do
-    "$bin_dir/$name" --version >/dev/null 2>&1 || [ "$name" = kubeconform ] || [ "$name" = helm ] \
-        || die "$bin_dir/$name does not run"
+# Smoke-check every binary, so a broken build fails here rather than in a test.
+for name in etcd kube-apiserver kube-controller-manager kube-scheduler; do
+    "$bin_dir/$name" --version >/dev/null 2>&1 || die "$bin_dir/$name --version failed"
 done
+"$bin_dir/helm" version --short >/dev/null 2>&1 || die "$bin_dir/helm version failed"
+"$bin_dir/kubeconform" -v >/dev/null 2>&1 || die "$bin_dir/kubeconform -v failed"
 echo "$bin_dir"

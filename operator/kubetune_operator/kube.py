@@ -122,9 +122,15 @@ class Kube:
         return self.request("GET", path, accept=METADATA_ONLY)
 
     def list(self, path: str, label_selector: str = "") -> list[Obj]:
+        """Items of a collection, each with its ``kind`` and ``apiVersion`` (lists omit them)."""
         query = {"labelSelector": label_selector} if label_selector else None
         answer = self.request("GET", path, query=query) or {}
-        return list(answer.get("items") or [])
+        kind = str(answer.get("kind") or "").removesuffix("List")
+        items = list(answer.get("items") or [])
+        for item in items:
+            item.setdefault("kind", kind)
+            item.setdefault("apiVersion", answer.get("apiVersion"))
+        return items
 
     def create(self, path: str, body: Obj) -> Obj:
         return self.request("POST", path, body=body) or {}

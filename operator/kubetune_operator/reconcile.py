@@ -325,7 +325,7 @@ class Reconciler:
         new_status, events = compute_status(old_status, view, utcnow())
         patch = status_patch(old_status, new_status)
         if patch is not None:
-            self.kube.merge_patch(ftj_path(ns, name) + "/status", patch)
+            self.kube.merge_patch(ftj_path(ns, name) + "/status", {"status": patch})
             log.info("%s/%s: %s %s", ns, name, new_status["phase"], new_status.get("message", ""))
         for event in [*posted, *events]:
             self._post_event(body, event)
@@ -558,10 +558,12 @@ class Reconciler:
         self.kube.merge_patch(
             ftj_path(meta["namespace"], meta["name"]) + "/status",
             {
-                "phase": Phase.FAILED.value,
-                "observedGeneration": meta.get("generation"),
-                "conditions": cond,
-                "message": message,
+                "status": {
+                    "phase": Phase.FAILED.value,
+                    "observedGeneration": meta.get("generation"),
+                    "conditions": cond,
+                    "message": message,
+                }
             },
         )
         self._post_event(body, Event("Warning", Reason.INVALID_SPEC.value, message))

@@ -255,3 +255,30 @@ def upload_files(s3_client: Any, bucket: str, prefix: str, files: list[Path]) ->
 
 def upload_text(s3_client: Any, bucket: str, key: str, text: str) -> None:
     s3_client.put_object(Bucket=bucket, Key=key, Body=text.encode())
+
+
+def service_account_kubeconfig(
+    admin_kubeconfig: Path, namespace: str, name: str, path: Path
+) -> Path:
+    """A kubeconfig that authenticates as ServiceAccount ``namespace/name`` (a bound token)."""
+    raw = yaml.safe_load(kubectl(admin_kubeconfig, "config", "view", "--raw", "--minify").stdout)
+    token = kubectl(
+        admin_kubeconfig, "-n", namespace, "create", "token", name, "--duration=2h"
+    ).stdout.strip()
+    cluster = raw["clusters"][0]
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [cluster],
+        "users": [{"name": name, "user": {"token": token}}],
+        "contexts": [
+            {
+                "name": name,
+                "context": {"cluster": cluster["name"], "user": name, "namespace": namespace},
+            }
+        ],
+        "current-context": name,
+    }
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    path.chmod(0o600)
+    return path

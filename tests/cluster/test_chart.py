@@ -239,7 +239,12 @@ def _replica_sets(rel: Release) -> list[dict[str, Any]]:
 
 def test_helm_install_brings_the_operator_up_with_the_charts_rbac(release: Release) -> None:
     rel = release
-    rel.helm("install", RELEASE, str(CHART), "-f", str(rel.values_file))
+    installed = rel.helm("install", RELEASE, str(CHART), "-f", str(rel.values_file))
+    # NOTES.txt tells the user what to apply next (helm template cannot render it).
+    notes = installed.stdout.split("NOTES:", 1)[1]
+    assert f"kubectl apply -n {rel.jobs_namespace} -f examples/tldr-gpt2.yaml" in notes
+    assert f"kubectl get ftj -n {rel.jobs_namespace} -w" in notes
+    assert f"rollout status deployment/{FULLNAME}" in notes
     # The ServiceAccount exists now: give the operator a kubeconfig that acts as it.
     kubeconfig = _sa_kubeconfig(rel.cluster, rel.namespace, FULLNAME)
     rel.kubectl(

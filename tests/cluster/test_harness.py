@@ -154,9 +154,7 @@ def test_failing_job_fails_after_backoff_limit_with_exit_code_and_message(
 ) -> None:
     # The termination message path is remapped into the pod's sandbox like any mount.
     code = "open('/dev/termination-log', 'w').write('bad input'); raise SystemExit(3)"
-    batch_api(api).create_namespaced_job(
-        k8s_namespace, python_job("fails", code, backoff_limit=1)
-    )
+    batch_api(api).create_namespaced_job(k8s_namespace, python_job("fails", code, backoff_limit=1))
 
     # backoffLimit 1 = two pods; the Job controller waits ~10s (pod-failure backoff) in between.
     condition = job_condition(api, k8s_namespace, "fails", timeout=120)
@@ -179,9 +177,7 @@ def test_deleting_job_kills_its_process_and_gc_removes_pods(
 ) -> None:
     pid_file = tmp_path / "pid"  # a host path: not under any mountPath, so not remapped
     code = "import os, sys, time; open(sys.argv[1], 'w').write(str(os.getpid())); time.sleep(300)"
-    batch_api(api).create_namespaced_job(
-        k8s_namespace, python_job("sleeper", code, str(pid_file))
-    )
+    batch_api(api).create_namespaced_job(k8s_namespace, python_job("sleeper", code, str(pid_file)))
     pid = wait_for_pid(pid_file)
     assert pid_alive(pid)
 
@@ -363,10 +359,10 @@ def test_restricted_pod_security_rejects_privileged_pod(
     )
     with pytest.raises(ApiException) as rejected:
         core_api(api).create_namespaced_pod(k8s_namespace, pod)
-    body = str(rejected.value.body)
     assert rejected.value.status == 403
-    assert 'violates PodSecurity "restricted:latest"' in body
-    assert "privileged" in body
+    message = json.loads(str(rejected.value.body))["message"]
+    assert 'violates PodSecurity "restricted:latest"' in message
+    assert "securityContext.privileged=true" in message
 
 
 # -- Tools, S3, Prometheus -----------------------------------------------------------------

@@ -29,6 +29,7 @@ from operator_helpers import (
     get_ftj,
     get_json,
     kubectl,
+    service_account_kubeconfig,
     tiny_job,
     upload_files,
     upload_text,
@@ -88,9 +89,18 @@ def env(
         f"--from-literal=AWS_ACCESS_KEY_ID=AK{uuid.uuid4().hex[:16].upper()}",
         f"--from-literal=AWS_SECRET_ACCESS_KEY={secret_value}",
     )
+    # The operator runs as its own ServiceAccount with exactly the rules of rbac.py.
+    from kubetune_operator import rbac
+
+    sa = f"kubetune-operator-{k8s_namespace}"
+    for obj in rbac.manifests(k8s_namespace, sa):
+        apply(k8s_cluster.kubeconfig, k8s_namespace, obj)
+    op_kubeconfig = service_account_kubeconfig(
+        k8s_cluster.kubeconfig, k8s_namespace, sa, tmp_path / "operator.kubeconfig"
+    )
     op_secret = f"op-{uuid.uuid4().hex}"
     op = OperatorProcess.start(
-        k8s_cluster.kubeconfig,
+        op_kubeconfig,
         k8s_namespace,
         {**s3.env(), "AWS_SECRET_ACCESS_KEY": op_secret},
         tmp_path / "operator.log",
@@ -108,6 +118,9 @@ def env(
     }
     yield ctx
     ctx["op"].stop()
+    log = ctx["op"].log_text()
+    assert "Forbidden" not in log and " 403 " not in log, "the operator lacked an RBAC right"
+    kubectl(k8s_cluster.kubeconfig, "delete", "clusterrole,clusterrolebinding", sa, check=False)
 
 
 def job_for(env: dict[str, Any], name: str, **training: Any) -> dict[str, Any]:
@@ -339,6 +352,7 @@ def test_finetunejob_succeeds_with_results_and_a_spec_edit_starts_a_second_run(
     assert s2["output"].endswith("/runs/g2")
     assert s2["history"][0]["run"] == "g1"
     assert s2["history"][0]["results"]["perplexity"] == results["perplexity"]
+    assert "results" in s2, diagnose(kc, ns, name, env["op"])
     assert s2["results"]["perplexity"] != results["perplexity"]
     runs = {j["metadata"]["labels"]["kubetune.io/run"] for j in child_jobs(kc, ns, name)}
     assert runs == {"g2"}  # the earlier run's Jobs were deleted
@@ -486,7 +500,7 @@ def test_rbac_grants_the_operator_what_it_needs_and_no_more(
     who = f"--as=system:serviceaccount:{k8s_namespace}:{name}"
     allowed = [
         ("watch", "finetunejobs.kubetune.io"),
-        ("patch", "finetunejobs.kubetune.io/status"),
+        ("patch", "finetunejobs.kubetune.io", "--subresource=status"),
         ("create", "jobs.batch"),
         ("delete", "jobs.batch"),
         ("patch", "jobs.batch"),
@@ -496,8 +510,10 @@ def test_rbac_grants_the_operator_what_it_needs_and_no_more(
         ("get", "secrets"),
         ("create", "events"),
     ]
-    for verb, resource in allowed:
-        result = kubectl(kc, "auth", "can-i", verb, resource, who, "-n", k8s_namespace, check=False)
+    for verb, resource, *extra in allowed:
+        result = kubectl(
+            kc, "auth", "can-i", verb, resource, *extra, who, "-n", k8s_namespace, check=False
+        )
         assert result.stdout.strip() == "yes", (verb, resource, result.stdout, result.stderr)
     denied = [
         ("list", "secrets"),

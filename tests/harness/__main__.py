@@ -11,14 +11,16 @@ kubeconfigs, etcd data, logs/ and state.json with the pids that `down` stops.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
 import shutil
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from harness._proc import ManagedProcess, kill_process_group
+from harness._proc import ManagedProcess, kill_process_groups
 from harness.cluster import ControlPlane, start_process_node, wait_node_ready
 from harness.s3 import S3Server
 from harness.tools import ToolsMissing, find_bin_dir
@@ -65,14 +67,20 @@ def up(state_dir: Path, gpus: str) -> int:
     state_dir.mkdir(parents=True, exist_ok=True)
     control_plane = ControlPlane(state_dir=state_dir, bin_dir=bin_dir)
     extra: list[ManagedProcess] = []
+    # moto takes seconds to import: start it while the control plane comes up.
+    pool = ThreadPoolExecutor(max_workers=1)
+    s3_future = pool.submit(S3Server.start, control_plane.log_dir)
+    pool.shutdown(wait=False)
     try:
         control_plane.start()
         extra.append(start_process_node(control_plane, name=NODE_NAME, gpus=gpus))
         wait_node_ready(control_plane, NODE_NAME)
-        s3 = S3Server.start(control_plane.log_dir)
+        s3 = s3_future.result()
         assert s3.process is not None
         extra.append(s3.process)
     except BaseException as err:
+        with contextlib.suppress(Exception):  # it may still be starting: wait, then stop it
+            s3_future.result().stop()
         for proc in extra:
             proc.stop()
         control_plane.stop()
@@ -100,10 +108,9 @@ def down(state_dir: Path) -> int:
         print(f"harness down: nothing running ({state_file} not found)", file=sys.stderr)
         return 0
     pids: dict[str, int] = json.loads(state_file.read_text())["pids"]
-    # Reverse start order: S3 and the node first, etcd last.
-    for name, pid in reversed(list(pids.items())):
-        kill_process_group(pid, grace=5.0)
-        print(f"stopped {name} (pid {pid})", file=sys.stderr)
+    # All at once: each component shuts down cleanly on SIGTERM without the others.
+    kill_process_groups(list(pids.values()), grace=5.0)
+    print(f"stopped {', '.join(f'{name} ({pid})' for name, pid in pids.items())}", file=sys.stderr)
     shutil.rmtree(state_dir, ignore_errors=True)
     return 0
 

@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
@@ -32,6 +33,10 @@ def free_port() -> int:
         return port
 
 
+class ProcessExited(RuntimeError):
+    """A harness child process died; its log's tail is in the message."""
+
+
 def wait_until(
     check: Callable[[], T | None], *, timeout: float, what: str, interval: float = 0.1
 ) -> T:
@@ -43,7 +48,9 @@ def wait_until(
             result = check()
             if result is not None and result is not False:
                 return result
-        except Exception as err:
+        except ProcessExited:
+            raise  # waiting longer cannot help
+        except Exception as err:  # the last one goes into the timeout message
             last_error = err
         if time.monotonic() > deadline:
             detail = f" (last error: {last_error!r})" if last_error else ""
@@ -81,6 +88,15 @@ def kill_process_group(pid: int, grace: float = 5.0, *, reap: bool = True) -> No
         os.killpg(pid, signal.SIGKILL)
     if reap:
         _reap(pid)
+
+
+def kill_process_groups(pids: list[int], grace: float = 5.0) -> None:
+    """`kill_process_group` for many groups at once: one shared grace period, not one each."""
+    threads = [threading.Thread(target=kill_process_group, args=(pid, grace)) for pid in pids]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
 
 
 def _reap(pid: int) -> None:
@@ -126,7 +142,7 @@ class ManagedProcess:
     def check_running(self) -> None:
         """Raise with the log's tail if the process has exited."""
         if not self.running():
-            raise RuntimeError(
+            raise ProcessExited(
                 f"{self.name} exited with code {self.popen.returncode}; "
                 f"last lines of {self.log_path}:\n{log_tail(self.log_path)}"
             )

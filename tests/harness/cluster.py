@@ -53,7 +53,8 @@ class ControlPlane:
         self._write_pki()
         try:
             self._start_etcd()
-            self._start_apiserver()
+            self._start_apiserver()  # it retries etcd until that is up
+            # Not earlier: the controller manager exits if RBAC's bootstrap roles are missing.
             self._wait_api_ready()
             self._start_controller_manager()
             self._start_scheduler()
@@ -178,6 +179,9 @@ class ControlPlane:
                 # On top of the default plugins (which include ServiceAccount and PodSecurity).
                 "--enable-admission-plugins=NodeRestriction",
                 f"--service-cluster-ip-range={SERVICE_CIDR}",
+                # The `kubernetes` Service's endpoint would be 127.0.0.1, which Endpoints reject
+                # (loopback); with no kube-proxy it would carry no traffic anyway.
+                "--endpoint-reconciler-type=none",
                 f"--service-account-issuer={SA_ISSUER}",
                 f"--service-account-key-file={self.sa_keys.cert}",
                 f"--service-account-signing-key-file={self.sa_keys.key}",

@@ -209,26 +209,22 @@ class ProcessNode:
 
     def _renew_lease(self) -> None:
         micro_now = time.strftime("%Y-%m-%dT%H:%M:%S.000000Z", time.gmtime())
-        spec = {
-            "holderIdentity": self.name,
-            "leaseDurationSeconds": LEASE_SECONDS,
-            "renewTime": micro_now,
-        }
+        spec = {"holderIdentity": self.name, "leaseDurationSeconds": LEASE_SECONDS}
         try:
-            self.coordination.patch_namespaced_lease(self.name, "kube-node-lease", {"spec": spec})
+            self.coordination.patch_namespaced_lease(
+                self.name, "kube-node-lease", {"spec": {**spec, "renewTime": micro_now}}
+            )
+            return
         except ApiException as err:
             if err.status != 404:
                 raise
-            owner = {"apiVersion": "v1", "kind": "Node", "name": self.name, "uid": self.node_uid}
-            body = {
-                "metadata": {
-                    "name": self.name,
-                    "namespace": "kube-node-lease",
-                    "ownerReferences": [owner],
-                },
-                "spec": spec,
-            }
-            self.coordination.create_namespaced_lease("kube-node-lease", cast(Any, body))
+        # Created without renewTime: the client would turn it into a datetime and drop the
+        # microseconds the API insists on; the patch above sets it from the next beat on.
+        owner = {"apiVersion": "v1", "kind": "Node", "name": self.name, "uid": self.node_uid}
+        meta = {"name": self.name, "namespace": "kube-node-lease", "ownerReferences": [owner]}
+        body = {"metadata": meta, "spec": spec}
+        self.coordination.create_namespaced_lease("kube-node-lease", cast(Any, body))
+        self._renew_lease()
 
     def _heartbeat_loop(self) -> None:
         beats = 0
@@ -239,7 +235,7 @@ class ProcessNode:
                     self._update_node_status()
                 beats += 1
             except Exception as err:
-                self.log(f"heartbeat failed: {err!r}")
+                self.log(f"heartbeat failed: {err!r} {getattr(err, 'body', '')}")
             self.stopping.wait(RENEW_EVERY)
 
     # -- pods ----------------------------------------------------------------------------

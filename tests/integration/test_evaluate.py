@@ -10,13 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from kubetune_trainer import evaluate
-from kubetune_trainer.bleu import context_token_id
+from kubetune_trainer.bleu import context_token_id, generate_continuations, select_samples
 from kubetune_trainer.context import StageError, make_context
 from kubetune_trainer.layout import RunLayout
 from kubetune_trainer.perplexity import score_sequences
 from kubetune_trainer.results import EvaluateResult
-from tiny_eval import N_POSITIONS, make_job, one_thread, write_run
+from tiny_eval import N_POSITIONS, make_job, one_thread, tiny_gpt2, write_run
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -78,6 +79,26 @@ def test_evaluate_perplexity_equals_direct_scoring(built: dict[str, Any], tmp_pa
                              max_length=N_POSITIONS, batch_size=1)
     assert result.fine_tuned.nll_sum == pytest.approx(direct.nll_sum, rel=1e-5)
     assert result.baseline is None
+
+
+def test_batched_generation_equals_generate_and_one_at_a_time(built: dict[str, Any]) -> None:
+    # A random model with sharpened logits: clear argmax margins, long varied continuations,
+    # and some rows that hit eos/newline early (so finished rows are dropped mid-batch).
+    tok = built["tokenizer"]
+    model = tiny_gpt2(len(tok), seed=11).eval()
+    with torch.no_grad():
+        model.transformer.wte.weight.mul_(8)
+        model.transformer.wte.weight[tok.eos_token_id].mul_(4)  # eos likely but not certain
+    prompts = [s.prompt for s in select_samples(built["test"], 0.5, 40)]
+    kwargs: dict[str, Any] = {"max_new_tokens": 40, "max_length": N_POSITIONS}
+    batched, _ = generate_continuations(model, tok, prompts, batch_size=16, **kwargs)
+    single, _ = generate_continuations(model, tok, prompts, batch_size=1, **kwargs)
+    with_generate, _ = generate_continuations(model, tok, prompts, batch_size=16,
+                                              use_generate=True, **kwargs)
+    assert batched == single == with_generate
+    assert all("\n" not in text for text in batched)
+    lengths = {len(tok(text)["input_ids"]) for text in batched}
+    assert max(lengths) >= 20 and min(lengths) < 10, lengths  # long rows and early stops
 
 
 def test_evaluate_with_perplexity_off_computes_only_bleu(

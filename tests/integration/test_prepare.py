@@ -40,8 +40,13 @@ def make_job(source: str, output: str, **dataset: Any) -> FineTuneJob:
             "metadata": {"name": "prep-test"},
             "spec": {
                 "model": {
-                    "fresh": {"nLayer": 1, "nHead": 2, "nEmbd": 32, "nPositions": 128,
-                              "vocabSize": 400}
+                    "fresh": {
+                        "nLayer": 1,
+                        "nHead": 2,
+                        "nEmbd": 32,
+                        "nPositions": 128,
+                        "vocabSize": 400,
+                    }
                 },
                 "training": {"maxSeqLength": 128},
                 "dataset": {"source": source, **dataset},
@@ -84,9 +89,14 @@ def test_run_writes_every_artifact_and_a_consistent_result(file_run: dict[str, A
     out: Path = file_run["out"]
     result: PrepareResult = file_run["result"]
     for key in (
-        RunLayout.TRAIN_TEXT, RunLayout.TEST_TEXT, RunLayout.TRAIN_TOKENS,
-        RunLayout.TRAIN_OFFSETS, RunLayout.TEST_TOKENS, RunLayout.TEST_OFFSETS,
-        RunLayout.PREPARE_RESULT, f"{RunLayout.TOKENIZER}/tokenizer.json",
+        RunLayout.TRAIN_TEXT,
+        RunLayout.TEST_TEXT,
+        RunLayout.TRAIN_TOKENS,
+        RunLayout.TRAIN_OFFSETS,
+        RunLayout.TEST_TOKENS,
+        RunLayout.TEST_OFFSETS,
+        RunLayout.PREPARE_RESULT,
+        f"{RunLayout.TOKENIZER}/tokenizer.json",
     ):
         assert (out / key).is_file(), key
     on_disk = PrepareResult.model_validate_json((out / RunLayout.PREPARE_RESULT).read_text())
@@ -288,7 +298,9 @@ def test_empty_source_fails_naming_the_uri(tmp_path: Path) -> None:
 
 def test_no_text_after_cleaning_says_what_dropped_it(tldr_common: Path, tmp_path: Path) -> None:
     job = make_job(
-        f"file://{tldr_common}/", f"file://{tmp_path}/out", maxDocuments=5,
+        f"file://{tldr_common}/",
+        f"file://{tmp_path}/out",
+        maxDocuments=5,
         clean={"minChars": 5000},
     )
     message = run_expecting_unusable(job, tmp_path)
@@ -357,8 +369,24 @@ def test_one_document_cannot_be_split_by_document(tmp_path: Path) -> None:
 
 def synthetic_lines(n: int) -> Iterator[tuple[str, str]]:
     """n lines, generated on the fly: ~5% exact repeats, documents of 100 lines."""
-    words = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel",
-             "india", "juliet", "kilo", "lima", "mike", "november", "oscar", "papa"]
+    words = [
+        "alpha",
+        "bravo",
+        "charlie",
+        "delta",
+        "echo",
+        "foxtrot",
+        "golf",
+        "hotel",
+        "india",
+        "juliet",
+        "kilo",
+        "lima",
+        "mike",
+        "november",
+        "oscar",
+        "papa",
+    ]
     for i in range(n):
         k = i - 1 if i % 20 == 0 and i else i  # every 20th line repeats the previous one
         text = f"record {k} " + " ".join(words[(k * j) % 16] for j in range(3, 9))

@@ -21,11 +21,9 @@ from typing import Any
 
 import numpy as np
 import pytest
+import tiny
 import torch
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
-
-import tiny
 from fixtures_s3 import free_port
 from kubetune_trainer import checkpoints as ckpt
 from kubetune_trainer.context import StageError, make_context
@@ -35,6 +33,7 @@ from kubetune_trainer.results import TrainResult
 from kubetune_trainer.schema import FineTuneJob, TrainingSpec
 from kubetune_trainer.storage import FileStorage, open_storage
 from kubetune_trainer.train import BatchSource, make_plan, resolve_precision, run
+from prometheus_client.parser import text_string_to_metric_families
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -175,7 +174,9 @@ def test_checkpoints_at_interval_have_markers_and_old_ones_are_pruned(
     assert result.last_checkpoint == store.uri(RunLayout.checkpoint_key(40))
 
 
-def test_final_model_loads_standalone_with_its_tokenizer(finished: tuple[Path, TrainResult]) -> None:
+def test_final_model_loads_standalone_with_its_tokenizer(
+    finished: tuple[Path, TrainResult],
+) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out, _ = finished
@@ -231,12 +232,15 @@ def test_resume_after_sigkill_continues_from_the_last_complete_checkpoint(
     env = {**os.environ, "KUBETUNE_METRICS_PORT": str(port), "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(REPO / "trainer"), os.environ.get("PYTHONPATH", "")])}
     store = FileStorage(f"file://{out}")
-    child = subprocess.Popen([sys.executable, "-c", _CHILD, str(job_file), str(tmp_path / "s1")],
-                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log_file = tmp_path / "child.log"
+    with log_file.open("wb") as log_fh:
+        child = subprocess.Popen(
+            [sys.executable, "-c", _CHILD, str(job_file), str(tmp_path / "s1")],
+            env=env, stdout=log_fh, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 400
         while not ckpt.list_checkpoints(store)[0]:
-            assert child.poll() is None, child.stderr.read().decode()[-3000:]  # type: ignore[union-attr]
+            assert child.poll() is None, log_file.read_text()[-3000:]
             assert time.monotonic() < deadline, "no checkpoint appeared"
             time.sleep(0.02)
         scraped = _scrape(port)  # the live trainer serves its metrics
@@ -259,7 +263,8 @@ def test_resume_after_sigkill_continues_from_the_last_complete_checkpoint(
     assert result.steps == result.total_steps == 60
     assert (out / RunLayout.MODEL / "model.safetensors").exists()
     assert ckpt.list_checkpoints(store) == ([50, 60], [])
-    steps = [json.loads(x)["step"] for x in (out / RunLayout.TRAIN_METRICS).read_text().split()]
+    lines = (out / RunLayout.TRAIN_METRICS).read_text().splitlines()
+    steps = [json.loads(x)["step"] for x in lines]
     assert steps == sorted(set(steps)) and steps[-1] == 60  # one line per logged step
 
 

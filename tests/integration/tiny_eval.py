@@ -92,16 +92,16 @@ def tiny_gpt2(vocab_size: int, seed: int = SEED, n_positions: int = N_POSITIONS)
     return GPT2LMHeadModel(config)
 
 
-def fit(model: Any, token_lines: list[list[int]], eos: int, steps: int = 40) -> Any:
+def fit(model: Any, token_lines: list[list[int]], eos: int, steps: int = 60) -> Any:
     """A few AdamW steps on eos-separated packed blocks: enough to beat the random init."""
     stream = [t for ids in token_lines for t in [eos, *ids]]
     block = model.config.n_positions
     blocks = torch.tensor(stream[: len(stream) // block * block]).view(-1, block)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-3)
     gen = torch.Generator().manual_seed(SEED)
     model.train()
     for _ in range(steps):
-        idx = torch.randint(len(blocks), (16,), generator=gen)
+        idx = torch.randint(len(blocks), (8,), generator=gen)
         loss = model(input_ids=blocks[idx], labels=blocks[idx]).loss
         loss.backward()
         opt.step()

@@ -142,9 +142,11 @@ def test_service_monitor_scrapes_the_operator_metrics_service(bin_dir: Path) -> 
 def test_pod_monitor_selects_the_train_pods_the_operator_builds(bin_dir: Path) -> None:
     from kubetune_operator.builders import RunRef, build_stage_job
     from kubetune_operator.config import OperatorConfig
-    from kubetune_trainer.schema import load_job
+    from kubetune_trainer.schema import parse_job
 
-    job = load_job(ROOT / "examples/tldr-gpt2.yaml")
+    manifest = yaml.safe_load((ROOT / "examples/tldr-gpt2.yaml").read_text())
+    manifest["metadata"].update(namespace="ml", uid="0f7c9d52-5b1e-4c0e-9a55-3f1d2b6c7e80")
+    job = parse_job(manifest)
     cfg = OperatorConfig()
     monitor = _one(render(bin_dir, api_versions=(MONITORING,)), "PodMonitor")
     selector = monitor["spec"]["selector"]["matchLabels"]
@@ -414,6 +416,8 @@ def test_kubeconform_validates_the_example_finetunejobs_against_the_crd(
         ({"replicaCountt": "1"}, "replicaCountt"),
         ({"operator.logLevel": "LOUD"}, "/operator/logLevel"),
         ({"operator.maxConcurrent": "0"}, "/operator/maxConcurrent"),
+        ({"operator.progressInterval": "soon"}, "/operator/progressInterval"),
+        ({"operator.progressInterval": "2.5"}, ""),  # --set passes fractions as strings
         ({"operator.healthPort": "70000"}, "/operator/healthPort"),
         ({"image.pullPolicy": "Sometimes"}, "/image/pullPolicy"),
         ({"metrics.serviceMonitor.interval": "soon"}, "/metrics/serviceMonitor/interval"),
@@ -481,28 +485,3 @@ def test_every_schema_property_has_a_default_in_values_yaml() -> None:
 
     walk(schema, values, "")
     assert schema["$schema"] == "http://json-schema.org/draft-07/schema#"
-
-
-def test_notes_tell_the_user_what_to_apply_next(bin_dir: Path, tmp_path: Path) -> None:
-    # A client-side dry run renders NOTES.txt without a cluster.
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text("apiVersion: v1\nkind: Config\nclusters: []\ncontexts: []\nusers: []\n")
-    result = _run(
-        [
-            str(bin_dir / "helm"),
-            "install",
-            RELEASE,
-            str(CHART),
-            "--namespace",
-            NAMESPACE,
-            "--dry-run=client",
-            "--kubeconfig",
-            str(kubeconfig),
-            "--set",
-            "watchNamespace=ml",
-        ]
-    )
-    notes = result.stdout.split("NOTES:", 1)[1]
-    assert "kubectl apply -n ml -f examples/tldr-gpt2.yaml" in notes
-    assert "kubectl get ftj -n ml -w" in notes
-    assert f"rollout status deployment/{RELEASE}" in notes

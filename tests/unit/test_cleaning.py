@@ -24,8 +24,11 @@ def cleaner(**overrides: object) -> Cleaner:
 # --------------------------------------------------------------------------- unicode
 
 
+FULLWIDTH_FULL = "\uff46\uff55\uff4c\uff4c"  # "full" in fullwidth letters
+
+
 def test_nfkc_turns_compatibility_forms_into_plain_text() -> None:
-    assert normalize_unicode("\uff46\uff55\uff4c\uff4c\uff57\uff49\uff44\uff54\uff48 \uff11\uff12\uff13") == "fullwidth 123"
+    assert normalize_unicode(FULLWIDTH_FULL + " \uff11\uff12\uff13") == "full 123"
     assert normalize_unicode("\ufb01le") == "file"  # the "fi" ligature
     assert normalize_unicode("x\u00b2") == "x2"
 
@@ -35,8 +38,8 @@ def test_nfkc_composes_decomposed_accents() -> None:
 
 
 def test_nfkc_can_be_switched_off() -> None:
-    assert cleaner(normalizeUnicode=False).clean_line("\uff46\uff55\uff4c\uff4c") == "\uff46\uff55\uff4c\uff4c"
-    assert cleaner().clean_line("\uff46\uff55\uff4c\uff4c") == "full"
+    assert cleaner(normalizeUnicode=False).clean_line(FULLWIDTH_FULL) == FULLWIDTH_FULL
+    assert cleaner().clean_line(FULLWIDTH_FULL) == "full"
 
 
 # --------------------------------------------------------------------------- whitespace

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
+from integration import tiny
 from kubetune_trainer.packing import (
     IGNORE_INDEX,
     build_rows,
@@ -16,7 +16,6 @@ from kubetune_trainer.packing import (
     count_targets,
     model_inputs,
 )
-from integration import tiny
 
 EOS = 0
 
@@ -115,7 +114,9 @@ def test_position_ids_only_packing_matches_the_explicit_mask() -> None:
     assert (masked[real] - plain[real]).abs().max() > 1e-3
 
 
-def test_packing_fills_blocks_on_tldr_lines(tldr_tokens: tuple[np.ndarray, np.ndarray, int]) -> None:
+def test_packing_fills_blocks_on_tldr_lines(
+    tldr_tokens: tuple[np.ndarray, np.ndarray, int],
+) -> None:
     tokens, offsets, eos = tldr_tokens
     rows = build_rows(tokens, offsets, block_size=512, eos_id=eos)
     assert rows.efficiency > 0.90

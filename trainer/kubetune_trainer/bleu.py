@@ -22,6 +22,7 @@ a reference never runs past its line.
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -95,6 +96,72 @@ def _cut(text: str) -> str:
     return text.split("\n", 1)[0].strip()
 
 
+def _greedy_compacting(
+    model: Any, input_ids: torch.Tensor, attention: torch.Tensor, max_new_tokens: int,
+    stop: torch.Tensor,
+) -> list[list[int]]:
+    """Greedy decoding with the KV cache that drops each row from the batch once it stops.
+
+    ``generate`` keeps finished rows in the batch until the last one stops; with
+    short references most rows stop early, so dropping them saves most of the work.
+    Returns each row's new tokens up to and including its stop token.
+    """
+    import torch
+    from transformers import DynamicCache
+
+    rows = input_ids.size(0)
+    new: list[list[int]] = [[] for _ in range(rows)]
+    alive = torch.arange(rows, device=input_ids.device)
+    # Left padding: positions count real tokens only, as generate() does.
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    try:  # with the config, the cache knows sliding-window layers (Mistral, Gemma)
+        cache = DynamicCache(config=model.config)
+    except TypeError:
+        cache = DynamicCache()
+    params = inspect.signature(model.forward).parameters
+    # transformers renamed past_key_values to cache (5.x); pass whichever this model takes.
+    cache_arg = {"cache" if "cache" in params else "past_key_values": cache}
+    extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+    out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
+                use_cache=True, **cache_arg, **extra)
+    next_pos = positions[:, -1:] + 1
+    for step in range(max_new_tokens):
+        token = out.logits[:, -1].argmax(-1)
+        for row, t in zip(alive.tolist(), token.tolist(), strict=True):
+            new[row].append(t)
+        done = stop[token]
+        if step == max_new_tokens - 1 or bool(done.all()):
+            break
+        if bool(done.any()):
+            keep = (~done).nonzero().squeeze(-1)
+            cache.batch_select_indices(keep)
+            alive, token = alive[keep], token[keep]
+            attention, next_pos = attention[keep], next_pos[keep]
+        attention = torch.cat([attention, attention.new_ones((attention.size(0), 1))], dim=-1)
+        out = model(input_ids=token[:, None], attention_mask=attention, position_ids=next_pos,
+                    use_cache=True, **cache_arg)
+        next_pos = next_pos + 1
+    return new
+
+
+def _greedy_generate(
+    model: Any, input_ids: torch.Tensor, attention: torch.Tensor, max_new_tokens: int,
+    stop: torch.Tensor, pad: int, eos: int | None,
+) -> list[list[int]]:
+    """The same greedy decoding through ``model.generate`` (models without a DynamicCache)."""
+    from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+
+    class _Stop(StoppingCriteria):
+        def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+            return stop[input_ids[:, -1]]
+
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                              use_cache=True, pad_token_id=pad, eos_token_id=eos)
+    out = model.generate(input_ids=input_ids, attention_mask=attention, generation_config=config,
+                         stopping_criteria=StoppingCriteriaList([_Stop()]))
+    return [list(row) for row in out[:, input_ids.size(1) :].tolist()]
+
+
 def generate_continuations(
     model: Any,
     tokenizer: Any,
@@ -104,13 +171,15 @@ def generate_continuations(
     batch_size: int = 16,
     max_length: int | None = None,
     autocast_dtype: torch.dtype | None = None,
+    use_generate: bool = False,
 ) -> tuple[list[str], float]:
     """Greedy continuations of ``prompts`` (cut at the first newline), and generated tokens/s.
 
-    Prompts longer than ``max_length - max_new_tokens`` tokens keep their last tokens.
+    Prompts longer than ``max_length - max_new_tokens`` tokens keep their last
+    tokens. ``use_generate`` decodes with ``model.generate`` instead of the
+    compacting loop (the two give the same tokens; the loop is faster).
     """
     import torch
-    from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
     device = next(model.parameters()).device
     vocab_size = int(model.config.vocab_size)
@@ -119,25 +188,11 @@ def generate_continuations(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     if pad is None:
         pad = 0
-    newline_mask = stop_token_mask(tokenizer, vocab_size)
-    newline = newline_mask.to(device)
-    is_newline = newline_mask.tolist()  # host copy: no device sync per token below
-
-    class _StopAtNewline(StoppingCriteria):
-        def __call__(
-            self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any
-        ) -> torch.BoolTensor:
-            return newline[input_ids[:, -1]]  # type: ignore[return-value]
-
-    config = GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        num_beams=1,
-        use_cache=True,
-        pad_token_id=pad,
-        eos_token_id=eos,
-        bos_token_id=tokenizer.bos_token_id,
-    )
+    stop_mask = stop_token_mask(tokenizer, vocab_size)
+    if eos is not None and eos < vocab_size:
+        stop_mask[eos] = True
+    stop = stop_mask.to(device)
+    is_stop = stop_mask.tolist()  # host copy: no device sync per token below
     limit = max((max_length or 1 << 30) - max_new_tokens, 1)
     encoded = []
     for prompt in prompts:
@@ -160,26 +215,23 @@ def generate_continuations(
                 ids = encoded[i]
                 input_ids[r, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
                 attention[r, width - len(ids) :] = 1
-            with torch.autocast(
+            with torch.no_grad(), torch.autocast(
                 device_type=device.type,
                 dtype=autocast_dtype or torch.float32,
                 enabled=autocast_dtype is not None,
             ):
-                out = model.generate(
-                    input_ids=input_ids.to(device),
-                    attention_mask=attention.to(device),
-                    generation_config=config,
-                    stopping_criteria=StoppingCriteriaList([_StopAtNewline()]),
-                )
-            new = out[:, width:].tolist()
+                args = (model, input_ids.to(device), attention.to(device), max_new_tokens, stop)
+                if use_generate:
+                    new = _greedy_generate(*args, pad=pad, eos=eos)
+                else:
+                    new = _greedy_compacting(*args)
             for r, i in enumerate(rows):
                 ids = new[r]
-                if eos is not None and eos in ids:
-                    ids = ids[: ids.index(eos)]
-                # Count the tokens up to the stop (the rest of the row is padding).
-                stop = next((k + 1 for k, t in enumerate(ids) if is_newline[t]), len(ids))
-                generated += stop
-                outputs[i] = _cut(tokenizer.decode(ids[:stop], skip_special_tokens=True))
+                end = next((k for k, t in enumerate(ids) if is_stop[t]), len(ids))
+                generated += min(end + 1, len(ids))  # the stop token was generated too
+                # Keep the stop token's text before its newline (e.g. "." of ".\n").
+                text = tokenizer.decode(ids[: end + 1], skip_special_tokens=True)
+                outputs[i] = _cut(text)
     finally:
         model.train(was_training)
     seconds = max(time.perf_counter() - start, 1e-9)

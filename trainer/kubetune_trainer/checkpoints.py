@@ -67,7 +67,8 @@ def _step_dirs(storage: Storage) -> dict[int, set[str]]:
 
 def list_checkpoints(storage: Storage) -> tuple[list[int], list[int]]:
     """(complete steps, incomplete steps), each ascending."""
-    complete, incomplete = [], []
+    complete: list[int] = []
+    incomplete: list[int] = []
     for step, names in sorted(_step_dirs(storage).items()):
         (complete if RunLayout.CHECKPOINT_MARKER in names else incomplete).append(step)
     return complete, incomplete

@@ -137,8 +137,10 @@ class _Converter:
             props: dict[str, Any] = {}
             for prop, sub in node.get("properties", {}).items():
                 converted = self._convert(sub, name=None)
-                # A nested object built by default_factory: default it to {} so the API
-                # server fills in its fields and CEL rules can rely on them.
+                # A nested object built by default_factory: default it to its fields'
+                # defaults so the API server fills them in and CEL rules can rely on them.
+                # (Not `{}`: the API server checks a default against the object's CEL rules
+                # without defaulting inside it, and rejects the CRD.)
                 if (
                     self.with_defaults
                     and prop not in required
@@ -147,7 +149,11 @@ class _Converter:
                     and converted.get("type") == "object"
                     and "properties" in converted
                 ):
-                    converted["default"] = {}
+                    converted["default"] = {
+                        k: v["default"]
+                        for k, v in converted["properties"].items()
+                        if "default" in v
+                    }
                 props[prop] = converted
             if props:
                 out["properties"] = props

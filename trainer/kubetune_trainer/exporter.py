@@ -19,6 +19,7 @@ the team brief. Scrape by hand: ``curl localhost:9400/metrics``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -110,7 +111,7 @@ class TrainMetrics:
         self._nvml_tried = False
 
     def serve(self, port: int | None = None, addr: str = "0.0.0.0") -> int | None:
-        """Serve ``/metrics``; returns the bound port, or None when disabled or the port is taken."""
+        """Serve ``/metrics``; the bound port, or None when disabled or the port is taken."""
         port = metrics_port() if port is None else port
         if port == 0:
             return None
@@ -130,10 +131,8 @@ class TrainMetrics:
             self._server.server_close()
             self._server = None
         if self._nvml is not None:
-            try:
+            with contextlib.suppress(Exception):  # best effort at exit
                 self._nvml.nvmlShutdown()
-            except Exception:  # noqa: BLE001 - best effort at exit
-                pass
             self._nvml = None
 
     def set_total_steps(self, total: int) -> None:
@@ -187,7 +186,7 @@ class TrainMetrics:
                     handle = nvml.nvmlDeviceGetHandleByIndex(i)
                     used = float(nvml.nvmlDeviceGetMemoryInfo(handle).used)
                     util = nvml.nvmlDeviceGetUtilizationRates(handle).gpu / 100.0
-                except Exception:  # noqa: BLE001 - a metric must never stop training
+                except Exception:  # a metric must never stop training
                     pass
             if used is None:
                 used = float(torch.cuda.memory_reserved(i))
@@ -203,7 +202,7 @@ class TrainMetrics:
 
                 pynvml.nvmlInit()
                 self._nvml = pynvml
-            except Exception:  # noqa: BLE001 - no NVML: utilisation is simply not exported
+            except Exception:  # no NVML: utilisation is simply not exported
                 self._nvml = None
         return self._nvml
 

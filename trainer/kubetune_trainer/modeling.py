@@ -74,7 +74,8 @@ def _from_pretrained(source: str, revision: str | None, what: str) -> PreTrained
             )
         except ValueError as exc:
             # Architectures without SDPA support say so with a ValueError; eager always works.
-            if impl == "eager" or "attn_implementation" not in str(exc) and "SDPA" not in str(exc):
+            message = str(exc)
+            if impl == "eager" or ("attn_implementation" not in message and "SDPA" not in message):
                 raise
             log.warning("%s does not support attention %r (%s); using eager", what, impl, exc)
             return AutoModelForCausalLM.from_pretrained(
@@ -145,14 +146,18 @@ def load_model(
             model.generation_config.eos_token_id = eos_token_id
             model.generation_config.bos_token_id = eos_token_id
             model.generation_config.pad_token_id = eos_token_id
-    embeddings = model.get_input_embeddings()
-    n_embeddings = int(embeddings.weight.shape[0])  # type: ignore[union-attr]
+    n_embeddings = embedding_rows(model)
     if tokenizer_vocab_size > n_embeddings:
         # A tokenizer with added tokens (model.tokenizer): grow the embedding table.
         log.info("resizing embeddings %d -> %d for the tokenizer", n_embeddings,
                  tokenizer_vocab_size)
         model.resize_token_embeddings(tokenizer_vocab_size)
     return model.float()
+
+
+def embedding_rows(model: Any) -> int:
+    """Rows of the input embedding table (the vocabulary the model can read)."""
+    return int(model.get_input_embeddings().weight.shape[0])
 
 
 def model_config_dict(model: Any) -> dict[str, Any]:
@@ -168,11 +173,7 @@ def model_config_dict(model: Any) -> dict[str, Any]:
 
 def save_model(model: Any, tokenizer: Any, local_dir: Path) -> None:
     """``save_pretrained`` a standalone model (LoRA adapters merged) and its tokenizer."""
-    try:
-        from peft import PeftModel
-    except ImportError:  # pragma: no cover - peft is in the trainer extra
-        PeftModel = None  # noqa: N806
-    if PeftModel is not None and isinstance(model, PeftModel):
+    if hasattr(model, "merge_and_unload"):  # a peft model: fold the adapters into the weights
         model = model.merge_and_unload()
     local_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(local_dir))

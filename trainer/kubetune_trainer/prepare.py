@@ -402,6 +402,13 @@ def run(ctx: StageContext) -> PrepareResult:
     out_dir.mkdir(parents=True)
     download.mkdir(parents=True)
 
+    # Open the source first: a wrong URI or an empty prefix fails in seconds,
+    # before a (possibly slow) tokenizer download.
+    source = open_source(spec, ctx.open, download)
+    log.info("prepare: reading %s", source.uri)
+    if source.storage is not None:
+        log.info("prepare: %d file(s) under %s", len(source.keys()), source.uri)
+
     model = job.spec.model
     source_name = model_tokenizer_source(model)
     tokenizer: PreTrainedTokenizerBase | FreshTokenizer
@@ -413,11 +420,6 @@ def run(ctx: StageContext) -> PrepareResult:
             source_name, ctx.open, work, revision=None if model.tokenizer else model.revision
         )
 
-    source = open_source(spec, ctx.open, download)
-    log.info("prepare: reading %s", source.uri)
-    if source.storage is not None:
-        # Fail on an empty or unreadable source before anything else.
-        log.info("prepare: %d file(s) under %s", len(source.keys()), source.uri)
     prepared = prepare_lines(
         source.lines(), spec.clean, spec.split, tokenizer, out_dir, source=source.uri
     )
@@ -450,8 +452,12 @@ def run(ctx: StageContext) -> PrepareResult:
     storage.write_text(layout.PREPARE_RESULT, result.to_json())
     log.info(
         "prepare: %d lines -> %d train / %d test (%d duplicates, %d short) in %.1fs",
-        stats.lines, stats.train_lines, stats.test_lines, stats.duplicates_removed,
-        stats.dropped_short, result.seconds,
+        stats.lines,
+        stats.train_lines,
+        stats.test_lines,
+        stats.duplicates_removed,
+        stats.dropped_short,
+        result.seconds,
     )
     shutil.rmtree(work, ignore_errors=True)
     return result

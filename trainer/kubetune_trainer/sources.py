@@ -188,7 +188,10 @@ class Source:
         if self.skipped_files:
             log.warning(
                 "%s: skipping %d file(s) with no known extension (e.g. %s); set dataset.format "
-                "to read them", self.uri, len(self.skipped_files), self.skipped_files[0],
+                "to read them",
+                self.uri,
+                len(self.skipped_files),
+                self.skipped_files[0],
             )
         if not readable:
             exts = sorted({Path(k).suffix or "(none)" for k in self.skipped_files})
@@ -374,9 +377,7 @@ def parse_hf_uri(uri: str) -> tuple[str, str | None, str]:
     return "/".join(parts), None, split or "train"
 
 
-def open_source(
-    spec: DatasetSpec, open_storage: Callable[[str], Storage], scratch: Path
-) -> Source:
+def open_source(spec: DatasetSpec, open_storage: Callable[[str], Storage], scratch: Path) -> Source:
     """A :class:`Source` for ``spec.source``; ``open_storage`` is usually ``ctx.open``."""
     uri = spec.source
     if uri.startswith("hf://"):

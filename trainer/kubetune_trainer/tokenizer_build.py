@@ -138,7 +138,7 @@ def encode_batch(tokenizer: Any, texts: list[str]) -> list[list[int]]:
     if backend is not None:
         fast = getattr(backend, "encode_batch_fast", None) or backend.encode_batch
         return [enc.ids for enc in fast(texts, add_special_tokens=False)]
-    ids: list[list[int]] = tokenizer(
-        texts, add_special_tokens=False, return_attention_mask=False
-    )["input_ids"]
+    ids: list[list[int]] = tokenizer(texts, add_special_tokens=False, return_attention_mask=False)[
+        "input_ids"
+    ]
     return ids

@@ -35,6 +35,7 @@ import logging
 import math
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -225,13 +226,18 @@ def apply_lora(model: Any, ctx: StageContext) -> Any:
         fan_in_fan_out=any(isinstance(m, Conv1D) for m in matched),
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, config)
+    with warnings.catch_warnings():
+        # peft reads transformers' deprecated ``is_gradient_checkpointing``; not ours to fix.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*",
+                                category=FutureWarning)
+        return get_peft_model(model, config)
 
 
 def _optimizer(model: Any, t: TrainingSpec) -> torch.optim.Optimizer:
     import torch
 
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
@@ -243,6 +249,21 @@ def _optimizer(model: Any, t: TrainingSpec) -> torch.optim.Optimizer:
     if any(p.is_cuda for p in decay + no_decay):
         kwargs["fused"] = True
     return torch.optim.AdamW(groups, **kwargs)
+
+
+def _reset_single_process_accelerate() -> None:
+    """Forget Accelerate's process-wide state from an earlier run in this process.
+
+    ``AcceleratorState`` is a singleton that refuses a second ``Accelerator`` with
+    another mixed precision; local mode, tests and benchmarks run several stages
+    or jobs in one process. Never done under a distributed launch, where the
+    state holds the process group.
+    """
+    from accelerate.state import AcceleratorState, GradientState
+
+    if AcceleratorState._shared_state and AcceleratorState().num_processes == 1:
+        AcceleratorState._reset_state()
+        GradientState._reset_state()
 
 
 def _device_name(accelerator: Accelerator) -> str:
@@ -282,6 +303,8 @@ class _Trainer:
         self.ctx = ctx
         self.t = ctx.job.spec.training
         self.started = time.time()
+        self.resumed_from: int | None = None  # step of the checkpoint this attempt started from
+        self.last_checkpoint: int | None = None  # step of the newest checkpoint written/loaded
 
     def run(self) -> TrainResult:
         import torch
@@ -290,6 +313,7 @@ class _Trainer:
         from transformers import get_scheduler
 
         from kubetune_trainer.modeling import (
+            embedding_rows,
             load_model,
             load_tokenizer,
             model_config_dict,
@@ -297,6 +321,7 @@ class _Trainer:
 
         ctx, t = self.ctx, self.t
         mixed = resolve_precision(str(t.precision), torch.cuda.is_available())
+        _reset_single_process_accelerate()
         accelerator = Accelerator(mixed_precision=mixed,
                                   gradient_accumulation_steps=t.gradient_accumulation_steps)
         self.accelerator = accelerator
@@ -314,7 +339,7 @@ class _Trainer:
                 eos = int(tokenizer.eos_token_id)
                 model = load_model(ctx.job.spec.model, ctx, len(tokenizer), seed=t.seed,
                                    eos_token_id=eos)
-                rows = load_training_rows(ctx, eos, model.get_input_embeddings().weight.shape[0])
+                rows = load_training_rows(ctx, eos, embedding_rows(model))
             attn = str(getattr(model.config, "_attn_implementation", "eager"))
             if t.packing and t.max_seq_length > getattr(model.config, "n_positions",
                                                          t.max_seq_length):
@@ -355,6 +380,7 @@ class _Trainer:
             return result
         finally:
             metrics.close()
+            _reset_single_process_accelerate()
 
     # ---------------------------------------------------------------- pieces
 
@@ -383,7 +409,6 @@ class _Trainer:
     def _resume(self, config: dict[str, Any]) -> ckpt.TrainerState:
         """Load the newest complete checkpoint, or a fresh state at step 0."""
         ctx, accelerator = self.ctx, self.accelerator
-        self.resumed_from: int | None = None
         latest = ckpt.latest_complete(ctx.storage)
         if latest is None:
             return ckpt.TrainerState(step=0, epoch=0.0, epoch_index=0, batches_done_in_epoch=0,

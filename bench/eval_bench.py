@@ -1,0 +1,209 @@
+"""Benchmark 2, evaluate: batched perplexity and batched KV-cache generation vs per-line loops.
+
+Same model (a fresh GPT-2 of the train benchmark's shape, seed 42; weights do not
+matter for speed, and both sides must agree), same tokenizer, same held-out tldr lines.
+
+* perplexity: ``kubetune_trainer.perplexity.score_sequences`` (windows sorted by
+  length, batched with right padding) vs the straightforward loop: one line at a time,
+  ``[eos] + line`` through the model, summed NLL. Figures ``eval_ppl_speedup`` (scored
+  tokens/s ratio) and ``eval_ppl_rel_diff`` (|ppl_a - ppl_b| / ppl_b; must be < 1e-4).
+* BLEU generation: ``kubetune_trainer.bleu.generate_continuations`` (batches of
+  prompts sorted by length, left padded, ``generate`` with the KV cache) vs a greedy
+  loop over prompts one at a time that re-runs the whole sequence every token
+  (``use_cache=False``). Both stop at a newline or eos and count the tokens up to the
+  stop. Figures ``bleu_gen_speedup`` and ``bleu_outputs_agree`` (share of prompts
+  whose continuations are identical).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+from bench.assets import bench_tokenizer
+from bench.common import Figure
+from bench.data import clean_tldr_lines, split_train_test
+
+MODEL = {"n_layer": 4, "n_head": 4, "n_embd": 256, "n_positions": 512}
+
+
+def build_model(vocab: int, eos: int) -> Any:
+    from transformers import AutoModelForCausalLM, GPT2Config, set_seed
+
+    config = GPT2Config(
+        n_layer=MODEL["n_layer"],
+        n_head=MODEL["n_head"],
+        n_embd=MODEL["n_embd"],
+        n_positions=MODEL["n_positions"],
+        vocab_size=vocab,
+        bos_token_id=eos,
+        eos_token_id=eos,
+        pad_token_id=eos,
+    )
+    set_seed(42)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    return model.eval()
+
+
+def per_line_perplexity(model: Any, sequences: list[list[int]], context: int) -> tuple[float, int]:
+    """The loop a notebook writes: one line per forward pass; (summed NLL, predicted tokens)."""
+    import torch
+
+    nll_sum, count = 0.0, 0
+    with torch.no_grad():
+        for ids in sequences:
+            x = torch.tensor([[context, *ids]])
+            logits = model(input_ids=x).logits[0, :-1].float()
+            nll = torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="sum")
+            nll_sum += float(nll.double())
+            count += len(ids)
+    return nll_sum, count
+
+
+def per_line_generate(
+    model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int, newline: Any
+) -> tuple[list[str], int]:
+    """Greedy, one prompt at a time, no KV cache: the whole sequence every token."""
+    import torch
+    from kubetune_trainer.bleu import context_token_id
+
+    context = context_token_id(tokenizer)
+    eos = tokenizer.eos_token_id
+    outputs, generated = [], 0
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = [context, *tokenizer(prompt, add_special_tokens=False)["input_ids"]]
+            new: list[int] = []
+            for _ in range(max_new_tokens):
+                x = torch.tensor([ids + new])
+                token = int(model(input_ids=x, use_cache=False).logits[0, -1].argmax())
+                if token == eos:
+                    break
+                new.append(token)
+                if bool(newline[token]):
+                    break
+            generated += len(new)
+            text = tokenizer.decode(new, skip_special_tokens=True)
+            outputs.append(text.split("\n", 1)[0].strip())
+    return outputs, generated
+
+
+def run(quick: bool, threads: int) -> tuple[list[Figure], dict[str, Any]]:
+    import torch
+    from kubetune_trainer.bleu import generate_continuations, select_samples, stop_token_mask
+    from kubetune_trainer.perplexity import perplexity_from_nll, score_sequences
+    from kubetune_trainer.tokenizer_build import encode_batch
+    from transformers import AutoTokenizer
+
+    torch.set_num_threads(threads)
+    n_ppl = 300 if quick else 2000
+    n_bleu = 24 if quick else 200
+    max_new = 16 if quick else 48
+    tokenizer = AutoTokenizer.from_pretrained(str(bench_tokenizer()))
+    eos = int(tokenizer.eos_token_id)
+    model = build_model(len(tokenizer), eos)
+    _, test = split_train_test(clean_tldr_lines())
+    ppl_lines = test[:n_ppl]
+    sequences = encode_batch(tokenizer, ppl_lines)
+
+    start = time.perf_counter()
+    ours = score_sequences(
+        model, sequences, context_token=eos, max_length=MODEL["n_positions"], batch_size=8
+    )
+    ours_s = time.perf_counter() - start
+    start = time.perf_counter()
+    base_nll, base_count = per_line_perplexity(model, sequences, eos)
+    base_s = time.perf_counter() - start
+    base_ppl = perplexity_from_nll(base_nll, base_count)
+    if base_count != ours.predicted_tokens:
+        raise RuntimeError(f"token counts differ: {ours.predicted_tokens} vs {base_count}")
+    ppl_rel = abs(ours.perplexity - base_ppl) / base_ppl
+    ours_tps = ours.predicted_tokens / ours_s
+    base_tps = base_count / base_s
+
+    samples = select_samples(test[n_ppl:], prompt_fraction=0.5, max_samples=n_bleu)
+    prompts = [s.prompt for s in samples]
+    newline = stop_token_mask(tokenizer, model.config.vocab_size)
+    start = time.perf_counter()
+    hyps, _ = generate_continuations(
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens=max_new,
+        batch_size=16,
+        max_length=MODEL["n_positions"],
+    )
+    gen_s = time.perf_counter() - start
+    start = time.perf_counter()
+    base_hyps, base_generated = per_line_generate(model, tokenizer, prompts, max_new, newline)
+    base_gen_s = time.perf_counter() - start
+    agree = sum(a == b for a, b in zip(hyps, base_hyps, strict=True)) / len(prompts)
+    # Same greedy decisions -> the same tokens: rate both on the baseline's count.
+    gen_tps = base_generated / gen_s
+    base_gen_tps = base_generated / base_gen_s
+
+    figures = [
+        Figure(
+            "eval_ppl_tokens_per_s",
+            ours_tps,
+            "tok/s",
+            None,
+            f"score_sequences, {n_ppl} lines, batch 8 x 512 budget",
+        ),
+        Figure("eval_ppl_baseline_tokens_per_s", base_tps, "tok/s", None, "one line per forward"),
+        Figure("eval_ppl_speedup", ours_tps / base_tps, "x", ">= 5", f"{threads} threads"),
+        Figure(
+            "eval_ppl_rel_diff",
+            ppl_rel,
+            "",
+            "< 1e-4",
+            f"ppl {ours.perplexity:.4f} vs {base_ppl:.4f}",
+        ),
+        Figure(
+            "bleu_gen_tokens_per_s",
+            gen_tps,
+            "tok/s",
+            None,
+            f"generate_continuations, {len(prompts)} prompts, batch 16, KV cache",
+        ),
+        Figure(
+            "bleu_gen_baseline_tokens_per_s",
+            base_gen_tps,
+            "tok/s",
+            None,
+            "one prompt at a time, use_cache=False",
+        ),
+        Figure(
+            "bleu_gen_speedup", gen_tps / base_gen_tps, "x", ">= 5", f"max {max_new} new tokens"
+        ),
+        Figure(
+            "bleu_outputs_agree",
+            agree,
+            "share",
+            ">= 0.9",
+            "identical greedy continuations, batched vs per-line",
+        ),
+    ]
+    details = {
+        "ppl": {
+            "ours": ours.perplexity,
+            "baseline": base_ppl,
+            "tokens": base_count,
+            "ours_s": ours_s,
+            "baseline_s": base_s,
+            "nll_sum": [ours.nll_sum, base_nll],
+            "finite": math.isfinite(base_ppl),
+        },
+        "bleu_gen": {
+            "prompts": len(prompts),
+            "generated_tokens": base_generated,
+            "ours_s": gen_s,
+            "baseline_s": base_gen_s,
+            "max_new_tokens": max_new,
+            "first_differences": [(a, b) for a, b in zip(hyps, base_hyps, strict=True) if a != b][
+                :3
+            ],
+        },
+    }
+    return figures, details
