@@ -70,6 +70,13 @@ class OperatorMetrics:
         self._lock = threading.Lock()
         for phase in Phase:
             self.finetunejobs.labels(phase=phase.value).set(0)
+        # Export the outcome series at 0 from the start: increase()/rate() cannot see the
+        # first event of a series that appears already at 1, so the chart's failed-run alert
+        # and stage-duration panels would miss the first failure after an operator start.
+        for outcome in ("succeeded", "failed"):
+            self.runs.labels(outcome=outcome)
+            for stage in STAGES:
+                self.stage_duration.labels(stage=stage, outcome=outcome)
 
     def serve(self, port: int, addr: str = "0.0.0.0") -> None:
         if port:

@@ -385,19 +385,30 @@ def compute_status(old: Status | None, view: RunView, now: str) -> tuple[Status,
     return new, events
 
 
-def status_patch(old: Status | None, new: Status) -> Status | None:
-    """A JSON merge patch turning ``old`` into ``new`` (None when nothing changed).
+def merge_patch(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """The JSON merge patch (RFC 7386) turning ``old`` into ``new``; ``{}`` when equal.
 
-    Keys present before and absent now are nulled, so a new run clears the previous
-    run's results instead of leaving them next to the new phase.
+    Merge patches merge nested objects, so every key that ``new`` drops, at any depth,
+    must be sent as null: otherwise a new run would inherit the old run's
+    ``stages.train`` or ``artifacts.model``.
     """
-    old = old or {}
-    if all(old.get(k) == v for k, v in new.items()) and not (set(old) - set(new)):
-        return None
-    patch: Status = dict(new)
-    for key in set(old) - set(new):
+    patch: dict[str, Any] = {}
+    for key in old.keys() - new.keys():
         patch[key] = None
+    for key, value in new.items():
+        before = old.get(key)
+        if isinstance(value, dict) and isinstance(before, dict):
+            sub = merge_patch(before, value)
+            if sub:
+                patch[key] = sub
+        elif key not in old or before != value:
+            patch[key] = value
     return patch
+
+
+def status_patch(old: Status | None, new: Status) -> Status | None:
+    """The merge patch turning status ``old`` into ``new`` (None when nothing changed)."""
+    return merge_patch(old or {}, new) or None
 
 
 def summary_line(status: Status) -> str:

@@ -81,7 +81,8 @@ def tools_bin() -> Path:
     try:
         return find_bin_dir(build=True)
     except ToolsMissing as err:
-        pytest.fail(f"harness binaries unavailable: {err}", pytrace=False)
+        problem = str(err)
+    pytest.fail(f"harness binaries unavailable: {problem}", pytrace=False)
 
 
 @pytest.fixture(scope="session")

@@ -148,6 +148,10 @@ class PodRunner:
             self.reason, self.message = "ProcessNodeError", repr(err)
         if outcome in ("Succeeded", "Failed"):
             self.phase = outcome
+        elif any(r.exit_code is not None for r in self.init_runs + self.runs):
+            # Deleted after it ran: like the kubelet, report the terminal phase it reached.
+            codes = [r.exit_code for r in self.init_runs + self.runs]
+            self.phase = "Succeeded" if all(code == 0 for code in codes) else "Failed"
         self._publish()
         if self.deleting:
             self._finish_deletion()
@@ -192,7 +196,10 @@ class PodRunner:
         return self.node.request_token(self.pod, source)
 
     def _supervise(self, runs: list[ContainerRun], volumes: dict[str, Path], *, init: bool) -> str:
-        """Run `runs` until all are done; returns Succeeded, Failed, DeadlineExceeded or deleted."""
+        """Run `runs` until all are done; returns Succeeded, Failed or deleted.
+
+        A passed activeDeadlineSeconds returns Failed with reason DeadlineExceeded set.
+        """
         policy = self.pod["spec"].get("restartPolicy", "Always")
         for run in runs:
             if not self._start_container(run, volumes):

@@ -71,6 +71,14 @@ def test_the_failed_run_alert_selects_the_outcome_label_the_operator_emits() -> 
     from kubetune_operator.metrics import OperatorMetrics
 
     metrics = OperatorMetrics()
+    # The failed series exists at 0 before any failure, so increase() sees the first one.
+    fresh = {
+        s.labels["outcome"]: s.value
+        for family in metrics.registry.collect()
+        for s in family.samples
+        if s.name == "kubetune_operator_runs_total"
+    }
+    assert fresh == {"succeeded": 0.0, "failed": 0.0}
     metrics.observe(
         "ml", "tldr", {"phase": "Training", "run": "g1"}, {"phase": "Failed", "run": "g1"}
     )
@@ -80,7 +88,8 @@ def test_the_failed_run_alert_selects_the_outcome_label_the_operator_emits() -> 
         for s in family.samples
         if s.name == "kubetune_operator_runs_total"
     ]
-    assert [(s.labels, s.value) for s in samples] == [({"outcome": "failed"}, 1.0)]
+    values = {s.labels["outcome"]: s.value for s in samples}
+    assert values == {"succeeded": 0.0, "failed": 1.0}
     expr = next(r["expr"] for r in alert_rules() if r["alert"] == "KubetuneFineTuneJobFailed")
     assert 'kubetune_operator_runs_total{outcome="failed"}' in expr
 

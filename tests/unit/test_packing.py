@@ -174,3 +174,17 @@ def test_empty_lines_are_skipped() -> None:
     rows = build_rows(tokens, offsets, block_size=8, eos_id=EOS)
     assert rows.stream.tolist() == [1, 2, 0, 3, 0]
     assert rows.segments == 2
+
+
+def test_lines_start_with_the_evaluation_context_token() -> None:
+    """With bos_id every line is ``bos tokens eos``: its first real token is trained
+    to be predicted from bos, exactly as the evaluate stage scores it."""
+    tokens = np.array([5, 6, 7, 8, 9], dtype=np.uint32)
+    offsets = np.array([0, 3, 5], dtype=np.int64)
+    rows = build_rows(tokens, offsets, block_size=16, eos_id=1, bos_id=2, packing=True)
+    assert rows.stream.tolist() == [2, 5, 6, 7, 1, 2, 8, 9, 1]
+    batch = collate(rows, [0], pad_id=1)
+    labels = batch["labels"][0][:9].tolist()
+    # bos positions are context only; every real token and each eos is a target.
+    assert labels == [-100, 5, 6, 7, 1, -100, 8, 9, 1]
+    assert batch["position_ids"][0][:9].tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 3]

@@ -382,6 +382,31 @@ def test_a_new_run_moves_the_old_results_into_history() -> None:
     assert any(e.reason == "NewGeneration" for e in events)
     patch = status_patch(first, second)
     assert patch is not None and patch["results"] is None  # cleared, not left behind
+    # Nested keys too: a merge patch would otherwise keep the old run's later stages.
+    assert patch["stages"]["train"] is None and patch["stages"]["evaluate"] is None
+    assert patch["artifacts"] is None
+
+
+def test_status_patch_applied_as_a_merge_patch_yields_exactly_the_new_status() -> None:
+    def apply(target: Any, patch: Any) -> Any:  # RFC 7386, as the API server does it
+        if not isinstance(patch, dict):
+            return patch
+        out = dict(target) if isinstance(target, dict) else {}
+        for key, value in patch.items():
+            if value is None:
+                out.pop(key, None)
+            else:
+                out[key] = apply(out.get(key), value)
+        return out
+
+    first, _ = compute_status({}, succeeded_view(), T1)
+    view = RunView(
+        run=RUN2,
+        generation=2,
+        stages={"prepare": StageObservation(state="Running", reason="StageRunning")},
+    )
+    second, _ = compute_status(first, view, T1)
+    assert apply(first, status_patch(first, second)) == second
 
 
 def test_history_keeps_at_most_five_runs() -> None:

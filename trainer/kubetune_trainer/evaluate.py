@@ -111,7 +111,6 @@ def _read_test_tokens(ctx: StageContext, expected_lines: int) -> list[list[int]]
 
 
 # --------------------------------------------------------------------------- models
-# TODO(lead): switch to kubetune_trainer.modeling.load_model/load_tokenizer once it exists.
 
 
 def _download(storage: Storage, prefix: str, target: Path) -> Path:
@@ -149,18 +148,16 @@ def _load_fine_tuned(ctx: StageContext) -> tuple[Any, Any]:
     return _load_model_dir(model_dir), _load_tokenizer(tok_dir)
 
 
-def _load_baseline(ctx: StageContext, fine_tuned_config: Any) -> Any:
-    from transformers import AutoModelForCausalLM, set_seed
+def _load_baseline(ctx: StageContext, tokenizer: Any) -> Any:
+    """spec.model before fine-tuning, through the train stage's own loader.
 
-    spec = ctx.job.spec.model
-    if spec.fresh is not None:
-        # The same architecture as the fine-tuned model, initialised with the training seed.
-        set_seed(ctx.job.spec.training.seed)
-        return AutoModelForCausalLM.from_config(fine_tuned_config)
-    if spec.uri:
-        return _load_model_dir(_download(ctx.open(spec.uri), "", ctx.scratch / "eval-baseline"))
-    assert spec.name is not None
-    return AutoModelForCausalLM.from_pretrained(spec.name, revision=spec.revision)
+    For ``model.fresh`` that is the same architecture initialised with the
+    training seed: the untrained init the fine-tune started from.
+    """
+    from kubetune_trainer.modeling import load_model
+
+    return load_model(ctx.job.spec.model, ctx, len(tokenizer), seed=ctx.job.spec.training.seed,
+                      eos_token_id=tokenizer.eos_token_id)
 
 
 def _context_length(model: Any, tokenizer: Any) -> int:
@@ -208,6 +205,9 @@ def _score_model(
             model, token_lists, context_token=context_token_id(tokenizer), max_length=context,
             stride=spec.stride, batch_size=spec.batch_size, autocast_dtype=autocast,
         )
+        if result.predicted_tokens == 0:
+            raise StageError("dataset/test.tokens.npy holds no tokens to score; re-run prepare "
+                             "or disable evaluation.perplexity", "DatasetUnusable")
         scores.perplexity, scores.nll_sum = result.perplexity, result.nll_sum
         scores.predicted_tokens = result.predicted_tokens
         scores.tokens_per_second = result.tokens_per_second
@@ -258,12 +258,11 @@ def run(ctx: StageContext) -> EvaluateResult:
 
     model, tokenizer = _load_fine_tuned(ctx)
     fine_tuned = _score_model(ctx, "fine-tuned", model, tokenizer, token_lists, samples)
-    config = model.config
     _free(model)
 
     baseline: _Scored | None = None
     if spec.baseline:
-        base_model = _load_baseline(ctx, config)
+        base_model = _load_baseline(ctx, tokenizer)
         baseline = _score_model(ctx, "baseline", base_model, tokenizer, token_lists, samples)
         _free(base_model)
 

@@ -2,14 +2,17 @@
 
 Usage::
 
-    rows = build_rows(tokens, offsets, block_size=512, eos_id=eos, packing=True)
+    rows = build_rows(tokens, offsets, block_size=512, eos_id=eos, bos_id=bos, packing=True)
     batch = collate(rows, [3, 17, 42], pad_id=eos)   # numpy arrays, ready for torch
     kwargs = model_inputs(batch_tensors, attn_implementation="sdpa", dtype=torch.bfloat16)
     logits = model(**kwargs).logits
     nll_sum, n = token_nll_sum(logits, batch_tensors["labels"])
 
 Inputs are the prepare stage's arrays: ``tokens`` (flat uint32 ids, no special
-tokens) and ``offsets`` (int64, lines + 1). Every line gets an eos appended, so
+tokens) and ``offsets`` (int64, lines + 1). Every line becomes ``bos tokens eos``
+(bos defaults to eos, as in GPT-2): the start token is context only, so every
+token of the line is predicted from it — the same convention the evaluate stage
+scores perplexity and prompts generation with (``bleu.context_token_id``) — and
 the model learns where a line ends.
 
 **Packing** (``packing=True``) fills rows of exactly ``block_size`` tokens greedily,
@@ -28,7 +31,8 @@ cut into block-size chunks, each its own segment. Rows are made of *segments*
   except ``-100`` on the *first token of every segment* and on padding: so the
   last token of a segment (its eos) is never trained to predict the next
   segment's first token, and the first token of a line is never predicted (as
-  when the line is run alone, with no BOS). The summed loss of a packed row is
+  when the line is run alone). With the bos start token, the first *real* token
+  of a line is predicted from bos, as at evaluation. The summed loss of a packed row is
   therefore exactly the sum of the losses of its lines run one by one
   (``tests/unit/test_packing.py`` checks this to 1e-5).
 
@@ -92,15 +96,26 @@ class Rows:
         return np.diff(self.row_offsets)
 
 
-def _stream_with_eos(tokens: np.ndarray, offsets: np.ndarray, eos_id: int) -> np.ndarray:
-    """Lines followed by eos, concatenated (vectorised: no per-line Python)."""
+def _stream_with_eos(
+    tokens: np.ndarray, offsets: np.ndarray, eos_id: int, bos_id: int | None = None
+) -> np.ndarray:
+    """Lines as ``[bos] tokens eos``, concatenated (vectorised: no per-line Python).
+
+    Without ``bos_id`` a line is ``tokens eos``.
+    """
     n_lines = len(offsets) - 1
-    out = np.empty(int(offsets[-1]) + n_lines, dtype=np.int32)
-    eos_at = offsets[1:] + np.arange(n_lines)  # index of each line's eos in ``out``
-    is_eos = np.zeros(out.shape[0], dtype=bool)
-    is_eos[eos_at] = True
-    out[is_eos] = eos_id
-    out[~is_eos] = tokens[: int(offsets[-1])]
+    extra = 2 if bos_id is not None else 1
+    out = np.empty(int(offsets[-1]) + extra * n_lines, dtype=np.int32)
+    special = np.zeros(out.shape[0], dtype=bool)
+    line_index = np.arange(n_lines)
+    eos_at = offsets[1:] + extra * line_index + (extra - 1)  # each line's eos in ``out``
+    special[eos_at] = True
+    out[eos_at] = eos_id
+    if bos_id is not None:
+        bos_at = offsets[:-1] + 2 * line_index
+        special[bos_at] = True
+        out[bos_at] = bos_id
+    out[~special] = tokens[: int(offsets[-1])]
     return out
 
 
@@ -136,6 +151,7 @@ def build_rows(
     *,
     block_size: int,
     eos_id: int,
+    bos_id: int | None = None,
     packing: bool = True,
 ) -> Rows:
     """Rows of packed blocks (``packing``) or of single lines, from prepare's arrays."""
@@ -149,8 +165,8 @@ def build_rows(
         # An empty line would be a lone eos; it holds no tokens, so dropping it is
         # only a matter of dropping its offset.
         offsets = np.concatenate([[0], np.cumsum(lengths[lengths > 0])]).astype(np.int64)
-    stream = _stream_with_eos(np.asarray(tokens), offsets, eos_id)
-    line_lengths = np.diff(offsets) + 1
+    stream = _stream_with_eos(np.asarray(tokens), offsets, eos_id, bos_id)
+    line_lengths = np.diff(offsets) + (2 if bos_id is not None else 1)
     seg_lengths = _segment_lengths(line_lengths, block_size)
     seg_start = np.zeros(stream.shape[0], dtype=bool)
     seg_start[np.cumsum(seg_lengths) - seg_lengths] = True

@@ -175,7 +175,7 @@ class FreshModelSpec(_Model):
 
     cel_rules = (
         CelRule(
-            "self.nEmbd % self.nHead == 0",
+            "!has(self.nEmbd) || !has(self.nHead) || self.nEmbd % self.nHead == 0",
             "model.fresh.nEmbd must be a multiple of model.fresh.nHead",
             lambda m: m.n_embd % m.n_head == 0,
             field=".nEmbd",
@@ -252,7 +252,7 @@ class CleanSpec(_Model):
 
     cel_rules = (
         CelRule(
-            "!has(self.maxChars) || self.maxChars >= self.minChars",
+            "!has(self.maxChars) || !has(self.minChars) || self.maxChars >= self.minChars",
             "dataset.clean.maxChars must be >= dataset.clean.minChars",
             lambda c: c.max_chars is None or c.max_chars >= c.min_chars,
             field=".maxChars",
@@ -396,7 +396,8 @@ class EvaluationSpec(_Model):
 
     cel_rules = (
         CelRule(
-            "self.perplexity || self.bleu.enabled",
+            "(!has(self.perplexity) || self.perplexity) || !has(self.bleu) "
+            "|| !has(self.bleu.enabled) || self.bleu.enabled",
             "evaluation must compute perplexity or BLEU (or both)",
             lambda e: e.perplexity or e.bleu.enabled,
         ),
@@ -437,7 +438,8 @@ class ResourcesSpec(_Model):
 
     cel_rules = (
         CelRule(
-            "self.workers == 1 || self.gpusPerWorker >= 1",
+            "!has(self.workers) || self.workers == 1 || !has(self.gpusPerWorker) "
+            "|| self.gpusPerWorker >= 1",
             "resources.workers > 1 needs resources.gpusPerWorker >= 1",
             lambda r: r.workers == 1 or r.gpus_per_worker >= 1,
             field=".gpusPerWorker",
@@ -492,7 +494,9 @@ class FineTuneJobSpec(_Model):
 
     cel_rules = (
         CelRule(
-            "!has(self.model.fresh) || self.training.maxSeqLength <= self.model.fresh.nPositions",
+            "!has(self.model.fresh) || !has(self.training) || !has(self.training.maxSeqLength) "
+            "|| !has(self.model.fresh.nPositions) "
+            "|| self.training.maxSeqLength <= self.model.fresh.nPositions",
             "training.maxSeqLength must be <= model.fresh.nPositions",
             lambda s: (
                 s.model.fresh is None or s.training.max_seq_length <= s.model.fresh.n_positions
@@ -500,7 +504,7 @@ class FineTuneJobSpec(_Model):
             field=".training.maxSeqLength",
         ),
         CelRule(
-            "!has(self.training.lora) || !has(self.model.fresh)",
+            "!has(self.training) || !has(self.training.lora) || !has(self.model.fresh)",
             "training.lora needs a pre-trained model (model.name or model.uri), not model.fresh",
             lambda s: s.training.lora is None or s.model.fresh is None,
             field=".training.lora",

@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from kubetune_trainer import checkpoints as ckpt
+from kubetune_trainer.bleu import context_token_id
 from kubetune_trainer.context import StageContext, StageError
 from kubetune_trainer.exporter import ProgressWriter, TrainMetrics, rfc3339_now
 from kubetune_trainer.layout import RunLayout
@@ -170,7 +171,9 @@ def _load_array(ctx: StageContext, key: str, local: Path) -> np.ndarray:
     return np.load(local, mmap_mode="r")
 
 
-def load_training_rows(ctx: StageContext, eos_id: int, vocab_size: int) -> Rows:
+def load_training_rows(
+    ctx: StageContext, eos_id: int, vocab_size: int, bos_id: int | None = None
+) -> Rows:
     """Prepare's train token arrays -> training rows (packed or not)."""
     t = ctx.job.spec.training
     scratch = ctx.scratch_dir("dataset")
@@ -193,8 +196,9 @@ def load_training_rows(ctx: StageContext, eos_id: int, vocab_size: int) -> Rows:
             f"{ctx.storage.uri(RunLayout.TRAIN_TOKENS)}: token id {top} is outside the model's "
             f"vocabulary ({vocab_size}); the dataset was tokenized with another tokenizer, re-run "
             "prepare", reason="DatasetUnusable")
+    # Lines start with the token evaluation scores from (bos, else eos): see packing.py.
     return build_rows(tokens, offsets, block_size=t.max_seq_length, eos_id=eos_id,
-                      packing=t.packing)
+                      bos_id=bos_id if bos_id is not None else eos_id, packing=t.packing)
 
 
 def apply_lora(model: Any, ctx: StageContext) -> Any:
@@ -246,8 +250,11 @@ def _optimizer(model: Any, t: TrainingSpec) -> torch.optim.Optimizer:
     groups = [{"params": decay, "weight_decay": t.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     kwargs: dict[str, Any] = {"lr": t.learning_rate}
+    # Fused on GPU; on CPU torch would otherwise update one tensor at a time.
     if any(p.is_cuda for p in decay + no_decay):
         kwargs["fused"] = True
+    else:
+        kwargs["foreach"] = True
     return torch.optim.AdamW(groups, **kwargs)
 
 
@@ -339,7 +346,8 @@ class _Trainer:
                 eos = int(tokenizer.eos_token_id)
                 model = load_model(ctx.job.spec.model, ctx, len(tokenizer), seed=t.seed,
                                    eos_token_id=eos)
-                rows = load_training_rows(ctx, eos, embedding_rows(model))
+                rows = load_training_rows(ctx, eos, embedding_rows(model),
+                                          bos_id=context_token_id(tokenizer))
             attn = str(getattr(model.config, "_attn_implementation", "eager"))
             if t.packing and t.max_seq_length > getattr(model.config, "n_positions",
                                                          t.max_seq_length):
@@ -498,6 +506,7 @@ class _Trainer:
         for step in range(start_step, plan.total_steps):
             micro = [source.batch(step * plan.grad_accum + j) for j in range(plan.grad_accum)]
             step_targets = max(1, sum(count_targets(b["labels"]) for b, _ in micro))
+            step_tokens = 0
             for batch_np, global_tokens in micro:
                 batch = {k: torch.from_numpy(v).to(device, non_blocking=True)
                          for k, v in batch_np.items()}
@@ -516,7 +525,8 @@ class _Trainer:
                 bad_step = torch.where((bad_step < 0) & ~torch.isfinite(nll),
                                        torch.full_like(bad_step, step + 1), bad_step)
                 targets_acc += count_targets(batch_np["labels"])
-                interval_tokens += global_tokens
+                step_tokens += global_tokens
+            interval_tokens += step_tokens
             if not accelerator.optimizer_step_was_skipped:
                 scheduler.step()
             done = step + 1
@@ -524,8 +534,8 @@ class _Trainer:
             state.step = done
             state.epoch = m_next / plan.micro_per_epoch
             state.epoch_index, state.batches_done_in_epoch = source.position(m_next)
-            state.tokens_seen += interval_tokens
-            loop_tokens += interval_tokens
+            state.tokens_seen += step_tokens
+            loop_tokens += step_tokens
             if bar is not None:
                 bar.update(1)
 
