@@ -25,9 +25,8 @@ def bench_tokenizer(vocab_size: int = TOKENIZER_VOCAB) -> Path:
     path = scratch_root() / f"tokenizer-{vocab_size}"
     if (path / "tokenizer.json").exists():
         return path
-    from kubetune_trainer.tokenizer_build import train_bpe_tokenizer
-
     from bench.data import clean_tldr_lines
+    from kubetune_trainer.tokenizer_build import train_bpe_tokenizer
 
     lines = clean_tldr_lines()
     tokenizer = train_bpe_tokenizer(lines, vocab_size, model_max_length=1024, length=len(lines))

@@ -66,6 +66,7 @@ def per_line_generate(
 ) -> tuple[list[str], int]:
     """Greedy, one prompt at a time, no KV cache: the whole sequence every token."""
     import torch
+
     from kubetune_trainer.bleu import context_token_id
 
     context = context_token_id(tokenizer)
@@ -91,10 +92,11 @@ def per_line_generate(
 
 def run(quick: bool, threads: int) -> tuple[list[Figure], dict[str, Any]]:
     import torch
+    from transformers import AutoTokenizer
+
     from kubetune_trainer.bleu import generate_continuations, select_samples, stop_token_mask
     from kubetune_trainer.perplexity import perplexity_from_nll, score_sequences
     from kubetune_trainer.tokenizer_build import encode_batch
-    from transformers import AutoTokenizer
 
     torch.set_num_threads(threads)
     n_ppl = 300 if quick else 2000

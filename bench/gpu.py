@@ -146,6 +146,7 @@ def write_dataset(
 ) -> None:
     """Prepare's outputs (RunLayout keys) for ``train.run``: tokens, offsets, tokenizer."""
     import numpy as np
+
     from kubetune_trainer.layout import RunLayout
 
     dataset = out / RunLayout.DATASET

@@ -27,6 +27,7 @@ def _baseline(
     rows: Any, tokenizer: Any, out: Path, seed: int, test_fraction: float
 ) -> dict[str, Any]:
     import numpy as np
+
     from kubetune_trainer.cleaning import Cleaner
     from kubetune_trainer.schema import CleanSpec
 

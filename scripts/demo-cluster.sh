@@ -98,7 +98,8 @@ log "following $NAME (timeout ${DEMO_TIMEOUT}s)"
 deadline=$((SECONDS + DEMO_TIMEOUT))
 last=""
 while :; do
-    row=$(kubectl get ftj "$NAME" --no-headers 2>/dev/null || true)
+    # Print a line when phase, progress or results change (not every poll).
+    row=$(kubectl get ftj "$NAME" --no-headers -o custom-columns='NAME:.metadata.name,PHASE:.status.phase,PROGRESS:.status.progress.percent,PPL:.status.results.perplexity,BASE-PPL:.status.results.baselinePerplexity' 2>/dev/null || true)
     [ "$row" != "$last" ] && echo "$row" && last=$row
     phase=$(kubectl get ftj "$NAME" -o jsonpath='{.status.phase}' 2>/dev/null || true)
     case "$phase" in

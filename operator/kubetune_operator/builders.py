@@ -22,10 +22,9 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from kubetune_operator.config import OperatorConfig
 from kubetune_trainer.layout import join_uri
 from kubetune_trainer.schema import API_VERSION, KIND, FineTuneJob
-
-from kubetune_operator.config import OperatorConfig
 
 STAGES = ("prepare", "train", "evaluate")
 """Stage Jobs in order; the evaluate Job also writes the report (``--report``)."""

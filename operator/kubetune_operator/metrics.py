@@ -20,11 +20,11 @@ import contextlib
 import threading
 from typing import Any
 
-from kubetune_trainer.schema import Phase
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from kubetune_operator.builders import STAGES
 from kubetune_operator.observe import parse_time
+from kubetune_trainer.schema import Phase
 
 STAGE_BUCKETS = (10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400, 43200, 86400)
 

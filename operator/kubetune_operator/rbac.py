@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
 from kubetune_trainer.schema import GROUP, PLURAL
 
 RULES: list[dict[str, Any]] = [

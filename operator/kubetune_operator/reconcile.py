@@ -25,19 +25,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from kubetune_trainer.layout import RunLayout
-from kubetune_trainer.results import EvaluateResult, PrepareResult, TrainResult
-from kubetune_trainer.schema import (
-    API_VERSION,
-    KIND,
-    FineTuneJob,
-    ManifestError,
-    Phase,
-    Progress,
-    Reason,
-    parse_job,
-)
-
 from kubetune_operator import builders
 from kubetune_operator.builders import (
     ANNOTATION_FAILED_MESSAGE,
@@ -64,6 +51,18 @@ from kubetune_operator.kube import (
 )
 from kubetune_operator.observe import FAILED, SUCCEEDED, SUSPENDED, StageObservation, observe_stage
 from kubetune_operator.status import Event, RunView, compute_status, status_patch
+from kubetune_trainer.layout import RunLayout
+from kubetune_trainer.results import EvaluateResult, PrepareResult, TrainResult
+from kubetune_trainer.schema import (
+    API_VERSION,
+    KIND,
+    FineTuneJob,
+    ManifestError,
+    Phase,
+    Progress,
+    Reason,
+    parse_job,
+)
 
 log = logging.getLogger("kubetune.operator")
 

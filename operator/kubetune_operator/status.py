@@ -20,6 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from kubetune_operator.builders import STAGES, RunRef
+from kubetune_operator.observe import FAILED, RUNNING, SUCCEEDED, SUSPENDED, StageObservation
 from kubetune_trainer.layout import RunLayout
 from kubetune_trainer.results import EvaluateResult, PrepareResult, TrainResult
 from kubetune_trainer.schema import (
@@ -32,9 +34,6 @@ from kubetune_trainer.schema import (
     Results,
     RunRecord,
 )
-
-from kubetune_operator.builders import STAGES, RunRef
-from kubetune_operator.observe import FAILED, RUNNING, SUCCEEDED, SUSPENDED, StageObservation
 
 MAX_HISTORY = 5
 

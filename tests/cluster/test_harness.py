@@ -19,10 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness._proc import free_port, wait_until
-from harness.fixtures import K8sCluster
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
+
+from harness._proc import free_port, wait_until
+from harness.fixtures import K8sCluster
 
 pytestmark = pytest.mark.cluster
 PY = sys.executable  # the image is ignored: pods run the host's (the venv's) interpreter

@@ -29,7 +29,6 @@ from typing import Any
 import pytest
 import yaml
 from datapaths import tldr_files
-from harness.prometheus import Prometheus
 from observability_contract import (
     DASHBOARDS,
     alert_rules,
@@ -47,6 +46,8 @@ from operator_helpers import (
     upload_files,
     wait_for,
 )
+
+from harness.prometheus import Prometheus
 
 pytestmark = pytest.mark.cluster
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from harness import pod_spec
 
 INDEX_KEY = "batch.kubernetes.io/job-completion-index"

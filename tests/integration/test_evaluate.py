@@ -11,13 +11,14 @@ from typing import Any
 
 import pytest
 import torch
+from tiny_eval import N_POSITIONS, make_job, one_thread, tiny_gpt2, write_run
+
 from kubetune_trainer import evaluate
 from kubetune_trainer.bleu import context_token_id, generate_continuations, select_samples
 from kubetune_trainer.context import StageError, make_context
 from kubetune_trainer.layout import RunLayout
 from kubetune_trainer.perplexity import score_sequences
 from kubetune_trainer.results import EvaluateResult
-from tiny_eval import N_POSITIONS, make_job, one_thread, tiny_gpt2, write_run
 
 
 @pytest.fixture(autouse=True, scope="module")

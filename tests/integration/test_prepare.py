@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from datapaths import TINY_SHAKESPEARE, require, tldr_files
 from fixtures_s3 import s3_client
+
 from kubetune_trainer.context import StageError, make_context
 from kubetune_trainer.layout import RunLayout
 from kubetune_trainer.prepare import prepare_lines, run

@@ -10,14 +10,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from PIL import Image
+from tiny_eval import make_job, one_thread, write_run, write_stage_results
+
 from kubetune_trainer import evaluate, report
 from kubetune_trainer.context import StageContext, StageError, make_context
 from kubetune_trainer.layout import RunLayout
 from kubetune_trainer.results import EvaluateResult, ModelScores, ReportResult
 from kubetune_trainer.schema import Comparison
 from kubetune_trainer.storage import open_storage
-from PIL import Image
-from tiny_eval import make_job, one_thread, write_run, write_stage_results
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SIGNATURE = "nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:2.6.0"

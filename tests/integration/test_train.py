@@ -25,6 +25,8 @@ import tiny
 import torch
 import yaml
 from fixtures_s3 import free_port
+from prometheus_client.parser import text_string_to_metric_families
+
 from kubetune_trainer import checkpoints as ckpt
 from kubetune_trainer.context import StageError, make_context
 from kubetune_trainer.layout import RunLayout
@@ -33,7 +35,6 @@ from kubetune_trainer.results import TrainResult
 from kubetune_trainer.schema import FineTuneJob, TrainingSpec
 from kubetune_trainer.storage import FileStorage, open_storage
 from kubetune_trainer.train import BatchSource, make_plan, resolve_precision, run
-from prometheus_client.parser import text_string_to_metric_families
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from kubetune_trainer.layout import RunLayout
 from kubetune_trainer.results import PrepareResult
 from kubetune_trainer.schema import DatasetStats, FineTuneJob, parse_job

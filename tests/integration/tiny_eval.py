@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from kubetune_trainer.layout import RunLayout
 from kubetune_trainer.results import PrepareResult, TrainResult
 from kubetune_trainer.schema import DatasetStats, FineTuneJob, parse_job

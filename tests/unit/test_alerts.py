@@ -96,9 +96,10 @@ def test_the_failed_run_alert_selects_the_outcome_label_the_operator_emits() -> 
 
 def test_the_exporters_output_passes_promtool_check_metrics() -> None:
     """Both exporters, with every series populated, pass promtool's metric lint."""
+    from prometheus_client import generate_latest
+
     from kubetune_operator.metrics import OperatorMetrics
     from kubetune_trainer.exporter import TrainMetrics
-    from prometheus_client import generate_latest
 
     train = TrainMetrics(job="tldr", namespace="ml")
     # Set the series directly: update() also polls GPUs, which imports torch (slow, no GPU here).

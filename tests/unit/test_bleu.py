@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from kubetune_trainer.bleu import BleuSample, corpus_bleu, select_samples, split_prompt
 
 DATA = Path(__file__).resolve().parents[2] / "../shared/data"

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import yaml
+
 from kubetune_operator import builders, rbac
 from kubetune_operator.builders import RunRef
 from kubetune_operator.config import OperatorConfig

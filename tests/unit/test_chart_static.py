@@ -17,8 +17,9 @@ from typing import Any
 
 import pytest
 import yaml
-from harness.tools import default_bin_dir
 from k8s_schemas import SchemasUnavailable, swagger_from_go_module, write_schemas
+
+from harness.tools import default_bin_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts/kubetune"

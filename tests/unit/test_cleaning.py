@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from datapaths import tldr_lines
+
 from kubetune_trainer.cleaning import (
     Cleaner,
     normalize_unicode,

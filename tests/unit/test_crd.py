@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
 from kubetune_trainer import crd, schema
 
 ROOT = Path(__file__).resolve().parents[2]

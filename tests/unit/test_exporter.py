@@ -12,11 +12,12 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
 from kubetune_trainer.exporter import METRIC_NAMES, ProgressWriter, TrainMetrics, metrics_port
 from kubetune_trainer.layout import RunLayout
 from kubetune_trainer.schema import Progress
 from kubetune_trainer.storage import open_storage
-from prometheus_client.parser import text_string_to_metric_families
 
 GPU_ONLY = {"kubetune_gpu_memory_used_bytes", "kubetune_gpu_utilization_ratio"}
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
 from integration import tiny
 from kubetune_trainer.packing import (
     IGNORE_INDEX,

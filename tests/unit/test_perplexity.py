@@ -7,6 +7,7 @@ import random
 
 import pytest
 import torch
+
 from kubetune_trainer.perplexity import (
     perplexity_from_nll,
     rolling_windows,

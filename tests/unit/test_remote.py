@@ -12,6 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
+
 from kubetune_trainer.bleu import BleuSample
 from kubetune_trainer.remote import (
     NO_LOGPROBS_NOTE,

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from kubetune_trainer.schema import FineTuneJob, ManifestError, load_job, parse_job
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"

@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from datapaths import TINY_SHAKESPEARE, require, tldr_files
 from fixtures_s3 import s3_client
+
 from kubetune_trainer.context import StageError
 from kubetune_trainer.schema import DatasetSpec
 from kubetune_trainer.sources import Source, open_source, parse_hf_uri

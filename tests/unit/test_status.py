@@ -10,6 +10,8 @@ import threading
 import time
 from typing import Any
 
+from prometheus_client import CollectorRegistry
+
 from kubetune_operator.builders import ANNOTATION_FAILED_MESSAGE, ANNOTATION_FAILED_REASON, RunRef
 from kubetune_operator.metrics import OperatorMetrics
 from kubetune_operator.observe import StageObservation, observe_stage
@@ -18,7 +20,6 @@ from kubetune_operator.status import RunView, compute_status, get_condition, sta
 from kubetune_operator.workqueue import WorkQueue
 from kubetune_trainer.results import EvaluateResult, ModelScores, PrepareResult, TrainResult
 from kubetune_trainer.schema import DatasetStats, Progress
-from prometheus_client import CollectorRegistry
 
 T0 = "2025-01-01T00:00:00Z"
 T1 = "2025-01-01T00:05:00Z"

@@ -97,7 +97,10 @@ def _cut(text: str) -> str:
 
 
 def _greedy_compacting(
-    model: Any, input_ids: torch.Tensor, attention: torch.Tensor, max_new_tokens: int,
+    model: Any,
+    input_ids: torch.Tensor,
+    attention: torch.Tensor,
+    max_new_tokens: int,
     stop: torch.Tensor,
 ) -> list[list[int]]:
     """Greedy decoding with the KV cache that drops each row from the batch once it stops.
@@ -122,8 +125,14 @@ def _greedy_compacting(
     # transformers renamed past_key_values to cache (5.x); pass whichever this model takes.
     cache_arg = {"cache" if "cache" in params else "past_key_values": cache}
     extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
-    out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
-                use_cache=True, **cache_arg, **extra)
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention,
+        position_ids=positions,
+        use_cache=True,
+        **cache_arg,
+        **extra,
+    )
     next_pos = positions[:, -1:] + 1
     for step in range(max_new_tokens):
         token = out.logits[:, -1].argmax(-1)
@@ -138,15 +147,25 @@ def _greedy_compacting(
             alive, token = alive[keep], token[keep]
             attention, next_pos = attention[keep], next_pos[keep]
         attention = torch.cat([attention, attention.new_ones((attention.size(0), 1))], dim=-1)
-        out = model(input_ids=token[:, None], attention_mask=attention, position_ids=next_pos,
-                    use_cache=True, **cache_arg)
+        out = model(
+            input_ids=token[:, None],
+            attention_mask=attention,
+            position_ids=next_pos,
+            use_cache=True,
+            **cache_arg,
+        )
         next_pos = next_pos + 1
     return new
 
 
 def _greedy_generate(
-    model: Any, input_ids: torch.Tensor, attention: torch.Tensor, max_new_tokens: int,
-    stop: torch.Tensor, pad: int, eos: int | None,
+    model: Any,
+    input_ids: torch.Tensor,
+    attention: torch.Tensor,
+    max_new_tokens: int,
+    stop: torch.Tensor,
+    pad: int,
+    eos: int | None,
 ) -> list[list[int]]:
     """The same greedy decoding through ``model.generate`` (models without a DynamicCache)."""
     from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
@@ -155,10 +174,20 @@ def _greedy_generate(
         def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
             return stop[input_ids[:, -1]]
 
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                              use_cache=True, pad_token_id=pad, eos_token_id=eos)
-    out = model.generate(input_ids=input_ids, attention_mask=attention, generation_config=config,
-                         stopping_criteria=StoppingCriteriaList([_Stop()]))
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        use_cache=True,
+        pad_token_id=pad,
+        eos_token_id=eos,
+    )
+    out = model.generate(
+        input_ids=input_ids,
+        attention_mask=attention,
+        generation_config=config,
+        stopping_criteria=StoppingCriteriaList([_Stop()]),
+    )
     return [list(row) for row in out[:, input_ids.size(1) :].tolist()]
 
 
@@ -215,10 +244,13 @@ def generate_continuations(
                 ids = encoded[i]
                 input_ids[r, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
                 attention[r, width - len(ids) :] = 1
-            with torch.no_grad(), torch.autocast(
-                device_type=device.type,
-                dtype=autocast_dtype or torch.float32,
-                enabled=autocast_dtype is not None,
+            with (
+                torch.no_grad(),
+                torch.autocast(
+                    device_type=device.type,
+                    dtype=autocast_dtype or torch.float32,
+                    enabled=autocast_dtype is not None,
+                ),
             ):
                 args = (model, input_ids.to(device), attention.to(device), max_new_tokens, stop)
                 if use_generate:

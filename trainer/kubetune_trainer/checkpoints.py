@@ -121,8 +121,12 @@ def finish_checkpoint(storage: Storage, state: TrainerState) -> str:
 def save_checkpoint(storage: Storage, local_dir: Path, state: TrainerState) -> str:
     """Single-writer form: clear, upload every file of ``local_dir``, state, marker last."""
     begin_checkpoint(storage, state.step)
-    upload_files(storage, local_dir, state.step,
-                 sorted(p for p in local_dir.rglob("*") if p.is_file() and p.name != STATE_FILE))
+    upload_files(
+        storage,
+        local_dir,
+        state.step,
+        sorted(p for p in local_dir.rglob("*") if p.is_file() and p.name != STATE_FILE),
+    )
     return finish_checkpoint(storage, state)
 
 

@@ -85,11 +85,15 @@ def _read_test_texts(ctx: StageContext) -> list[str]:
         except (json.JSONDecodeError, KeyError, TypeError):
             raise StageError(
                 f"{ctx.storage.uri(key)} line {number}: expected a JSON object with a 'text' "
-                "field; re-run the prepare stage", "DatasetUnusable",
+                "field; re-run the prepare stage",
+                "DatasetUnusable",
             ) from None
     if not texts:
-        raise StageError(f"{ctx.storage.uri(key)} is empty: the test split has no lines; "
-                         "raise dataset.split.testFraction or add data", "DatasetUnusable")
+        raise StageError(
+            f"{ctx.storage.uri(key)} is empty: the test split has no lines; "
+            "raise dataset.split.testFraction or add data",
+            "DatasetUnusable",
+        )
     return texts
 
 
@@ -138,13 +142,18 @@ def _load_tokenizer(path: Path) -> Any:
 
 def _load_fine_tuned(ctx: StageContext) -> tuple[Any, Any]:
     if not ctx.storage.list(RunLayout.MODEL):
-        raise StageError(f"{ctx.storage.uri(RunLayout.MODEL)}: no fine-tuned model; run the "
-                         "train stage first")
+        raise StageError(
+            f"{ctx.storage.uri(RunLayout.MODEL)}: no fine-tuned model; run the train stage first"
+        )
     model_dir = _download(ctx.storage, RunLayout.MODEL, ctx.scratch / "eval-model")
     has_tokenizer = any(
-        (model_dir / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
-    tok_dir = model_dir if has_tokenizer else _download(
-        ctx.storage, RunLayout.TOKENIZER, ctx.scratch / "eval-tokenizer")
+        (model_dir / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")
+    )
+    tok_dir = (
+        model_dir
+        if has_tokenizer
+        else _download(ctx.storage, RunLayout.TOKENIZER, ctx.scratch / "eval-tokenizer")
+    )
     return _load_model_dir(model_dir), _load_tokenizer(tok_dir)
 
 
@@ -156,8 +165,13 @@ def _load_baseline(ctx: StageContext, tokenizer: Any) -> Any:
     """
     from kubetune_trainer.modeling import load_model
 
-    return load_model(ctx.job.spec.model, ctx, len(tokenizer), seed=ctx.job.spec.training.seed,
-                      eos_token_id=tokenizer.eos_token_id)
+    return load_model(
+        ctx.job.spec.model,
+        ctx,
+        len(tokenizer),
+        seed=ctx.job.spec.training.seed,
+        eos_token_id=tokenizer.eos_token_id,
+    )
 
 
 def _context_length(model: Any, tokenizer: Any) -> int:
@@ -199,32 +213,55 @@ def _score_model(
             raise StageError(
                 f"dataset/test.tokens.npy holds token id {top} but the {label} model has a "
                 f"vocabulary of {vocab}: the dataset was tokenized with another tokenizer; set "
-                "model.tokenizer to the model's tokenizer and re-run prepare", "InvalidSpec",
+                "model.tokenizer to the model's tokenizer and re-run prepare",
+                "InvalidSpec",
             )
         result = score_sequences(
-            model, token_lists, context_token=context_token_id(tokenizer), max_length=context,
-            stride=spec.stride, batch_size=spec.batch_size, autocast_dtype=autocast,
+            model,
+            token_lists,
+            context_token=context_token_id(tokenizer),
+            max_length=context,
+            stride=spec.stride,
+            batch_size=spec.batch_size,
+            autocast_dtype=autocast,
         )
         if result.predicted_tokens == 0:
-            raise StageError("dataset/test.tokens.npy holds no tokens to score; re-run prepare "
-                             "or disable evaluation.perplexity", "DatasetUnusable")
+            raise StageError(
+                "dataset/test.tokens.npy holds no tokens to score; re-run prepare "
+                "or disable evaluation.perplexity",
+                "DatasetUnusable",
+            )
         scores.perplexity, scores.nll_sum = result.perplexity, result.nll_sum
         scores.predicted_tokens = result.predicted_tokens
         scores.tokens_per_second = result.tokens_per_second
-        log.info("%s: perplexity %.3f over %d tokens (%.0f tokens/s)", label, result.perplexity,
-                 result.predicted_tokens, result.tokens_per_second)
+        log.info(
+            "%s: perplexity %.3f over %d tokens (%.0f tokens/s)",
+            label,
+            result.perplexity,
+            result.predicted_tokens,
+            result.tokens_per_second,
+        )
     continuations: list[str] = []
     signature = None
     if spec.bleu.enabled and samples:
         continuations, gen_tps = generate_continuations(
-            model, tokenizer, [s.prompt for s in samples],
-            max_new_tokens=spec.bleu.max_new_tokens, batch_size=spec.bleu.batch_size,
-            max_length=context, autocast_dtype=autocast,
+            model,
+            tokenizer,
+            [s.prompt for s in samples],
+            max_new_tokens=spec.bleu.max_new_tokens,
+            batch_size=spec.bleu.batch_size,
+            max_length=context,
+            autocast_dtype=autocast,
         )
         scores.bleu, signature = corpus_bleu(continuations, [s.reference for s in samples])
         scores.bleu_samples = len(samples)
-        log.info("%s: BLEU %.2f on %d lines (%.0f generated tokens/s)", label, scores.bleu,
-                 len(samples), gen_tps)
+        log.info(
+            "%s: BLEU %.2f on %d lines (%.0f generated tokens/s)",
+            label,
+            scores.bleu,
+            len(samples),
+            gen_tps,
+        )
     return _Scored(scores, continuations, signature)
 
 
@@ -253,7 +290,8 @@ def run(ctx: StageContext) -> EvaluateResult:
             raise StageError(
                 f"{ctx.storage.uri(RunLayout.TEST_TEXT)}: no test line has two or more words, so "
                 "none can be split into prompt and reference; disable evaluation.bleu or use "
-                "longer lines", "DatasetUnusable",
+                "longer lines",
+                "DatasetUnusable",
             )
 
     model, tokenizer = _load_fine_tuned(ctx)
@@ -270,8 +308,11 @@ def run(ctx: StageContext) -> EvaluateResult:
     remote_texts: dict[str, list[str]] = {}
     for entry in spec.compare_with:
         comparison, continuations = score_endpoint(
-            Endpoint.from_spec(entry), samples, texts[: len(samples) or spec.bleu.max_samples],
-            max_new_tokens=spec.bleu.max_new_tokens, bleu=spec.bleu.enabled,
+            Endpoint.from_spec(entry),
+            samples,
+            texts[: len(samples) or spec.bleu.max_samples],
+            max_new_tokens=spec.bleu.max_new_tokens,
+            bleu=spec.bleu.enabled,
             perplexity=spec.perplexity,
         )
         comparisons.append(comparison)
@@ -281,8 +322,11 @@ def run(ctx: StageContext) -> EvaluateResult:
     if samples:
         rows = []
         for i, sample in enumerate(samples[:SAMPLES_KEPT]):
-            row: dict[str, Any] = {"prompt": sample.prompt, "reference": sample.reference,
-                                   "fine_tuned": fine_tuned.continuations[i]}
+            row: dict[str, Any] = {
+                "prompt": sample.prompt,
+                "reference": sample.reference,
+                "fine_tuned": fine_tuned.continuations[i],
+            }
             if baseline is not None:
                 row["baseline"] = baseline.continuations[i]
             others = {k: v[i] for k, v in remote_texts.items() if i < len(v)}

@@ -91,19 +91,32 @@ class TrainMetrics:
             "kubetune_train_tokens", "Real training tokens processed.", names, registry=r
         )
         self.nonfinite = Counter(
-            "kubetune_train_nonfinite_loss", "Times the training loss was NaN or infinite.",
-            names, registry=r,
+            "kubetune_train_nonfinite_loss",
+            "Times the training loss was NaN or infinite.",
+            names,
+            registry=r,
         )
         self.gpu_memory = Gauge(
             "kubetune_gpu_memory_used_bytes", "GPU memory in use.", [*names, "gpu"], registry=r
         )
         self.gpu_utilization = Gauge(
-            "kubetune_gpu_utilization_ratio", "GPU utilisation (0..1).", [*names, "gpu"],
+            "kubetune_gpu_utilization_ratio",
+            "GPU utilisation (0..1).",
+            [*names, "gpu"],
             registry=r,
         )
         # Create the label sets now so every series is exported from the first scrape.
-        for metric in (self.loss, self.learning_rate, self.tokens_per_second, self.step,
-                       self.total_steps, self.epoch, self.eta, self.tokens, self.nonfinite):
+        for metric in (
+            self.loss,
+            self.learning_rate,
+            self.tokens_per_second,
+            self.step,
+            self.total_steps,
+            self.epoch,
+            self.eta,
+            self.tokens,
+            self.nonfinite,
+        ):
             metric.labels(**self.labels)
         self._server: Any = None
         self._thread: Any = None
@@ -118,8 +131,12 @@ class TrainMetrics:
         try:
             self._server, self._thread = start_http_server(port, addr=addr, registry=self.registry)
         except OSError as exc:
-            log.warning("metrics endpoint not started: port %d unavailable (%s); training "
-                        "continues without it", port, exc)
+            log.warning(
+                "metrics endpoint not started: port %d unavailable (%s); training "
+                "continues without it",
+                port,
+                exc,
+            )
             return None
         bound: int = self._server.server_port
         log.info("Prometheus metrics on http://%s:%d/metrics", addr, bound)

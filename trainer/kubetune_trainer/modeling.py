@@ -136,8 +136,9 @@ def load_model(
     elif spec.name:
         model = _from_pretrained(spec.name, spec.revision, repr(spec.name))
     else:  # the schema's CEL rule makes this unreachable
-        raise StageError("exactly one of model.name, model.uri or model.fresh must be set",
-                         reason="InvalidSpec")
+        raise StageError(
+            "exactly one of model.name, model.uri or model.fresh must be set", reason="InvalidSpec"
+        )
     if eos_token_id is not None:
         model.config.eos_token_id = eos_token_id
         model.config.bos_token_id = eos_token_id
@@ -149,8 +150,9 @@ def load_model(
     n_embeddings = embedding_rows(model)
     if tokenizer_vocab_size > n_embeddings:
         # A tokenizer with added tokens (model.tokenizer): grow the embedding table.
-        log.info("resizing embeddings %d -> %d for the tokenizer", n_embeddings,
-                 tokenizer_vocab_size)
+        log.info(
+            "resizing embeddings %d -> %d for the tokenizer", n_embeddings, tokenizer_vocab_size
+        )
         model.resize_token_embeddings(tokenizer_vocab_size)
     return model.float()
 

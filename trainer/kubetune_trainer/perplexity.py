@@ -24,6 +24,15 @@ Conventions (the numbers in the report mean exactly this):
   them in the window as context. Every token is predicted exactly once.
 * Windows are sorted by length and batched with right padding (attention mask
   0 and no target on pads), so many short lines share one forward pass.
+
+Speed (why the code looks the way it does): on a CPU a batch is capped at
+``CPU_BATCH_TOKENS`` padded positions (small batches stay in cache and sorted
+neighbours pad less), and for the usual decoder-only models (``_SPLIT_HEAD``)
+the output layer runs only on the hidden states of predicted positions, in
+chunks, taking ``logsumexp`` and the target logit in float32 and summing the NLL
+in float64: the full ``[rows, length, vocab]`` logits tensor and its
+log-softmax are never built. Other models (e.g. with logit soft-capping, or
+wrapped by peft) go through ``model(...).logits`` unchanged.
 """
 
 from __future__ import annotations
@@ -39,6 +48,16 @@ import torch
 # Logits of one batch are [rows, length, vocab]; keep them under this many
 # values so a big-vocabulary model (e.g. 150k tokens) does not run out of memory.
 LOGITS_BUDGET = {"cuda": 512 * 1024 * 1024, "cpu": 64 * 1024 * 1024}
+# Padded positions per batch on a CPU. Measured (bench/eval_bench.py, GPT-2 4 x 256,
+# vocab 8192, 1 thread): 8 x 512 = 4096-position batches ran ~2x slower than
+# 1024: activations of a few MiB fall out of cache, and sorted short lines pad
+# less in small batches. A GPU wants big batches instead (LOGITS_BUDGET).
+CPU_BATCH_TOKENS = 1024
+# Rows of hidden states sent through the output layer at once (chunk x vocab logits).
+HEAD_CHUNK = 512
+# Model types whose logits are exactly ``get_output_embeddings()(base model output)``:
+# no soft-capping or scaling, so the head may run on the predicted positions alone.
+_SPLIT_HEAD = frozenset({"gpt2", "gpt_neox", "llama", "mistral", "qwen2", "qwen3"})
 
 
 class PerplexityResult(NamedTuple):
@@ -117,9 +136,42 @@ def _model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-@torch.no_grad()
+def _split_head(model: Any) -> tuple[Any, Any] | None:
+    """(base model, output layer) when the logits are just ``head(base(x))``, else None."""
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):
+        return None  # e.g. a peft wrapper: let its own forward apply the adapters
+    config = model.config
+    if getattr(config, "model_type", None) not in _SPLIT_HEAD:
+        return None
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+        return None
+    body = getattr(model, model.base_model_prefix, None)
+    head = model.get_output_embeddings()
+    if body is None or body is model or not isinstance(head, torch.nn.Linear):
+        return None
+    return body, head
+
+
+def _target_nll(head: Any, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-target NLL (float32) from hidden states, ``HEAD_CHUNK`` rows of logits at a time."""
+    out = []
+    for begin in range(0, hidden.shape[0], HEAD_CHUNK):
+        logits = head(hidden[begin : begin + HEAD_CHUNK]).float()
+        target = targets[begin : begin + HEAD_CHUNK]
+        picked = logits.gather(1, target[:, None]).squeeze(1)
+        out.append(torch.logsumexp(logits, dim=-1) - picked)
+    return torch.cat(out)
+
+
+@torch.inference_mode()
 def _batch_nll(
-    model: Any, batch: list[Window], device: torch.device, autocast_dtype: torch.dtype | None
+    model: Any,
+    batch: list[Window],
+    device: torch.device,
+    autocast_dtype: torch.dtype | None,
+    split: tuple[Any, Any] | None = None,
 ) -> tuple[float, int]:
     length = max(len(w.tokens) for w in batch)
     input_ids = torch.zeros((len(batch), length), dtype=torch.long)
@@ -132,18 +184,23 @@ def _batch_nll(
         attention[row, :n] = 1
         labels[row, n - window.targets : n] = ids[n - window.targets :]
     input_ids, attention, labels = (t.to(device) for t in (input_ids, attention, labels))
+    # Position t predicts token t+1; keep only target positions before the softmax.
+    shift_labels = labels[:, 1:]
+    mask = shift_labels != -100
+    targets = shift_labels[mask]
     with torch.autocast(
         device_type=device.type,
         dtype=autocast_dtype or torch.float32,
         enabled=autocast_dtype is not None,
     ):
-        logits = model(input_ids=input_ids, attention_mask=attention).logits
-    # Position t predicts token t+1; keep only target positions before the softmax.
-    shift_labels = labels[:, 1:]
-    mask = shift_labels != -100
-    picked = logits[:, :-1][mask].float()
-    targets = shift_labels[mask]
-    nll = torch.nn.functional.cross_entropy(picked, targets, reduction="none")
+        if split is not None:
+            body, head = split
+            hidden = body(input_ids=input_ids, attention_mask=attention).last_hidden_state
+            nll = _target_nll(head, hidden[:, :-1][mask], targets)
+        else:
+            logits = model(input_ids=input_ids, attention_mask=attention).logits
+            picked = logits[:, :-1][mask].float()
+            nll = torch.nn.functional.cross_entropy(picked, targets, reduction="none")
     return float(nll.double().sum().item()), int(targets.numel())
 
 
@@ -170,14 +227,17 @@ def score_sequences(
     device = _model_device(model)
     vocab = int(getattr(getattr(model, "config", None), "vocab_size", 0) or 50_000)
     budget = LOGITS_BUDGET.get(device.type, LOGITS_BUDGET["cpu"]) // vocab
+    if device.type == "cpu":
+        budget = min(budget, CPU_BATCH_TOKENS)
     max_tokens = max(max_length, min(batch_size * max_length, budget))
+    split = _split_head(model)
     was_training = model.training
     model.eval()
     start = time.perf_counter()
     nll_sum, count = 0.0, 0
     try:
         for batch in _batches(windows, max_rows=max(1024, batch_size), max_tokens=max_tokens):
-            nll, n = _batch_nll(model, batch, device, autocast_dtype)
+            nll, n = _batch_nll(model, batch, device, autocast_dtype, split)
             nll_sum += nll
             count += n
         if device.type == "cuda":

@@ -110,8 +110,14 @@ class Endpoint:
                 retry_after = exc.headers.get("Retry-After", "")
                 if retry_after.replace(".", "", 1).isdigit():
                     delay = min(float(retry_after), 30.0)
-                log.info("%s: HTTP %s from %s, retry %d in %.1fs",
-                         self.name, exc.code, url, attempt, delay)
+                log.info(
+                    "%s: HTTP %s from %s, retry %d in %.1fs",
+                    self.name,
+                    exc.code,
+                    url,
+                    attempt,
+                    delay,
+                )
             except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
                 if attempt > self.retries:
                     reason = getattr(exc, "reason", exc)
@@ -135,29 +141,46 @@ class _Client:
         ep = self.endpoint
         if not self.use_chat:
             try:
-                data = ep.post("completions", {
-                    "model": ep.model, "prompt": prompt, "max_tokens": max_new_tokens,
-                    "temperature": 0, "stop": ["\n"],
-                })
+                data = ep.post(
+                    "completions",
+                    {
+                        "model": ep.model,
+                        "prompt": prompt,
+                        "max_tokens": max_new_tokens,
+                        "temperature": 0,
+                        "stop": ["\n"],
+                    },
+                )
                 return str(data["choices"][0].get("text") or "")
             except RemoteError as exc:
                 if exc.status not in (404, 405):
                     raise
                 self.use_chat = True
-        data = ep.post("chat/completions", {
-            "model": ep.model, "max_tokens": max_new_tokens, "temperature": 0,
-            "messages": [
-                {"role": "system", "content": CHAT_INSTRUCTION},
-                {"role": "user", "content": prompt},
-            ],
-        })
+        data = ep.post(
+            "chat/completions",
+            {
+                "model": ep.model,
+                "max_tokens": max_new_tokens,
+                "temperature": 0,
+                "messages": [
+                    {"role": "system", "content": CHAT_INSTRUCTION},
+                    {"role": "user", "content": prompt},
+                ],
+            },
+        )
         return str(data["choices"][0]["message"].get("content") or "")
 
     def prompt_logprobs(self, text: str) -> list[float] | None:
         """Log-probabilities of the tokens of ``text`` (the first has none), or None."""
         ep = self.endpoint
-        payload = {"model": ep.model, "prompt": text, "echo": True, "logprobs": 1,
-                   "max_tokens": 0, "temperature": 0}
+        payload = {
+            "model": ep.model,
+            "prompt": text,
+            "echo": True,
+            "logprobs": 1,
+            "max_tokens": 0,
+            "temperature": 0,
+        }
         try:
             data = ep.post("completions", payload)
         except RemoteError as exc:
@@ -199,8 +222,9 @@ def score_endpoint(
     with ThreadPoolExecutor(max_workers=endpoint.concurrency) as pool:
         if bleu and samples:
             try:
-                raw = list(pool.map(
-                    lambda s: client.continuation(s.prompt, max_new_tokens), samples))
+                raw = list(
+                    pool.map(lambda s: client.continuation(s.prompt, max_new_tokens), samples)
+                )
                 continuations = [r.split("\n", 1)[0].strip() for r in raw]
                 comparison.bleu, _ = corpus_bleu(continuations, [s.reference for s in samples])
             except RemoteError as exc:

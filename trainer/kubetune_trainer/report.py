@@ -107,8 +107,16 @@ pre{background:#f6f6f6;padding:.6rem;overflow-x:auto}img{max-width:100%}"""
 
 def render_html(blocks: Sequence[Block], title: str) -> str:
     esc = html.escape
-    out = ["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
-           f"<title>{esc(title)}</title>", f"<style>{_CSS}</style>", "</head>", "<body>"]
+    out = [
+        "<!DOCTYPE html>",
+        '<html lang="en">',
+        "<head>",
+        '<meta charset="utf-8">',
+        f"<title>{esc(title)}</title>",
+        f"<style>{_CSS}</style>",
+        "</head>",
+        "<body>",
+    ]
     for block in blocks:
         if isinstance(block, Heading):
             out.append(f"<h{block.level}>{esc(block.text)}</h{block.level}>")
@@ -118,8 +126,9 @@ def render_html(blocks: Sequence[Block], title: str) -> str:
         elif isinstance(block, Table):
             out.append("<table>")
             out.append("<tr>" + "".join(f"<th>{esc(h)}</th>" for h in block.header) + "</tr>")
-            out.extend("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>"
-                       for row in block.rows)
+            out.extend(
+                "<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in block.rows
+            )
             out.append("</table>")
         elif isinstance(block, Image):
             data = base64.b64encode(block.png).decode("ascii")
@@ -158,9 +167,13 @@ def _read_jsonl(ctx: StageContext, key: str) -> list[dict[str, Any]]:
 
 def loss_curve_png(metrics: Sequence[dict[str, Any]]) -> bytes | None:
     """PNG of training loss per step (and learning rate on a second axis); None without data."""
-    points = [(m["step"], m["loss"]) for m in metrics
-              if isinstance(m.get("step"), (int, float)) and isinstance(m.get("loss"), (int, float))
-              and math.isfinite(m["loss"])]
+    points = [
+        (m["step"], m["loss"])
+        for m in metrics
+        if isinstance(m.get("step"), (int, float))
+        and isinstance(m.get("loss"), (int, float))
+        and math.isfinite(m["loss"])
+    ]
     if not points:
         return None
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -174,8 +187,11 @@ def loss_curve_png(metrics: Sequence[dict[str, Any]]) -> bytes | None:
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss", color="tab:blue")
     ax.grid(alpha=0.3)
-    lrs = [(m["step"], m["lr"]) for m in metrics
-           if isinstance(m.get("step"), (int, float)) and isinstance(m.get("lr"), (int, float))]
+    lrs = [
+        (m["step"], m["lr"])
+        for m in metrics
+        if isinstance(m.get("step"), (int, float)) and isinstance(m.get("lr"), (int, float))
+    ]
     if lrs:
         ax2 = ax.twinx()
         ax2.plot([p[0] for p in lrs], [p[1] for p in lrs], color="tab:orange", alpha=0.6)
@@ -215,16 +231,22 @@ def _header(ctx: StageContext) -> list[Block]:
     job, spec = ctx.job, ctx.job.spec
     blocks: list[Block] = [
         Heading(1, f"Fine-tune report: {job.metadata.name}"),
-        Para(f"Model: {spec.model.display_name}. Dataset: {spec.dataset.source}. "
-             f"Output: {ctx.output}."),
+        Para(
+            f"Model: {spec.model.display_name}. Dataset: {spec.dataset.source}. "
+            f"Output: {ctx.output}."
+        ),
     ]
     if spec.model.fresh is not None:
-        blocks.append(Para(
-            "This is a small demo model initialised from scratch (model.fresh), not a "
-            "pre-trained language model: its numbers show that the pipeline works, not the "
-            "quality a real model would reach. Its baseline is the untrained initialisation "
-            "(same architecture, same seed), so the baseline perplexity is near the vocabulary "
-            "size and the baseline generations are noise.", emphasis=True))
+        blocks.append(
+            Para(
+                "This is a small demo model initialised from scratch (model.fresh), not a "
+                "pre-trained language model: its numbers show that the pipeline works, not the "
+                "quality a real model would reach. Its baseline is the untrained initialisation "
+                "(same architecture, same seed), so the baseline perplexity is near the vocabulary "
+                "size and the baseline generations are noise.",
+                emphasis=True,
+            )
+        )
     return blocks
 
 
@@ -233,37 +255,62 @@ def _results(ctx: StageContext, result: EvaluateResult) -> list[Block]:
     blocks: list[Block] = [Heading(2, "Results")]
     rows = []
     if ft.perplexity is not None or (base and base.perplexity is not None):
-        rows.append(["Perplexity (lower is better)", _num(ft.perplexity),
-                     _num(base.perplexity if base else None),
-                     *_change(ft.perplexity, base.perplexity if base else None, True, 3)])
+        rows.append(
+            [
+                "Perplexity (lower is better)",
+                _num(ft.perplexity),
+                _num(base.perplexity if base else None),
+                *_change(ft.perplexity, base.perplexity if base else None, True, 3),
+            ]
+        )
     if ft.bleu is not None or (base and base.bleu is not None):
-        rows.append(["BLEU (higher is better)", _num(ft.bleu, 2),
-                     _num(base.bleu if base else None, 2),
-                     *_change(ft.bleu, base.bleu if base else None, False, 2)])
+        rows.append(
+            [
+                "BLEU (higher is better)",
+                _num(ft.bleu, 2),
+                _num(base.bleu if base else None, 2),
+                *_change(ft.bleu, base.bleu if base else None, False, 2),
+            ]
+        )
     blocks.append(Table(["Metric", "Fine-tuned", "Baseline", "Change", "Verdict"], rows))
     if base is None:
         blocks.append(Para("No baseline was evaluated (evaluation.baseline is false)."))
     if ft.perplexity is not None:
-        blocks.append(Para(
-            f"Perplexity is exp(total NLL / predicted tokens) over {ft.predicted_tokens or 0:,} "
-            "test tokens of the whole test split; each test line is scored on its own with the "
-            "eos/bos token as context, so every token of the line is predicted."))
+        blocks.append(
+            Para(
+                f"Perplexity is exp(total NLL / predicted tokens) over {ft.predicted_tokens or 0:,} "
+                "test tokens of the whole test split; each test line is scored on its own with the "
+                "eos/bos token as context, so every token of the line is predicted."
+            )
+        )
     if ft.bleu is not None:
         spec = ctx.job.spec.evaluation.bleu
-        blocks.append(Para(
-            f"BLEU: greedy continuations of {ft.bleu_samples or 0} test lines; the prompt is the "
-            f"first {spec.prompt_fraction:.0%} of each line's words, the reference is the rest; "
-            f"at most {spec.max_new_tokens} new tokens, cut at the first newline. sacrebleu "
-            "signature:"))
+        blocks.append(
+            Para(
+                f"BLEU: greedy continuations of {ft.bleu_samples or 0} test lines; the prompt is the "
+                f"first {spec.prompt_fraction:.0%} of each line's words, the reference is the rest; "
+                f"at most {spec.max_new_tokens} new tokens, cut at the first newline. sacrebleu "
+                "signature:"
+            )
+        )
         blocks.append(Code(result.bleu_signature or "n/a"))
     if result.comparisons:
         blocks.append(Heading(3, "Other endpoints (compareWith)"))
-        blocks.append(Table(["Endpoint", "BLEU", "Perplexity", "Note"], [
-            [c.name, _num(c.bleu, 2), _num(c.perplexity), c.note or ""]
-            for c in result.comparisons
-        ]))
-        blocks.append(Para("An endpoint's perplexity is computed over its own tokenisation, so "
-                           "it is not comparable token for token with the local models."))
+        blocks.append(
+            Table(
+                ["Endpoint", "BLEU", "Perplexity", "Note"],
+                [
+                    [c.name, _num(c.bleu, 2), _num(c.perplexity), c.note or ""]
+                    for c in result.comparisons
+                ],
+            )
+        )
+        blocks.append(
+            Para(
+                "An endpoint's perplexity is computed over its own tokenisation, so "
+                "it is not comparable token for token with the local models."
+            )
+        )
     return blocks
 
 
@@ -273,10 +320,15 @@ def _dataset(prepare: PrepareResult | None) -> list[Block]:
         return [*blocks, Para("dataset/prepare.json not available.")]
     s = prepare.stats
     rows = [
-        ("Documents read", s.documents), ("Lines read", s.lines), ("Lines kept", s.kept_lines),
-        ("Dropped (too short/long)", s.dropped_short), ("Duplicates removed", s.duplicates_removed),
-        ("Train lines", s.train_lines), ("Test lines", s.test_lines),
-        ("Train tokens", s.train_tokens), ("Test tokens", s.test_tokens),
+        ("Documents read", s.documents),
+        ("Lines read", s.lines),
+        ("Lines kept", s.kept_lines),
+        ("Dropped (too short/long)", s.dropped_short),
+        ("Duplicates removed", s.duplicates_removed),
+        ("Train lines", s.train_lines),
+        ("Test lines", s.test_lines),
+        ("Train tokens", s.train_tokens),
+        ("Test tokens", s.test_tokens),
         ("Train/test overlap", s.overlap),
     ]
     blocks.append(Table(["Statistic", "Value"], [[k, f"{v:,}"] for k, v in rows]))
@@ -327,22 +379,32 @@ def _samples(rows: list[dict[str, Any]], has_baseline: bool) -> list[Block]:
     if not rows:
         return []
     header = ["Prompt", "Reference", "Fine-tuned"] + (["Baseline"] if has_baseline else [])
-    table = [[str(r.get("prompt", "")), str(r.get("reference", "")), str(r.get("fine_tuned", ""))]
-             + ([str(r.get("baseline", ""))] if has_baseline else [])
-             for r in rows[:SAMPLES_SHOWN]]
+    table = [
+        [str(r.get("prompt", "")), str(r.get("reference", "")), str(r.get("fine_tuned", ""))]
+        + ([str(r.get("baseline", ""))] if has_baseline else [])
+        for r in rows[:SAMPLES_SHOWN]
+    ]
     return [Heading(2, "Sample generations"), Table(header, table)]
 
 
-def _timings(prepare: PrepareResult | None, train: TrainResult | None,
-             result: EvaluateResult) -> list[Block]:
-    rows = [[name, _num(obj.seconds, 1) if obj else "n/a"]
-            for name, obj in (("prepare", prepare), ("train", train), ("evaluate", result))]
+def _timings(
+    prepare: PrepareResult | None, train: TrainResult | None, result: EvaluateResult
+) -> list[Block]:
+    rows = [
+        [name, _num(obj.seconds, 1) if obj else "n/a"]
+        for name, obj in (("prepare", prepare), ("train", train), ("evaluate", result))
+    ]
     return [Heading(2, "Timings"), Table(["Stage", "Seconds"], rows)]
 
 
-def build_blocks(ctx: StageContext, result: EvaluateResult, prepare: PrepareResult | None,
-                 train: TrainResult | None, samples: list[dict[str, Any]],
-                 png: bytes | None) -> list[Block]:
+def build_blocks(
+    ctx: StageContext,
+    result: EvaluateResult,
+    prepare: PrepareResult | None,
+    train: TrainResult | None,
+    samples: list[dict[str, Any]],
+    png: bytes | None,
+) -> list[Block]:
     return [
         *_header(ctx),
         *_results(ctx, result),
@@ -357,8 +419,10 @@ def run(ctx: StageContext) -> ReportResult:
     """Write loss.png, report.md and report.html, then report.json."""
     raw = _read_json(ctx, RunLayout.EVAL_RESULT)
     if raw is None:
-        raise StageError(f"{ctx.storage.uri(RunLayout.EVAL_RESULT)}: missing or unreadable; run "
-                         "the evaluate stage first")
+        raise StageError(
+            f"{ctx.storage.uri(RunLayout.EVAL_RESULT)}: missing or unreadable; run "
+            "the evaluate stage first"
+        )
     result = EvaluateResult.model_validate(raw)
     prepare_raw = _read_json(ctx, RunLayout.PREPARE_RESULT)
     train_raw = _read_json(ctx, RunLayout.TRAIN_RESULT)

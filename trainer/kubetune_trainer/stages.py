@@ -70,7 +70,7 @@ def write_termination_message(payload: dict[str, Any]) -> None:
     text = json.dumps(payload, separators=(",", ":"), default=str)
     if len(text.encode()) > TERMINATION_MESSAGE_LIMIT:
         # Keep what the operator needs (stage, reason, the start of the error) as valid JSON.
-        small = {k: payload[k] for k in ("stage", "reason") if k in payload}
+        small: dict[str, Any] = {k: payload[k] for k in ("stage", "reason") if k in payload}
         small["truncated"] = True
         room = TERMINATION_MESSAGE_LIMIT - len(json.dumps(small)) - 64
         small["error"] = str(payload.get("error", ""))[: max(room, 0)]

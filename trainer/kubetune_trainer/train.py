@@ -60,8 +60,15 @@ log = logging.getLogger(__name__)
 
 # Spec fields that decide the data order and the step count: a checkpoint made
 # with other values cannot be continued.
-RESUME_KEYS = ("batchSize", "gradientAccumulationSteps", "maxSeqLength", "packing", "seed",
-               "epochs", "maxSteps")
+RESUME_KEYS = (
+    "batchSize",
+    "gradientAccumulationSteps",
+    "maxSeqLength",
+    "packing",
+    "seed",
+    "epochs",
+    "maxSteps",
+)
 
 
 # --------------------------------------------------------------------------- plan
@@ -92,8 +99,15 @@ def make_plan(rows: int, t: TrainingSpec, num_processes: int) -> Plan:
     else:
         total = max(1, math.ceil(t.epochs * micro_per_epoch / t.gradient_accumulation_steps))
     warmup = math.ceil(t.warmup_ratio * total)
-    return Plan(rows, t.batch_size, num_processes, t.gradient_accumulation_steps,
-                micro_per_epoch, total, warmup)
+    return Plan(
+        rows,
+        t.batch_size,
+        num_processes,
+        t.gradient_accumulation_steps,
+        micro_per_epoch,
+        total,
+        warmup,
+    )
 
 
 class BatchSource:
@@ -146,8 +160,10 @@ def resolve_precision(requested: str, cuda: bool) -> str:
     if requested == "fp32":
         return "no"
     if requested == "fp16" and not cuda:
-        log.warning("training.precision fp16 needs a GPU; this machine has none, so training "
-                    "runs in fp32 (use bf16 or fp32 on CPUs)")
+        log.warning(
+            "training.precision fp16 needs a GPU; this machine has none, so training "
+            "runs in fp32 (use bf16 or fp32 on CPUs)"
+        )
         return "no"
     if requested == "bf16" and cuda:
         import torch
@@ -181,24 +197,39 @@ def load_training_rows(
     offsets = _load_array(ctx, RunLayout.TRAIN_OFFSETS, scratch / "train.offsets.npy")
     where = ctx.storage.uri(RunLayout.TRAIN_OFFSETS)
     if offsets.ndim != 1 or len(offsets) < 2 or int(offsets[0]) != 0:
-        raise StageError(f"{where}: expected int64 line offsets starting at 0 (lines + 1 values)",
-                         reason="DatasetUnusable")
+        raise StageError(
+            f"{where}: expected int64 line offsets starting at 0 (lines + 1 values)",
+            reason="DatasetUnusable",
+        )
     if int(offsets[-1]) != len(tokens) or (np.diff(offsets) < 0).any():
         raise StageError(
             f"{where}: offsets do not match {RunLayout.TRAIN_TOKENS} ({int(offsets[-1])} vs "
-            f"{len(tokens)} tokens); re-run the prepare stage", reason="DatasetUnusable")
+            f"{len(tokens)} tokens); re-run the prepare stage",
+            reason="DatasetUnusable",
+        )
     if len(tokens) == 0:
-        raise StageError(f"{ctx.storage.uri(RunLayout.TRAIN_TOKENS)}: the training split has no "
-                         "tokens; check dataset.source and dataset.clean", reason="DatasetUnusable")
+        raise StageError(
+            f"{ctx.storage.uri(RunLayout.TRAIN_TOKENS)}: the training split has no "
+            "tokens; check dataset.source and dataset.clean",
+            reason="DatasetUnusable",
+        )
     top = int(tokens.max())
     if top >= vocab_size:
         raise StageError(
             f"{ctx.storage.uri(RunLayout.TRAIN_TOKENS)}: token id {top} is outside the model's "
             f"vocabulary ({vocab_size}); the dataset was tokenized with another tokenizer, re-run "
-            "prepare", reason="DatasetUnusable")
+            "prepare",
+            reason="DatasetUnusable",
+        )
     # Lines start with the token evaluation scores from (bos, else eos): see packing.py.
-    return build_rows(tokens, offsets, block_size=t.max_seq_length, eos_id=eos_id,
-                      bos_id=bos_id if bos_id is not None else eos_id, packing=t.packing)
+    return build_rows(
+        tokens,
+        offsets,
+        block_size=t.max_seq_length,
+        eos_id=eos_id,
+        bos_id=bos_id if bos_id is not None else eos_id,
+        packing=t.packing,
+    )
 
 
 def apply_lora(model: Any, ctx: StageContext) -> Any:
@@ -210,17 +241,24 @@ def apply_lora(model: Any, ctx: StageContext) -> Any:
     lora = ctx.job.spec.training.lora
     assert lora is not None
     targets = lora.target_modules or TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(
-        model.config.model_type)
+        model.config.model_type
+    )
     if not targets:
         raise StageError(
             f"training.lora.targetModules: peft has no default for model type "
             f"{model.config.model_type!r}; list the module names to adapt (e.g. q_proj, v_proj)",
-            reason="InvalidSpec")
-    matched = [m for name, m in model.named_modules()
-               if any(name == t or name.endswith("." + t) for t in targets)]
+            reason="InvalidSpec",
+        )
+    matched = [
+        m
+        for name, m in model.named_modules()
+        if any(name == t or name.endswith("." + t) for t in targets)
+    ]
     if not matched:
-        raise StageError(f"training.lora.targetModules {targets}: no module of the model has "
-                         "that name", reason="InvalidSpec")
+        raise StageError(
+            f"training.lora.targetModules {targets}: no module of the model has that name",
+            reason="InvalidSpec",
+        )
     config = LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
@@ -232,8 +270,9 @@ def apply_lora(model: Any, ctx: StageContext) -> Any:
     )
     with warnings.catch_warnings():
         # peft reads transformers' deprecated ``is_gradient_checkpointing``; not ours to fix.
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*",
-                                category=FutureWarning)
+        warnings.filterwarnings(
+            "ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning
+        )
         return get_peft_model(model, config)
 
 
@@ -247,8 +286,10 @@ def _optimizer(model: Any, t: TrainingSpec) -> torch.optim.Optimizer:
             continue
         # Biases and norm weights are not decayed (the usual AdamW recipe).
         (no_decay if p.ndim < 2 or "ln" in name or "norm" in name else decay).append(p)
-    groups = [{"params": decay, "weight_decay": t.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    groups = [
+        {"params": decay, "weight_decay": t.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
     kwargs: dict[str, Any] = {"lr": t.learning_rate}
     # Fused on GPU; on CPU torch would otherwise update one tensor at a time.
     if any(p.is_cuda for p in decay + no_decay):
@@ -297,7 +338,8 @@ def _check_resume(state: ckpt.TrainerState, config: dict[str, Any], key: str) ->
         raise StageError(
             f"checkpoint {key} was made with different {', '.join(diff)}; it cannot be continued. "
             "Use a new storage.output for the changed spec, or delete checkpoints/ to start over",
-            reason="InvalidSpec")
+            reason="InvalidSpec",
+        )
 
 
 # --------------------------------------------------------------------------- the loop
@@ -329,8 +371,9 @@ class _Trainer:
         ctx, t = self.ctx, self.t
         mixed = resolve_precision(str(t.precision), torch.cuda.is_available())
         _reset_single_process_accelerate()
-        accelerator = Accelerator(mixed_precision=mixed,
-                                  gradient_accumulation_steps=t.gradient_accumulation_steps)
+        accelerator = Accelerator(
+            mixed_precision=mixed, gradient_accumulation_steps=t.gradient_accumulation_steps
+        )
         self.accelerator = accelerator
         main = accelerator.is_main_process
         set_seed(t.seed)
@@ -344,46 +387,68 @@ class _Trainer:
             with accelerator.local_main_process_first():
                 tokenizer = load_tokenizer(ctx)
                 eos = int(tokenizer.eos_token_id)
-                model = load_model(ctx.job.spec.model, ctx, len(tokenizer), seed=t.seed,
-                                   eos_token_id=eos)
-                rows = load_training_rows(ctx, eos, embedding_rows(model),
-                                          bos_id=context_token_id(tokenizer))
+                model = load_model(
+                    ctx.job.spec.model, ctx, len(tokenizer), seed=t.seed, eos_token_id=eos
+                )
+                rows = load_training_rows(
+                    ctx, eos, embedding_rows(model), bos_id=context_token_id(tokenizer)
+                )
             attn = str(getattr(model.config, "_attn_implementation", "eager"))
-            if t.packing and t.max_seq_length > getattr(model.config, "n_positions",
-                                                         t.max_seq_length):
+            if t.packing and t.max_seq_length > getattr(
+                model.config, "n_positions", t.max_seq_length
+            ):
                 raise StageError(
                     f"training.maxSeqLength {t.max_seq_length} exceeds the model's context "
-                    f"({model.config.n_positions} positions); lower it", reason="InvalidSpec")
+                    f"({model.config.n_positions} positions); lower it",
+                    reason="InvalidSpec",
+                )
             if t.lora is not None:
                 model = apply_lora(model, ctx)
             n_params = sum(p.numel() for p in model.parameters())
             n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
             plan = make_plan(len(rows), t, accelerator.num_processes)
-            config = self._resolved_config(plan, rows, mixed, attn, n_params, n_trainable,
-                                           model_config_dict(model))
+            config = self._resolved_config(
+                plan, rows, mixed, attn, n_params, n_trainable, model_config_dict(model)
+            )
             optimizer = _optimizer(model, t)
-            scheduler = get_scheduler(str(t.scheduler), optimizer,
-                                      num_warmup_steps=plan.warmup_steps,
-                                      num_training_steps=plan.total_steps)
+            scheduler = get_scheduler(
+                str(t.scheduler),
+                optimizer,
+                num_warmup_steps=plan.warmup_steps,
+                num_training_steps=plan.total_steps,
+            )
             model, optimizer = accelerator.prepare(model, optimizer)
             accelerator.register_for_checkpointing(scheduler)
 
             state = self._resume(config)
-            source = BatchSource(rows, plan, accelerator.process_index, t.seed,
-                                 int(tokenizer.pad_token_id))
+            source = BatchSource(
+                rows, plan, accelerator.process_index, t.seed, int(tokenizer.pad_token_id)
+            )
             if main:
                 log.info(
                     "training %s: %d rows (%d tokens, packing %s, efficiency %.1f%%), %d steps "
                     "of %d rows, %s, precision %s, attention %s, %d/%d trainable parameters",
-                    ctx.job.spec.model.display_name, len(rows), rows.tokens, t.packing,
-                    100 * rows.efficiency, plan.total_steps, plan.global_batch * plan.grad_accum,
-                    _device_name(accelerator), mixed, attn, n_trainable, n_params)
+                    ctx.job.spec.model.display_name,
+                    len(rows),
+                    rows.tokens,
+                    t.packing,
+                    100 * rows.efficiency,
+                    plan.total_steps,
+                    plan.global_batch * plan.grad_accum,
+                    _device_name(accelerator),
+                    mixed,
+                    attn,
+                    n_trainable,
+                    n_params,
+                )
             final_loss, loop_tokens, loop_seconds = self._loop(
-                model, optimizer, scheduler, source, plan, state, config, attn)
+                model, optimizer, scheduler, source, plan, state, config, attn
+            )
             accelerator.wait_for_everyone()
-            result = self._finish(model, tokenizer, plan, state, config, final_loss,
-                                  loop_tokens, loop_seconds)
+            result = self._finish(
+                model, tokenizer, plan, state, config, final_loss, loop_tokens, loop_seconds
+            )
             accelerator.wait_for_everyone()
             return result
         finally:
@@ -392,8 +457,16 @@ class _Trainer:
 
     # ---------------------------------------------------------------- pieces
 
-    def _resolved_config(self, plan: Plan, rows: Rows, mixed: str, attn: str, n_params: int,
-                         n_trainable: int, model_config: dict[str, Any]) -> dict[str, Any]:
+    def _resolved_config(
+        self,
+        plan: Plan,
+        rows: Rows,
+        mixed: str,
+        attn: str,
+        n_params: int,
+        n_trainable: int,
+        model_config: dict[str, Any],
+    ) -> dict[str, Any]:
         t = self.t
         return {
             "job": self.ctx.job.metadata.name,
@@ -419,8 +492,14 @@ class _Trainer:
         ctx, accelerator = self.ctx, self.accelerator
         latest = ckpt.latest_complete(ctx.storage)
         if latest is None:
-            return ckpt.TrainerState(step=0, epoch=0.0, epoch_index=0, batches_done_in_epoch=0,
-                                     tokens_seen=0, config=config)
+            return ckpt.TrainerState(
+                step=0,
+                epoch=0.0,
+                epoch_index=0,
+                batches_done_in_epoch=0,
+                tokens_seen=0,
+                config=config,
+            )
         step, key = latest
         local = ctx.scratch / "resume" / key
         if accelerator.is_local_main_process:
@@ -432,8 +511,9 @@ class _Trainer:
         accelerator.load_state(str(local))
         self.resumed_from = state.step
         if accelerator.is_main_process:
-            log.info("resumed from %s (step %d, epoch %.2f)", ctx.storage.uri(key), step,
-                     state.epoch)
+            log.info(
+                "resumed from %s (step %d, epoch %.2f)", ctx.storage.uri(key), step, state.epoch
+            )
         state.config = config
         return state
 
@@ -453,22 +533,37 @@ class _Trainer:
             ckpt.upload_files(ctx.storage, local, state.step, files)
         elif accelerator.is_local_main_process:
             # Another node: only its processes' RNG states are not on the main node.
-            ckpt.upload_files(ctx.storage, local, state.step,
-                              [p for p in files if p.name.startswith("random_states_")])
+            ckpt.upload_files(
+                ctx.storage,
+                local,
+                state.step,
+                [p for p in files if p.name.startswith("random_states_")],
+            )
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             key = ckpt.finish_checkpoint(ctx.storage, state)
             pruned = ckpt.prune_checkpoints(ctx.storage, self.t.keep_checkpoints)
-            log.info("checkpoint %s%s", ctx.storage.uri(key),
-                     f" (pruned steps {pruned})" if pruned else "")
+            log.info(
+                "checkpoint %s%s",
+                ctx.storage.uri(key),
+                f" (pruned steps {pruned})" if pruned else "",
+            )
         accelerator.wait_for_everyone()
         if accelerator.is_local_main_process:
             shutil.rmtree(local, ignore_errors=True)
         self.last_checkpoint = state.step
 
-    def _loop(self, model: Any, optimizer: Any, scheduler: Any, source: BatchSource, plan: Plan,
-              state: ckpt.TrainerState, config: dict[str, Any],
-              attn: str) -> tuple[float | None, int, float]:
+    def _loop(
+        self,
+        model: Any,
+        optimizer: Any,
+        scheduler: Any,
+        source: BatchSource,
+        plan: Plan,
+        state: ckpt.TrainerState,
+        config: dict[str, Any],
+        attn: str,
+    ) -> tuple[float | None, int, float]:
         import torch
 
         from kubetune_trainer.packing import model_inputs, token_nll_sum
@@ -477,7 +572,8 @@ class _Trainer:
         main = accelerator.is_main_process
         device = accelerator.device
         mask_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
-            accelerator.mixed_precision, torch.float32)
+            accelerator.mixed_precision, torch.float32
+        )
         progress = ProgressWriter(ctx.storage)
         if main and state.step > 0:
             progress.resume(state.step)
@@ -488,8 +584,13 @@ class _Trainer:
         if main and ctx.show_progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=plan.total_steps, initial=state.step, unit="step", dynamic_ncols=True,
-                       desc=f"train {ctx.job.metadata.name}")
+            bar = tqdm(
+                total=plan.total_steps,
+                initial=state.step,
+                unit="step",
+                dynamic_ncols=True,
+                desc=f"train {ctx.job.metadata.name}",
+            )
 
         model.train()
         nll_acc = torch.zeros((), device=device, dtype=torch.float32)
@@ -508,12 +609,16 @@ class _Trainer:
             step_targets = max(1, sum(count_targets(b["labels"]) for b, _ in micro))
             step_tokens = 0
             for batch_np, global_tokens in micro:
-                batch = {k: torch.from_numpy(v).to(device, non_blocking=True)
-                         for k, v in batch_np.items()}
+                batch = {
+                    k: torch.from_numpy(v).to(device, non_blocking=True)
+                    for k, v in batch_np.items()
+                }
                 with accelerator.accumulate(model):
-                    logits = model(**model_inputs(batch, packed=t.packing,
-                                                  attn_implementation=attn,
-                                                  mask_dtype=mask_dtype)).logits
+                    logits = model(
+                        **model_inputs(
+                            batch, packed=t.packing, attn_implementation=attn, mask_dtype=mask_dtype
+                        )
+                    ).logits
                     nll = token_nll_sum(logits, batch["labels"])
                     # accelerator.backward divides by GA: the step's loss is sum NLL / targets.
                     accelerator.backward(nll * (plan.grad_accum / step_targets))
@@ -522,8 +627,11 @@ class _Trainer:
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 nll_acc += nll.detach()
-                bad_step = torch.where((bad_step < 0) & ~torch.isfinite(nll),
-                                       torch.full_like(bad_step, step + 1), bad_step)
+                bad_step = torch.where(
+                    (bad_step < 0) & ~torch.isfinite(nll),
+                    torch.full_like(bad_step, step + 1),
+                    bad_step,
+                )
                 targets_acc += count_targets(batch_np["labels"])
                 step_tokens += global_tokens
             interval_tokens += step_tokens
@@ -545,14 +653,16 @@ class _Trainer:
                 # The only host syncs of the loop: here, every logEverySteps.
                 totals = accelerator.reduce(
                     torch.stack([nll_acc, torch.tensor(float(targets_acc), device=device)]),
-                    reduction="sum").tolist()
+                    reduction="sum",
+                ).tolist()
                 first_bad = int(accelerator.reduce(bad_step, reduction="max").item())
                 if first_bad >= 0 or not math.isfinite(totals[0]):
                     metrics.count_nonfinite()
                     raise StageError(
                         f"training loss became nan at step {first_bad if first_bad >= 0 else done}"
                         "; lower training.learningRate or use precision fp32/bf16",
-                        reason="StageFailed")
+                        reason="StageFailed",
+                    )
                 loss = totals[0] / max(totals[1], 1.0)
                 final_loss = loss
                 now = time.perf_counter()
@@ -561,20 +671,42 @@ class _Trainer:
                 eta = elapsed / (done - start_step) * (plan.total_steps - done)
                 lr = float(scheduler.get_last_lr()[0])
                 if accelerator.is_local_main_process:
-                    metrics.update(step=done, total_steps=plan.total_steps, epoch=state.epoch,
-                                   loss=loss, learning_rate=lr, tokens_per_second=tps,
-                                   eta_seconds=eta, new_tokens=interval_tokens)
+                    metrics.update(
+                        step=done,
+                        total_steps=plan.total_steps,
+                        epoch=state.epoch,
+                        loss=loss,
+                        learning_rate=lr,
+                        tokens_per_second=tps,
+                        eta_seconds=eta,
+                        new_tokens=interval_tokens,
+                    )
                 if main:
-                    record = {"step": done, "epoch": round(state.epoch, 5), "loss": loss, "lr": lr,
-                              "tokens_per_second": tps, "elapsed": prior_elapsed + elapsed}
-                    progress.log(record, Progress(
-                        step=done, total_steps=plan.total_steps,
-                        percent=int(100 * done / plan.total_steps), epoch=round(state.epoch, 4),
-                        loss=round(loss, 5), tokens_per_second=round(tps, 1),
-                        eta_seconds=round(eta, 1), updated_at=rfc3339_now()))
+                    record = {
+                        "step": done,
+                        "epoch": round(state.epoch, 5),
+                        "loss": loss,
+                        "lr": lr,
+                        "tokens_per_second": tps,
+                        "elapsed": prior_elapsed + elapsed,
+                    }
+                    progress.log(
+                        record,
+                        Progress(
+                            step=done,
+                            total_steps=plan.total_steps,
+                            percent=int(100 * done / plan.total_steps),
+                            epoch=round(state.epoch, 4),
+                            loss=round(loss, 5),
+                            tokens_per_second=round(tps, 1),
+                            eta_seconds=round(eta, 1),
+                            updated_at=rfc3339_now(),
+                        ),
+                    )
                 if bar is not None:
-                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}",
-                                    refresh=False)
+                    bar.set_postfix(
+                        loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}", refresh=False
+                    )
                 nll_acc.zero_()
                 targets_acc = 0
                 interval_tokens = 0
@@ -594,9 +726,17 @@ class _Trainer:
         self.progress = progress
         return final_loss, loop_tokens, loop_seconds
 
-    def _finish(self, model: Any, tokenizer: Any, plan: Plan, state: ckpt.TrainerState,
-                config: dict[str, Any], final_loss: float | None, loop_tokens: int,
-                loop_seconds: float) -> TrainResult:
+    def _finish(
+        self,
+        model: Any,
+        tokenizer: Any,
+        plan: Plan,
+        state: ckpt.TrainerState,
+        config: dict[str, Any],
+        final_loss: float | None,
+        loop_tokens: int,
+        loop_seconds: float,
+    ) -> TrainResult:
         from kubetune_trainer.modeling import save_model
 
         ctx, accelerator = self.ctx, self.accelerator
@@ -608,8 +748,9 @@ class _Trainer:
             epochs=round(state.epoch, 4),
             final_loss=final_loss,
             train_tokens=state.tokens_seen,
-            tokens_per_second=round(loop_tokens / loop_seconds, 1) if loop_seconds > 0 and
-            loop_tokens else None,
+            tokens_per_second=round(loop_tokens / loop_seconds, 1)
+            if loop_seconds > 0 and loop_tokens
+            else None,
             model_uri=ctx.storage.uri(RunLayout.MODEL),
             last_checkpoint=ctx.storage.uri(RunLayout.checkpoint_key(state.step)),
             resumed_from_step=self.resumed_from,
@@ -624,8 +765,12 @@ class _Trainer:
             ctx.storage.delete(RunLayout.MODEL)
             ctx.storage.upload_dir(local, RunLayout.MODEL)
             ctx.storage.write_text(RunLayout.TRAIN_RESULT, result.to_json())
-            log.info("trained %d steps (loss %s) -> %s", state.step,
-                     f"{final_loss:.4f}" if final_loss is not None else "n/a", result.model_uri)
+            log.info(
+                "trained %d steps (loss %s) -> %s",
+                state.step,
+                f"{final_loss:.4f}" if final_loss is not None else "n/a",
+                result.model_uri,
+            )
         return result
 
     def _last_logged_loss(self) -> float | None:
