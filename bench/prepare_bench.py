@@ -110,7 +110,8 @@ def run(quick: bool, threads: int) -> tuple[list[Figure], dict[str, Any]]:
             speedup,
             "x",
             ">= 5",
-            f"same first {baseline_lines:,} lines both sides",
+            f"same first {baseline_lines:,} lines both sides; kubetune with "
+            f"{small.get('workers', 1)} worker process(es), baseline one process",
         ),
         Figure(
             "prepare_baseline_peak_rss_mb",

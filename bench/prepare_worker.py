@@ -66,7 +66,7 @@ def _baseline(
 def _kubetune(
     rows: Any, tokenizer: Any, out: Path, seed: int, test_fraction: float
 ) -> dict[str, Any]:
-    from kubetune_trainer.prepare import prepare_lines
+    from kubetune_trainer.prepare import prepare_lines, prepare_workers
     from kubetune_trainer.schema import CleanSpec, SplitSpec
 
     prepared = prepare_lines(
@@ -85,6 +85,7 @@ def _kubetune(
         "train_tokens": s.train_tokens,
         "test_tokens": s.test_tokens,
         "duplicates_removed": s.duplicates_removed,
+        "workers": prepare_workers(),
     }
 
 

@@ -214,7 +214,9 @@ def observed_run(
             "op": op,
             "ns": ns,
             "start": start,
-            "end": time.time(),
+            # A little past now: range-query points are aligned to `start`, and the last
+            # one must not fall just before the first sample of a gauge that appeared late.
+            "end": time.time() + 4,
             "train_text": scraper.text,
             "operator_text": op.metrics(),
         }

@@ -33,9 +33,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
 import shutil
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from itertools import chain
@@ -51,6 +53,7 @@ from kubetune_trainer.results import PrepareResult
 from kubetune_trainer.schema import CleanSpec, DatasetStats, DedupMode, SplitSpec, SplitUnit
 from kubetune_trainer.sources import UNUSABLE, open_source
 from kubetune_trainer.tokenizer_build import (
+    FastEncoder,
     encode_batch,
     load_tokenizer,
     model_tokenizer_source,
@@ -64,6 +67,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TOKENIZE_BATCH = 1000
+# Lines per chunk of the first pass (clean + hash + tokenize), in-process or in a worker.
+CHUNK_LINES = 1024
+# Worker processes for cleaning and tokenizing: $KUBETUNE_PREPARE_WORKERS, else the
+# CPUs this process may use (at most MAX_WORKERS). The pool starts only once a second
+# chunk exists, so small datasets never fork.
+MAX_WORKERS = 4
 _COPY_CHUNK = 16 * 1024 * 1024
 _U64 = 1 << 64
 _TEST_CANDIDATES = ".test.candidates.jsonl"
@@ -163,6 +172,14 @@ class _TokenWriter:
         self.tokens += total
         self.lines += len(ids)
 
+    def add_flat(self, flat: np.ndarray, lengths: np.ndarray) -> None:
+        """Append lines given as their concatenated ids and per-line lengths."""
+        self._tokens.write(flat.astype("<u4", copy=False).tobytes())
+        ends = np.cumsum(lengths, dtype=np.int64) + self.tokens
+        self._offsets.write(ends.astype("<i8", copy=False).tobytes())
+        self.tokens += int(flat.shape[0])
+        self.lines += int(lengths.shape[0])
+
     def close(self) -> None:
         self._tokens.close()
         self._offsets.close()
@@ -196,6 +213,132 @@ def _tokenize_file(
     return found
 
 
+# --------------------------------------------------------------------------- first pass
+
+
+@dataclass
+class _Chunk:
+    """What cleaning one chunk of raw lines gave: kept rows, their texts, hashes and ids."""
+
+    kept: list[int]  # row numbers within the chunk whose cleaned text survived
+    texts: list[str]
+    hashes: list[int]
+    dropped: int  # rows dropped by the length rules
+    flat: np.ndarray | None = None  # concatenated token ids of the kept rows
+    lengths: np.ndarray | None = None
+
+
+class _ChunkWorker:
+    """Clean, hash and (given a tokenizer) tokenize a chunk; the same code in and out of a pool."""
+
+    def __init__(self, clean: CleanSpec, key: bytes, encoder: FastEncoder | None) -> None:
+        self.cleaner = Cleaner(clean)
+        self.key = key
+        self.encoder = encoder
+
+    def __call__(self, raws: list[str]) -> _Chunk:
+        clean_line = self.cleaner.clean_line
+        key = self.key
+        before = self.cleaner.dropped_short
+        kept: list[int] = []
+        texts: list[str] = []
+        for i, raw in enumerate(raws):
+            text = clean_line(raw)
+            if text is not None:
+                kept.append(i)
+                texts.append(text)
+        chunk = _Chunk(
+            kept, texts, [text_hash(t, key) for t in texts], self.cleaner.dropped_short - before
+        )
+        if self.encoder is not None and texts:
+            ids = self.encoder.encode(texts)
+            chunk.lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+            chunk.flat = np.fromiter(
+                chain.from_iterable(ids), dtype="<u4", count=int(chunk.lengths.sum())
+            )
+        return chunk
+
+
+_WORKER: _ChunkWorker | None = None
+
+
+def _pool_init(worker: _ChunkWorker) -> None:
+    global _WORKER
+    _WORKER = worker
+
+
+def _pool_call(raws: list[str]) -> _Chunk:
+    assert _WORKER is not None
+    return _WORKER(raws)
+
+
+def prepare_workers() -> int:
+    """Worker processes for the first pass: $KUBETUNE_PREPARE_WORKERS, else usable CPUs."""
+    env = os.environ.get("KUBETUNE_PREPARE_WORKERS")
+    if env:
+        return max(1, int(env))
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, MAX_WORKERS))
+
+
+def _chunks(
+    lines: Iterable[tuple[str, str]], worker: _ChunkWorker, workers: int
+) -> Iterator[tuple[list[str], _Chunk]]:
+    """(documents, cleaned chunk) in input order; a bounded pool when ``workers`` > 1.
+
+    At most ``2 * workers`` chunks are in flight, so memory does not grow with the
+    corpus, and results are consumed in submission order, so the output is the same
+    byte for byte whatever the number of workers.
+    """
+    it = iter(lines)
+
+    def read() -> tuple[list[str], list[str]] | None:
+        docs: list[str] = []
+        raws: list[str] = []
+        for doc, raw in it:
+            docs.append(doc)
+            raws.append(raw)
+            if len(raws) >= CHUNK_LINES:
+                break
+        return (docs, raws) if raws else None
+
+    first = read()
+    if first is None:
+        return
+    second = read() if len(first[1]) >= CHUNK_LINES else None
+    use_pool = (
+        workers > 1 and second is not None and "fork" in multiprocessing.get_all_start_methods()
+    )
+    if not use_pool:
+        for part in (first, second):
+            if part is not None:
+                yield part[0], worker(part[1])
+        while (part := read()) is not None:
+            yield part[0], worker(part[1])
+        return
+    # fork: the workers inherit the cleaner and tokenizer without pickling them.
+    pool = multiprocessing.get_context("fork").Pool(workers, _pool_init, (worker,))
+    try:
+        pending: deque[tuple[list[str], Any]] = deque()
+        queue: list[tuple[list[str], list[str]] | None] = [first, second]
+        while True:
+            while len(pending) < 2 * workers:
+                part = queue.pop(0) if queue else read()
+                if part is None:
+                    break
+                pending.append((part[0], pool.apply_async(_pool_call, (part[1],))))
+            if not pending:
+                break
+            docs, result = pending.popleft()
+            yield docs, result.get()
+    finally:
+        pool.terminate()
+        pool.join()
+
+
 # --------------------------------------------------------------------------- core
 
 
@@ -222,6 +365,7 @@ def prepare_lines(
     *,
     source: str = "the dataset",
     batch_size: int = TOKENIZE_BATCH,
+    workers: int | None = None,
 ) -> PreparedDataset:
     """Clean, dedup, split and tokenize ``(document id, line)`` pairs into ``out_dir``.
 
@@ -229,6 +373,14 @@ def prepare_lines(
     ``.offsets.npy`` and ``tokenizer/`` (the given tokenizer, or one trained on
     the train split for :class:`FreshTokenizer`). ``documents`` in the returned
     stats counts distinct consecutive document ids among the lines read.
+    ``workers`` (default :func:`prepare_workers`) processes clean and tokenize
+    chunks in parallel; the output does not depend on it.
+
+    One pass: each chunk is cleaned, hashed and (with a given tokenizer) tokenized,
+    then deduplicated, split and appended here in input order; nothing is re-read.
+    With ``dedup: exact`` a text is kept once, so no test text can be in train; with
+    ``dedup: none`` the train hashes are kept and test lines whose text is in train
+    are removed at the end.
     """
     started = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -236,47 +388,75 @@ def prepare_lines(
         path = out_dir / stale
         if path.is_dir():
             shutil.rmtree(path)
-    cleaner = Cleaner(clean)
     key = seed_key(split.seed)
     threshold = int(split.test_fraction * _U64)
     dedup = clean.dedup == DedupMode.EXACT
     by_document = split.unit == SplitUnit.DOCUMENT
-    clean_line = cleaner.clean_line
+    fresh = isinstance(tokenizer, FreshTokenizer)
+    worker = _ChunkWorker(clean, key, None if fresh else FastEncoder(tokenizer))
 
-    seen: set[int] = set()
+    seen: set[int] = set()  # dedup: exact -> every kept hash; none -> the train hashes
     test_hashes: set[int] = set()
     train = _JsonlWriter(out_dir / "train.jsonl")
     candidates = _JsonlWriter(out_dir / _TEST_CANDIDATES)
-    lines_read = documents = duplicates = 0
+    train_tokens = None if fresh else _TokenWriter(out_dir, "train")
+    cand_tokens = None if fresh else _TokenWriter(out_dir, "test.candidates")
+    lines_read = documents = duplicates = dropped = 0
     last_doc: str | None = None
+    split_doc: str | None = None
     doc_in_test = False
     try:
-        for doc, raw in lines:
-            lines_read += 1
-            if doc != last_doc:
-                last_doc = doc
-                documents += 1
+        for docs, chunk in _chunks(lines, worker, workers or prepare_workers()):
+            lines_read += len(docs)
+            for doc in docs:
+                if doc != last_doc:
+                    last_doc = doc
+                    documents += 1
+            dropped += chunk.dropped
+            to_train = np.zeros(len(chunk.kept), dtype=bool)
+            to_test = np.zeros(len(chunk.kept), dtype=bool)
+            for j, (row, text, h) in enumerate(
+                zip(chunk.kept, chunk.texts, chunk.hashes, strict=True)
+            ):
+                doc = docs[row]
+                if dedup:
+                    if h in seen:
+                        duplicates += 1
+                        continue
+                    seen.add(h)
                 if by_document:
-                    doc_in_test = (text_hash(doc, key) >> 64) < threshold
-            text = clean_line(raw)
-            if text is None:
-                continue
-            h = text_hash(text, key)
-            if dedup:
-                if h in seen:
-                    duplicates += 1
-                    continue
-                seen.add(h)
-            in_test = doc_in_test if by_document else (h >> 64) < threshold
-            if in_test:
-                candidates.write(text, doc)
-                test_hashes.add(h)
-            else:
-                train.write(text, doc)
+                    if doc != split_doc:
+                        split_doc = doc
+                        doc_in_test = (text_hash(doc, key) >> 64) < threshold
+                    in_test = doc_in_test
+                else:
+                    in_test = (h >> 64) < threshold
+                if in_test:
+                    candidates.write(text, doc)
+                    test_hashes.add(h)
+                    to_test[j] = True
+                else:
+                    train.write(text, doc)
+                    if not dedup:
+                        seen.add(h)
+                    to_train[j] = True
+            if chunk.flat is not None and chunk.lengths is not None:
+                assert train_tokens is not None and cand_tokens is not None
+                per_token = np.repeat(np.arange(len(chunk.kept)), chunk.lengths)
+                for mask, writer in ((to_train, train_tokens), (to_test, cand_tokens)):
+                    if mask.any():
+                        writer.add_flat(chunk.flat[mask[per_token]], chunk.lengths[mask])
     finally:
         train.close()
         candidates.close()
-    del seen  # the largest structure; not needed any more
+        for tw in (train_tokens, cand_tokens):
+            if tw is not None:
+                tw.close()
+    # Texts in both splits: only possible without dedup (a kept text is unique otherwise).
+    overlap = test_hashes & seen if not dedup else set()
+    del seen, test_hashes  # the largest structures; not needed any more
+    if overlap:
+        log.warning("%d test texts also in train; removing them from test", len(overlap))
 
     kept = train.count + candidates.count
     if kept == 0:
@@ -286,7 +466,7 @@ def prepare_lines(
             limits += f"/maxChars={clean.max_chars}"
         raise StageError(
             f"no text left after cleaning {source}: {lines_read} lines read, all dropped by "
-            f"{limits}/dedup ({cleaner.dropped_short} too short or long, {duplicates} "
+            f"{limits}/dedup ({dropped} too short or long, {duplicates} "
             "duplicates); lower dataset.clean.minChars or check the format/textField",
             reason=UNUSABLE,
         )
@@ -304,55 +484,71 @@ def prepare_lines(
             model_max_length=tokenizer.model_max_length,
             length=train.count,
         )
+        _tokenize_file(
+            out_dir / "train.jsonl", _TokenWriter(out_dir, "train"), tokenizer, key, batch_size
+        )
 
-    # Train pass: tokenize, and rehash every train text against the test hashes.
-    overlap = _tokenize_file(
-        out_dir / "train.jsonl",
-        _TokenWriter(out_dir, "train"),
-        tokenizer,
-        key,
-        batch_size,
-        check=test_hashes,
-    )
-    del test_hashes
-    if overlap and dedup:
-        log.warning("%d test texts also in train despite exact dedup; removing them", len(overlap))
-
-    # Test pass: drop texts that are in train, write test.jsonl, tokenize it.
+    # Test split: the candidates minus texts that are also in train.
     test = _JsonlWriter(out_dir / "test.jsonl")
+    test_tokens = _TokenWriter(out_dir, "test")
+    cand_ids = cand_offsets = None
+    if cand_tokens is not None:
+        cand_ids = np.load(cand_tokens.tokens_path, mmap_mode="r")
+        cand_offsets = np.load(cand_tokens.offsets_path)
     removed = 0
+    batch: list[str] = []
+    keep_rows: list[int] = []
     try:
-        for text, doc in _read_jsonl(out_dir / _TEST_CANDIDATES):
+        for row, (text, doc) in enumerate(_read_jsonl(out_dir / _TEST_CANDIDATES)):
             if overlap and text_hash(text, key) in overlap:
                 removed += 1
                 continue
             test.write(text, doc)
+            if cand_offsets is None:
+                batch.append(text)
+                if len(batch) >= batch_size:
+                    test_tokens.add(encode_batch(tokenizer, batch))
+                    batch = []
+            else:
+                keep_rows.append(row)
+        if batch:
+            test_tokens.add(encode_batch(tokenizer, batch))
+        if cand_ids is not None and cand_offsets is not None and keep_rows:
+            rows = np.asarray(keep_rows, dtype=np.int64)
+            starts, ends = cand_offsets[rows], cand_offsets[rows + 1]
+            lengths = ends - starts
+            if removed:
+                index = np.repeat(starts - np.cumsum(lengths) + lengths, lengths)
+                index += np.arange(int(lengths.sum()))
+                flat = np.asarray(cand_ids[index])
+            else:
+                flat = np.asarray(cand_ids)
+            test_tokens.add_flat(flat, lengths)
     finally:
         test_sha = test.close()
+        test_tokens.close()
+        del cand_ids
         (out_dir / _TEST_CANDIDATES).unlink()
+        if cand_tokens is not None:
+            cand_tokens.tokens_path.unlink(missing_ok=True)
+            cand_tokens.offsets_path.unlink(missing_ok=True)
     if test.count == 0:
         _cleanup(out_dir)
         raise _split_error("test", train.count, split, source)
-    test_tokens = _TokenWriter(out_dir, "test")
-    remaining = _tokenize_file(
-        out_dir / "test.jsonl", test_tokens, tokenizer, key, batch_size, check=overlap
-    )
-    if remaining:  # cannot happen: they were just filtered out
-        raise AssertionError(f"{len(remaining)} test texts still in train after filtering")
 
-    train_tokens = _npy_len(out_dir / "train.tokens.npy")
+    train_token_count = _npy_len(out_dir / "train.tokens.npy")
     tokenizer.save_pretrained(str(out_dir / "tokenizer"))
     stats = DatasetStats(
         documents=documents,
         lines=lines_read,
         kept_lines=train.count + test.count,
-        dropped_short=cleaner.dropped_short,
+        dropped_short=dropped,
         duplicates_removed=duplicates + removed,
         train_lines=train.count,
         test_lines=test.count,
-        train_tokens=train_tokens,
+        train_tokens=train_token_count,
         test_tokens=test_tokens.tokens,
-        overlap=len(remaining),
+        overlap=0,  # by construction: dedup, or the removal above
     )
     return PreparedDataset(
         stats=stats,

@@ -278,17 +278,19 @@ def _results(ctx: StageContext, result: EvaluateResult) -> list[Block]:
     if ft.perplexity is not None:
         blocks.append(
             Para(
-                f"Perplexity is exp(total NLL / predicted tokens) over {ft.predicted_tokens or 0:,} "
-                "test tokens of the whole test split; each test line is scored on its own with the "
-                "eos/bos token as context, so every token of the line is predicted."
+                "Perplexity is exp(total NLL / predicted tokens) over "
+                f"{ft.predicted_tokens or 0:,} test tokens of the whole test split; each test "
+                "line is scored on its own with the eos/bos token as context, so every token "
+                "of the line is predicted."
             )
         )
     if ft.bleu is not None:
         spec = ctx.job.spec.evaluation.bleu
         blocks.append(
             Para(
-                f"BLEU: greedy continuations of {ft.bleu_samples or 0} test lines; the prompt is the "
-                f"first {spec.prompt_fraction:.0%} of each line's words, the reference is the rest; "
+                f"BLEU: greedy continuations of {ft.bleu_samples or 0} test lines; the prompt is "
+                f"the first {spec.prompt_fraction:.0%} of each line's words, the reference is the "
+                "rest; "
                 f"at most {spec.max_new_tokens} new tokens, cut at the first newline. sacrebleu "
                 "signature:"
             )
