@@ -430,3 +430,57 @@ def test_one_million_streamed_lines_keep_memory_bounded(
     growth_mb = (peak - baseline) / 2**20
     assert growth_mb < 500, f"peak RSS grew by {growth_mb:.0f} MB"
     shutil.rmtree(tmp_path / "out")
+
+
+@pytest.mark.parametrize("dedup", ["exact", "none"])
+def test_worker_pool_output_is_byte_identical_to_one_process(
+    dedup: str, tldr_common: Path, small_tokenizer: Any, tmp_path: Path
+) -> None:
+    """Several CHUNK_LINES chunks, so the forked pool really runs with two workers."""
+    clean = CleanSpec.model_validate({"dedup": dedup})
+    split = SplitSpec.model_validate({"unit": "document"})
+    outputs = {}
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}"
+        out.mkdir()
+        prepared = prepare_lines(
+            tldr_pairs(tldr_common, tmp_path / f"s{workers}", n_docs=800),
+            clean,
+            split,
+            small_tokenizer,
+            out,
+            workers=workers,
+        )
+        assert prepared.stats.lines > 4 * 1024
+        outputs[workers] = (
+            prepared.stats,
+            {
+                name: (out / name).read_bytes()
+                for name in (
+                    "train.jsonl",
+                    "test.jsonl",
+                    "train.tokens.npy",
+                    "test.tokens.npy",
+                    "train.offsets.npy",
+                    "test.offsets.npy",
+                )
+            },
+        )
+    assert outputs[1] == outputs[2]
+
+
+def test_fast_encoder_gives_the_rust_tokenizers_ids(small_tokenizer: Any) -> None:
+    from kubetune_trainer.tokenizer_build import FastEncoder
+
+    lines = [
+        line
+        for f in tldr_files("common")[:400]
+        for line in f.read_text(encoding="utf-8").splitlines()
+        if line.strip()
+    ]
+    lines += ["héllo wörld ✓", "tabs\tand  double  spaces", "<|endoftext|> inside", "'s 've 123"]
+    encoder = FastEncoder(small_tokenizer)
+    assert encoder.fast_path, "the GPT-2-style tokenizer should take the fast path"
+    backend = small_tokenizer.backend_tokenizer
+    expected = [e.ids for e in backend.encode_batch(lines, add_special_tokens=False)]
+    assert encoder.encode(lines) == expected

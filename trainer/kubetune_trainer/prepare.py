@@ -24,8 +24,14 @@ The split is decided by a keyed hash of (seed, text) for ``unit: line`` or of
 and streaming. Identical texts then always land in the same split for
 ``unit: line``; for ``unit: document`` with ``dedup: none`` the same line can
 appear in a train and a test document, so test lines whose text is in train are
-removed (counted in ``duplicatesRemoved``). Either way the overlap is verified by
-rehashing both written files and recorded as ``overlap: 0``.
+removed (counted in ``duplicatesRemoved``; without dedup the train hashes are kept
+for this). With exact dedup a text is kept once, so it cannot be in both splits.
+Either way ``overlap: 0`` is recorded.
+
+Speed: one pass, nothing re-read. Chunks of ``CHUNK_LINES`` lines are cleaned,
+hashed and tokenized (:class:`~kubetune_trainer.tokenizer_build.FastEncoder`) in a
+small fork pool (``KUBETUNE_PREPARE_WORKERS``), at most two chunks per worker in
+flight, and appended in input order, so the output does not depend on the pool.
 """
 
 from __future__ import annotations
@@ -264,6 +270,12 @@ _WORKER: _ChunkWorker | None = None
 
 def _pool_init(worker: _ChunkWorker) -> None:
     global _WORKER
+    # A forked child must not touch the parent's Rust thread pool: with
+    # TOKENIZERS_PARALLELISM=true a batch call there waits forever on threads
+    # that fork() did not copy (seen in bench.run). Tokenize single texts instead.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    if worker.encoder is not None:
+        worker.encoder.serial = True
     _WORKER = worker
 
 

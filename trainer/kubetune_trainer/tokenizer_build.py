@@ -181,6 +181,9 @@ class FastEncoder:
         from tokenizers import Tokenizer
 
         self._slow: Any = None
+        # Set in forked workers: the Rust batch call's thread pool (rayon) belongs to the
+        # parent and may be dead after fork(), so call the single-text encoder instead.
+        self.serial = False
         backend: Any = tokenizer if isinstance(tokenizer, Tokenizer) else None
         if backend is None and getattr(tokenizer, "is_fast", False):
             backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -223,6 +226,8 @@ class FastEncoder:
 
     def _rust(self, texts: list[str]) -> list[list[int]]:
         backend = self._backend
+        if self.serial:
+            return [backend.encode(t, add_special_tokens=False).ids for t in texts]
         fast = getattr(backend, "encode_batch_fast", None) or backend.encode_batch
         return [enc.ids for enc in fast(texts, add_special_tokens=False)]
 
