@@ -6,8 +6,6 @@ Tiers (each a folder, run one with `make test-unit|test-integration|test-cluster
   cluster/      a real control plane, the process node, S3 and Prometheus (tests/harness)
 """
 
-import importlib.util
-
 # The harness fixtures (k8s_cluster, s3_server, prometheus_factory, ...) start real
 # components lazily, only when a test asks for them.
-pytest_plugins = ["harness.fixtures"] if importlib.util.find_spec("harness.fixtures") else []
+pytest_plugins = ["harness.fixtures"]
