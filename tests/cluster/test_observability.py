@@ -31,6 +31,8 @@ import yaml
 from datapaths import tldr_files
 from observability_contract import (
     DASHBOARDS,
+    OPERATOR_METRICS,
+    TRAINER_METRICS,
     alert_rules,
     dashboard_queries,
     grafana_to_promql,
@@ -60,24 +62,12 @@ JOB = "obs-tiny"
 MAX_STEPS = 40
 RUN_TIMEOUT = 480.0
 
-# Series a healthy CPU run produces; queries reading only these must return data.
-PRODUCED = {
-    "kubetune_train_loss",
-    "kubetune_train_learning_rate",
-    "kubetune_train_tokens_per_second",
-    "kubetune_train_step",
-    "kubetune_train_total_steps",
-    "kubetune_train_epoch",
-    "kubetune_train_eta_seconds",
-    "kubetune_train_tokens_total",
-    "kubetune_train_nonfinite_loss_total",
-    "kubetune_operator_finetunejobs",
-    "kubetune_operator_stage_duration_seconds_bucket",
-    "kubetune_operator_stage_duration_seconds_sum",
-    "kubetune_operator_stage_duration_seconds_count",
-    "kubetune_operator_runs_total",
-    "kubetune_finetunejob_perplexity",
-    "kubetune_finetunejob_bleu",
+# Series a healthy CPU run produces; queries reading only these must return data. (No GPU
+# here, and a healthy run records no reconcile error.)
+PRODUCED = (TRAINER_METRICS | OPERATOR_METRICS) - {
+    "kubetune_gpu_memory_used_bytes",
+    "kubetune_gpu_utilization_ratio",
+    "kubetune_operator_reconcile_errors_total",
 }
 
 
