@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import subprocess
-import sys
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -43,9 +41,6 @@ RUN_TIMEOUT = 480.0
 
 # The operator and stage pods run the venv's `kubetune` from the host PATH (the process node
 # passes PATH on), so the venv must be on it before the cluster fixture starts the node.
-_VENV_BIN = str(Path(sys.executable).parent)
-if _VENV_BIN not in os.environ.get("PATH", "").split(os.pathsep):
-    os.environ["PATH"] = _VENV_BIN + os.pathsep + os.environ.get("PATH", "")
 
 
 @dataclass

@@ -17,13 +17,11 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import threading
 import time
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -52,10 +50,6 @@ from operator_helpers import (
 from harness.prometheus import Prometheus
 
 pytestmark = pytest.mark.cluster
-
-_VENV_BIN = str(Path(sys.executable).parent)
-if _VENV_BIN not in os.environ.get("PATH", "").split(os.pathsep):
-    os.environ["PATH"] = _VENV_BIN + os.pathsep + os.environ.get("PATH", "")
 
 TRAIN_METRICS = "127.0.0.1:9400"
 JOB = "obs-tiny"

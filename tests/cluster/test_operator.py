@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,11 +35,6 @@ from operator_helpers import (
 )
 
 pytestmark = pytest.mark.cluster
-
-# Stage pods run the venv's `kubetune` from the host PATH (the process node passes PATH on).
-_VENV_BIN = str(Path(sys.executable).parent)
-if _VENV_BIN not in os.environ.get("PATH", "").split(os.pathsep):
-    os.environ["PATH"] = _VENV_BIN + os.pathsep + os.environ.get("PATH", "")
 
 RUN_TIMEOUT = 420.0  # seconds for a whole tiny run on a loaded 2-core machine
 
