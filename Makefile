@@ -20,8 +20,8 @@ setup: ## create/reuse the Python env (~/.cache/kubetune/venv) with kubetune[ope
 	@bash scripts/setup-python.sh
 
 quickstart: setup ## offline demo: pre-train a tiny base model, fine-tune it on tldr-pages, evaluate, report
-	$(PY) -m kubetune_trainer.cli run examples/quickstart-base.yaml --no-progress
-	$(PY) -m kubetune_trainer.cli run examples/quickstart.yaml
+	$(PY) -m kubetune.cli run examples/quickstart-base.yaml --no-progress
+	$(PY) -m kubetune.cli run examples/quickstart.yaml
 	@echo "report: runs/quickstart/report/report.md (and report.html)"
 
 test: setup system-deps tools lint ## everything CI runs: lint, types, generated files, all tests
@@ -38,19 +38,19 @@ test-cluster: setup system-deps tools ## the real control plane, process node, S
 
 lint: setup check-generated ## ruff + mypy + generated files up to date
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check trainer operator
+	$(VENV)/bin/ruff format --check core trainer operator tests bench
 	$(VENV)/bin/mypy
 
 fmt: setup ## format the code
-	$(VENV)/bin/ruff format trainer operator tests bench
+	$(VENV)/bin/ruff format core trainer operator tests bench
 	$(VENV)/bin/ruff check --fix .
 
 generate: setup ## regenerate crds/ and the chart's generated templates from the schema
-	$(PY) -m kubetune_trainer.crd
+	$(PY) -m kubetune.crd
 	@if [ -f operator/kubetune_operator/rbac.py ]; then $(PY) -m kubetune_operator.rbac --write-chart; fi
 
 check-generated: setup ## fail if generated files drifted from the schema
-	$(PY) -m kubetune_trainer.crd --check
+	$(PY) -m kubetune.crd --check
 
 system-deps: ## Debian packages the tests need (prometheus, promtool, lua)
 	@bash scripts/install-system-deps.sh

@@ -118,8 +118,8 @@ def read_corpus(path: Path) -> Iterator[tuple[str, str]]:
 
 def clean_tldr_lines(min_chars: int = 16) -> list[str]:
     """Cleaned, exact-deduplicated tldr lines (the kubetune Cleaner, default rules)."""
+    from kubetune.schema import CleanSpec
     from kubetune_trainer.cleaning import Cleaner
-    from kubetune_trainer.schema import CleanSpec
 
     cleaner = Cleaner(CleanSpec(min_chars=min_chars))
     seen: set[str] = set()

@@ -101,8 +101,8 @@ def load_lines(max_lines: int) -> list[str] | None:
     """Cleaned, deduplicated tldr lines, or None when the shared data is not there."""
     if not TLDR.is_dir():
         return None
+    from kubetune.schema import CleanSpec
     from kubetune_trainer.cleaning import Cleaner
-    from kubetune_trainer.schema import CleanSpec
 
     cleaner = Cleaner(CleanSpec())
     seen: set[str] = set()
@@ -147,7 +147,7 @@ def write_dataset(
     """Prepare's outputs (RunLayout keys) for ``train.run``: tokens, offsets, tokenizer."""
     import numpy as np
 
-    from kubetune_trainer.layout import RunLayout
+    from kubetune.layout import RunLayout
 
     dataset = out / RunLayout.DATASET
     dataset.mkdir(parents=True, exist_ok=True)
@@ -167,7 +167,7 @@ def write_dataset(
 
 
 def make_job(output: str, shape: dict[str, int], training: dict[str, Any]) -> Any:
-    from kubetune_trainer.schema import parse_job
+    from kubetune.schema import parse_job
 
     return parse_job(
         {

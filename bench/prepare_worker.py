@@ -28,8 +28,8 @@ def _baseline(
 ) -> dict[str, Any]:
     import numpy as np
 
+    from kubetune.schema import CleanSpec
     from kubetune_trainer.cleaning import Cleaner
-    from kubetune_trainer.schema import CleanSpec
 
     cleaner = Cleaner(CleanSpec())
     rng = random.Random(seed)
@@ -66,8 +66,8 @@ def _baseline(
 def _kubetune(
     rows: Any, tokenizer: Any, out: Path, seed: int, test_fraction: float
 ) -> dict[str, Any]:
+    from kubetune.schema import CleanSpec, SplitSpec
     from kubetune_trainer.prepare import prepare_lines, prepare_workers
-    from kubetune_trainer.schema import CleanSpec, SplitSpec
 
     prepared = prepare_lines(
         rows,

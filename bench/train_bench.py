@@ -49,7 +49,7 @@ TEST_LINES = 400
 
 
 def make_job(output: str, training: dict[str, Any], max_documents: int, vocab: int) -> Any:
-    from kubetune_trainer.schema import parse_job
+    from kubetune.schema import parse_job
 
     return parse_job(
         {

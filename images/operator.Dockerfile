@@ -22,6 +22,7 @@ ARG UV_VERSION
 WORKDIR /src
 RUN pip install --no-cache-dir "uv==${UV_VERSION}"
 COPY pyproject.toml README.md ./
+COPY core/ core/
 COPY trainer/ trainer/
 COPY operator/ operator/
 RUN uv build --wheel --out-dir /dist .

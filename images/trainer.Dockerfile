@@ -30,6 +30,7 @@ RUN apt-get update \
 RUN python3 -m pip install --no-cache-dir "uv==${UV_VERSION}"
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY core/ core/
 COPY trainer/ trainer/
 COPY operator/ operator/
 RUN uv build --wheel --out-dir /dist .

@@ -27,4 +27,4 @@ if [ ! -f "$stamp" ]; then
   rm -f "$VENV"/.kubetune-*
   touch "$stamp"
 fi
-"$VENV/bin/python" -c "import kubetune_trainer" >/dev/null
+"$VENV/bin/python" -c "import kubetune, kubetune_trainer, kubetune_operator" >/dev/null

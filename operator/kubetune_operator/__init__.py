@@ -5,15 +5,7 @@ Run it with ``kubetune operator`` (or ``python -m kubetune_operator``); see
 nothing heavy, so ``import kubetune_operator`` works without kopf or the
 Kubernetes client; the pure modules (:mod:`.builders`, :mod:`.status`,
 :mod:`.observe`, :mod:`.rbac`) need neither either.
+
+It imports the core package :mod:`kubetune` (schema, contract, layout, results,
+storage) and never the trainer.
 """
-
-from __future__ import annotations
-
-try:  # the installed distribution's version, also the default trainer image tag
-    from importlib.metadata import PackageNotFoundError, version
-
-    __version__ = version("kubetune")
-except PackageNotFoundError:  # pragma: no cover - running from a source tree
-    __version__ = "0.0.0"
-
-__all__ = ["__version__"]

@@ -1,6 +1,6 @@
 """Pure builders of every object the operator creates for a FineTuneJob.
 
-Each function takes the parsed :class:`~kubetune_trainer.schema.FineTuneJob`,
+Each function takes the parsed :class:`~kubetune.schema.FineTuneJob`,
 the :class:`RunRef` it is for and the :class:`~kubetune_operator.config.OperatorConfig`,
 and returns a plain dict ready for the Kubernetes API. Nothing here talks to a
 cluster; ``tests/unit/test_builders.py`` compares the output with golden YAML
@@ -22,12 +22,17 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from kubetune.contract import (
+    JOB_STAGES,
+    METRICS_PORT,
+    NOT_RETRIABLE_EXIT_CODES,
+    RENDEZVOUS_PORT,
+    Env,
+    Stage,
+)
+from kubetune.layout import join_uri
+from kubetune.schema import API_VERSION, KIND, FineTuneJob
 from kubetune_operator.config import OperatorConfig
-from kubetune_trainer.layout import join_uri
-from kubetune_trainer.schema import API_VERSION, KIND, FineTuneJob
-
-STAGES = ("prepare", "train", "evaluate")
-"""Stage Jobs in order; the evaluate Job also writes the report (``--report``)."""
 
 # Label and annotation keys (the chart, the tests and kubectl selectors use these).
 LABEL_NAME = "app.kubernetes.io/name"
@@ -53,10 +58,6 @@ JOB_KEY = "job.json"
 SCRATCH_DIR = "/scratch"
 TERMINATION_LOG = "/dev/termination-log"
 
-TRAIN_METRICS_PORT = 9400
-RENDEZVOUS_PORT = 29500
-NOT_RETRIABLE_EXIT_CODES = [2, 3]
-"""Stage CLI exit codes a retry cannot fix: 2 bad manifest, 3 e.g. DatasetUnusable."""
 
 # Child names must fit a DNS label (63) with room for the pod suffixes the Job controller
 # adds (``-<index>`` for Indexed Jobs, ``-xxxxx`` for pods), so we cap them lower.
@@ -128,7 +129,7 @@ def job_name(ftj: str, run_id: str, stage: str) -> str:
 
 
 def service_name(ftj: str, run_id: str) -> str:
-    return child_name(ftj, run_id, "train")
+    return child_name(ftj, run_id, Stage.TRAIN.value)
 
 
 def labels(ftj: str, run_id: str, component: str) -> dict[str, str]:
@@ -141,7 +142,7 @@ def labels(ftj: str, run_id: str, component: str) -> dict[str, str]:
         LABEL_JOB: ftj,
         LABEL_RUN: run_id,
     }
-    if component in STAGES:
+    if component in JOB_STAGES:
         out[LABEL_STAGE] = component
     return out
 
@@ -210,7 +211,7 @@ def build_train_service(job: FineTuneJob, run: RunRef) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": _metadata(job, run, name, "train"),
+        "metadata": _metadata(job, run, name, Stage.TRAIN.value),
         "spec": {
             "clusterIP": "None",
             # Ranks must resolve each other before they are Ready (there is no readiness).
@@ -218,7 +219,7 @@ def build_train_service(job: FineTuneJob, run: RunRef) -> dict[str, Any]:
             "selector": {
                 LABEL_JOB: job.metadata.name,
                 LABEL_RUN: run.id,
-                LABEL_STAGE: "train",
+                LABEL_STAGE: Stage.TRAIN.value,
             },
             "ports": [{"name": "rendezvous", "port": RENDEZVOUS_PORT, "protocol": "TCP"}],
         },
@@ -236,9 +237,9 @@ def image(job: FineTuneJob, cfg: OperatorConfig) -> str:
 def stage_gpus(job: FineTuneJob, stage: str) -> int:
     """GPUs per pod: training uses gpusPerWorker, evaluation one if the job uses GPUs."""
     gpus = job.spec.resources.gpus_per_worker
-    if stage == "train":
+    if stage == Stage.TRAIN:
         return gpus
-    if stage == "evaluate":
+    if stage == Stage.EVALUATE:
         return 1 if gpus > 0 else 0
     return 0
 
@@ -250,11 +251,11 @@ def stage_command(job: FineTuneJob, run: RunRef, stage: str) -> list[str]:
     rank comes from the Indexed Job's completion index, the master is the pod of index 0.
     """
     cli_args = [stage, "--job", JOB_FILE, "--output", run.output]
-    if stage == "evaluate":
+    if stage == Stage.EVALUATE:
         cli_args.append("--report")
     workers = job.spec.resources.workers
     gpus = stage_gpus(job, stage)
-    if stage != "train" or (workers == 1 and gpus <= 1):
+    if stage != Stage.TRAIN or (workers == 1 and gpus <= 1):
         return ["kubetune", *cli_args]
     launch = ["accelerate", "launch", "--num_processes", str(workers * max(gpus, 1))]
     if gpus > 1 or workers > 1:
@@ -273,22 +274,22 @@ def stage_command(job: FineTuneJob, run: RunRef, stage: str) -> list[str]:
             str(RENDEZVOUS_PORT),
             "--same_network",
         ]
-    return [*launch, "-m", "kubetune_trainer.cli", *cli_args]
+    return [*launch, "-m", "kubetune.cli", *cli_args]
 
 
 def stage_env(job: FineTuneJob, stage: str) -> list[dict[str, Any]]:
     """Environment of a stage container. Credentials only as secretKeyRef, never as values."""
     env: list[dict[str, Any]] = [
-        {"name": "KUBETUNE_TERMINATION_LOG", "value": TERMINATION_LOG},
-        {"name": "KUBETUNE_SCRATCH", "value": SCRATCH_DIR},
+        {"name": Env.TERMINATION_LOG, "value": TERMINATION_LOG},
+        {"name": Env.SCRATCH, "value": SCRATCH_DIR},
         {"name": "HOME", "value": f"{SCRATCH_DIR}/home"},
         {"name": "HF_HOME", "value": f"{SCRATCH_DIR}/hf"},
         {"name": "XDG_CACHE_HOME", "value": f"{SCRATCH_DIR}/cache"},
         {"name": "TMPDIR", "value": "/tmp"},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
         {
-            "name": "KUBETUNE_METRICS_PORT",
-            "value": str(TRAIN_METRICS_PORT if stage == "train" else 0),
+            "name": Env.METRICS_PORT,
+            "value": str(METRICS_PORT if stage == Stage.TRAIN else 0),
         },
     ]
     storage = job.spec.storage
@@ -300,7 +301,7 @@ def stage_env(job: FineTuneJob, stage: str) -> list[dict[str, Any]]:
         env.append({"name": "AWS_ENDPOINT_URL", "value": storage.endpoint})
     if storage.region:
         env.append({"name": "AWS_REGION", "value": storage.region})
-    if stage == "train" and job.spec.resources.workers > 1:
+    if stage == Stage.TRAIN and job.spec.resources.workers > 1:
         index = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
         env.append(
             {"name": "JOB_COMPLETION_INDEX", "valueFrom": {"fieldRef": {"fieldPath": index}}}
@@ -354,8 +355,8 @@ def _pod_spec(job: FineTuneJob, run: RunRef, stage: str, cfg: OperatorConfig) ->
     }
     if res.image_pull_policy:
         container["imagePullPolicy"] = res.image_pull_policy
-    if stage == "train":
-        container["ports"] = [{"name": "metrics", "containerPort": TRAIN_METRICS_PORT}]
+    if stage == Stage.TRAIN:
+        container["ports"] = [{"name": "metrics", "containerPort": METRICS_PORT}]
         if res.workers > 1:
             container["ports"].append({"name": "rendezvous", "containerPort": RENDEZVOUS_PORT})
     volumes: list[dict[str, Any]] = [
@@ -396,7 +397,7 @@ def _pod_spec(job: FineTuneJob, run: RunRef, stage: str, cfg: OperatorConfig) ->
         spec["nodeSelector"] = dict(sorted(res.node_selector.items()))
     if res.tolerations:
         spec["tolerations"] = [t.to_wire() for t in res.tolerations]
-    if stage == "train" and res.workers > 1:
+    if stage == Stage.TRAIN and res.workers > 1:
         spec["subdomain"] = service_name(ftj, run.id)
     return spec
 
@@ -405,8 +406,8 @@ def build_stage_job(
     job: FineTuneJob, run: RunRef, stage: str, cfg: OperatorConfig
 ) -> dict[str, Any]:
     """The batch/v1 Job running ``stage`` of ``run``."""
-    if stage not in STAGES:
-        raise ValueError(f"unknown stage {stage!r}; expected one of {', '.join(STAGES)}")
+    if stage not in JOB_STAGES:
+        raise ValueError(f"unknown stage {stage!r}; expected one of {', '.join(JOB_STAGES)}")
     res = job.spec.resources
     ftj = job.metadata.name
     meta = _metadata(job, run, job_name(ftj, run.id, stage), stage)
@@ -439,7 +440,7 @@ def build_stage_job(
         job_spec["activeDeadlineSeconds"] = res.active_deadline_seconds
     if job.spec.ttl_seconds_after_finished is not None:
         job_spec["ttlSecondsAfterFinished"] = job.spec.ttl_seconds_after_finished
-    if stage == "train" and res.workers > 1:
+    if stage == Stage.TRAIN and res.workers > 1:
         job_spec["completionMode"] = "Indexed"
         job_spec["completions"] = res.workers
         job_spec["parallelism"] = res.workers

@@ -11,7 +11,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from kubetune_operator import __version__
+from kubetune import __version__
 
 DEFAULT_IMAGE_REPO = "ghcr.io/kubetune/trainer"
 

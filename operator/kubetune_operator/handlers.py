@@ -17,13 +17,13 @@ from typing import Any
 
 import kopf
 
+from kubetune.schema import GROUP, PLURAL, VERSION
 from kubetune_operator.builders import LABEL_JOB, LABEL_MANAGED_BY, MANAGED_BY
 from kubetune_operator.config import OperatorConfig
 from kubetune_operator.controller import Controller
 from kubetune_operator.kube import Kube
 from kubetune_operator.metrics import OperatorMetrics
 from kubetune_operator.reconcile import Reconciler
-from kubetune_trainer.schema import GROUP, PLURAL, VERSION
 
 CHILD_LABELS: dict[str, Any] = {
     LABEL_MANAGED_BY: MANAGED_BY,

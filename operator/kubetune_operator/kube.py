@@ -16,7 +16,7 @@ import json
 from typing import Any
 from urllib.parse import quote, urlencode
 
-from kubetune_trainer.schema import GROUP, PLURAL, VERSION
+from kubetune.schema import GROUP, PLURAL, VERSION
 
 Obj = dict[str, Any]
 METADATA_ONLY = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"

@@ -22,9 +22,9 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from kubetune_operator.builders import STAGES
+from kubetune.contract import JOB_STAGES
+from kubetune.schema import Phase
 from kubetune_operator.observe import parse_time
-from kubetune_trainer.schema import Phase
 
 STAGE_BUCKETS = (10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400, 43200, 86400)
 
@@ -75,7 +75,7 @@ class OperatorMetrics:
         # and stage-duration panels would miss the first failure after an operator start.
         for outcome in ("succeeded", "failed"):
             self.runs.labels(outcome=outcome)
-            for stage in STAGES:
+            for stage in JOB_STAGES:
                 self.stage_duration.labels(stage=stage, outcome=outcome)
 
     def serve(self, port: int, addr: str = "0.0.0.0") -> None:
@@ -110,7 +110,7 @@ class OperatorMetrics:
         self._set_phase((namespace, name), phase)
         same_run = old.get("run") == new.get("run")
         old_stages = (old.get("stages") or {}) if same_run else {}
-        for stage in STAGES:
+        for stage in JOB_STAGES:
             entry = (new.get("stages") or {}).get(stage) or {}
             state = entry.get("state")
             if (

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from kubetune.schema import Reason
 from kubetune_operator.builders import ANNOTATION_FAILED_MESSAGE, ANNOTATION_FAILED_REASON
-from kubetune_trainer.schema import Reason
 
 PENDING = "Pending"
 RUNNING = "Running"

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from kubetune_trainer.schema import GROUP, PLURAL
+from kubetune.schema import GROUP, PLURAL
 
 RULES: list[dict[str, Any]] = [
     # Watch the FineTuneJobs and write their status.

@@ -25,6 +25,19 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+from kubetune.contract import JOB_STAGES, STAGE_CONDITION, Stage
+from kubetune.layout import RunLayout
+from kubetune.results import EvaluateResult, PrepareResult, TrainResult
+from kubetune.schema import (
+    API_VERSION,
+    KIND,
+    FineTuneJob,
+    ManifestError,
+    Phase,
+    Progress,
+    Reason,
+    parse_job,
+)
 from kubetune_operator import builders
 from kubetune_operator.builders import (
     ANNOTATION_FAILED_MESSAGE,
@@ -35,7 +48,6 @@ from kubetune_operator.builders import (
     LABEL_JOB,
     LABEL_RUN,
     LABEL_STAGE,
-    STAGES,
     RunRef,
 )
 from kubetune_operator.config import OperatorConfig
@@ -51,25 +63,13 @@ from kubetune_operator.kube import (
 )
 from kubetune_operator.observe import FAILED, SUCCEEDED, SUSPENDED, StageObservation, observe_stage
 from kubetune_operator.status import Event, RunView, compute_status, status_patch
-from kubetune_trainer.layout import RunLayout
-from kubetune_trainer.results import EvaluateResult, PrepareResult, TrainResult
-from kubetune_trainer.schema import (
-    API_VERSION,
-    KIND,
-    FineTuneJob,
-    ManifestError,
-    Phase,
-    Progress,
-    Reason,
-    parse_job,
-)
 
 log = logging.getLogger("kubetune.operator")
 
 RESULT_MODELS: dict[str, type[PrepareResult | TrainResult | EvaluateResult]] = {
-    "prepare": PrepareResult,
-    "train": TrainResult,
-    "evaluate": EvaluateResult,
+    Stage.PREPARE.value: PrepareResult,
+    Stage.TRAIN.value: TrainResult,
+    Stage.EVALUATE.value: EvaluateResult,
 }
 STORAGE_BACKOFF = 60.0  # seconds without storage reads after a failed one
 RETRY_SOON = 2.0  # seconds: waiting for a deleted child to disappear
@@ -114,7 +114,7 @@ class ResultReader:
         self._clients: dict[tuple[str | None, str | None], Any] = {}
 
     def _storage(self, job: FineTuneJob, output: str) -> Any:
-        from kubetune_trainer.storage import S3Storage, open_storage
+        from kubetune.storage import S3Storage, open_storage
 
         spec = job.spec.storage
         if not output.startswith("s3://"):
@@ -265,7 +265,7 @@ class Reconciler:
         requeue: float | None = None
         posted: list[Event] = []
 
-        for stage in STAGES:
+        for stage in JOB_STAGES:
             view.job_names[stage] = builders.job_name(name, run.id, stage)
             child = jobs.get(stage)
             stage_pods = [p for p in pods if p["metadata"]["labels"].get(LABEL_STAGE) == stage]
@@ -313,10 +313,12 @@ class Reconciler:
                 )
             elif child["spec"].get("suspend"):
                 self._patch_job(child, {"spec": {"suspend": False}})  # unsuspended
-            if stage == "train":
+            if stage == Stage.TRAIN:
                 view.progress = self._progress(job, run, cached)
             view.stages[stage] = obs
-            requeue = self.cfg.progress_interval if stage == "train" else self.cfg.resync_interval
+            requeue = (
+                self.cfg.progress_interval if stage == Stage.TRAIN else self.cfg.resync_interval
+            )
             if obs.state == "Pending":
                 requeue = min(requeue, max(1.0, self.cfg.unschedulable_timeout / 4))
             break
@@ -418,7 +420,7 @@ class Reconciler:
 
     def _create_stage(self, job: FineTuneJob, run: RunRef, stage: str) -> None:
         self._ensure(builders.build_job_config_map(job, run))
-        if stage == "train" and builders.needs_service(job):
+        if stage == Stage.TRAIN and builders.needs_service(job):
             self._ensure(builders.build_train_service(job, run))
         self._ensure(builders.build_stage_job(job, run, stage, self.cfg))
         log.info(
@@ -475,7 +477,7 @@ class Reconciler:
         """A stage whose Job is gone (ttlSecondsAfterFinished): the status or storage knows."""
         entry = (cached.get("stages") or {}).get(stage) or {}
         if entry.get("state") in (SUCCEEDED, FAILED):
-            cond = {"prepare": "DatasetReady", "train": "Trained", "evaluate": "Evaluated"}[stage]
+            cond = STAGE_CONDITION[stage].value
             reason = next(
                 (
                     c.get("reason", "")
@@ -508,7 +510,7 @@ class Reconciler:
         result = self._results.get(key)
         if result is None:
             result = parse_result(stage, obs.result)
-            if result is None or (stage == "train" and not obs.result):
+            if result is None or (stage == Stage.TRAIN and not obs.result):
                 full = parse_result(
                     stage, self.reader.read_json(job, run.output, RunLayout.RESULT_KEYS[stage])
                 )
@@ -517,9 +519,9 @@ class Reconciler:
                 self._results[key] = result
         if result is None:
             return
-        if stage == "prepare":
+        if stage == Stage.PREPARE:
             view.prepare = result
-        elif stage == "train":
+        elif stage == Stage.TRAIN:
             view.train = result
         else:
             view.evaluate = result

@@ -20,11 +20,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from kubetune_operator.builders import STAGES, RunRef
-from kubetune_operator.observe import FAILED, RUNNING, SUCCEEDED, SUSPENDED, StageObservation
-from kubetune_trainer.layout import RunLayout
-from kubetune_trainer.results import EvaluateResult, PrepareResult, TrainResult
-from kubetune_trainer.schema import (
+from kubetune.contract import JOB_STAGES, STAGE_CONDITION, STAGE_PHASE, Stage
+from kubetune.layout import RunLayout
+from kubetune.results import EvaluateResult, PrepareResult, TrainResult
+from kubetune.schema import (
     Artifacts,
     ConditionType,
     DatasetStats,
@@ -34,15 +33,11 @@ from kubetune_trainer.schema import (
     Results,
     RunRecord,
 )
+from kubetune_operator.builders import RunRef
+from kubetune_operator.observe import FAILED, RUNNING, SUCCEEDED, SUSPENDED, StageObservation
 
 MAX_HISTORY = 5
 
-STAGE_PHASE = {"prepare": Phase.PREPARING, "train": Phase.TRAINING, "evaluate": Phase.EVALUATING}
-STAGE_CONDITION = {
-    "prepare": ConditionType.DATASET_READY,
-    "train": ConditionType.TRAINED,
-    "evaluate": ConditionType.EVALUATED,
-}
 WORKING = {Phase.PENDING, Phase.PREPARING, Phase.TRAINING, Phase.EVALUATING}
 
 Status = dict[str, Any]
@@ -168,17 +163,17 @@ def _results_summary(results: Results) -> str:
 
 
 def _stage_success_message(stage: str, view: RunView) -> str:
-    if stage == "prepare" and view.prepare is not None:
+    if stage == Stage.PREPARE and view.prepare is not None:
         s = view.prepare.stats
         return (
             f"{s.kept_lines} lines kept of {s.lines} ({s.train_lines} train / {s.test_lines} test, "
             f"{s.train_tokens} train tokens)"
         )
-    if stage == "train" and view.train is not None:
+    if stage == Stage.TRAIN and view.train is not None:
         t = view.train
         resumed = f", resumed from step {t.resumed_from_step}" if t.resumed_from_step else ""
         return f"{t.steps}/{t.total_steps} steps, final loss {_fmt(t.final_loss)}{resumed}"
-    if stage == "evaluate" and view.evaluate is not None:
+    if stage == Stage.EVALUATE and view.evaluate is not None:
         return _results_summary(results_from(view.evaluate))
     return f"{stage} completed"
 
@@ -229,7 +224,7 @@ def compute_status(old: Status | None, view: RunView, now: str) -> tuple[Status,
     blocked_by = ""
     if view.invalid is not None:
         phase, (reason, message) = Phase.FAILED, view.invalid
-    for stage in STAGES:
+    for stage in JOB_STAGES:
         obs = view.stages.get(stage)
         if view.invalid is not None and obs is None:
             stage_conditions[stage] = (False, reason, "the spec cannot work: " + message)
@@ -258,7 +253,7 @@ def compute_status(old: Status | None, view: RunView, now: str) -> tuple[Status,
             stage_conditions[stage] = (False, reason, message)
         else:
             # Pending until the first pod runs; after that the phase names the stage.
-            started = obs.state == RUNNING or stage != "prepare"
+            started = obs.state == RUNNING or stage != Stage.PREPARE
             phase = STAGE_PHASE[stage] if started else Phase.PENDING
             reason = obs.reason or Reason.STAGE_PENDING.value
             message = f"{stage}: {obs.message}" if obs.message else stage
@@ -307,7 +302,7 @@ def compute_status(old: Status | None, view: RunView, now: str) -> tuple[Status,
         now,
         gen,
     )
-    for stage in STAGES:
+    for stage in JOB_STAGES:
         ok, why, msg = stage_conditions[stage]
         conditions = set_condition(conditions, STAGE_CONDITION[stage].value, ok, why, msg, now, gen)
     order = [c.value for c in ConditionType]
@@ -316,7 +311,7 @@ def compute_status(old: Status | None, view: RunView, now: str) -> tuple[Status,
     )
 
     stages: dict[str, Any] = {}
-    for stage in STAGES:
+    for stage in JOB_STAGES:
         obs = view.stages.get(stage)
         old_stage = (prev.get("stages") or {}).get(stage) or {}
         if obs is None:
@@ -351,7 +346,7 @@ def compute_status(old: Status | None, view: RunView, now: str) -> tuple[Status,
 
     new["startTime"] = prev.get("startTime") or now
     if phase in (Phase.SUCCEEDED, Phase.FAILED):
-        done = (view.stages.get("evaluate") or StageObservation(state="")).completion_time
+        done = (view.stages.get(Stage.EVALUATE.value) or StageObservation(state="")).completion_time
         new["completionTime"] = prev.get("completionTime") or (
             done if phase == Phase.SUCCEEDED and done else now
         )
@@ -361,7 +356,7 @@ def compute_status(old: Status | None, view: RunView, now: str) -> tuple[Status,
 
     # Events for what changed.
     old_phase = prev.get("phase")
-    for stage in STAGES:
+    for stage in JOB_STAGES:
         ok = stage_conditions[stage][0]
         was = get_condition(prev, STAGE_CONDITION[stage].value)
         if ok and not (was and was.get("status") == "True"):

@@ -13,12 +13,13 @@ import pytest
 import torch
 from tiny_eval import N_POSITIONS, make_job, one_thread, tiny_gpt2, write_run
 
+from kubetune.contract import StageError
+from kubetune.layout import RunLayout
+from kubetune.results import EvaluateResult
 from kubetune_trainer import evaluate
 from kubetune_trainer.bleu import context_token_id, generate_continuations, select_samples
-from kubetune_trainer.context import StageError, make_context
-from kubetune_trainer.layout import RunLayout
+from kubetune_trainer.context import make_context
 from kubetune_trainer.perplexity import score_sequences
-from kubetune_trainer.results import EvaluateResult
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -76,8 +77,13 @@ def test_evaluate_perplexity_equals_direct_scoring(built: dict[str, Any], tmp_pa
     out = _run_copy(built, tmp_path)
     result = _evaluate(out, tmp_path, baseline=False, bleu={"enabled": False})
     tok = built["tokenizer"]
-    direct = score_sequences(built["model"], built["test_ids"], context_token=context_token_id(tok),
-                             max_length=N_POSITIONS, batch_size=1)
+    direct = score_sequences(
+        built["model"],
+        built["test_ids"],
+        context_token=context_token_id(tok),
+        max_length=N_POSITIONS,
+        batch_size=1,
+    )
     assert result.fine_tuned.nll_sum == pytest.approx(direct.nll_sum, rel=1e-5)
     assert result.baseline is None
 
@@ -94,8 +100,9 @@ def test_batched_generation_equals_generate_and_one_at_a_time(built: dict[str, A
     kwargs: dict[str, Any] = {"max_new_tokens": 40, "max_length": N_POSITIONS}
     batched, _ = generate_continuations(model, tok, prompts, batch_size=16, **kwargs)
     single, _ = generate_continuations(model, tok, prompts, batch_size=1, **kwargs)
-    with_generate, _ = generate_continuations(model, tok, prompts, batch_size=16,
-                                              use_generate=True, **kwargs)
+    with_generate, _ = generate_continuations(
+        model, tok, prompts, batch_size=16, use_generate=True, **kwargs
+    )
     assert batched == single == with_generate
     assert all("\n" not in text for text in batched)
     lengths = {len(tok(text)["input_ids"]) for text in batched}

@@ -20,13 +20,14 @@ import pytest
 from datapaths import TINY_SHAKESPEARE, require, tldr_files
 from fixtures_s3 import s3_client
 
-from kubetune_trainer.context import StageError, make_context
-from kubetune_trainer.layout import RunLayout
+from kubetune.contract import StageError
+from kubetune.layout import RunLayout
+from kubetune.results import PrepareResult
+from kubetune.schema import CleanSpec, FineTuneJob, SplitSpec, parse_job
+from kubetune.storage import open_storage
+from kubetune_trainer.context import make_context
 from kubetune_trainer.prepare import prepare_lines, run
-from kubetune_trainer.results import PrepareResult
-from kubetune_trainer.schema import CleanSpec, FineTuneJob, SplitSpec, parse_job
 from kubetune_trainer.sources import open_source
-from kubetune_trainer.storage import open_storage
 from kubetune_trainer.tokenizer_build import EOS, train_bpe_tokenizer
 
 N_DOCS = 300

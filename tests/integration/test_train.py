@@ -27,13 +27,14 @@ import yaml
 from fixtures_s3 import free_port
 from prometheus_client.parser import text_string_to_metric_families
 
+from kubetune.contract import StageError
+from kubetune.layout import RunLayout
+from kubetune.results import TrainResult
+from kubetune.schema import FineTuneJob, TrainingSpec
+from kubetune.storage import FileStorage, open_storage
 from kubetune_trainer import checkpoints as ckpt
-from kubetune_trainer.context import StageError, make_context
-from kubetune_trainer.layout import RunLayout
+from kubetune_trainer.context import make_context
 from kubetune_trainer.packing import build_rows
-from kubetune_trainer.results import TrainResult
-from kubetune_trainer.schema import FineTuneJob, TrainingSpec
-from kubetune_trainer.storage import FileStorage, open_storage
 from kubetune_trainer.train import BatchSource, make_plan, resolve_precision, run
 
 REPO = Path(__file__).resolve().parents[2]
@@ -56,8 +57,13 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("prepared")
     lines = tiny.tldr_lines(2200)
     tokenizer = tiny.train_tokenizer(lines[:2000])
-    tiny.write_prepared(f"file://{root}", lines[:2000], lines[2000:], tokenizer,
-                        work=root.parent / f"{root.name}-work")
+    tiny.write_prepared(
+        f"file://{root}",
+        lines[:2000],
+        lines[2000:],
+        tokenizer,
+        work=root.parent / f"{root.name}-work",
+    )
     return root
 
 
@@ -81,8 +87,15 @@ def finished(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[P
     """One 40-step run (checkpoints every 10, keep 2), shared by the tests that inspect it."""
     tmp = tmp_path_factory.mktemp("finished")
     out = _output(dataset, tmp)
-    job = tiny.make_job(f"file://{out}", training={"maxSteps": 40, "checkpointEverySteps": 10,
-                                                   "keepCheckpoints": 2, "logEverySteps": 5})
+    job = tiny.make_job(
+        f"file://{out}",
+        training={
+            "maxSteps": 40,
+            "checkpointEverySteps": 10,
+            "keepCheckpoints": 2,
+            "logEverySteps": 5,
+        },
+    )
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("KUBETUNE_METRICS_PORT", "0")
         before = torch.get_num_threads()
@@ -128,8 +141,7 @@ def test_processes_see_disjoint_shards_that_cover_every_block_each_epoch() -> No
     # Same seed -> same order (resume continues it); next epoch -> a new order.
     again = BatchSource(rows, plan, 0, seed=5, pad_id=0)
     assert again.global_indices(0).tolist() == sources[0].global_indices(0).tolist()
-    assert (again.global_indices(plan.micro_per_epoch).tolist()
-            != again.global_indices(0).tolist())
+    assert again.global_indices(plan.micro_per_epoch).tolist() != again.global_indices(0).tolist()
 
 
 def test_fp16_on_cpu_falls_back_to_fp32_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
@@ -195,8 +207,10 @@ def test_same_seed_gives_the_same_final_loss(dataset: Path, tmp_path: Path) -> N
     results = []
     for name in ("a", "b"):
         out = _output(dataset, tmp_path, name)
-        job = tiny.make_job(f"file://{out}", training={
-            "maxSteps": 8, "checkpointEverySteps": 100, "gradientAccumulationSteps": 2})
+        job = tiny.make_job(
+            f"file://{out}",
+            training={"maxSteps": 8, "checkpointEverySteps": 100, "gradientAccumulationSteps": 2},
+        )
         results.append(_train(job, tmp_path / f"scratch-{name}"))
     assert results[0].final_loss == results[1].final_loss
     assert results[0].steps == 8 and results[0].epochs > 0
@@ -209,7 +223,7 @@ _CHILD = """
 import sys, torch
 from pathlib import Path
 torch.set_num_threads(1)
-from kubetune_trainer.schema import load_job
+from kubetune.schema import load_job
 from kubetune_trainer.context import make_context
 from kubetune_trainer.train import run
 run(make_context(load_job(sys.argv[1]), scratch=Path(sys.argv[2])))
@@ -225,19 +239,34 @@ def test_resume_after_sigkill_continues_from_the_last_complete_checkpoint(
     dataset: Path, tmp_path: Path
 ) -> None:
     out = _output(dataset, tmp_path)
-    job = tiny.make_job(f"file://{out}", name="killed", training={
-        "maxSteps": 60, "checkpointEverySteps": 10, "keepCheckpoints": 2, "logEverySteps": 2})
+    job = tiny.make_job(
+        f"file://{out}",
+        name="killed",
+        training={
+            "maxSteps": 60,
+            "checkpointEverySteps": 10,
+            "keepCheckpoints": 2,
+            "logEverySteps": 2,
+        },
+    )
     job_file = tmp_path / "job.yaml"
     job_file.write_text(yaml.safe_dump(job.to_wire()))
     port = free_port()
-    env = {**os.environ, "KUBETUNE_METRICS_PORT": str(port), "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(REPO / "trainer"), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "KUBETUNE_METRICS_PORT": str(port),
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(REPO / "trainer"), os.environ.get("PYTHONPATH", "")]),
+    }
     store = FileStorage(f"file://{out}")
     log_file = tmp_path / "child.log"
     with log_file.open("wb") as log_fh:
         child = subprocess.Popen(
             [sys.executable, "-c", _CHILD, str(job_file), str(tmp_path / "s1")],
-            env=env, stdout=log_fh, stderr=subprocess.STDOUT)
+            env=env,
+            stdout=log_fh,
+            stderr=subprocess.STDOUT,
+        )
     try:
         deadline = time.monotonic() + 400
         while not ckpt.list_checkpoints(store)[0]:
@@ -295,10 +324,13 @@ def test_resume_refuses_a_checkpoint_made_with_another_batch_size(
     dataset: Path, tmp_path: Path
 ) -> None:
     out = _output(dataset, tmp_path)
-    _train(tiny.make_job(f"file://{out}", training={"maxSteps": 4, "checkpointEverySteps": 2}),
-           tmp_path / "s1")
-    changed = tiny.make_job(f"file://{out}", training={
-        "maxSteps": 4, "checkpointEverySteps": 2, "batchSize": 4})
+    _train(
+        tiny.make_job(f"file://{out}", training={"maxSteps": 4, "checkpointEverySteps": 2}),
+        tmp_path / "s1",
+    )
+    changed = tiny.make_job(
+        f"file://{out}", training={"maxSteps": 4, "checkpointEverySteps": 2, "batchSize": 4}
+    )
     with pytest.raises(StageError, match="different batchSize"):
         _train(changed, tmp_path / "s2")
 
@@ -316,10 +348,16 @@ def test_nan_loss_stops_with_a_clear_error(dataset: Path, tmp_path: Path) -> Non
     with torch.no_grad():
         model.transformer.h[0].mlp.c_fc.weight.fill_(float("nan"))
     model.save_pretrained(base)
-    job = tiny.make_job(f"file://{out}", model={"uri": f"file://{base}"},
-                        training={"maxSteps": 5, "logEverySteps": 1})
-    with pytest.raises(StageError, match=r"training loss became nan at step 1; lower "
-                                         r"training.learningRate") as err:
+    job = tiny.make_job(
+        f"file://{out}",
+        model={"uri": f"file://{base}"},
+        training={"maxSteps": 5, "logEverySteps": 1},
+    )
+    with pytest.raises(
+        StageError,
+        match=r"training loss became nan at step 1; lower "
+        r"training.learningRate",
+    ) as err:
         _train(job, tmp_path / "scratch")
     assert err.value.reason == "StageFailed"
     assert not (out / RunLayout.TRAIN_RESULT).exists()
@@ -334,9 +372,11 @@ def test_lora_trains_adapters_and_saves_a_merged_standalone_model(
     out = _output(dataset, tmp_path)
     tokenizer = AutoTokenizer.from_pretrained(out / RunLayout.TOKENIZER)
     base = tiny.save_tiny_model(tmp_path / "base", tokenizer)
-    job = tiny.make_job(f"file://{out}", model={"uri": f"file://{base}"},
-                        training={"maxSteps": 6, "lora": {"r": 4, "alpha": 8},
-                                  "learningRate": 1e-2})
+    job = tiny.make_job(
+        f"file://{out}",
+        model={"uri": f"file://{base}"},
+        training={"maxSteps": 6, "lora": {"r": 4, "alpha": 8}, "learningRate": 1e-2},
+    )
     result = _train(job, tmp_path / "scratch")
     assert 0 < result.config["trainableParameters"] < result.config["parameters"] / 4
     merged = AutoModelForCausalLM.from_pretrained(out / RunLayout.MODEL)
@@ -345,14 +385,22 @@ def test_lora_trains_adapters_and_saves_a_merged_standalone_model(
     w_new = merged.transformer.h[0].attn.c_attn.weight
     w_old = original.transformer.h[0].attn.c_attn.weight
     assert not torch.equal(w_new, w_old)  # the adapters were merged into c_attn
-    assert torch.equal(merged.transformer.h[0].mlp.c_fc.weight,
-                       original.transformer.h[0].mlp.c_fc.weight)  # the rest stayed frozen
+    assert torch.equal(
+        merged.transformer.h[0].mlp.c_fc.weight, original.transformer.h[0].mlp.c_fc.weight
+    )  # the rest stayed frozen
 
 
 def test_bf16_without_packing_trains_on_cpu(dataset: Path, tmp_path: Path) -> None:
     out = _output(dataset, tmp_path)
-    job = tiny.make_job(f"file://{out}", training={
-        "maxSteps": 4, "precision": "bf16", "packing": False, "checkpointEverySteps": 100})
+    job = tiny.make_job(
+        f"file://{out}",
+        training={
+            "maxSteps": 4,
+            "precision": "bf16",
+            "packing": False,
+            "checkpointEverySteps": 100,
+        },
+    )
     result = _train(job, tmp_path / "scratch")
     assert result.config["mixedPrecision"] == "bf16"
     assert result.final_loss is not None and np.isfinite(result.final_loss)
@@ -362,8 +410,9 @@ def test_checkpoints_and_model_go_to_s3(dataset: Path, tmp_path: Path, s3_bucket
     output = f"s3://{s3_bucket}/runs/tiny"
     store = open_storage(output)
     store.upload_dir(dataset / "dataset", RunLayout.DATASET)
-    job = tiny.make_job(output, training={"maxSteps": 6, "checkpointEverySteps": 3,
-                                          "keepCheckpoints": 1})
+    job = tiny.make_job(
+        output, training={"maxSteps": 6, "checkpointEverySteps": 3, "keepCheckpoints": 1}
+    )
     result = _train(job, tmp_path / "scratch")
     assert result.model_uri == f"{output}/model"
     assert ckpt.list_checkpoints(store) == ([6], [])

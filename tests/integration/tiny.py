@@ -32,10 +32,10 @@ from typing import Any
 
 import numpy as np
 
-from kubetune_trainer.layout import RunLayout
-from kubetune_trainer.results import PrepareResult
-from kubetune_trainer.schema import DatasetStats, FineTuneJob, parse_job
-from kubetune_trainer.storage import open_storage
+from kubetune.layout import RunLayout
+from kubetune.results import PrepareResult
+from kubetune.schema import DatasetStats, FineTuneJob, parse_job
+from kubetune.storage import open_storage
 from kubetune_trainer.tokenizer_build import EOS, encode_batch, train_bpe_tokenizer
 
 DATA = (Path(__file__).resolve().parents[2] / ".." / "shared" / "data").resolve()
@@ -43,8 +43,19 @@ N_POSITIONS = 64
 VOCAB = 512
 SEED = 7
 
-__all__ = ["DATA", "EOS", "N_POSITIONS", "SEED", "VOCAB", "make_job", "save_tiny_model",
-           "shakespeare_lines", "tldr_lines", "train_tokenizer", "write_prepared"]
+__all__ = [
+    "DATA",
+    "EOS",
+    "N_POSITIONS",
+    "SEED",
+    "VOCAB",
+    "make_job",
+    "save_tiny_model",
+    "shakespeare_lines",
+    "tldr_lines",
+    "train_tokenizer",
+    "write_prepared",
+]
 
 
 def tldr_lines(limit: int, platform: str = "common", skip: int = 0) -> list[str]:
@@ -110,8 +121,9 @@ def write_prepared(
     store = open_storage(output)
     shas = {}
     for key, lines in ((RunLayout.TRAIN_TEXT, train), (RunLayout.TEST_TEXT, test)):
-        text = "".join(json.dumps({"text": t, "doc": f"tldr/{i}"}) + "\n"
-                       for i, t in enumerate(lines))
+        text = "".join(
+            json.dumps({"text": t, "doc": f"tldr/{i}"}) + "\n" for i, t in enumerate(lines)
+        )
         store.write_text(key, text)
         shas[key] = hashlib.sha256(text.encode()).hexdigest()
     counts = {}
@@ -127,12 +139,18 @@ def write_prepared(
     tokenizer.save_pretrained(str(work / "tokenizer"))
     store.upload_dir(work / "tokenizer", RunLayout.TOKENIZER)
     stats = DatasetStats(
-        documents=1, lines=len(train) + len(test), kept_lines=len(train) + len(test),
-        train_lines=len(train), test_lines=len(test), train_tokens=counts["train"],
+        documents=1,
+        lines=len(train) + len(test),
+        kept_lines=len(train) + len(test),
+        train_lines=len(train),
+        test_lines=len(test),
+        train_tokens=counts["train"],
         test_tokens=counts["test"],
     )
     result = PrepareResult(
-        stats=stats, train_sha256=shas[RunLayout.TRAIN_TEXT], test_sha256=shas[RunLayout.TEST_TEXT],
+        stats=stats,
+        train_sha256=shas[RunLayout.TRAIN_TEXT],
+        test_sha256=shas[RunLayout.TEST_TEXT],
         tokenizer=f"byte-level BPE (vocab {len(tokenizer)})",
         dataset_uri=store.uri(RunLayout.DATASET),
     )
@@ -140,16 +158,24 @@ def write_prepared(
     return result
 
 
-def save_tiny_model(path: Path, tokenizer: Any, seed: int = SEED,
-                    n_positions: int = N_POSITIONS) -> Path:
+def save_tiny_model(
+    path: Path, tokenizer: Any, seed: int = SEED, n_positions: int = N_POSITIONS
+) -> Path:
     """A random 2-layer GPT-2 (64 wide) + tokenizer saved with save_pretrained()."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
     eos = tokenizer.eos_token_id
-    config = GPT2Config(n_layer=2, n_head=2, n_embd=64, n_positions=n_positions,
-                        vocab_size=len(tokenizer), bos_token_id=eos, eos_token_id=eos)
+    config = GPT2Config(
+        n_layer=2,
+        n_head=2,
+        n_embd=64,
+        n_positions=n_positions,
+        vocab_size=len(tokenizer),
+        bos_token_id=eos,
+        eos_token_id=eos,
+    )
     GPT2LMHeadModel(config).save_pretrained(str(path))
     tokenizer.save_pretrained(str(path))
     return path
@@ -168,21 +194,40 @@ def make_job(
     metadata: dict[str, Any] = {"name": name}
     if namespace:
         metadata["namespace"] = namespace
-    return parse_job({
-        "apiVersion": "kubetune.io/v1alpha1",
-        "kind": "FineTuneJob",
-        "metadata": metadata,
-        "spec": {
-            "model": model or {"fresh": {"nLayer": 2, "nHead": 2, "nEmbd": 64,
-                                         "nPositions": N_POSITIONS, "vocabSize": VOCAB}},
-            "dataset": {"source": f"file://{DATA}/tldr-pages/pages/common/"},
-            "training": {
-                "maxSeqLength": N_POSITIONS, "batchSize": 8, "learningRate": 3e-3,
-                "warmupRatio": 0.1, "precision": "fp32", "seed": SEED, "maxSteps": 30,
-                "checkpointEverySteps": 10, "logEverySteps": 5, **(training or {}),
+    return parse_job(
+        {
+            "apiVersion": "kubetune.io/v1alpha1",
+            "kind": "FineTuneJob",
+            "metadata": metadata,
+            "spec": {
+                "model": model
+                or {
+                    "fresh": {
+                        "nLayer": 2,
+                        "nHead": 2,
+                        "nEmbd": 64,
+                        "nPositions": N_POSITIONS,
+                        "vocabSize": VOCAB,
+                    }
+                },
+                "dataset": {"source": f"file://{DATA}/tldr-pages/pages/common/"},
+                "training": {
+                    "maxSeqLength": N_POSITIONS,
+                    "batchSize": 8,
+                    "learningRate": 3e-3,
+                    "warmupRatio": 0.1,
+                    "precision": "fp32",
+                    "seed": SEED,
+                    "maxSteps": 30,
+                    "checkpointEverySteps": 10,
+                    "logEverySteps": 5,
+                    **(training or {}),
+                },
+                "evaluation": {
+                    "bleu": {"maxSamples": 20, "maxNewTokens": 12},
+                    **(evaluation or {}),
+                },
+                "storage": {"output": output},
             },
-            "evaluation": {"bleu": {"maxSamples": 20, "maxNewTokens": 12},
-                           **(evaluation or {})},
-            "storage": {"output": output},
-        },
-    })
+        }
+    )

@@ -24,10 +24,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from kubetune_trainer.layout import RunLayout
-from kubetune_trainer.results import PrepareResult, TrainResult
-from kubetune_trainer.schema import DatasetStats, FineTuneJob, parse_job
-from kubetune_trainer.storage import open_storage
+from kubetune.layout import RunLayout
+from kubetune.results import PrepareResult, TrainResult
+from kubetune.schema import DatasetStats, FineTuneJob, parse_job
+from kubetune.storage import open_storage
 
 DATA = Path(__file__).resolve().parents[2] / "../shared/data"
 EOS = "<|endoftext|>"
@@ -87,8 +87,13 @@ def tiny_gpt2(vocab_size: int, seed: int = SEED, n_positions: int = N_POSITIONS)
 
     torch.manual_seed(seed)
     config = GPT2Config(
-        n_layer=2, n_head=2, n_embd=64, n_positions=n_positions, vocab_size=vocab_size,
-        bos_token_id=0, eos_token_id=0,
+        n_layer=2,
+        n_head=2,
+        n_embd=64,
+        n_positions=n_positions,
+        vocab_size=vocab_size,
+        bos_token_id=0,
+        eos_token_id=0,
     )
     return GPT2LMHeadModel(config)
 
@@ -120,7 +125,10 @@ def make_job(output: str, **evaluation: Any) -> FineTuneJob:
             "spec": {
                 "model": {
                     "fresh": {
-                        "nLayer": 2, "nHead": 2, "nEmbd": 64, "nPositions": N_POSITIONS,
+                        "nLayer": 2,
+                        "nHead": 2,
+                        "nEmbd": 64,
+                        "nPositions": N_POSITIONS,
                         "vocabSize": 512,
                     }
                 },
@@ -148,13 +156,15 @@ def write_run(root: Path, n_train: int = 1500, n_test: int = 60) -> dict[str, An
     store = open_storage(f"file://{root}")
     work = root.parent / f"{root.name}-work"
 
-    store.write_text(RunLayout.TEST_TEXT, "".join(
-        json.dumps({"text": t, "doc": f"common/{i}"}) + "\n" for i, t in enumerate(test)
-    ))
+    store.write_text(
+        RunLayout.TEST_TEXT,
+        "".join(json.dumps({"text": t, "doc": f"common/{i}"}) + "\n" for i, t in enumerate(test)),
+    )
     test_ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in test]
     offsets = np.cumsum([0] + [len(ids) for ids in test_ids]).astype(np.int64)
-    store.write_bytes(RunLayout.TEST_TOKENS, _npy(np.array(
-        [t for ids in test_ids for t in ids], dtype=np.uint32)))
+    store.write_bytes(
+        RunLayout.TEST_TOKENS, _npy(np.array([t for ids in test_ids for t in ids], dtype=np.uint32))
+    )
     store.write_bytes(RunLayout.TEST_OFFSETS, _npy(offsets))
     tokenizer.save_pretrained(work / "tokenizer")
     store.upload_dir(work / "tokenizer", RunLayout.TOKENIZER)
@@ -167,8 +177,13 @@ def write_run(root: Path, n_train: int = 1500, n_test: int = 60) -> dict[str, An
     store.upload_dir(work / "model", RunLayout.MODEL)
 
     write_stage_results(store, n_train, n_test, sum(map(len, train_ids)), int(offsets[-1]))
-    return {"tokenizer": tokenizer, "model": model, "test": test, "test_ids": test_ids,
-            "store": store}
+    return {
+        "tokenizer": tokenizer,
+        "model": model,
+        "test": test,
+        "test_ids": test_ids,
+        "store": store,
+    }
 
 
 def write_stage_results(
@@ -176,24 +191,55 @@ def write_stage_results(
 ) -> None:
     """prepare.json, train.json and a 40-step train/metrics.jsonl as the other stages write them."""
     metrics = [
-        {"step": s, "epoch": s / 40, "loss": 6.0 * math.exp(-s / 15) + 2.0, "lr": 3e-3,
-         "tokens_per_second": 5000.0, "elapsed": s * 0.1}
+        {
+            "step": s,
+            "epoch": s / 40,
+            "loss": 6.0 * math.exp(-s / 15) + 2.0,
+            "lr": 3e-3,
+            "tokens_per_second": 5000.0,
+            "elapsed": s * 0.1,
+        }
         for s in range(1, 41)
     ]
     store.write_text(RunLayout.TRAIN_METRICS, "".join(json.dumps(m) + "\n" for m in metrics))
     stats = DatasetStats(
-        documents=10, lines=n_train + n_test + 7, kept_lines=n_train + n_test, dropped_short=4,
-        duplicates_removed=3, train_lines=n_train, test_lines=n_test, train_tokens=train_tokens,
+        documents=10,
+        lines=n_train + n_test + 7,
+        kept_lines=n_train + n_test,
+        dropped_short=4,
+        duplicates_removed=3,
+        train_lines=n_train,
+        test_lines=n_test,
+        train_tokens=train_tokens,
         test_tokens=test_tokens,
     )
-    store.write_text(RunLayout.PREPARE_RESULT, PrepareResult(
-        stats=stats, train_sha256="0" * 64, test_sha256="1" * 64,
-        tokenizer="trained byte-level BPE",
-        dataset_uri=store.uri(RunLayout.DATASET), seconds=1.5,
-    ).to_json())
-    store.write_text(RunLayout.TRAIN_RESULT, TrainResult(
-        steps=40, total_steps=40, epochs=1.0, final_loss=metrics[-1]["loss"], train_tokens=10000,
-        tokens_per_second=5000.0, model_uri=store.uri(RunLayout.MODEL), seconds=4.0,
-        config={"learningRate": 3e-3, "batchSize": 16, "maxSeqLength": N_POSITIONS,
-                "lora": {"r": 8, "alpha": 16}},
-    ).to_json())
+    store.write_text(
+        RunLayout.PREPARE_RESULT,
+        PrepareResult(
+            stats=stats,
+            train_sha256="0" * 64,
+            test_sha256="1" * 64,
+            tokenizer="trained byte-level BPE",
+            dataset_uri=store.uri(RunLayout.DATASET),
+            seconds=1.5,
+        ).to_json(),
+    )
+    store.write_text(
+        RunLayout.TRAIN_RESULT,
+        TrainResult(
+            steps=40,
+            total_steps=40,
+            epochs=1.0,
+            final_loss=metrics[-1]["loss"],
+            train_tokens=10000,
+            tokens_per_second=5000.0,
+            model_uri=store.uri(RunLayout.MODEL),
+            seconds=4.0,
+            config={
+                "learningRate": 3e-3,
+                "batchSize": 16,
+                "maxSeqLength": N_POSITIONS,
+                "lora": {"r": 8, "alpha": 16},
+            },
+        ).to_json(),
+    )

@@ -227,7 +227,7 @@ def test_gitops_doc_embeds_the_same_lua_as_the_chart() -> None:
 def test_gitops_examples_point_at_a_directory_of_valid_finetunejobs() -> None:
     import yaml
 
-    from kubetune_trainer.schema import KIND, parse_job
+    from kubetune.schema import KIND, parse_job
 
     gitops = ROOT / "examples/gitops"
     apps = list(yaml.safe_load_all((gitops / "argocd-application.yaml").read_text()))

@@ -31,7 +31,7 @@ def _perturb(line: str, rng: random.Random) -> str:
     if choice < 0.75:
         rng.shuffle(words)
         return " ".join(words)
-    return " ".join([*words[:len(words) // 2], "the", "king", "said"])
+    return " ".join([*words[: len(words) // 2], "the", "king", "said"])
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +50,12 @@ def test_corpus_bleu_equals_sacrebleu_command_line(
     files: tuple[Path, Path, list[str], list[str]],
 ) -> None:
     ref, hyp, hyps, refs = files
-    cli = subprocess.run([str(SACREBLEU), str(ref), "-i", str(hyp), "-b", "-w", "6"],
-                         capture_output=True, text=True, check=True)
+    cli = subprocess.run(
+        [str(SACREBLEU), str(ref), "-i", str(hyp), "-b", "-w", "6"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     score, _ = corpus_bleu(hyps, refs)
     assert 5.0 < score < 95.0  # a real mix of hits and misses, not a degenerate case
     assert score == pytest.approx(float(cli.stdout.strip()), abs=1e-6)
@@ -61,8 +65,9 @@ def test_bleu_signature_equals_sacrebleu_command_line(
     files: tuple[Path, Path, list[str], list[str]],
 ) -> None:
     ref, hyp, hyps, refs = files
-    cli = subprocess.run([str(SACREBLEU), str(ref), "-i", str(hyp)],
-                         capture_output=True, text=True, check=True)
+    cli = subprocess.run(
+        [str(SACREBLEU), str(ref), "-i", str(hyp)], capture_output=True, text=True, check=True
+    )
     _, signature = corpus_bleu(hyps, refs)
     assert signature == json.loads(cli.stdout)["signature"]
     assert "tok:13a" in signature and "nrefs:1" in signature
@@ -73,14 +78,17 @@ def test_identical_hypotheses_score_100() -> None:
     assert corpus_bleu(refs, refs)[0] == pytest.approx(100.0)
 
 
-@pytest.mark.parametrize(("text", "fraction", "expected"), [
-    ("one two three four", 0.5, ("one two", "three four")),
-    ("one two three", 0.5, ("one", "two three")),          # floor of 1.5 words
-    ("one two three", 0.01, ("one", "two three")),         # at least one prompt word
-    ("one two three", 0.99, ("one two", "three")),         # at least one reference word
-    ("one two", 0.5, ("one", "two")),
-    ("  spaced\tout   words here ", 0.5, ("spaced out", "words here")),
-])
+@pytest.mark.parametrize(
+    ("text", "fraction", "expected"),
+    [
+        ("one two three four", 0.5, ("one two", "three four")),
+        ("one two three", 0.5, ("one", "two three")),  # floor of 1.5 words
+        ("one two three", 0.01, ("one", "two three")),  # at least one prompt word
+        ("one two three", 0.99, ("one two", "three")),  # at least one reference word
+        ("one two", 0.5, ("one", "two")),
+        ("  spaced\tout   words here ", 0.5, ("spaced out", "words here")),
+    ],
+)
 def test_split_prompt_by_words(text: str, fraction: float, expected: tuple[str, str]) -> None:
     assert split_prompt(text, fraction) == BleuSample(*expected)
 

@@ -18,10 +18,11 @@ from typing import Any
 import pytest
 import yaml
 
+from kubetune.contract import JOB_STAGES
+from kubetune.schema import FineTuneJob, load_job, parse_job
 from kubetune_operator import builders, rbac
 from kubetune_operator.builders import RunRef
 from kubetune_operator.config import OperatorConfig
-from kubetune_trainer.schema import FineTuneJob, load_job, parse_job
 
 REPO = Path(__file__).resolve().parents[2]
 GOLDEN = Path(__file__).parent / "golden"
@@ -55,7 +56,7 @@ def children(job: FineTuneJob, generation: int = 1) -> list[dict[str, Any]]:
     objs = [builders.build_job_config_map(job, run)]
     if builders.needs_service(job):
         objs.append(builders.build_train_service(job, run))
-    objs += [builders.build_stage_job(job, run, stage, CFG) for stage in builders.STAGES]
+    objs += [builders.build_stage_job(job, run, stage, CFG) for stage in JOB_STAGES]
     return objs
 
 
@@ -85,7 +86,7 @@ def test_child_objects_match_golden_yaml(case: str) -> None:
 def test_child_names_are_deterministic_dns_labels_even_for_long_names() -> None:
     long_a = "x" * 40 + "-training-run-number-one-abc"
     long_b = "x" * 40 + "-training-run-number-two-abc"
-    names = {builders.job_name(n, "g12", s) for n in (long_a, long_b) for s in builders.STAGES}
+    names = {builders.job_name(n, "g12", s) for n in (long_a, long_b) for s in JOB_STAGES}
     assert len(names) == 6
     for name in names:
         assert len(name) <= builders.MAX_CHILD_NAME
@@ -165,7 +166,7 @@ def test_gpu_limits_per_stage(gpus: int, expected: dict[str, int]) -> None:
 
 def test_metrics_port_is_only_open_in_the_train_stage() -> None:
     job = example("tldr-tiny.yaml")
-    for stage in builders.STAGES:
+    for stage in JOB_STAGES:
         env = {e["name"]: e.get("value") for e in builders.stage_env(job, stage)}
         assert env["KUBETUNE_METRICS_PORT"] == ("9400" if stage == "train" else "0")
 
@@ -189,7 +190,7 @@ def test_multi_worker_training_is_an_indexed_job_behind_a_headless_service() -> 
     assert cmd[cmd.index("--main_process_ip") + 1] == (
         f"{train['metadata']['name']}-0.{svc['metadata']['name']}"
     )
-    assert cmd[cmd.index("-m") + 1 :][:2] == ["kubetune_trainer.cli", "train"]
+    assert cmd[cmd.index("-m") + 1 :][:2] == ["kubetune.cli", "train"]
     env_names = [e["name"] for e in pod["containers"][0]["env"]]
     assert "JOB_COMPLETION_INDEX" in env_names
     # Prepare and evaluate stay single pods.

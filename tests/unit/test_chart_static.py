@@ -141,9 +141,9 @@ def test_service_monitor_scrapes_the_operator_metrics_service(bin_dir: Path) -> 
 
 
 def test_pod_monitor_selects_the_train_pods_the_operator_builds(bin_dir: Path) -> None:
+    from kubetune.schema import parse_job
     from kubetune_operator.builders import RunRef, build_stage_job
     from kubetune_operator.config import OperatorConfig
-    from kubetune_trainer.schema import parse_job
 
     manifest = yaml.safe_load((ROOT / "examples/tldr-gpt2.yaml").read_text())
     manifest["metadata"].update(namespace="ml", uid="0f7c9d52-5b1e-4c0e-9a55-3f1d2b6c7e80")

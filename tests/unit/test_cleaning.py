@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from datapaths import tldr_lines
 
+from kubetune.schema import CleanSpec
 from kubetune_trainer.cleaning import (
     Cleaner,
     normalize_unicode,
@@ -15,7 +16,6 @@ from kubetune_trainer.cleaning import (
     strip_markdown,
     text_hash,
 )
-from kubetune_trainer.schema import CleanSpec
 
 
 def cleaner(**overrides: object) -> Cleaner:

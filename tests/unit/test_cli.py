@@ -7,16 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from kubetune_trainer.cli import main
-from kubetune_trainer.context import StageError
-from kubetune_trainer.stages import (
-    EXIT_FAILED,
-    EXIT_NOT_RETRIABLE,
-    EXIT_USAGE,
+from kubetune.cli import main
+from kubetune.contract import (
+    ExitCode,
+    StageError,
     exit_code_for,
     failure_payload,
     write_termination_message,
 )
+from kubetune.schema import Reason
 
 GOOD = """
 apiVersion: kubetune.io/v1alpha1
@@ -41,7 +40,7 @@ def test_validate_accepts_a_good_manifest(
 def test_validate_names_every_bad_field(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "job.yaml"
     path.write_text((GOOD % tmp_path) + "  training: {batchSize: 0, precision: fp8}\n")
-    assert main(["validate", str(path)]) == EXIT_USAGE
+    assert main(["validate", str(path)]) == ExitCode.USAGE
     err = capsys.readouterr().err
     assert "spec.training.batchSize" in err and "spec.training.precision" in err
     assert str(path) in err
@@ -58,14 +57,17 @@ def test_stage_failure_writes_reason_to_termination_log(
     payload = json.loads(log.read_text())
     assert payload["stage"] == "prepare"
     assert "/nonexistent/corpus" in payload["error"]
-    assert code in (EXIT_FAILED, EXIT_NOT_RETRIABLE)
+    assert code in (ExitCode.FAILED, ExitCode.NOT_RETRIABLE)
     assert "/nonexistent/corpus" in capsys.readouterr().err
 
 
 def test_not_retriable_reasons_map_to_exit_3() -> None:
-    assert exit_code_for(StageError("no text", reason="DatasetUnusable")) == EXIT_NOT_RETRIABLE
-    assert exit_code_for(StageError("oom", reason="StageFailed")) == EXIT_FAILED
-    assert exit_code_for(RuntimeError("boom")) == EXIT_FAILED
+    assert (
+        exit_code_for(StageError("no text", reason=Reason.DATASET_UNUSABLE))
+        == ExitCode.NOT_RETRIABLE
+    )
+    assert exit_code_for(StageError("oom", reason=Reason.STAGE_FAILED)) == ExitCode.FAILED
+    assert exit_code_for(RuntimeError("boom")) == ExitCode.FAILED
     assert failure_payload("train", RuntimeError("boom"))["reason"] == "StageFailed"
 
 

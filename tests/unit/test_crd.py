@@ -7,7 +7,7 @@ from typing import Any
 
 import yaml
 
-from kubetune_trainer import crd, schema
+from kubetune import crd, schema
 
 ROOT = Path(__file__).resolve().parents[2]
 

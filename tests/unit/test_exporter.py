@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from kubetune.layout import RunLayout
+from kubetune.schema import Progress
+from kubetune.storage import open_storage
 from kubetune_trainer.exporter import METRIC_NAMES, ProgressWriter, TrainMetrics, metrics_port
-from kubetune_trainer.layout import RunLayout
-from kubetune_trainer.schema import Progress
-from kubetune_trainer.storage import open_storage
 
 GPU_ONLY = {"kubetune_gpu_memory_used_bytes", "kubetune_gpu_utilization_ratio"}
 
@@ -42,10 +42,26 @@ def test_endpoint_serves_every_contract_metric_with_job_labels() -> None:
     port = metrics.serve(port=_free_port(), addr="127.0.0.1")
     assert port is not None
     try:
-        metrics.update(step=10, total_steps=100, epoch=0.25, loss=3.5, learning_rate=5e-5,
-                       tokens_per_second=1234.5, eta_seconds=90.0, new_tokens=4096)
-        metrics.update(step=20, total_steps=100, epoch=0.5, loss=3.0, learning_rate=4e-5,
-                       tokens_per_second=1300.0, eta_seconds=80.0, new_tokens=4096)
+        metrics.update(
+            step=10,
+            total_steps=100,
+            epoch=0.25,
+            loss=3.5,
+            learning_rate=5e-5,
+            tokens_per_second=1234.5,
+            eta_seconds=90.0,
+            new_tokens=4096,
+        )
+        metrics.update(
+            step=20,
+            total_steps=100,
+            epoch=0.5,
+            loss=3.0,
+            learning_rate=4e-5,
+            tokens_per_second=1300.0,
+            eta_seconds=80.0,
+            new_tokens=4096,
+        )
         metrics.count_nonfinite()
         samples = _scrape(port)
     finally:
@@ -83,8 +99,16 @@ def test_port_taken_is_logged_and_training_continues(caplog: pytest.LogCaptureFi
         metrics = TrainMetrics("job", None)
         with caplog.at_level(logging.WARNING):
             assert metrics.serve(port=port, addr="127.0.0.1") is None
-        metrics.update(step=1, total_steps=2, epoch=0.1, loss=1.0, learning_rate=1e-3,
-                       tokens_per_second=None, eta_seconds=None, new_tokens=1)
+        metrics.update(
+            step=1,
+            total_steps=2,
+            epoch=0.1,
+            loss=1.0,
+            learning_rate=1e-3,
+            tokens_per_second=None,
+            eta_seconds=None,
+            new_tokens=1,
+        )
         metrics.close()
     assert f"port {port} unavailable" in caplog.text
 
@@ -102,8 +126,16 @@ def test_metrics_port_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch
 
 
 def _progress(step: int) -> Progress:
-    return Progress(step=step, total_steps=100, percent=step, epoch=step / 100, loss=2.0,
-                    tokens_per_second=10.0, eta_seconds=5.0, updated_at="2024-01-01T00:00:00Z")
+    return Progress(
+        step=step,
+        total_steps=100,
+        percent=step,
+        epoch=step / 100,
+        loss=2.0,
+        tokens_per_second=10.0,
+        eta_seconds=5.0,
+        updated_at="2024-01-01T00:00:00Z",
+    )
 
 
 def test_progress_is_written_camelcase_and_throttled(tmp_path: Path) -> None:
@@ -123,8 +155,10 @@ def test_progress_is_written_camelcase_and_throttled(tmp_path: Path) -> None:
 
 def test_resumed_progress_keeps_earlier_metrics_up_to_the_checkpoint(tmp_path: Path) -> None:
     store = open_storage(f"file://{tmp_path}")
-    store.write_text(RunLayout.TRAIN_METRICS,
-                     "".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (5, 10, 15)))
+    store.write_text(
+        RunLayout.TRAIN_METRICS,
+        "".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (5, 10, 15)),
+    )
     writer = ProgressWriter(store, interval_s=0)
     writer.resume(up_to_step=10)
     writer.log({"step": 15, "loss": 0.5}, _progress(15))

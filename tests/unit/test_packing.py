@@ -43,8 +43,15 @@ def _tiny_model(dtype: torch.dtype, attn: str) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM, GPT2Config
 
     torch.manual_seed(0)
-    config = GPT2Config(n_layer=2, n_head=2, n_embd=64, n_positions=64, vocab_size=300,
-                        bos_token_id=None, eos_token_id=None)
+    config = GPT2Config(
+        n_layer=2,
+        n_head=2,
+        n_embd=64,
+        n_positions=64,
+        vocab_size=300,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
     model = AutoModelForCausalLM.from_config(config, attn_implementation=attn)
     return model.to(dtype).eval()
 
@@ -67,11 +74,15 @@ def test_packed_loss_per_document_equals_each_document_alone(
     batch_np = collate(rows, list(range(len(rows))), pad_id=EOS)
     batch = {k: torch.from_numpy(v) for k, v in batch_np.items()}
     with torch.no_grad():
-        logits = model(**model_inputs(batch, packed=True, attn_implementation=attn,
-                                      mask_dtype=dtype)).logits
+        logits = model(
+            **model_inputs(batch, packed=True, attn_implementation=attn, mask_dtype=dtype)
+        ).logits
         nll = torch.nn.functional.cross_entropy(
-            logits[:, :-1].transpose(1, 2), batch["labels"][:, 1:], reduction="none",
-            ignore_index=IGNORE_INDEX)
+            logits[:, :-1].transpose(1, 2),
+            batch["labels"][:, 1:],
+            reduction="none",
+            ignore_index=IGNORE_INDEX,
+        )
     # Loss of every segment (line or chunk) computed from the packed batch ...
     packed: list[float] = []
     segs = batch_np["segment_ids"]
@@ -89,8 +100,9 @@ def test_packed_loss_per_document_equals_each_document_alone(
             chunk = torch.tensor([ids[start : start + 32]])
             with torch.no_grad():
                 out = model(input_ids=chunk, use_cache=False).logits
-            alone.append(float(torch.nn.functional.cross_entropy(
-                out[0, :-1], chunk[0, 1:], reduction="sum")))
+            alone.append(
+                float(torch.nn.functional.cross_entropy(out[0, :-1], chunk[0, 1:], reduction="sum"))
+            )
     assert len(packed) == len(alone) == 11  # 8 lines + one of 90 (+eos) tokens in 3 chunks
     np.testing.assert_allclose(packed, alone, rtol=tol, atol=tol * 10)
 
@@ -104,10 +116,17 @@ def test_position_ids_only_packing_matches_the_explicit_mask() -> None:
     model = _tiny_model(torch.float64, "sdpa")
     batch = {k: torch.from_numpy(v) for k, v in collate(rows, range(len(rows)), EOS).items()}
     with torch.no_grad():
-        masked = model(**model_inputs(batch, packed=True, attn_implementation="sdpa",
-                                      mask_dtype=torch.float64)).logits
-        native = model(**model_inputs(batch, packed=True, attn_implementation="flash_attention_2",
-                                      mask_dtype=torch.float64)).logits
+        masked = model(
+            **model_inputs(batch, packed=True, attn_implementation="sdpa", mask_dtype=torch.float64)
+        ).logits
+        native = model(
+            **model_inputs(
+                batch,
+                packed=True,
+                attn_implementation="flash_attention_2",
+                mask_dtype=torch.float64,
+            )
+        ).logits
         plain = model(input_ids=batch["input_ids"], use_cache=False).logits
     real = torch.from_numpy(collate(rows, range(len(rows)), EOS)["attention_mask"]).bool()
     torch.testing.assert_close(masked[real], native[real], rtol=1e-9, atol=1e-9)
@@ -139,8 +158,24 @@ def test_positions_restart_and_labels_stop_at_every_line_boundary() -> None:
     assert b["position_ids"][0, :12].tolist() == [0, 1, 2, 3, 0, 1, 2, 0, 1, 2, 3, 4]
     assert b["segment_ids"][0].tolist() == [0] * 4 + [1] * 3 + [2] * 5 + [3] * 4
     # HF convention (shifted inside the model): -100 on each segment's first token and on pads.
-    assert b["labels"][0].tolist() == [-100, 12, 13, 0, -100, 22, 0, -100, 32, 33, 34, 0,
-                                       -100, -100, -100, -100]
+    assert b["labels"][0].tolist() == [
+        -100,
+        12,
+        13,
+        0,
+        -100,
+        22,
+        0,
+        -100,
+        32,
+        33,
+        34,
+        0,
+        -100,
+        -100,
+        -100,
+        -100,
+    ]
     assert count_targets(b["labels"]) == 12 - 3  # one unpredictable first token per line
     assert b["input_ids"].shape == (1, 16)  # packed rows are always block-sized
 
@@ -164,8 +199,9 @@ def test_no_packing_pads_each_batch_to_its_longest_line() -> None:
     model = _tiny_model(torch.float64, "sdpa")
     t = {k: torch.from_numpy(v) for k, v in b.items()}
     with torch.no_grad():
-        logits = model(**model_inputs(t, packed=False, attn_implementation="sdpa",
-                                      mask_dtype=torch.float64)).logits
+        logits = model(
+            **model_inputs(t, packed=False, attn_implementation="sdpa", mask_dtype=torch.float64)
+        ).logits
         alone = model(input_ids=t["input_ids"][1:, :3], use_cache=False).logits
     torch.testing.assert_close(logits[1, :3], alone[0], rtol=1e-9, atol=1e-9)
 

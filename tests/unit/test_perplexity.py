@@ -23,8 +23,15 @@ def model() -> torch.nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    config = GPT2Config(n_layer=2, n_head=2, n_embd=64, n_positions=32, vocab_size=VOCAB,
-                        bos_token_id=EOS, eos_token_id=EOS)
+    config = GPT2Config(
+        n_layer=2,
+        n_head=2,
+        n_embd=64,
+        n_positions=32,
+        vocab_size=VOCAB,
+        bos_token_id=EOS,
+        eos_token_id=EOS,
+    )
     return GPT2LMHeadModel(config).eval()
 
 
@@ -87,9 +94,18 @@ def test_result_does_not_depend_on_batch_size(model: torch.nn.Module) -> None:
     assert one.nll_sum == pytest.approx(many.nll_sum, rel=1e-6)
 
 
-@pytest.mark.parametrize(("length", "max_length", "stride"), [
-    (1, 4, None), (3, 4, None), (4, 4, 2), (40, 8, 4), (41, 8, 3), (100, 16, None), (9, 4, 10),
-])
+@pytest.mark.parametrize(
+    ("length", "max_length", "stride"),
+    [
+        (1, 4, None),
+        (3, 4, None),
+        (4, 4, 2),
+        (40, 8, 4),
+        (41, 8, 3),
+        (100, 16, None),
+        (9, 4, 10),
+    ],
+)
 def test_rolling_windows_predict_every_token_exactly_once(
     length: int, max_length: int, stride: int | None
 ) -> None:
@@ -131,8 +147,9 @@ def test_whole_split_perplexity_is_not_a_mean_of_batch_means(model: torch.nn.Mod
     total = score_sequences(model, lines, context_token=EOS, max_length=32, batch_size=1)
     per_line = [score_sequences(model, [ids], context_token=EOS, max_length=32) for ids in lines]
     mean_of_means = math.exp(sum(r.nll_sum / r.predicted_tokens for r in per_line) / len(lines))
-    token_weighted = math.exp(sum(r.nll_sum for r in per_line) / sum(
-        r.predicted_tokens for r in per_line))
+    token_weighted = math.exp(
+        sum(r.nll_sum for r in per_line) / sum(r.predicted_tokens for r in per_line)
+    )
     assert total.perplexity == pytest.approx(token_weighted, rel=1e-6)
     assert abs(mean_of_means - total.perplexity) / total.perplexity > 1e-3
 

@@ -13,15 +13,15 @@ from typing import Any
 
 import pytest
 
+from kubetune.contract import Env
+from kubetune.schema import CompareWithSpec
 from kubetune_trainer.bleu import BleuSample
 from kubetune_trainer.remote import (
     NO_LOGPROBS_NOTE,
     Endpoint,
     RemoteError,
-    api_key_env_name,
     score_endpoint,
 )
-from kubetune_trainer.schema import CompareWithSpec
 
 KEY = "sk-test-secret-value-123"
 SAMPLES = [
@@ -84,8 +84,19 @@ def _make_handler(state: Behaviour) -> type[BaseHTTPRequestHandler]:
                 return self._send(503, {"error": "warming up"})
             if self.path == "/v1/chat/completions":
                 prompt = payload["messages"][-1]["content"]
-                return self._send(200, {"choices": [{"message": {
-                    "role": "assistant", "content": answers.get(prompt, "?") + "\nmore"}}]})
+                return self._send(
+                    200,
+                    {
+                        "choices": [
+                            {
+                                "message": {
+                                    "role": "assistant",
+                                    "content": answers.get(prompt, "?") + "\nmore",
+                                }
+                            }
+                        ]
+                    },
+                )
             if self.path != "/v1/completions" or not state.completions:
                 return self._send(404, {"error": "not found"})
             prompt = payload["prompt"]
@@ -98,8 +109,21 @@ def _make_handler(state: Behaviour) -> type[BaseHTTPRequestHandler]:
                 if payload["max_tokens"] > 0:  # echo plus one generated token
                     tokens, values = [*tokens, " extra"], [*values, -9.0]
                     offsets = [*offsets, len(prompt)]
-                return self._send(200, {"choices": [{"text": prompt, "logprobs": {
-                    "tokens": tokens, "token_logprobs": values, "text_offset": offsets}}]})
+                return self._send(
+                    200,
+                    {
+                        "choices": [
+                            {
+                                "text": prompt,
+                                "logprobs": {
+                                    "tokens": tokens,
+                                    "token_logprobs": values,
+                                    "text_offset": offsets,
+                                },
+                            }
+                        ]
+                    },
+                )
             return self._send(200, {"choices": [{"text": " " + answers.get(prompt, "?")}]})
 
     return Handler
@@ -110,7 +134,8 @@ def server() -> Iterator[tuple[str, Behaviour]]:
     state = Behaviour()
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(state))
     thread = threading.Thread(
-        target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+    )
     thread.start()
     yield f"http://127.0.0.1:{httpd.server_address[1]}/v1", state
     httpd.shutdown()
@@ -136,8 +161,9 @@ def test_endpoint_bleu_and_perplexity_from_completions(server: tuple[str, Behavi
     assert comparison.perplexity == pytest.approx(_expected_perplexity(TEXTS))
     assert comparison.note is None
     generation = [r for r in state.requests if not r.get("echo")]
-    assert all(r["max_tokens"] == 8 and r["temperature"] == 0 and r["model"] == "tiny"
-               for r in generation)
+    assert all(
+        r["max_tokens"] == 8 and r["temperature"] == 0 and r["model"] == "tiny" for r in generation
+    )
     scoring = [r for r in state.requests if r.get("echo")]
     assert all(r["max_tokens"] == 0 and r["logprobs"] == 1 for r in scoring)
     assert set(state.auth) == {f"Bearer {KEY}"}
@@ -168,7 +194,8 @@ def test_chat_only_endpoint_falls_back_to_chat_completions(server: tuple[str, Be
     url, state = server
     state.completions = False
     comparison, continuations = score_endpoint(
-        _endpoint(url), SAMPLES, [], max_new_tokens=8, perplexity=False)
+        _endpoint(url), SAMPLES, [], max_new_tokens=8, perplexity=False
+    )
     assert continuations == [s.reference for s in SAMPLES]  # cut at the newline
     assert comparison.bleu == pytest.approx(100.0)
     assert any(r["path"] == "/v1/chat/completions" for r in state.requests)
@@ -177,14 +204,16 @@ def test_chat_only_endpoint_falls_back_to_chat_completions(server: tuple[str, Be
 def test_transient_503_is_retried(server: tuple[str, Behaviour]) -> None:
     url, state = server
     state.fail_first = 2
-    comparison, _ = score_endpoint(_endpoint(url, concurrency=1), SAMPLES[:1], [],
-                                   max_new_tokens=4, perplexity=False)
+    comparison, _ = score_endpoint(
+        _endpoint(url, concurrency=1), SAMPLES[:1], [], max_new_tokens=4, perplexity=False
+    )
     assert comparison.bleu == pytest.approx(100.0)
     assert len(state.requests) == 3
 
 
 def test_persistent_failure_becomes_a_note_without_the_key(
-    server: tuple[str, Behaviour], caplog: pytest.LogCaptureFixture,
+    server: tuple[str, Behaviour],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     url, state = server
     state.always_status = 500
@@ -208,9 +237,13 @@ def test_unreachable_endpoint_names_the_url() -> None:
 
 def test_api_key_comes_from_named_variable_then_operator_variable() -> None:
     spec = CompareWithSpec(name="my-vllm.prod", base_url="http://x/v1", model="m")
-    assert api_key_env_name(spec.name) == "KUBETUNE_COMPARE_MY_VLLM_PROD_API_KEY"
+    assert Env.compare_api_key(spec.name) == "KUBETUNE_COMPARE_MY_VLLM_PROD_API_KEY"
     assert Endpoint.from_spec(spec, {"KUBETUNE_COMPARE_MY_VLLM_PROD_API_KEY": "k"}).api_key == "k"
     assert Endpoint.from_spec(spec, {}).api_key is None
     named = spec.model_copy(update={"api_key_env": "OPENAI_API_KEY"})
-    assert Endpoint.from_spec(named, {"OPENAI_API_KEY": "a",
-                                      "KUBETUNE_COMPARE_MY_VLLM_PROD_API_KEY": "b"}).api_key == "a"
+    assert (
+        Endpoint.from_spec(
+            named, {"OPENAI_API_KEY": "a", "KUBETUNE_COMPARE_MY_VLLM_PROD_API_KEY": "b"}
+        ).api_key
+        == "a"
+    )

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from kubetune_trainer.schema import FineTuneJob, ManifestError, load_job, parse_job
+from kubetune.schema import FineTuneJob, ManifestError, load_job, parse_job
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 

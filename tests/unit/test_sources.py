@@ -14,10 +14,10 @@ import pytest
 from datapaths import TINY_SHAKESPEARE, require, tldr_files
 from fixtures_s3 import s3_client
 
-from kubetune_trainer.context import StageError
-from kubetune_trainer.schema import DatasetSpec
+from kubetune.contract import StageError
+from kubetune.schema import DatasetSpec
+from kubetune.storage import open_storage
 from kubetune_trainer.sources import Source, open_source, parse_hf_uri
-from kubetune_trainer.storage import open_storage
 
 
 def source_for(uri: str, scratch: Path, **spec: object) -> Source:
@@ -312,10 +312,10 @@ def test_unreachable_hub_says_to_mirror_the_dataset_to_s3(tmp_path: Path) -> Non
     script = (
         "import sys\n"
         "from pathlib import Path\n"
-        "from kubetune_trainer.context import StageError\n"
-        "from kubetune_trainer.schema import DatasetSpec\n"
+        "from kubetune.contract import StageError\n"
+        "from kubetune.schema import DatasetSpec\n"
         "from kubetune_trainer.sources import open_source\n"
-        "from kubetune_trainer.storage import open_storage\n"
+        "from kubetune.storage import open_storage\n"
         "spec = DatasetSpec(source='hf://someone/some-corpus@train')\n"
         "try:\n"
         "    list(open_source(spec, open_storage, Path(sys.argv[1])).lines())\n"

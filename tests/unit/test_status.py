@@ -12,14 +12,14 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
+from kubetune.results import EvaluateResult, ModelScores, PrepareResult, TrainResult
+from kubetune.schema import DatasetStats, Progress
 from kubetune_operator.builders import ANNOTATION_FAILED_MESSAGE, ANNOTATION_FAILED_REASON, RunRef
 from kubetune_operator.metrics import OperatorMetrics
 from kubetune_operator.observe import StageObservation, observe_stage
 from kubetune_operator.reconcile import parse_progress
 from kubetune_operator.status import RunView, compute_status, get_condition, status_patch
 from kubetune_operator.workqueue import WorkQueue
-from kubetune_trainer.results import EvaluateResult, ModelScores, PrepareResult, TrainResult
-from kubetune_trainer.schema import DatasetStats, Progress
 
 T0 = "2025-01-01T00:00:00Z"
 T1 = "2025-01-01T00:05:00Z"

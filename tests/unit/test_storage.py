@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from fixtures_s3 import free_port, s3_client
 
-from kubetune_trainer.storage import (
+from kubetune.storage import (
     MULTIPART_CHUNK,
     FileStorage,
     S3Storage,

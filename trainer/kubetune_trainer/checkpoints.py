@@ -24,8 +24,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kubetune_trainer.layout import RunLayout, join_uri
-from kubetune_trainer.storage import Storage
+from kubetune.layout import RunLayout, join_uri
+from kubetune.storage import Storage
 
 STATE_FILE = "trainer_state.json"
 _STEP_DIR = re.compile(r"^step-(\d{8,})$")

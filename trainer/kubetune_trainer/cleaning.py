@@ -3,14 +3,14 @@
 Usage::
 
     from kubetune_trainer.cleaning import Cleaner
-    from kubetune_trainer.schema import CleanSpec
+    from kubetune.schema import CleanSpec
 
     cleaner = Cleaner(CleanSpec(min_chars=16))
     cleaner.clean_line("- Create an **archive**:")   # -> "Create an archive:"
     cleaner.clean_line("# tar")                       # -> None (shorter than minChars)
 
 Each rule is a small function that can be tested on its own. ``Cleaner`` applies
-the ones a :class:`~kubetune_trainer.schema.CleanSpec` enables, in this order:
+the ones a :class:`~kubetune.schema.CleanSpec` enables, in this order:
 control characters, NFKC, markup, whitespace, lower case, length. Control
 characters go first so that a BOM or a zero-width space at the start of a line
 does not hide a Markdown heading or bullet from the markup rules.
@@ -27,7 +27,7 @@ import html
 import re
 import unicodedata
 
-from kubetune_trainer.schema import CleanSpec
+from kubetune.schema import CleanSpec
 
 # C0 controls except TAB, LF, VT, FF, CR (whitespace: the whitespace rule turns them
 # into spaces, so "a\fb" stays two words), DEL, C1

@@ -13,21 +13,10 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kubetune_trainer.layout import RunLayout
-from kubetune_trainer.schema import FineTuneJob
-from kubetune_trainer.storage import Storage, storage_for_job
-
-
-class StageError(RuntimeError):
-    """A stage cannot complete; the message says which input is wrong and what to change.
-
-    ``reason`` is a :class:`~kubetune_trainer.schema.Reason` value the operator
-    copies into the failed condition (e.g. ``DatasetUnusable``).
-    """
-
-    def __init__(self, message: str, reason: str = "StageFailed") -> None:
-        super().__init__(message)
-        self.reason = reason
+from kubetune.contract import Env
+from kubetune.layout import RunLayout
+from kubetune.schema import FineTuneJob
+from kubetune.storage import Storage, storage_for_job
 
 
 @dataclass
@@ -61,7 +50,7 @@ def make_context(
 ) -> StageContext:
     """Context for ``job``; ``output`` overrides spec.storage.output (the operator's run prefix)."""
     if scratch is None:
-        base = os.environ.get("KUBETUNE_SCRATCH")
+        base = os.environ.get(Env.SCRATCH)
         if base:
             scratch = Path(base)
         else:

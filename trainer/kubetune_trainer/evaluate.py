@@ -37,6 +37,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from kubetune.contract import StageError
+from kubetune.layout import RunLayout
+from kubetune.results import EvaluateResult, ModelScores
+from kubetune.schema import Comparison, Reason
+from kubetune.storage import Storage, StorageError
 from kubetune_trainer.bleu import (
     BleuSample,
     context_token_id,
@@ -44,13 +49,9 @@ from kubetune_trainer.bleu import (
     generate_continuations,
     select_samples,
 )
-from kubetune_trainer.context import StageContext, StageError
-from kubetune_trainer.layout import RunLayout
+from kubetune_trainer.context import StageContext
 from kubetune_trainer.perplexity import score_sequences
 from kubetune_trainer.remote import Endpoint, score_endpoint
-from kubetune_trainer.results import EvaluateResult, ModelScores
-from kubetune_trainer.schema import Comparison
-from kubetune_trainer.storage import Storage, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ def _read_test_texts(ctx: StageContext) -> list[str]:
     try:
         raw = ctx.storage.read_text(key)
     except StorageError as exc:
-        raise StageError(f"{exc}; run the prepare stage first", "DatasetUnusable") from None
+        raise StageError(f"{exc}; run the prepare stage first", Reason.DATASET_UNUSABLE) from None
     texts = []
     for number, line in enumerate(raw.splitlines(), 1):
         if not line.strip():
@@ -86,13 +87,13 @@ def _read_test_texts(ctx: StageContext) -> list[str]:
             raise StageError(
                 f"{ctx.storage.uri(key)} line {number}: expected a JSON object with a 'text' "
                 "field; re-run the prepare stage",
-                "DatasetUnusable",
+                Reason.DATASET_UNUSABLE,
             ) from None
     if not texts:
         raise StageError(
             f"{ctx.storage.uri(key)} is empty: the test split has no lines; "
             "raise dataset.split.testFraction or add data",
-            "DatasetUnusable",
+            Reason.DATASET_UNUSABLE,
         )
     return texts
 
@@ -102,13 +103,13 @@ def _read_test_tokens(ctx: StageContext, expected_lines: int) -> list[list[int]]
         tokens = np.load(io.BytesIO(ctx.storage.read_bytes(RunLayout.TEST_TOKENS)))
         offsets = np.load(io.BytesIO(ctx.storage.read_bytes(RunLayout.TEST_OFFSETS)))
     except StorageError as exc:
-        raise StageError(f"{exc}; run the prepare stage first", "DatasetUnusable") from None
+        raise StageError(f"{exc}; run the prepare stage first", Reason.DATASET_UNUSABLE) from None
     if len(offsets) != expected_lines + 1 or int(offsets[-1]) != len(tokens):
         raise StageError(
             f"{ctx.storage.uri(RunLayout.TEST_OFFSETS)} has {len(offsets)} offsets for "
             f"{expected_lines} test lines and {len(tokens)} tokens (expected lines + 1, ending "
             "at the token count); the dataset is inconsistent, re-run the prepare stage",
-            "DatasetUnusable",
+            Reason.DATASET_UNUSABLE,
         )
     flat = tokens.astype(np.int64)
     return [flat[offsets[i] : offsets[i + 1]].tolist() for i in range(expected_lines)]
@@ -214,7 +215,7 @@ def _score_model(
                 f"dataset/test.tokens.npy holds token id {top} but the {label} model has a "
                 f"vocabulary of {vocab}: the dataset was tokenized with another tokenizer; set "
                 "model.tokenizer to the model's tokenizer and re-run prepare",
-                "InvalidSpec",
+                Reason.INVALID_SPEC,
             )
         result = score_sequences(
             model,
@@ -229,7 +230,7 @@ def _score_model(
             raise StageError(
                 "dataset/test.tokens.npy holds no tokens to score; re-run prepare "
                 "or disable evaluation.perplexity",
-                "DatasetUnusable",
+                Reason.DATASET_UNUSABLE,
             )
         scores.perplexity, scores.nll_sum = result.perplexity, result.nll_sum
         scores.predicted_tokens = result.predicted_tokens
@@ -291,7 +292,7 @@ def run(ctx: StageContext) -> EvaluateResult:
                 f"{ctx.storage.uri(RunLayout.TEST_TEXT)}: no test line has two or more words, so "
                 "none can be split into prompt and reference; disable evaluation.bleu or use "
                 "longer lines",
-                "DatasetUnusable",
+                Reason.DATASET_UNUSABLE,
             )
 
     model, tokenizer = _load_fine_tuned(ctx)

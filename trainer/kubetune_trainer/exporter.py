@@ -30,14 +30,13 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
-from kubetune_trainer.layout import RunLayout
-from kubetune_trainer.schema import Progress
-from kubetune_trainer.storage import Storage, StorageError
+from kubetune.contract import METRICS_PORT, Env
+from kubetune.layout import RunLayout
+from kubetune.schema import Progress
+from kubetune.storage import Storage, StorageError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PORT = 9400
-PORT_ENV = "KUBETUNE_METRICS_PORT"
 PROGRESS_INTERVAL_S = 10.0
 
 METRIC_NAMES = (
@@ -57,11 +56,11 @@ METRIC_NAMES = (
 
 def metrics_port() -> int:
     """The port from ``KUBETUNE_METRICS_PORT`` (default 9400; 0 disables the endpoint)."""
-    raw = os.environ.get(PORT_ENV, str(DEFAULT_PORT)).strip()
+    raw = os.environ.get(Env.METRICS_PORT, str(METRICS_PORT)).strip()
     try:
         port = int(raw)
     except ValueError:
-        log.warning("%s=%r is not a port number; metrics endpoint disabled", PORT_ENV, raw)
+        log.warning("%s=%r is not a port number; metrics endpoint disabled", Env.METRICS_PORT, raw)
         return 0
     return port if 0 <= port < 65536 else 0
 

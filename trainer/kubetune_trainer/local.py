@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
+from kubetune.results import EvaluateResult, PrepareResult, ReportResult, TrainResult
+from kubetune.schema import FineTuneJob
 from kubetune_trainer.context import StageContext, make_context
-from kubetune_trainer.results import EvaluateResult, PrepareResult, ReportResult, TrainResult
-from kubetune_trainer.schema import FineTuneJob
 from kubetune_trainer.stages import STAGE_ORDER, StageResult, Timer, run_stage
 
 

@@ -23,10 +23,11 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kubetune_trainer.context import StageContext, StageError
-from kubetune_trainer.layout import RunLayout
-from kubetune_trainer.schema import ModelSpec
-from kubetune_trainer.storage import StorageError
+from kubetune.contract import Env, StageError
+from kubetune.layout import RunLayout
+from kubetune.schema import ModelSpec, Reason
+from kubetune.storage import StorageError
+from kubetune_trainer.context import StageContext
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -45,14 +46,14 @@ def load_tokenizer(ctx: StageContext) -> PreTrainedTokenizerBase:
         raise StageError(
             f"{uri}: no tokenizer there; run the prepare stage first (it saves the tokenizer "
             "it used to dataset/tokenizer/)",
-            reason="DatasetUnusable",
+            reason=Reason.DATASET_UNUSABLE,
         )
     tokenizer = _load(uri, ctx.open, ctx.scratch_dir("dataset"))
     if tokenizer.eos_token_id is None:
         raise StageError(
             f"{uri}: the tokenizer has no eos token; training appends eos to every line to mark "
             "its end. Use a tokenizer with an eos token (model.tokenizer)",
-            reason="DatasetUnusable",
+            reason=Reason.DATASET_UNUSABLE,
         )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -60,7 +61,7 @@ def load_tokenizer(ctx: StageContext) -> PreTrainedTokenizerBase:
 
 
 def attention_implementation() -> str:
-    return os.environ.get("KUBETUNE_ATTN_IMPLEMENTATION", PREFERRED_ATTENTION)
+    return os.environ.get(Env.ATTN_IMPLEMENTATION, PREFERRED_ATTENTION)
 
 
 def _from_pretrained(source: str, revision: str | None, what: str) -> PreTrainedModel:
@@ -137,7 +138,8 @@ def load_model(
         model = _from_pretrained(spec.name, spec.revision, repr(spec.name))
     else:  # the schema's CEL rule makes this unreachable
         raise StageError(
-            "exactly one of model.name, model.uri or model.fresh must be set", reason="InvalidSpec"
+            "exactly one of model.name, model.uri or model.fresh must be set",
+            reason=Reason.INVALID_SPEC,
         )
     if eos_token_id is not None:
         model.config.eos_token_id = eos_token_id

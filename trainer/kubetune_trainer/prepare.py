@@ -53,10 +53,11 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 
+from kubetune.contract import Env, StageError
+from kubetune.results import PrepareResult
+from kubetune.schema import CleanSpec, DatasetStats, DedupMode, SplitSpec, SplitUnit
 from kubetune_trainer.cleaning import Cleaner, seed_key, text_hash
-from kubetune_trainer.context import StageContext, StageError
-from kubetune_trainer.results import PrepareResult
-from kubetune_trainer.schema import CleanSpec, DatasetStats, DedupMode, SplitSpec, SplitUnit
+from kubetune_trainer.context import StageContext
 from kubetune_trainer.sources import UNUSABLE, open_source
 from kubetune_trainer.tokenizer_build import (
     FastEncoder,
@@ -286,7 +287,7 @@ def _pool_call(raws: list[str]) -> _Chunk:
 
 def prepare_workers() -> int:
     """Worker processes for the first pass: $KUBETUNE_PREPARE_WORKERS, else usable CPUs."""
-    env = os.environ.get("KUBETUNE_PREPARE_WORKERS")
+    env = os.environ.get(Env.PREPARE_WORKERS)
     if env:
         return max(1, int(env))
     try:

@@ -29,7 +29,6 @@ import json
 import logging
 import math
 import os
-import re
 import time
 import urllib.error
 import urllib.request
@@ -38,8 +37,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from kubetune.contract import Env
+from kubetune.schema import CompareWithSpec, Comparison
 from kubetune_trainer.bleu import BleuSample, corpus_bleu
-from kubetune_trainer.schema import CompareWithSpec, Comparison
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +56,6 @@ class RemoteError(RuntimeError):
     def __init__(self, message: str, status: int | None = None) -> None:
         super().__init__(message)
         self.status = status
-
-
-def api_key_env_name(name: str) -> str:
-    """``KUBETUNE_COMPARE_<NAME>_API_KEY`` with the name upper-cased, other characters as ``_``."""
-    return f"KUBETUNE_COMPARE_{re.sub(r'[^A-Z0-9]', '_', name.upper())}_API_KEY"
 
 
 @dataclass
@@ -82,7 +77,7 @@ class Endpoint:
     ) -> Endpoint:
         env = os.environ if environ is None else environ
         key = env.get(spec.api_key_env) if spec.api_key_env else None
-        key = key or env.get(api_key_env_name(spec.name)) or None
+        key = key or env.get(Env.compare_api_key(spec.name)) or None
         return cls(spec.name, spec.base_url.rstrip("/"), spec.model, key, **kwargs)
 
     def post(self, path: str, payload: dict[str, Any]) -> dict[str, Any]:

@@ -27,10 +27,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from kubetune_trainer.context import StageContext, StageError
-from kubetune_trainer.layout import RunLayout
-from kubetune_trainer.results import EvaluateResult, PrepareResult, ReportResult, TrainResult
-from kubetune_trainer.storage import StorageError
+from kubetune.contract import StageError
+from kubetune.layout import RunLayout
+from kubetune.results import EvaluateResult, PrepareResult, ReportResult, TrainResult
+from kubetune.storage import StorageError
+from kubetune_trainer.context import StageContext
 
 SAMPLES_SHOWN = 8
 

@@ -37,14 +37,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kubetune_trainer.context import StageError
-from kubetune_trainer.layout import join_uri
-from kubetune_trainer.schema import DatasetFormat, DatasetSpec, Reason
-from kubetune_trainer.storage import FileStorage, Storage, StorageError
+from kubetune.contract import StageError
+from kubetune.layout import join_uri
+from kubetune.schema import DatasetFormat, DatasetSpec, Reason
+from kubetune.storage import FileStorage, Storage, StorageError
 
 log = logging.getLogger(__name__)
 
-UNUSABLE = Reason.DATASET_UNUSABLE.value
+UNUSABLE = Reason.DATASET_UNUSABLE
 
 EXTENSIONS: dict[str, DatasetFormat] = {
     ".txt": DatasetFormat.TEXT,

@@ -7,43 +7,33 @@ so that nothing here pulls in torch until a stage really runs.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
-import json
-import os
+import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from kubetune_trainer.context import StageContext, StageError
-from kubetune_trainer.results import (
+from kubetune.contract import (
+    STAGE_ORDER,
+    ExitCode,
+    Stage,
+    exit_code_for,
+    failure_payload,
+    write_termination_message,
+)
+from kubetune.results import (
     EvaluateResult,
     PrepareResult,
     ReportResult,
     TrainResult,
 )
+from kubetune.schema import FineTuneJob
+from kubetune_trainer.context import StageContext, make_context
 
-STAGE_ORDER = ("prepare", "train", "evaluate", "report")
-
-_MODULES = {
-    "prepare": "kubetune_trainer.prepare",
-    "train": "kubetune_trainer.train",
-    "evaluate": "kubetune_trainer.evaluate",
-    "report": "kubetune_trainer.report",
-}
+_MODULES = {stage.value: f"kubetune_trainer.{stage.value}" for stage in Stage}
 
 StageResult = PrepareResult | TrainResult | EvaluateResult | ReportResult
-
-# Exit codes of `kubetune <stage>`: the operator's podFailurePolicy fails the Job
-# at once on NOT_RETRIABLE (bad data or spec: a retry would fail the same way).
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-EXIT_NOT_RETRIABLE = 3
-NOT_RETRIABLE_REASONS = frozenset({"DatasetUnusable", "InvalidSpec"})
-
-# Kubernetes keeps at most 4096 bytes of a termination message.
-TERMINATION_MESSAGE_LIMIT = 4096
 
 
 def run_stage(name: str, ctx: StageContext) -> StageResult:
@@ -62,34 +52,36 @@ def termination_summary(result: StageResult) -> dict[str, Any]:
     return data
 
 
-def write_termination_message(payload: dict[str, Any]) -> None:
-    """Write ``payload`` to ``$KUBETUNE_TERMINATION_LOG`` (the pod's terminationMessagePath)."""
-    path = os.environ.get("KUBETUNE_TERMINATION_LOG")
-    if not path:
-        return
-    text = json.dumps(payload, separators=(",", ":"), default=str)
-    if len(text.encode()) > TERMINATION_MESSAGE_LIMIT:
-        # Keep what the operator needs (stage, reason, the start of the error) as valid JSON.
-        small: dict[str, Any] = {k: payload[k] for k in ("stage", "reason") if k in payload}
-        small["truncated"] = True
-        room = TERMINATION_MESSAGE_LIMIT - len(json.dumps(small)) - 64
-        small["error"] = str(payload.get("error", ""))[: max(room, 0)]
-        text = json.dumps(small, separators=(",", ":"))
-    # Not in a pod (or no writable path): the result file in storage is the record.
-    with contextlib.suppress(OSError):
-        Path(path).write_text(text)
+def run_as_pod(
+    job: FineTuneJob,
+    stage: str,
+    *,
+    output: str | None = None,
+    scratch: Path | None = None,
+    with_report: bool = False,
+) -> int:
+    """``kubetune <stage>``: run one stage (and the report after evaluate) as a pod does.
 
-
-def failure_payload(stage: str, exc: BaseException) -> dict[str, Any]:
-    reason = exc.reason if isinstance(exc, StageError) else "StageFailed"
-    message = str(exc) or type(exc).__name__
-    return {"stage": stage, "error": message[:3000], "reason": reason}
-
-
-def exit_code_for(exc: BaseException) -> int:
-    if isinstance(exc, StageError) and exc.reason in NOT_RETRIABLE_REASONS:
-        return EXIT_NOT_RETRIABLE
-    return EXIT_FAILED
+    Prints each result as JSON, writes the compact result or the failure to the
+    termination log, and returns the exit code the operator's podFailurePolicy reads.
+    """
+    ctx = make_context(job, output=output, scratch=scratch, show_progress=sys.stderr.isatty())
+    names = [stage] + ([Stage.REPORT.value] if with_report else [])
+    summary: dict[str, Any] = {}
+    for name in names:
+        try:
+            result = run_stage(name, ctx)
+        except Exception as exc:
+            payload = failure_payload(name, exc)
+            write_termination_message(payload)
+            # The traceback helps a developer (-v); the one-line message is for users.
+            logging.getLogger("kubetune").debug("%s failed", name, exc_info=exc)
+            print(f"kubetune {name}: {payload['reason']}: {payload['error']}", file=sys.stderr)
+            return exit_code_for(exc)
+        summary = termination_summary(result) if name == stage else summary
+        print(result.to_json())
+    write_termination_message(summary)
+    return ExitCode.OK
 
 
 class Timer:

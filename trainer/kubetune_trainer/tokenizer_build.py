@@ -21,9 +21,9 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kubetune_trainer.context import StageError
-from kubetune_trainer.schema import ModelSpec
-from kubetune_trainer.storage import Storage, StorageError
+from kubetune.contract import StageError
+from kubetune.schema import ModelSpec
+from kubetune.storage import Storage, StorageError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast

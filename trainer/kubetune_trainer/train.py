@@ -3,7 +3,7 @@
 Run it::
 
     kubetune train --job job.yaml [--output file:///runs/x]        # one process
-    accelerate launch -m kubetune_trainer.cli train --job job.yaml  # several GPUs / nodes
+    accelerate launch -m kubetune.cli train --job job.yaml  # several GPUs / nodes
 
 or call ``run(ctx)`` in process (``kubetune run job.yaml`` does). It reads
 ``dataset/`` (prepare's token arrays and tokenizer), writes ``checkpoints/``,
@@ -42,15 +42,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from kubetune.contract import StageError
+from kubetune.layout import RunLayout
+from kubetune.results import TrainResult
+from kubetune.schema import Progress, Reason, TrainingSpec
+from kubetune.storage import StorageError
 from kubetune_trainer import checkpoints as ckpt
 from kubetune_trainer.bleu import context_token_id
-from kubetune_trainer.context import StageContext, StageError
+from kubetune_trainer.context import StageContext
 from kubetune_trainer.exporter import ProgressWriter, TrainMetrics, rfc3339_now
-from kubetune_trainer.layout import RunLayout
 from kubetune_trainer.packing import Rows, build_rows, collate, count_targets
-from kubetune_trainer.results import TrainResult
-from kubetune_trainer.schema import Progress, TrainingSpec
-from kubetune_trainer.storage import StorageError
 
 if TYPE_CHECKING:
     import torch
@@ -182,7 +183,7 @@ def _load_array(ctx: StageContext, key: str, local: Path) -> np.ndarray:
             raise StageError(
                 f"{ctx.storage.uri(key)}: {exc}; run the prepare stage first (it writes the "
                 "tokenized training split there)",
-                reason="DatasetUnusable",
+                reason=Reason.DATASET_UNUSABLE,
             ) from None
     return np.load(local, mmap_mode="r")
 
@@ -199,19 +200,19 @@ def load_training_rows(
     if offsets.ndim != 1 or len(offsets) < 2 or int(offsets[0]) != 0:
         raise StageError(
             f"{where}: expected int64 line offsets starting at 0 (lines + 1 values)",
-            reason="DatasetUnusable",
+            reason=Reason.DATASET_UNUSABLE,
         )
     if int(offsets[-1]) != len(tokens) or (np.diff(offsets) < 0).any():
         raise StageError(
             f"{where}: offsets do not match {RunLayout.TRAIN_TOKENS} ({int(offsets[-1])} vs "
             f"{len(tokens)} tokens); re-run the prepare stage",
-            reason="DatasetUnusable",
+            reason=Reason.DATASET_UNUSABLE,
         )
     if len(tokens) == 0:
         raise StageError(
             f"{ctx.storage.uri(RunLayout.TRAIN_TOKENS)}: the training split has no "
             "tokens; check dataset.source and dataset.clean",
-            reason="DatasetUnusable",
+            reason=Reason.DATASET_UNUSABLE,
         )
     top = int(tokens.max())
     if top >= vocab_size:
@@ -219,7 +220,7 @@ def load_training_rows(
             f"{ctx.storage.uri(RunLayout.TRAIN_TOKENS)}: token id {top} is outside the model's "
             f"vocabulary ({vocab_size}); the dataset was tokenized with another tokenizer, re-run "
             "prepare",
-            reason="DatasetUnusable",
+            reason=Reason.DATASET_UNUSABLE,
         )
     # Lines start with the token evaluation scores from (bos, else eos): see packing.py.
     return build_rows(
@@ -247,7 +248,7 @@ def apply_lora(model: Any, ctx: StageContext) -> Any:
         raise StageError(
             f"training.lora.targetModules: peft has no default for model type "
             f"{model.config.model_type!r}; list the module names to adapt (e.g. q_proj, v_proj)",
-            reason="InvalidSpec",
+            reason=Reason.INVALID_SPEC,
         )
     matched = [
         m
@@ -257,7 +258,7 @@ def apply_lora(model: Any, ctx: StageContext) -> Any:
     if not matched:
         raise StageError(
             f"training.lora.targetModules {targets}: no module of the model has that name",
-            reason="InvalidSpec",
+            reason=Reason.INVALID_SPEC,
         )
     config = LoraConfig(
         r=lora.r,
@@ -338,7 +339,7 @@ def _check_resume(state: ckpt.TrainerState, config: dict[str, Any], key: str) ->
         raise StageError(
             f"checkpoint {key} was made with different {', '.join(diff)}; it cannot be continued. "
             "Use a new storage.output for the changed spec, or delete checkpoints/ to start over",
-            reason="InvalidSpec",
+            reason=Reason.INVALID_SPEC,
         )
 
 
@@ -400,7 +401,7 @@ class _Trainer:
                 raise StageError(
                     f"training.maxSeqLength {t.max_seq_length} exceeds the model's context "
                     f"({model.config.n_positions} positions); lower it",
-                    reason="InvalidSpec",
+                    reason=Reason.INVALID_SPEC,
                 )
             if t.lora is not None:
                 model = apply_lora(model, ctx)
@@ -661,7 +662,7 @@ class _Trainer:
                     raise StageError(
                         f"training loss became nan at step {first_bad if first_bad >= 0 else done}"
                         "; lower training.learningRate or use precision fp32/bf16",
-                        reason="StageFailed",
+                        reason=Reason.STAGE_FAILED,
                     )
                 loss = totals[0] / max(totals[1], 1.0)
                 final_loss = loss

@@ -3,7 +3,7 @@
 Everything else derives from these models:
 
 * ``crds/finetunejob.yaml`` and the Helm chart's CRD are generated from them
-  (``python -m kubetune_trainer.crd``; ``tests/unit/test_crd.py`` fails on drift);
+  (``python -m kubetune.crd``; ``tests/unit/test_crd.py`` fails on drift);
 * ``kubetune run job.yaml`` and the stage commands parse manifests with them;
 * the operator parses the resource it watches with them and builds its status
   with the status models.

@@ -28,7 +28,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from kubetune_trainer.layout import join_uri
+from kubetune.contract import Env
+from kubetune.layout import join_uri
 
 # `Storage.list` shadows the builtin inside the class body; annotations use these.
 Keys = list[str]
@@ -215,7 +216,7 @@ class S3Storage(Storage):
         if not self.bucket:
             raise StorageError(f"{root!r}: no bucket name; use s3://bucket/prefix")
         self.endpoint = (
-            endpoint or os.environ.get("KUBETUNE_S3_ENDPOINT") or os.environ.get("AWS_ENDPOINT_URL")
+            endpoint or os.environ.get(Env.S3_ENDPOINT) or os.environ.get("AWS_ENDPOINT_URL")
         )
         self.region = (
             region

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kubetune.contract import Stage
+
 
 def join_uri(base: str, *parts: str) -> str:
     """Join URI parts with single slashes (``s3://b/p/`` + ``x`` -> ``s3://b/p/x``)."""
@@ -60,10 +62,10 @@ class RunLayout:
     REPORT_RESULT = "report/report.json"
 
     RESULT_KEYS = {
-        "prepare": PREPARE_RESULT,
-        "train": TRAIN_RESULT,
-        "evaluate": EVAL_RESULT,
-        "report": REPORT_RESULT,
+        Stage.PREPARE.value: PREPARE_RESULT,
+        Stage.TRAIN.value: TRAIN_RESULT,
+        Stage.EVALUATE.value: EVAL_RESULT,
+        Stage.REPORT.value: REPORT_RESULT,
     }
 
     def uri(self, key: str) -> str:

@@ -13,7 +13,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-from kubetune_trainer.schema import Comparison, DatasetStats
+from kubetune.contract import Stage
+from kubetune.schema import Comparison, DatasetStats
 
 
 class _Result(BaseModel):
@@ -29,7 +30,7 @@ class _Result(BaseModel):
 class PrepareResult(_Result):
     """dataset/prepare.json"""
 
-    stage: str = "prepare"
+    stage: str = Stage.PREPARE.value
     stats: DatasetStats
     train_sha256: str = Field(..., description="sha256 of dataset/train.jsonl")
     test_sha256: str = Field(..., description="sha256 of dataset/test.jsonl")
@@ -42,7 +43,7 @@ class PrepareResult(_Result):
 class TrainResult(_Result):
     """train/train.json"""
 
-    stage: str = "train"
+    stage: str = Stage.TRAIN.value
     steps: int
     total_steps: int
     epochs: float
@@ -71,7 +72,7 @@ class ModelScores(_Result):
 class EvaluateResult(_Result):
     """eval/evaluate.json"""
 
-    stage: str = "evaluate"
+    stage: str = Stage.EVALUATE.value
     fine_tuned: ModelScores
     baseline: ModelScores | None = None
     bleu_signature: str | None = None
@@ -83,10 +84,7 @@ class EvaluateResult(_Result):
 class ReportResult(_Result):
     """report/report.json"""
 
-    stage: str = "report"
+    stage: str = Stage.REPORT.value
     markdown_uri: str
     html_uri: str | None = None
     loss_curve_uri: str | None = None
-
-
-STAGES = ("prepare", "train", "evaluate", "report")

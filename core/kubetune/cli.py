@@ -20,26 +20,34 @@ import logging
 import sys
 from pathlib import Path
 
-from kubetune_trainer import __version__
-from kubetune_trainer.schema import FineTuneJob, ManifestError, load_job
-from kubetune_trainer.stages import (
-    EXIT_OK,
-    EXIT_USAGE,
+from kubetune import __version__
+from kubetune.contract import (
     STAGE_ORDER,
+    ExitCode,
+    Stage,
     exit_code_for,
-    failure_payload,
-    run_stage,
-    termination_summary,
     write_termination_message,
 )
+from kubetune.schema import FineTuneJob, ManifestError, Reason, load_job
 
 
 def _load(path: str) -> FineTuneJob:
     return load_job(Path(path))
 
 
+def _trainer_missing(command: str, exc: ImportError) -> int:
+    print(
+        f"kubetune {command} needs the trainer extra (pip install 'kubetune[trainer]'): {exc}",
+        file=sys.stderr,
+    )
+    return ExitCode.USAGE
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
-    from kubetune_trainer.local import run_local, summary_table
+    try:
+        from kubetune_trainer.local import run_local, summary_table
+    except ImportError as exc:
+        return _trainer_missing("run", exc)
 
     job = _load(args.manifest)
     stages = args.stages.split(",") if args.stages else list(STAGE_ORDER)
@@ -49,7 +57,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             f"kubetune run: unknown stage(s) {unknown}; use {','.join(STAGE_ORDER)}",
             file=sys.stderr,
         )
-        return EXIT_USAGE
+        return ExitCode.USAGE
     run = run_local(
         job,
         output=args.output,
@@ -61,40 +69,29 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if run.error is not None:
         print(f"kubetune run: stage {run.failed_stage} failed: {run.error}", file=sys.stderr)
         return exit_code_for(run.error)
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def _cmd_stage(args: argparse.Namespace) -> int:
-    from kubetune_trainer.context import make_context
-
     stage: str = args.command
     try:
         job = _load(args.job)
     except ManifestError as exc:
-        write_termination_message({"stage": stage, "error": str(exc), "reason": "InvalidSpec"})
+        write_termination_message(
+            {"stage": stage, "error": str(exc), "reason": Reason.INVALID_SPEC.value}
+        )
         raise
-    ctx = make_context(
+    try:
+        from kubetune_trainer.stages import run_as_pod
+    except ImportError as exc:
+        return _trainer_missing(stage, exc)
+    return run_as_pod(
         job,
+        stage,
         output=args.output,
         scratch=Path(args.scratch) if args.scratch else None,
-        show_progress=sys.stderr.isatty(),
+        with_report=bool(getattr(args, "report", False)),
     )
-    names = [stage] + (["report"] if getattr(args, "report", False) else [])
-    summary: dict[str, object] = {}
-    for name in names:
-        try:
-            result = run_stage(name, ctx)
-        except Exception as exc:
-            payload = failure_payload(name, exc)
-            write_termination_message(payload)
-            # The traceback helps a developer (-v); the one-line message is for users.
-            logging.getLogger("kubetune").debug("%s failed", name, exc_info=exc)
-            print(f"kubetune {name}: {payload['reason']}: {payload['error']}", file=sys.stderr)
-            return exit_code_for(exc)
-        summary = termination_summary(result) if name == stage else summary
-        print(result.to_json())
-    write_termination_message(summary)
-    return EXIT_OK
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
@@ -103,11 +100,11 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         f"{args.manifest}: valid FineTuneJob {job.metadata.name!r} "
         f"(model {job.spec.model.display_name}, output {job.spec.storage.output})"
     )
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def _cmd_crd(args: argparse.Namespace) -> int:
-    from kubetune_trainer import crd
+    from kubetune import crd
 
     return crd.main(["--check"] if args.check else [])
 
@@ -120,7 +117,7 @@ def _cmd_operator(args: argparse.Namespace) -> int:
             f"kubetune operator needs the operator extra (pip install 'kubetune[operator]'): {exc}",
             file=sys.stderr,
         )
-        return EXIT_USAGE
+        return ExitCode.USAGE
     return int(run_operator(args.operator_args) or 0)
 
 
@@ -148,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--job", required=True, help="FineTuneJob YAML/JSON (the resolved job)")
         p.add_argument("--output", help="output prefix of this run (default spec.storage.output)")
         p.add_argument("--scratch", help="working directory (default $KUBETUNE_SCRATCH or temp)")
-        if name == "evaluate":
+        if name == Stage.EVALUATE:
             p.add_argument("--report", action="store_true", help="also write the report")
         p.set_defaults(func=_cmd_stage)
 
@@ -176,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args))
     except ManifestError as exc:
         print(str(exc), file=sys.stderr)
-        return EXIT_USAGE
+        return ExitCode.USAGE
 
 
 if __name__ == "__main__":
