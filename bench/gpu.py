@@ -145,61 +145,48 @@ def write_dataset(
     out: Path, train_ids: list[list[int]], tokenizer: Any, train_texts: list[str] | None
 ) -> None:
     """Prepare's outputs (RunLayout keys) for ``train.run``: tokens, offsets, tokenizer."""
-    import numpy as np
-
+    from kubetune.dataset_format import TRAIN, write_split
     from kubetune.layout import RunLayout
 
-    dataset = out / RunLayout.DATASET
-    dataset.mkdir(parents=True, exist_ok=True)
-    lengths = np.array([len(x) for x in train_ids], dtype=np.int64)
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype("<i8")
-    tokens = np.fromiter((t for ids in train_ids for t in ids), dtype="<u4", count=int(offsets[-1]))
-    np.save(out / RunLayout.TRAIN_TOKENS, tokens)
-    np.save(out / RunLayout.TRAIN_OFFSETS, offsets)
+    texts = train_texts if train_texts else [""] * len(train_ids)
+    write_split(out / RunLayout.DATASET, TRAIN, texts[: len(train_ids)], train_ids, "bench")
     tokenizer.save_pretrained(str(out / RunLayout.TOKENIZER))
-    with open(out / RunLayout.TRAIN_TEXT, "w", encoding="utf-8") as fh:
-        for i in range(len(train_ids)):
-            text = train_texts[i] if train_texts else ""
-            fh.write(json.dumps({"text": text, "doc": "bench"}) + "\n")
 
 
 # --------------------------------------------------------------------------- sides
 
 
 def make_job(output: str, shape: dict[str, int], training: dict[str, Any]) -> Any:
-    from kubetune.schema import parse_job
+    from kubetune.schema import job_manifest, parse_job
 
-    return parse_job(
-        {
-            "apiVersion": "kubetune.io/v1alpha1",
-            "kind": "FineTuneJob",
-            "metadata": {"name": "gpu-bench"},
-            "spec": {
-                "model": {
-                    "fresh": {
-                        "nLayer": shape["n_layer"],
-                        "nHead": shape["n_head"],
-                        "nEmbd": shape["n_embd"],
-                        "nPositions": shape["n_positions"],
-                        "vocabSize": shape["vocab"],
-                    }
-                },
-                "dataset": {"source": "file:///unused/"},
-                "training": {
-                    "learningRate": 6e-4,
-                    "warmupRatio": 0.1,
-                    "scheduler": "cosine",
-                    "seed": 42,
-                    "logEverySteps": 1_000_000,
-                    "checkpointEverySteps": 1_000_000,
-                    **training,
-                },
-                "evaluation": {"bleu": {"enabled": False}, "baseline": False},
-                "storage": {"output": output},
-            },
+    defaults = {
+        "training": {
+            "learningRate": 6e-4,
+            "warmupRatio": 0.1,
+            "scheduler": "cosine",
+            "seed": 42,
+            "logEverySteps": 1_000_000,
+            "checkpointEverySteps": 1_000_000,
         },
-        source="gpu bench",
+    }
+    manifest = job_manifest(
+        "gpu-bench",
+        defaults,
+        model={
+            "fresh": {
+                "nLayer": shape["n_layer"],
+                "nHead": shape["n_head"],
+                "nEmbd": shape["n_embd"],
+                "nPositions": shape["n_positions"],
+                "vocabSize": shape["vocab"],
+            }
+        },
+        dataset={"source": "file:///unused/"},
+        training=training,
+        evaluation={"bleu": {"enabled": False}, "baseline": False},
+        storage={"output": output},
     )
+    return parse_job(manifest, source="gpu bench")
 
 
 def run_kubetune(

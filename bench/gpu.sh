@@ -9,7 +9,7 @@
 # torch, transformers and accelerate must already be there. Stops itself after 8 minutes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONPATH="trainer:operator:.${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="core:trainer:operator:.${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 KUBETUNE_METRICS_PORT=0
 export TOKENIZERS_PARALLELISM=true
 PY="${PYTHON:-python}"

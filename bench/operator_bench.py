@@ -37,24 +37,18 @@ FIGURES = [
 
 def finetunejob(name: str) -> dict[str, Any]:
     """A valid FineTuneJob whose pods could never be placed (no such node)."""
-    return {
-        "apiVersion": "kubetune.io/v1alpha1",
-        "kind": "FineTuneJob",
-        "metadata": {"name": name, "namespace": NAMESPACE},
-        "spec": {
-            "model": {
-                "fresh": {"nLayer": 2, "nHead": 2, "nEmbd": 64, "nPositions": 64, "vocabSize": 512}
-            },
-            "dataset": {"source": "s3://bench/corpus/"},
-            "training": {"maxSteps": 1, "precision": "fp32", "maxSeqLength": 64},
-            "evaluation": {"bleu": {"enabled": False}, "baseline": False},
-            "resources": {
-                "gpusPerWorker": 0,
-                "nodeSelector": {"kubetune.io/bench": "no-such-node"},
-            },
-            "storage": {"output": f"s3://bench/runs/{name}/"},
-        },
-    }
+    from kubetune.schema import job_manifest
+
+    return job_manifest(
+        name,
+        namespace=NAMESPACE,
+        model={"fresh": {"nLayer": 2, "nHead": 2, "nEmbd": 64, "nPositions": 64, "vocabSize": 512}},
+        dataset={"source": "s3://bench/corpus/"},
+        training={"maxSteps": 1, "precision": "fp32", "maxSeqLength": 64},
+        evaluation={"bleu": {"enabled": False}, "baseline": False},
+        resources={"gpusPerWorker": 0, "nodeSelector": {"kubetune.io/bench": "no-such-node"}},
+        storage={"output": f"s3://bench/runs/{name}/"},
+    )
 
 
 class RssSampler(threading.Thread):

@@ -49,40 +49,34 @@ TEST_LINES = 400
 
 
 def make_job(output: str, training: dict[str, Any], max_documents: int, vocab: int) -> Any:
-    from kubetune.schema import parse_job
+    from kubetune.schema import job_manifest, parse_job
 
-    return parse_job(
-        {
-            "apiVersion": "kubetune.io/v1alpha1",
-            "kind": "FineTuneJob",
-            "metadata": {"name": "bench-train"},
-            "spec": {
-                "model": {
-                    "fresh": {**MODEL, "vocabSize": vocab},
-                    "tokenizer": f"file://{bench_tokenizer()}",
-                },
-                "dataset": {
-                    "source": f"file://{TLDR_PAGES}/",
-                    "format": "markdown",
-                    "maxDocuments": max_documents,
-                    "split": {"testFraction": 0.1, "seed": SEED},
-                },
-                "training": {
-                    "precision": "fp32",
-                    "learningRate": LEARNING_RATE,
-                    "scheduler": "cosine",
-                    "warmupRatio": WARMUP_FRACTION,
-                    "seed": SEED,
-                    "maxGradNorm": 1.0,
-                    "weightDecay": 0.0,
-                    **training,
-                },
-                "evaluation": {"perplexity": True, "bleu": {"enabled": False}, "baseline": False},
-                "storage": {"output": output},
-            },
+    defaults = {
+        "training": {
+            "precision": "fp32",
+            "learningRate": LEARNING_RATE,
+            "scheduler": "cosine",
+            "warmupRatio": WARMUP_FRACTION,
+            "seed": SEED,
+            "maxGradNorm": 1.0,
+            "weightDecay": 0.0,
         },
-        source="bench",
+    }
+    manifest = job_manifest(
+        "bench-train",
+        defaults,
+        model={"fresh": {**MODEL, "vocabSize": vocab}, "tokenizer": f"file://{bench_tokenizer()}"},
+        dataset={
+            "source": f"file://{TLDR_PAGES}/",
+            "format": "markdown",
+            "maxDocuments": max_documents,
+            "split": {"testFraction": 0.1, "seed": SEED},
+        },
+        training=training,
+        evaluation={"perplexity": True, "bleu": {"enabled": False}, "baseline": False},
+        storage={"output": output},
     )
+    return parse_job(manifest, source="bench")
 
 
 def _read_jsonl_texts(path: Path) -> list[str]:

@@ -5,6 +5,8 @@
 * :mod:`kubetune.contract`: the operator<->pod contract (stage names and their
   phases/conditions, environment variables, exit codes, ports, failure reasons).
 * :mod:`kubetune.layout`: where each artifact of a run lives under its output prefix.
+* :mod:`kubetune.dataset_format`: the prepared dataset's files, dtypes and invariants,
+  with its writer and its checking reader.
 * :mod:`kubetune.results`: the result file each stage writes.
 * :mod:`kubetune.storage`: ``file://`` and ``s3://`` behind one interface, and the one
   S3 client factory.

@@ -2,6 +2,7 @@
 
     kubetune run job.yaml                 # all stages on this machine (local mode)
     kubetune validate job.yaml            # check a manifest, list every problem
+    kubetune validate job.yaml --check-uris   # ... and that its sources, model, output exist
     kubetune prepare  --job job.json --output s3://runs/x/g1   # one stage (what pods run)
     kubetune train    --job job.json --output ...
     kubetune evaluate --job job.json --output ... [--report]
@@ -96,6 +97,18 @@ def _cmd_stage(args: argparse.Namespace) -> int:
 
 def _cmd_validate(args: argparse.Namespace) -> int:
     job = _load(args.manifest)
+    if args.check_uris:
+        from kubetune.preflight import check_uris
+
+        problems = check_uris(job)
+        if problems:
+            print(
+                f"{args.manifest}: {len(problems)} problem(s) with the URIs it names:",
+                file=sys.stderr,
+            )
+            for problem in problems:
+                print(f"  - {problem}", file=sys.stderr)
+            return ExitCode.USAGE
     print(
         f"{args.manifest}: valid FineTuneJob {job.metadata.name!r} "
         f"(model {job.spec.model.display_name}, output {job.spec.storage.output})"
@@ -151,6 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     val = sub.add_parser("validate", help="check a manifest")
     val.add_argument("manifest")
+    val.add_argument(
+        "--check-uris",
+        action="store_true",
+        help="also check that dataset.source, model.uri/tokenizer exist and storage.output "
+        "accepts writes (uses this machine's credentials)",
+    )
     val.set_defaults(func=_cmd_validate)
 
     crd = sub.add_parser("crd", help="regenerate the CRD YAML from the schema")

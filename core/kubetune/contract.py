@@ -14,7 +14,11 @@ Both sides import this module and nothing else for these facts:
   rendezvous port of multi-worker training (:data:`RENDEZVOUS_PORT`);
 * **failure reasons**: :class:`StageError` carries a :class:`kubetune.schema.Reason`,
   and the pod's termination message (:func:`write_termination_message`) carries it to
-  the operator, which copies it into the failed condition.
+  the operator, which copies it into the failed condition;
+* **run identity**: the annotations on the metadata of the ``job.json`` a pod reads that
+  name the run it works for (:class:`RunAnnotation`); each stage stamps them, with the
+  FineTuneJob's uid, into its result (:class:`kubetune.results.RunIdentity`), and the
+  operator counts a result only when they are the current run's.
 
 The module imports only the schema (pydantic), so both images use it.
 """
@@ -91,8 +95,23 @@ class ExitCode(enum.IntEnum):
     """Bad data or spec: a retry would fail the same way."""
 
 
+class RunAnnotation:
+    """Annotations the operator puts on the metadata of the ``job.json`` it gives a pod."""
+
+    RUN_ID = "kubetune.io/run-id"
+    """The run (``g<generation>``) the pod works for."""
+    SPEC_HASH = "kubetune.io/spec-hash"
+    """Hash of the run's spec (without ``suspend``/``ttlSecondsAfterFinished``)."""
+
+
 NOT_RETRIABLE_EXIT_CODES: tuple[int, ...] = (ExitCode.USAGE.value, ExitCode.NOT_RETRIABLE.value)
-NOT_RETRIABLE_REASONS = frozenset({Reason.DATASET_UNUSABLE.value, Reason.INVALID_SPEC.value})
+NOT_RETRIABLE_REASONS = frozenset(
+    {
+        Reason.DATASET_UNUSABLE.value,
+        Reason.INVALID_SPEC.value,
+        Reason.MODEL_DATASET_MISMATCH.value,
+    }
+)
 
 METRICS_PORT = 9400
 RENDEZVOUS_PORT = 29500

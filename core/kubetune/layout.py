@@ -6,14 +6,17 @@ the tests agree::
     <output>/
       dataset/   train.jsonl test.jsonl  train.tokens.npy train.offsets.npy
                  test.tokens.npy test.offsets.npy  tokenizer/  prepare.json
-      checkpoints/step-00000200/ ... COMPLETE        (resumable Accelerate state)
+      checkpoints/<training fingerprint>/step-00000200/ ... COMPLETE  (resumable state)
       model/     save_pretrained() model + tokenizer (the fine_tuned_model)
+                 kubetune-training.json  (what it was trained on: fingerprints)
       train/     progress.json  metrics.jsonl  train.json
       eval/      evaluate.json  samples.jsonl
       report/    report.md  report.html  loss.png  report.json
 
-The operator gives each run (spec generation) its own output prefix, so an
-earlier run's results stay readable after a spec change.
+The operator gives each run (spec generation) its own output prefix,
+``<spec.storage.output>/runs/<uid[:8]>-g<generation>/``, so an earlier run's results stay
+readable after a spec change and a FineTuneJob applied again after a delete (a new uid)
+never finds its predecessor's.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ class RunLayout:
     CHECKPOINTS = "checkpoints"
     CHECKPOINT_MARKER = "COMPLETE"
     MODEL = "model"
+    MODEL_RECORD = "model/kubetune-training.json"
     PROGRESS = "train/progress.json"
     TRAIN_METRICS = "train/metrics.jsonl"
     TRAIN_RESULT = "train/train.json"

@@ -4,6 +4,12 @@ A stage exits 0 only after its outputs are complete and its result file is
 written. The operator reads these (or the compact copy in the pod's termination
 message) and copies the numbers into the FineTuneJob status; it never parses
 logs. Local mode reads the same files to print its summary.
+
+Every result carries the :class:`RunIdentity` of the run that wrote it (the
+FineTuneJob's uid, the run's spec hash and run id, from the ``job.json`` the
+operator gives the pod); the operator counts a result, from storage or from a
+termination message, only when that identity is the current run's. Local runs
+have no uid or run, so their identity is empty.
 """
 
 from __future__ import annotations
@@ -13,8 +19,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-from kubetune.contract import Stage
-from kubetune.schema import Comparison, DatasetStats
+from kubetune.contract import RunAnnotation, Stage
+from kubetune.schema import Comparison, DatasetStats, FineTuneJob
 
 
 class _Result(BaseModel):
@@ -27,15 +33,40 @@ class _Result(BaseModel):
         return self.model_dump(by_alias=True, exclude_none=True, mode="json")
 
 
+class RunIdentity(_Result):
+    """Which run of which FineTuneJob wrote a result (every field None in local mode)."""
+
+    job_uid: str | None = Field(None, description="metadata.uid of the FineTuneJob")
+    spec_hash: str | None = Field(None, description="hash of the run's spec")
+    run_id: str | None = Field(None, description="the run (g<generation>)")
+
+    @classmethod
+    def of_job(cls, job: FineTuneJob) -> RunIdentity:
+        """The identity the operator put into ``job``'s metadata (uid and annotations)."""
+        annotations = job.metadata.annotations
+        return cls(
+            job_uid=job.metadata.uid,
+            spec_hash=annotations.get(RunAnnotation.SPEC_HASH),
+            run_id=annotations.get(RunAnnotation.RUN_ID),
+        )
+
+
 class PrepareResult(_Result):
     """dataset/prepare.json"""
 
     stage: str = Stage.PREPARE.value
+    run: RunIdentity | None = Field(None, description="the run that wrote it")
     stats: DatasetStats
     train_sha256: str = Field(..., description="sha256 of dataset/train.jsonl")
     test_sha256: str = Field(..., description="sha256 of dataset/test.jsonl")
     tokenizer: str = Field(..., description="Tokenizer used (hub id or URI)")
     dataset_uri: str
+    fingerprint: str | None = Field(
+        None, description="sha256 of fingerprintInputs (kubetune.fingerprint)"
+    )
+    fingerprint_inputs: dict[str, Any] | None = Field(
+        None, description="what decided the splits: source files, dataset spec, tokenizer"
+    )
     config: dict[str, Any] = Field(default_factory=dict, description="dataset spec used")
     seconds: float = 0.0
 
@@ -44,6 +75,7 @@ class TrainResult(_Result):
     """train/train.json"""
 
     stage: str = Stage.TRAIN.value
+    run: RunIdentity | None = Field(None, description="the run that wrote it")
     steps: int
     total_steps: int
     epochs: float
@@ -58,12 +90,28 @@ class TrainResult(_Result):
     config: dict[str, Any] = Field(default_factory=dict, description="resolved hyperparameters")
 
 
+class TrainingRecord(_Result):
+    """model/kubetune-training.json: what the model was trained on, written by train.
+
+    Evaluate scores a model only when this record's dataset matches the test split's
+    (``datasetFingerprint`` and ``trainSha256`` equal ``dataset/prepare.json``'s).
+    """
+
+    dataset_fingerprint: str | None = None
+    train_sha256: str
+    training_fingerprint: str
+    dataset_inputs: dict[str, Any] | None = None
+    training_inputs: dict[str, Any] = Field(default_factory=dict)
+    steps: int = 0
+
+
 class ModelScores(_Result):
     """The metrics of one model on the test split."""
 
     perplexity: float | None = None
     nll_sum: float | None = None
     predicted_tokens: int | None = None
+    perplexity_lines: int | None = Field(None, description="test lines perplexity scored")
     bleu: float | None = None
     bleu_samples: int | None = None
     tokens_per_second: float | None = None
@@ -73,11 +121,20 @@ class EvaluateResult(_Result):
     """eval/evaluate.json"""
 
     stage: str = Stage.EVALUATE.value
+    run: RunIdentity | None = Field(None, description="the run that wrote it")
     fine_tuned: ModelScores
     baseline: ModelScores | None = None
     bleu_signature: str | None = None
     comparisons: list[Comparison] = Field(default_factory=list)
-    samples_uri: str | None = None
+    test_lines: int | None = Field(None, description="lines in the test split")
+    dataset_fingerprint: str | None = Field(None, description="of the test split's prepare")
+    training_fingerprint: str | None = Field(None, description="of the scored model")
+    train_test_overlap: int | None = Field(
+        None, description="test lines whose text is in the model's training data (0)"
+    )
+    samples_uri: str | None = Field(
+        None, description="every generation BLEU scored: prompt, reference, each model's text"
+    )
     seconds: float = 0.0
 
 
@@ -85,6 +142,7 @@ class ReportResult(_Result):
     """report/report.json"""
 
     stage: str = Stage.REPORT.value
+    run: RunIdentity | None = Field(None, description="the run that wrote it")
     markdown_uri: str
     html_uri: str | None = None
     loss_curve_uri: str | None = None

@@ -6,7 +6,8 @@ Everything else derives from these models:
   (``python -m kubetune.crd``; ``tests/unit/test_crd.py`` fails on drift);
 * ``kubetune run job.yaml`` and the stage commands parse manifests with them;
 * the operator parses the resource it watches with them and builds its status
-  with the status models.
+  with the status models;
+* tests and benchmarks write their jobs with :func:`job_manifest`.
 
 This module imports only pydantic, so the operator image (no torch) and the
 trainer image (no kopf) can both use it.
@@ -18,8 +19,9 @@ and the same rule runs in Python for local mode, where there is no API server.
 
 from __future__ import annotations
 
+import copy
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -86,6 +88,7 @@ class DatasetFormat(str, enum.Enum):
     AUTO = "auto"
     TEXT = "text"
     MARKDOWN = "markdown"
+    RST = "rst"
     JSONL = "jsonl"
     CSV = "csv"
     PARQUET = "parquet"
@@ -93,6 +96,8 @@ class DatasetFormat(str, enum.Enum):
 
 class DedupMode(str, enum.Enum):
     EXACT = "exact"
+    NORMALIZED = "normalized"
+    NEAR = "near"
     NONE = "none"
 
 
@@ -141,7 +146,9 @@ class Reason(str, enum.Enum):
     STAGE_SUCCEEDED = "StageSucceeded"
     SUCCEEDED = "Succeeded"
     INVALID_SPEC = "InvalidSpec"
+    OUTPUT_IN_USE = "OutputInUse"  # storage.output overlaps an older FineTuneJob's
     DATASET_UNUSABLE = "DatasetUnusable"
+    MODEL_DATASET_MISMATCH = "ModelDatasetMismatch"
     STAGE_FAILED = "StageFailed"
     OOM_KILLED = "OOMKilled"
     DEADLINE_EXCEEDED = "DeadlineExceeded"
@@ -237,7 +244,9 @@ class CleanSpec(_Model):
         True, description="Drop control characters and stray special symbols (e.g. U+FFFD)."
     )
     strip_markup: bool = Field(
-        True, description="Strip Markdown and HTML markup (headings, emphasis, links, tags)."
+        True,
+        description="Strip Markdown, reStructuredText and HTML markup (headings, emphasis, "
+        "links, tags, directives, roles).",
     )
     lowercase: bool = Field(False, description="Lower-case all text.")
     min_chars: int = Field(
@@ -247,7 +256,17 @@ class CleanSpec(_Model):
         None, ge=1, description="Drop lines longer than this after cleaning (chars)."
     )
     dedup: DedupMode = Field(
-        DedupMode.EXACT, description="exact: drop lines whose cleaned text was seen before."
+        DedupMode.EXACT,
+        description="Drop lines that repeat an earlier one. exact: the same cleaned text; "
+        "normalized: the same ignoring case, punctuation and spacing; near: estimated "
+        "character 5-gram Jaccard >= nearDuplicateThreshold (MinHash); none: keep all.",
+    )
+    near_duplicate_threshold: float = Field(
+        0.8,
+        ge=0.3,
+        le=1.0,
+        description="Similarity (Jaccard of character 5-grams) at which two lines count as "
+        "near-duplicates, for dedup: near and for the test-twin statistics.",
     )
 
     cel_rules = (
@@ -285,7 +304,9 @@ class DatasetSpec(_Model):
         "file://, or hf://<dataset>[/<config>][@<split>] where a hub is reachable.",
     )
     format: DatasetFormat = Field(
-        DatasetFormat.AUTO, description="File format; auto picks by file extension."
+        DatasetFormat.AUTO,
+        description="File format; auto picks by file extension (.txt, .md, .rst, .jsonl, "
+        ".csv, .parquet).",
     )
     text_field: str = Field(
         "text", min_length=1, description="Column holding the text in jsonl, csv and parquet."
@@ -526,6 +547,19 @@ class Condition(_Model):
     observed_generation: int | None = Field(None, description="Generation this is about.")
 
 
+class TwinCounts(_Model):
+    """Test lines with a twin in the training split under each measure, strictest first."""
+
+    exact: int = Field(0, description="The same cleaned text.")
+    normalized: int = Field(
+        0, description="The same after lower-casing and dropping punctuation and extra spaces."
+    )
+    letters_digits: int = Field(0, description="The same letters and digits, in order.")
+    near: int = Field(
+        0, description="Estimated 5-gram Jaccard >= dataset.clean.nearDuplicateThreshold."
+    )
+
+
 class DatasetStats(_Model):
     """What prepare found."""
 
@@ -539,6 +573,11 @@ class DatasetStats(_Model):
     train_tokens: int = Field(0, description="Tokens in the training split.")
     test_tokens: int = Field(0, description="Tokens in the test split.")
     overlap: int = Field(0, description="Normalised texts found in both splits (always 0).")
+    test_twins: TwinCounts | None = Field(
+        None,
+        description="Test lines with a twin in the training split, under each measure "
+        "(whatever dedup mode was on).",
+    )
 
 
 class Progress(_Model):
@@ -720,3 +759,53 @@ def load_job(path: str | Path) -> FineTuneJob:
     if not jobs:
         raise ManifestError(str(path), [f"no document with kind: {KIND}"])
     return parse_job(jobs[0], str(path))
+
+
+# --------------------------------------------------------------------------- building
+
+
+def job_manifest(
+    name: str,
+    base: Mapping[str, Any] | None = None,
+    *,
+    namespace: str | None = None,
+    model: Mapping[str, Any] | None = None,
+    dataset: Mapping[str, Any] | None = None,
+    training: Mapping[str, Any] | None = None,
+    evaluation: Mapping[str, Any] | None = None,
+    resources: Mapping[str, Any] | None = None,
+    storage: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A FineTuneJob manifest in wire form (camelCase, as ``kubectl apply`` takes it).
+
+    ``base`` is a ``spec`` to start from (an example's, a suite's defaults); each section
+    given is laid over the base's section of the same name key by key, so
+    ``training={"maxSteps": 20}`` changes one hyperparameter and keeps the others. A key's
+    value replaces the base's whole (nested mappings are not merged); to replace a whole
+    section, leave it out of ``base``. Nothing is validated or defaulted here: wrap it in
+    :func:`parse_job` for a :class:`FineTuneJob`, or apply the dict to a cluster. Tests and
+    benchmarks build every job with it::
+
+        job = parse_job(job_manifest(
+            "demo",
+            model={"name": "gpt2"},
+            dataset={"source": "s3://corpora/tldr/pages/"},
+            storage={"output": "s3://runs/demo/"},
+        ))
+    """
+    spec: dict[str, Any] = copy.deepcopy(dict(base or {}))
+    sections = {
+        "model": model,
+        "dataset": dataset,
+        "training": training,
+        "evaluation": evaluation,
+        "resources": resources,
+        "storage": storage,
+    }
+    for section, values in sections.items():
+        if values is not None:
+            spec[section] = {**spec.get(section, {}), **copy.deepcopy(dict(values))}
+    metadata: dict[str, Any] = {"name": name}
+    if namespace:
+        metadata["namespace"] = namespace
+    return {"apiVersion": API_VERSION, "kind": KIND, "metadata": metadata, "spec": spec}

@@ -11,11 +11,13 @@ Keys are relative to the root URI. ``file://`` paths may be absolute
 (``file:///data/x``) or relative to the current directory (``file://runs/x``).
 
 S3 settings come from arguments first, then the environment:
-``AWS_ENDPOINT_URL`` (or ``KUBETUNE_S3_ENDPOINT``), ``AWS_REGION`` /
-``AWS_DEFAULT_REGION``, and boto3's usual credential chain (``AWS_ACCESS_KEY_ID``
-and ``AWS_SECRET_ACCESS_KEY`` from a Secret in cluster mode). Transient errors
-are retried with exponential backoff by botocore's ``standard`` retry mode; an
-access-denied or missing key raises :class:`StorageError` naming bucket and key.
+``KUBETUNE_S3_ENDPOINT`` (else ``AWS_ENDPOINT_URL``), ``AWS_REGION`` (else
+``AWS_DEFAULT_REGION``, else ``us-east-1``), and boto3's usual credential chain
+(``AWS_ACCESS_KEY_ID`` and ``AWS_SECRET_ACCESS_KEY`` from a Secret in cluster mode).
+:func:`s3_client` is the one place that turns them into a boto3 client; the operator
+uses it too, with shorter timeouts. Transient errors are retried with exponential
+backoff by botocore's ``standard`` retry mode; an access-denied or missing key raises
+:class:`StorageError` naming bucket and key.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from kubetune.layout import join_uri
 
 # `Storage.list` shadows the builtin inside the class body; annotations use these.
 Keys = list[str]
+Versions = list[tuple[str, int, str]]  # (key, size, version) of each file
 Paths = list[Path]
 
 MULTIPART_THRESHOLD = 64 * 1024 * 1024
@@ -41,6 +44,28 @@ MULTIPART_CHUNK = 64 * 1024 * 1024
 
 class StorageError(RuntimeError):
     """A storage operation failed; the message names the URI and what to do."""
+
+
+class StorageNotFound(StorageError):
+    """Nothing is stored at the key or prefix: a wrong URI, not a passing fault."""
+
+
+class StorageAccessDenied(StorageError):
+    """The credentials (or file permissions) do not allow this: a retry cannot help."""
+
+
+def is_permanent(exc: BaseException) -> bool:
+    """True for storage failures a retry cannot fix: a wrong URI, no permission, read-only."""
+    return isinstance(exc, (StorageNotFound, StorageAccessDenied, PermissionError)) or (
+        isinstance(exc, OSError) and not isinstance(exc, StorageError)
+    )
+
+
+def _file_mode() -> int:
+    """The mode a new file gets from ``open()`` under this process's umask (e.g. 0o644)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def split_uri(uri: str) -> tuple[str, str]:
@@ -83,6 +108,15 @@ class Storage(ABC):
         """Keys (files, recursively) under ``prefix``, relative to the root, sorted."""
 
     @abstractmethod
+    def versions(self, prefix: str = "") -> Versions:
+        """``(key, size, version)`` of every file under ``prefix``, sorted by key.
+
+        ``version`` changes when the content may have: the S3 ETag, a file's mtime in
+        nanoseconds. The prepare stage fingerprints its source with these, without
+        reading the content twice.
+        """
+
+    @abstractmethod
     def delete(self, prefix: str) -> None:
         """Delete a key or everything under a prefix."""
 
@@ -112,7 +146,9 @@ class Storage(ABC):
         prefix = prefix.strip("/")
         keys = self.list(prefix)
         if not keys:
-            raise StorageError(f"{self.uri(prefix)}: nothing stored there (is the prefix right?)")
+            raise StorageNotFound(
+                f"{self.uri(prefix)}: nothing stored there (is the prefix right?)"
+            )
         out = []
         for key in keys:
             rel = key[len(prefix) :].lstrip("/") if prefix else key
@@ -140,11 +176,11 @@ class FileStorage(Storage):
         try:
             return self.path(key).read_bytes()
         except FileNotFoundError:
-            raise StorageError(f"{self.uri(key)}: no such file") from None
+            raise StorageNotFound(f"{self.uri(key)}: no such file") from None
         except IsADirectoryError:
             raise StorageError(f"{self.uri(key)}: is a directory, expected a file") from None
         except PermissionError:
-            raise StorageError(f"{self.uri(key)}: permission denied") from None
+            raise StorageAccessDenied(f"{self.uri(key)}: permission denied") from None
 
     def write_bytes(self, key: str, data: bytes) -> None:
         target = self.path(key)
@@ -152,6 +188,8 @@ class FileStorage(Storage):
         # Write then rename: a crash never leaves a half-written file behind.
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
         try:
+            # mkstemp makes 0600 files; give them the mode every other file here gets.
+            os.fchmod(fd, _file_mode())
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
             os.replace(tmp, target)
@@ -174,6 +212,13 @@ class FileStorage(Storage):
             if p.is_file() and not p.name.startswith(".")
         )
 
+    def versions(self, prefix: str = "") -> Versions:
+        out = []
+        for key in self.list(prefix):
+            info = self.path(key).stat()
+            out.append((key, info.st_size, str(info.st_mtime_ns)))
+        return out
+
     def delete(self, prefix: str) -> None:
         target = self.path(prefix.strip("/"))
         if target.is_dir():
@@ -193,10 +238,64 @@ class FileStorage(Storage):
     def download_file(self, key: str, local: Path) -> None:
         source = self.path(key)
         if not source.is_file():
-            raise StorageError(f"{self.uri(key)}: no such file")
+            raise StorageNotFound(f"{self.uri(key)}: no such file")
         local.parent.mkdir(parents=True, exist_ok=True)
         if source.resolve() != local.resolve():
             shutil.copyfile(source, local)
+
+
+def s3_endpoint(endpoint: str | None = None) -> str | None:
+    """The S3 endpoint URL to use; None means AWS itself.
+
+    ``endpoint`` (a job's ``spec.storage.endpoint``), else ``$KUBETUNE_S3_ENDPOINT``,
+    else ``$AWS_ENDPOINT_URL``.
+    """
+    return endpoint or os.environ.get(Env.S3_ENDPOINT) or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+def s3_region(region: str | None = None) -> str:
+    """The S3 region to use.
+
+    ``region`` (a job's ``spec.storage.region``), else ``$AWS_REGION``, else
+    ``$AWS_DEFAULT_REGION``, else ``us-east-1``.
+    """
+    return (
+        region
+        or os.environ.get("AWS_REGION")
+        or os.environ.get("AWS_DEFAULT_REGION")
+        or "us-east-1"
+    )
+
+
+def s3_client(
+    endpoint: str | None = None,
+    region: str | None = None,
+    *,
+    retries: int = 8,
+    connect_timeout: float = 10.0,
+    read_timeout: float = 120.0,
+) -> Any:
+    """A boto3 S3 client for ``endpoint``/``region`` (a job's ``spec.storage``, or None).
+
+    Both are resolved with :func:`s3_endpoint` and :func:`s3_region`, so the stage pods
+    and the operator reach the same S3 from the same environment. ``retries`` is
+    botocore's ``max_attempts`` (``standard`` mode, exponential backoff); the timeouts
+    are in seconds. Path-style addressing, which MinIO and Ceph need.
+    """
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client(
+        "s3",
+        endpoint_url=s3_endpoint(endpoint),
+        region_name=s3_region(region),
+        config=Config(
+            retries={"max_attempts": retries, "mode": "standard"},
+            s3={"addressing_style": "path"},
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+        ),
+    )
 
 
 class S3Storage(Storage):
@@ -215,14 +314,8 @@ class S3Storage(Storage):
         self.bucket, _, self.prefix = rest.partition("/")
         if not self.bucket:
             raise StorageError(f"{root!r}: no bucket name; use s3://bucket/prefix")
-        self.endpoint = (
-            endpoint or os.environ.get(Env.S3_ENDPOINT) or os.environ.get("AWS_ENDPOINT_URL")
-        )
-        self.region = (
-            region
-            or os.environ.get("AWS_REGION")
-            or os.environ.get("AWS_DEFAULT_REGION", "us-east-1")
-        )
+        self.endpoint = s3_endpoint(endpoint)
+        self.region = s3_region(region)
         self._client = client
 
     def _with_root(self, root: str) -> Storage:
@@ -231,20 +324,7 @@ class S3Storage(Storage):
     @property
     def client(self) -> Any:
         if self._client is None:
-            import boto3
-            from botocore.config import Config
-
-            self._client = boto3.client(
-                "s3",
-                endpoint_url=self.endpoint,
-                region_name=self.region,
-                config=Config(
-                    retries={"max_attempts": 8, "mode": "standard"},
-                    s3={"addressing_style": "path"},
-                    connect_timeout=10,
-                    read_timeout=120,
-                ),
-            )
+            self._client = s3_client(self.endpoint, self.region)
         return self._client
 
     def _key(self, key: str) -> str:
@@ -257,14 +337,16 @@ class S3Storage(Storage):
         if isinstance(exc, ClientError):
             code = str(exc.response.get("Error", {}).get("Code", ""))
             if code in ("NoSuchKey", "404", "NotFound"):
-                return StorageError(f"{where}: no such key (bucket {self.bucket!r}) while {action}")
+                return StorageNotFound(
+                    f"{where}: no such key (bucket {self.bucket!r}) while {action}"
+                )
             if code == "NoSuchBucket":
-                return StorageError(
+                return StorageNotFound(
                     f"bucket {self.bucket!r} does not exist ({where}); create it "
                     "or fix storage.output / dataset.source"
                 )
             if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
-                return StorageError(
+                return StorageAccessDenied(
                     f"{where}: access denied ({code}) while {action}; check the credentials "
                     "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, storage.credentialsSecret) and the "
                     f"bucket policy of {self.bucket!r}"
@@ -308,6 +390,14 @@ class S3Storage(Storage):
             raise self._error(exc, key, "checking") from exc
 
     def _iter_keys(self, prefix: str) -> Iterator[str]:
+        for key, _, _ in self._iter_objects(prefix):
+            yield key
+
+    def versions(self, prefix: str = "") -> Versions:
+        return sorted(self._iter_objects(prefix.strip("/")))
+
+    def _iter_objects(self, prefix: str) -> Iterator[tuple[str, int, str]]:
+        """``(key relative to the root, size, ETag)`` of every object under ``prefix``."""
         full = self._key(prefix)
         if full and not full.endswith("/"):
             # A prefix names a "directory"; never match siblings like model2/.
@@ -324,7 +414,8 @@ class S3Storage(Storage):
                     k = obj["Key"]
                     if exact and k != exact and not k.startswith(full):
                         continue
-                    yield k[len(base) :] if base else k
+                    rel = k[len(base) :] if base else k
+                    yield rel, int(obj.get("Size", 0)), str(obj.get("ETag", "")).strip('"')
         except Exception as exc:
             raise self._error(exc, prefix, "listing") from exc
 

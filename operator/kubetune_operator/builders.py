@@ -12,6 +12,12 @@ Objects of one run ``g<generation>`` of FineTuneJob ``<ftj>``:
   ``--job``), immutable, annotated with the run's spec hash;
 * Job ``<ftj>-<run>-prepare``, ``<ftj>-<run>-train``, ``<ftj>-<run>-evaluate``;
 * Service ``<ftj>-<run>-train`` (headless) when training uses several workers.
+
+The run writes under ``<spec.storage.output>/runs/<uid[:8]>-<run>/`` (:func:`run_output`):
+the FineTuneJob's uid in the prefix keeps a deleted and re-created FineTuneJob of the same
+name away from its predecessor's artifacts. ``job.json`` carries the run's identity (uid,
+and the annotations of :class:`~kubetune.contract.RunAnnotation`), which each stage stamps
+into its result (:class:`~kubetune.results.RunIdentity`).
 """
 
 from __future__ import annotations
@@ -28,9 +34,11 @@ from kubetune.contract import (
     NOT_RETRIABLE_EXIT_CODES,
     RENDEZVOUS_PORT,
     Env,
+    RunAnnotation,
     Stage,
 )
 from kubetune.layout import join_uri
+from kubetune.results import RunIdentity
 from kubetune.schema import API_VERSION, KIND, FineTuneJob
 from kubetune_operator.config import OperatorConfig
 
@@ -43,7 +51,7 @@ LABEL_JOB = "kubetune.io/job"
 LABEL_STAGE = "kubetune.io/stage"
 LABEL_RUN = "kubetune.io/run"
 MANAGED_BY = "kubetune-operator"
-ANNOTATION_SPEC_HASH = "kubetune.io/spec-hash"
+ANNOTATION_SPEC_HASH = RunAnnotation.SPEC_HASH
 ANNOTATION_GENERATION = "kubetune.io/generation"
 ANNOTATION_OUTPUT = "kubetune.io/output"
 # Set by the operator on a stage Job it gave up on (image pull, OOM, unschedulable): the
@@ -71,23 +79,34 @@ class RunRef:
 
     id: str  # "g<generation>"
     generation: int
-    output: str  # <spec.storage.output>/runs/<id>
+    output: str  # <spec.storage.output>/runs/<uid[:8]>-<id>
     spec_hash: str
+    job_uid: str = ""  # metadata.uid of the FineTuneJob
 
     @classmethod
     def for_generation(cls, job: FineTuneJob, generation: int) -> RunRef:
         run_id = f"g{generation}"
+        uid = job.metadata.uid or ""
         return cls(
             id=run_id,
             generation=generation,
-            output=run_output(job.spec.storage.output, run_id),
+            output=run_output(job.spec.storage.output, run_id, uid),
             spec_hash=spec_hash(job),
+            job_uid=uid,
         )
 
+    def identity(self) -> RunIdentity:
+        """What a result of this run carries in its ``run`` field (see ``job.json``)."""
+        return RunIdentity(job_uid=self.job_uid or None, spec_hash=self.spec_hash, run_id=self.id)
 
-def run_output(output: str, run_id: str) -> str:
-    """Where run ``run_id`` writes: ``<spec.storage.output>/runs/<run_id>``."""
-    return join_uri(output, "runs", run_id)
+
+def run_output(output: str, run_id: str, uid: str) -> str:
+    """Where run ``run_id`` of the FineTuneJob ``uid`` writes.
+
+    ``<spec.storage.output>/runs/<uid[:8]>-<run_id>``: a FineTuneJob deleted and applied
+    again (a new uid) never shares a run prefix with its predecessor.
+    """
+    return join_uri(output, "runs", f"{uid[:8]}-{run_id}" if uid else run_id)
 
 
 def spec_hash(job: FineTuneJob) -> str:
@@ -178,7 +197,8 @@ def _metadata(job: FineTuneJob, run: RunRef, name: str, component: str) -> dict[
 def resolved_manifest(job: FineTuneJob, run: RunRef) -> dict[str, Any]:
     """The FineTuneJob the stage pods read from ``/etc/kubetune/job.json``.
 
-    Only identity and spec (with every default filled in); never status.
+    Only identity and spec (with every default filled in); never status. The run's id
+    and spec hash are annotations, so each stage can stamp them into its result.
     """
     return {
         "apiVersion": API_VERSION,
@@ -188,6 +208,10 @@ def resolved_manifest(job: FineTuneJob, run: RunRef) -> dict[str, Any]:
             "namespace": job.metadata.namespace,
             "generation": run.generation,
             "uid": job.metadata.uid,
+            "annotations": {
+                RunAnnotation.RUN_ID: run.id,
+                RunAnnotation.SPEC_HASH: run.spec_hash,
+            },
         },
         "spec": job.spec.to_wire(),
     }

@@ -1,19 +1,25 @@
 """A small synchronous Kubernetes REST client that speaks plain dicts.
 
     kube = Kube.from_environment()       # in-cluster service account, else $KUBECONFIG
-    job = kube.get(job_path("ns", "name"))              # None when 404
+    job = kube.get(jobs_path("ns", "name"))             # None when 404
     kube.create(jobs_path("ns"), body)                  # raises Conflict on 409
-    kube.merge_patch(ftj_path("ns", "x") + "/status", {"phase": "Training"})
+    kube.merge_patch(ftj_path("ns", "x") + "/status", {"status": {"phase": "Training"}})
 
 Built on the official client's configuration loading (kubeconfig, in-cluster token,
 TLS), without its generated model classes: the operator builds children as dicts
 (see :mod:`kubetune_operator.builders`) and reads them as dicts.
+
+The reconciler depends only on :class:`KubeClient`, the six calls below; ``Kube``
+implements it over HTTP and ``tests/unit/fake_kube.py`` in memory, so the reconciler's
+tests need no cluster. Errors: a GET of a missing object returns None, ``delete`` of a
+missing object is a no-op; every other error status raises :class:`ApiError`
+(:class:`Conflict` for 409).
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import quote, urlencode
 
 from kubetune.schema import GROUP, PLURAL, VERSION
@@ -42,6 +48,11 @@ def ftj_path(namespace: str, name: str = "") -> str:
     return f"{base}/{quote(name)}" if name else base
 
 
+def all_ftjs_path() -> str:
+    """The FineTuneJobs of every namespace (a cluster-wide list)."""
+    return f"/apis/{GROUP}/{VERSION}/{PLURAL}"
+
+
 def jobs_path(namespace: str, name: str = "") -> str:
     base = f"/apis/batch/v1/namespaces/{quote(namespace)}/jobs"
     return f"{base}/{quote(name)}" if name else base
@@ -61,8 +72,36 @@ def path_for(obj: Obj) -> str:
     return core_path(namespace, plurals[kind])
 
 
+class KubeClient(Protocol):
+    """What the reconciler needs from the API server: plain dicts in, plain dicts out."""
+
+    def get(self, path: str) -> Obj | None:
+        """The object at ``path``; None when it does not exist."""
+        ...
+
+    def get_metadata(self, path: str) -> Obj | None:
+        """Only the object's metadata (a PartialObjectMetadata); None when it does not exist."""
+        ...
+
+    def list(self, path: str, label_selector: str = "") -> list[Obj]:
+        """Items of a collection matching ``label_selector`` (``k=v,k2=v2``), with ``kind``."""
+        ...
+
+    def create(self, path: str, body: Obj) -> Obj:
+        """POST ``body`` to collection ``path``; raises :class:`Conflict` if the name exists."""
+        ...
+
+    def merge_patch(self, path: str, patch: Obj) -> Obj:
+        """Apply a JSON merge patch (RFC 7386); ``<object>/status`` patches the status."""
+        ...
+
+    def delete(self, path: str, propagation: str = "Background") -> None:
+        """Delete the object at ``path`` (its dependents per ``propagation``); 404 is fine."""
+        ...
+
+
 class Kube:
-    """Requests against one API server with one identity."""
+    """:class:`KubeClient` over HTTP: requests against one API server with one identity."""
 
     def __init__(self, api_client: Any) -> None:
         self.api = api_client

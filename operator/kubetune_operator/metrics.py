@@ -125,7 +125,8 @@ class OperatorMetrics:
                     outcome = "succeeded" if state == "Succeeded" else "failed"
                     self.stage_duration.labels(stage=stage, outcome=outcome).observe(end - start)
         old_phase = old.get("phase") if same_run else None
-        if phase in ("Succeeded", "Failed") and phase != old_phase:
+        # A spec that cannot be used has no run (status.run unset): no run finished.
+        if phase in ("Succeeded", "Failed") and phase != old_phase and new.get("run"):
             self.runs.labels(outcome=phase.lower()).inc()
         results = new.get("results") or {}
         for gauge, ft, base in (

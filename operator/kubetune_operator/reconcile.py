@@ -8,17 +8,28 @@ restart, never creates a second Job for a stage and never loses a result::
     reconciler = Reconciler(Kube.from_environment(), OperatorConfig.from_env())
     requeue_after = reconciler.reconcile("default", "tldr-gpt2")   # seconds, or None
 
+The reconciler talks to the cluster only through :class:`~kubetune_operator.kube.KubeClient`
+(``tests/unit/fake_kube.py`` is an in-memory one) and writes the status only through
+:meth:`Reconciler._write_status`, which asks :func:`~kubetune_operator.status.compute_status`
+for the new status and Events, both for a run and for a spec that does not parse.
+
 Runs. Run ``g<N>`` starts when the spec (without ``suspend`` and
 ``ttlSecondsAfterFinished``) differs from the current run's; it writes under
-``<spec.storage.output>/runs/g<N>/``. Children of other runs are deleted; their
+``<spec.storage.output>/runs/<uid[:8]>-g<N>/``. Children of other runs are deleted; their
 results move into ``status.history``.
+
+Results belong to their run. A stage result, from storage or from a termination message,
+counts only when its ``run`` (:class:`~kubetune.results.RunIdentity`: the FineTuneJob's
+uid, the run's spec hash and id) is the current run's; anything else is ignored and the
+stage is not done. Before creating a stage Job the reconciler checks that no older live
+FineTuneJob, in any namespace, uses an overlapping ``spec.storage.output``
+(:mod:`kubetune_operator.outputs`); if one does, the newer job stalls with ``OutputInUse``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import socket
 import time
 from dataclasses import dataclass, field
@@ -27,18 +38,19 @@ from typing import Any
 
 from kubetune.contract import JOB_STAGES, STAGE_CONDITION, Stage
 from kubetune.layout import RunLayout
-from kubetune.results import EvaluateResult, PrepareResult, TrainResult
+from kubetune.results import EvaluateResult, PrepareResult, RunIdentity, TrainResult
 from kubetune.schema import (
     API_VERSION,
     KIND,
     FineTuneJob,
+    FineTuneJobStatus,
     ManifestError,
-    Phase,
     Progress,
     Reason,
     parse_job,
 )
-from kubetune_operator import builders
+from kubetune.storage import S3Storage, Storage, open_storage, s3_client
+from kubetune_operator import builders, outputs
 from kubetune_operator.builders import (
     ANNOTATION_FAILED_MESSAGE,
     ANNOTATION_FAILED_REASON,
@@ -54,15 +66,24 @@ from kubetune_operator.config import OperatorConfig
 from kubetune_operator.kube import (
     ApiError,
     Conflict,
-    Kube,
+    KubeClient,
     Obj,
+    all_ftjs_path,
     core_path,
     ftj_path,
     jobs_path,
     path_for,
 )
 from kubetune_operator.observe import FAILED, SUCCEEDED, SUSPENDED, StageObservation, observe_stage
-from kubetune_operator.status import Event, RunView, compute_status, status_patch
+from kubetune_operator.status import (
+    Event,
+    RunView,
+    compute_status,
+    get_condition,
+    parse_status,
+    status_patch,
+    status_to_wire,
+)
 
 log = logging.getLogger("kubetune.operator")
 
@@ -73,6 +94,11 @@ RESULT_MODELS: dict[str, type[PrepareResult | TrainResult | EvaluateResult]] = {
 }
 STORAGE_BACKOFF = 60.0  # seconds without storage reads after a failed one
 RETRY_SOON = 2.0  # seconds: waiting for a deleted child to disappear
+# The operator's own S3 reads are optional (termination messages carry the results), so
+# they fail fast instead of holding a worker: few retries, short timeouts (seconds).
+S3_RETRIES = 2
+S3_CONNECT_TIMEOUT = 3.0
+S3_READ_TIMEOUT = 10.0
 
 
 class WaitError(RuntimeError):
@@ -104,36 +130,30 @@ class _Children:
 class ResultReader:
     """Reads stage results and training progress from a run's storage, when it can.
 
-    The operator's own environment gives it storage access (AWS_* variables); without it
-    the termination messages are enough. Reads are short-timeout, few-retry, and after a
-    failure the reader leaves that FineTuneJob's storage alone for a minute.
+    The operator's own environment gives it storage access (the same variables as the
+    stage pods: ``KUBETUNE_S3_ENDPOINT``/``AWS_ENDPOINT_URL``, ``AWS_REGION``, ``AWS_*``
+    credentials; see :func:`kubetune.storage.s3_client`); without it the termination
+    messages are enough. Reads are short-timeout, few-retry, and after a failure the
+    reader leaves that FineTuneJob's storage alone for a minute.
     """
 
     def __init__(self) -> None:
         self._failed_at: dict[str, float] = {}
         self._clients: dict[tuple[str | None, str | None], Any] = {}
 
-    def _storage(self, job: FineTuneJob, output: str) -> Any:
-        from kubetune.storage import S3Storage, open_storage
-
+    def storage_for(self, job: FineTuneJob, output: str) -> Storage:
+        """Storage rooted at ``output`` with the job's endpoint/region; one client per pair."""
         spec = job.spec.storage
         if not output.startswith("s3://"):
             return open_storage(output)
         key = (spec.endpoint, spec.region)
         if key not in self._clients:
-            import boto3
-            from botocore.config import Config
-
-            self._clients[key] = boto3.client(
-                "s3",
-                endpoint_url=spec.endpoint or os.environ.get("AWS_ENDPOINT_URL"),
-                region_name=spec.region or os.environ.get("AWS_REGION") or "us-east-1",
-                config=Config(
-                    retries={"max_attempts": 2, "mode": "standard"},
-                    s3={"addressing_style": "path"},
-                    connect_timeout=3,
-                    read_timeout=10,
-                ),
+            self._clients[key] = s3_client(
+                spec.endpoint,
+                spec.region,
+                retries=S3_RETRIES,
+                connect_timeout=S3_CONNECT_TIMEOUT,
+                read_timeout=S3_READ_TIMEOUT,
             )
         return S3Storage(
             output, endpoint=spec.endpoint, region=spec.region, client=self._clients[key]
@@ -144,7 +164,7 @@ class ResultReader:
         if time.monotonic() - self._failed_at.get(who, -1e9) < STORAGE_BACKOFF:
             return None
         try:
-            store = self._storage(job, output)
+            store = self.storage_for(job, output)
             if not store.exists(key):
                 return None
             data = json.loads(store.read_bytes(key))
@@ -161,13 +181,29 @@ class ResultReader:
         return data if isinstance(data, dict) else None
 
 
-def parse_result(stage: str, data: dict[str, Any] | None) -> Any:
+def parse_result(stage: str, data: dict[str, Any] | None, run: RunIdentity) -> Any:
+    """The stage's result in ``data`` if it is one and was written by ``run``; else None.
+
+    A result of another run (an earlier FineTuneJob of the same name, another job on the
+    same prefix, another spec) or without a run (an older trainer) does not count.
+    """
     if not data or "error" in data:
         return None
     try:
-        return RESULT_MODELS[stage].model_validate(data)
+        result = RESULT_MODELS[stage].model_validate(data)
     except ValueError:
         return None
+    if result.run != run:
+        theirs = result.run.to_wire() if result.run is not None else None
+        log.info("ignoring a %s result of another run (%s; expected %s)", stage, theirs, run)
+        return None
+    return result
+
+
+def _result_key(job: FineTuneJob, run: RunRef, stage: str) -> tuple[str, ...]:
+    """Cache key of a run's stage result: the FineTuneJob by name *and* uid, the run."""
+    ns, name = job.metadata.namespace or "", job.metadata.name
+    return (ns, name, run.job_uid, run.id, run.spec_hash, stage)
 
 
 def parse_progress(data: dict[str, Any] | None) -> Progress | None:
@@ -189,7 +225,7 @@ class Reconciler:
 
     def __init__(
         self,
-        kube: Kube,
+        kube: KubeClient,
         cfg: OperatorConfig,
         metrics: Any = None,
         reader: ResultReader | None = None,
@@ -198,7 +234,8 @@ class Reconciler:
         self.cfg = cfg
         self.metrics = metrics
         self.reader = reader or ResultReader()
-        self._results: dict[tuple[str, str, str, str], Any] = {}
+        self._results: dict[tuple[str, ...], Any] = {}  # (ns, name, uid, run, hash, stage)
+        self._list_all_namespaces = True  # False after a 403 (a Role in one namespace)
         self._progress_at: dict[tuple[str, str, str], float] = {}
         self._instance = socket.gethostname()
 
@@ -212,7 +249,6 @@ class Reconciler:
             return None
         if body["metadata"].get("deletionTimestamp"):
             return None  # garbage collection removes the children (ownerReferences)
-        old_status = body.get("status") or {}
         try:
             job = parse_job(
                 {
@@ -224,15 +260,20 @@ class Reconciler:
                 f"FineTuneJob {namespace}/{name}",
             )
         except ManifestError as exc:
-            self._write_invalid(body, "; ".join(exc.problems))
+            # The API server accepted it, so its schema and ours disagree: nothing can run.
+            # The earlier run's children stay (a fixed spec may continue that run).
+            generation = int(body["metadata"].get("generation") or 1)
+            problems = "; ".join(exc.problems)
+            self._write_status(body, RunView.for_invalid_spec(generation, problems))
             return None
         try:
-            return self._reconcile(job, body, old_status)
+            return self._reconcile(job, body)
         except WaitError as exc:
             log.info("%s/%s: %s", namespace, name, exc)
             return exc.delay
 
     def forget(self, namespace: str, name: str) -> None:
+        """Drop what this process remembers about a deleted FineTuneJob."""
         for key in [k for k in self._results if k[:2] == (namespace, name)]:
             del self._results[key]
         for pkey in [k for k in self._progress_at if k[:2] == (namespace, name)]:
@@ -242,7 +283,7 @@ class Reconciler:
 
     # ------------------------------------------------------------------ the pass
 
-    def _reconcile(self, job: FineTuneJob, body: Obj, old_status: dict[str, Any]) -> float | None:
+    def _reconcile(self, job: FineTuneJob, body: Obj) -> float | None:
         ns, name, uid = (
             job.metadata.namespace or "default",
             job.metadata.name,
@@ -261,7 +302,8 @@ class Reconciler:
         pods = self.kube.list(core_path(ns, "pods"), f"{LABEL_JOB}={name},{LABEL_RUN}={run.id}")
         now = time.time()
         view = RunView(run=run, generation=generation, suspended=job.spec.suspend)
-        cached = old_status if old_status.get("run") == run.id else {}
+        old = parse_status(body.get("status"))
+        cached = old if old.run == run.id else FineTuneJobStatus()
         requeue: float | None = None
         posted: list[Event] = []
 
@@ -292,7 +334,7 @@ class Reconciler:
                 requeue = self.cfg.resync_interval
                 break
             if child is None:
-                invalid = self._check_spec(job)
+                invalid = self._check_spec(job, body)
                 if invalid is not None:
                     view.invalid = invalid
                     requeue = self.cfg.resync_interval  # the user may create the Secret
@@ -314,7 +356,7 @@ class Reconciler:
             elif child["spec"].get("suspend"):
                 self._patch_job(child, {"spec": {"suspend": False}})  # unsuspended
             if stage == Stage.TRAIN:
-                view.progress = self._progress(job, run, cached)
+                view.progress = self._progress(job, run)
             view.stages[stage] = obs
             requeue = (
                 self.cfg.progress_interval if stage == Stage.TRAIN else self.cfg.resync_interval
@@ -323,15 +365,7 @@ class Reconciler:
                 requeue = min(requeue, max(1.0, self.cfg.unschedulable_timeout / 4))
             break
 
-        new_status, events = compute_status(old_status, view, utcnow())
-        patch = status_patch(old_status, new_status)
-        if patch is not None:
-            self.kube.merge_patch(ftj_path(ns, name) + "/status", {"status": patch})
-            log.info("%s/%s: %s %s", ns, name, new_status["phase"], new_status.get("message", ""))
-        for event in [*posted, *events]:
-            self._post_event(body, event)
-        if self.metrics is not None:
-            self.metrics.observe(ns, name, old_status, new_status)
+        self._write_status(body, view, posted)
         return requeue
 
     # ------------------------------------------------------------------ runs and children
@@ -367,12 +401,14 @@ class Reconciler:
             gen, cm = best
             annotations = cm["metadata"].get("annotations") or {}
             if annotations.get(ANNOTATION_SPEC_HASH) == want:
+                uid = job.metadata.uid or ""
                 return RunRef(
                     id=cm["metadata"]["labels"][LABEL_RUN],
                     generation=gen,
                     output=annotations.get(ANNOTATION_OUTPUT)
-                    or builders.run_output(job.spec.storage.output, f"g{gen}"),
+                    or builders.run_output(job.spec.storage.output, f"g{gen}", uid),
                     spec_hash=want,
+                    job_uid=uid,
                 )
         return RunRef.for_generation(job, generation)
 
@@ -451,8 +487,15 @@ class Reconciler:
             },
         )
 
-    def _check_spec(self, job: FineTuneJob) -> tuple[str, str] | None:
+    def _check_spec(self, job: FineTuneJob, body: Obj) -> tuple[str, str] | None:
         """Problems the CRD cannot see; checked before creating a stage Job."""
+        mine = outputs.OutputClaim.of(body)
+        if mine is not None:
+            holder = outputs.output_holder(mine, self._finetunejobs(mine.namespace))
+            if holder is not None:
+                return Reason.OUTPUT_IN_USE.value, outputs.output_in_use_message(
+                    job.spec.storage.output, holder
+                )
         secret = job.spec.storage.credentials_secret
         ns = job.metadata.namespace or "default"
         if secret:
@@ -469,36 +512,46 @@ class Reconciler:
                 )
         return None
 
+    def _finetunejobs(self, namespace: str) -> list[Obj]:
+        """Every FineTuneJob of the cluster; only ``namespace``'s when listing all is forbidden.
+
+        An operator installed with a Role in one namespace (the chart's ``watchNamespace``)
+        cannot list the others, so it checks output prefixes within its namespace only.
+        """
+        if self._list_all_namespaces:
+            try:
+                return self.kube.list(all_ftjs_path())
+            except ApiError as exc:
+                if exc.status != 403:
+                    raise
+                self._list_all_namespaces = False
+                log.warning(
+                    "cannot list FineTuneJobs of every namespace (no cluster-wide list right); "
+                    "checking storage.output against FineTuneJobs of the same namespace only"
+                )
+        return self.kube.list(ftj_path(namespace))
+
     # ------------------------------------------------------------------ results
 
     def _finished_without_job(
-        self, job: FineTuneJob, run: RunRef, stage: str, cached: dict[str, Any]
+        self, job: FineTuneJob, run: RunRef, stage: str, cached: FineTuneJobStatus
     ) -> StageObservation | None:
         """A stage whose Job is gone (ttlSecondsAfterFinished): the status or storage knows."""
-        entry = (cached.get("stages") or {}).get(stage) or {}
-        if entry.get("state") in (SUCCEEDED, FAILED):
-            cond = STAGE_CONDITION[stage].value
-            reason = next(
-                (
-                    c.get("reason", "")
-                    for c in cached.get("conditions") or []
-                    if c.get("type") == cond
-                ),
-                "",
-            )
+        entry = cached.stages.get(stage)
+        if entry is not None and entry.state in (SUCCEEDED, FAILED):
+            condition = get_condition(cached, STAGE_CONDITION[stage])
             return StageObservation(
-                state=entry["state"],
-                reason=reason,
-                message=entry.get("message", ""),
-                start_time=entry.get("startTime"),
-                completion_time=entry.get("completionTime"),
+                state=entry.state,
+                reason=condition.reason if condition is not None else "",
+                message=entry.message or "",
+                start_time=entry.start_time,
+                completion_time=entry.completion_time,
             )
         data = self.reader.read_json(job, run.output, RunLayout.RESULT_KEYS[stage])
-        result = parse_result(stage, data)
+        result = parse_result(stage, data, run.identity())
         if result is None:
-            return None
-        key = (job.metadata.namespace or "", job.metadata.name, run.id, stage)
-        self._results[key] = result
+            return None  # not done (or not this run's): the stage's Job is created
+        self._results[_result_key(job, run, stage)] = result
         return StageObservation(
             state=SUCCEEDED, reason=Reason.STAGE_SUCCEEDED.value, message="result found in storage"
         )
@@ -506,15 +559,14 @@ class Reconciler:
     def _record_result(
         self, job: FineTuneJob, run: RunRef, stage: str, obs: StageObservation, view: RunView
     ) -> None:
-        key = (job.metadata.namespace or "", job.metadata.name, run.id, stage)
+        key = _result_key(job, run, stage)
         result = self._results.get(key)
         if result is None:
-            result = parse_result(stage, obs.result)
+            identity = run.identity()
+            result = parse_result(stage, obs.result, identity)
             if result is None or (stage == Stage.TRAIN and not obs.result):
-                full = parse_result(
-                    stage, self.reader.read_json(job, run.output, RunLayout.RESULT_KEYS[stage])
-                )
-                result = full or result
+                data = self.reader.read_json(job, run.output, RunLayout.RESULT_KEYS[stage])
+                result = parse_result(stage, data, identity) or result
             if result is not None:
                 self._results[key] = result
         if result is None:
@@ -526,7 +578,7 @@ class Reconciler:
         else:
             view.evaluate = result
 
-    def _progress(self, job: FineTuneJob, run: RunRef, cached: dict[str, Any]) -> Progress | None:
+    def _progress(self, job: FineTuneJob, run: RunRef) -> Progress | None:
         key = (job.metadata.namespace or "", job.metadata.name, run.id)
         last = self._progress_at.get(key)
         if last is not None and time.monotonic() - last < self.cfg.progress_interval:
@@ -536,38 +588,26 @@ class Reconciler:
 
     # ------------------------------------------------------------------ status and events
 
-    def _write_invalid(self, body: Obj, problems: str) -> None:
+    def _write_status(self, body: Obj, view: RunView, posted: list[Event] | None = None) -> None:
+        """The one status writer, for runs and for specs that do not parse.
+
+        Patches only what changed (nothing when the status is up to date), then posts
+        ``posted`` (what this pass did) and the Events the status change deserves, and
+        updates the metrics.
+        """
         meta = body["metadata"]
-        status = body.get("status") or {}
-        if status.get("phase") == Phase.FAILED.value and status.get(
-            "observedGeneration"
-        ) == meta.get("generation"):
-            return
-        now = utcnow()
-        message = f"the spec cannot be used: {problems}"
-        cond = [
-            {
-                "type": t,
-                "status": s,
-                "reason": Reason.INVALID_SPEC.value,
-                "message": message,
-                "lastTransitionTime": now,
-                "observedGeneration": meta.get("generation"),
-            }
-            for t, s in (("Ready", "False"), ("Reconciling", "False"), ("Stalled", "True"))
-        ]
-        self.kube.merge_patch(
-            ftj_path(meta["namespace"], meta["name"]) + "/status",
-            {
-                "status": {
-                    "phase": Phase.FAILED.value,
-                    "observedGeneration": meta.get("generation"),
-                    "conditions": cond,
-                    "message": message,
-                }
-            },
-        )
-        self._post_event(body, Event("Warning", Reason.INVALID_SPEC.value, message))
+        ns, name = meta["namespace"], meta["name"]
+        raw = body.get("status") or {}
+        new, events = compute_status(parse_status(raw), view, utcnow())
+        wire = status_to_wire(new)
+        patch = status_patch(raw, wire)
+        if patch is not None:
+            self.kube.merge_patch(ftj_path(ns, name) + "/status", {"status": patch})
+            log.info("%s/%s: %s %s", ns, name, new.phase, new.message or "")
+        for event in [*(posted or []), *events]:
+            self._post_event(body, event)
+        if self.metrics is not None:
+            self.metrics.observe(ns, name, raw, wire)
 
     def _post_event(self, body: Obj, event: Event) -> None:
         meta = body["metadata"]

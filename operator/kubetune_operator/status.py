@@ -1,7 +1,16 @@
 """Pure status logic: from what the cluster says about a run to the FineTuneJob status.
 
-    view = RunView(run=run, generation=7, suspended=False, stages={"prepare": obs, ...})
-    new_status, events = compute_status(old_status_dict, view, now="2025-01-01T00:00:00Z")
+    old = parse_status(body.get("status"))        # the typed FineTuneJobStatus, read leniently
+    view = RunView(run=run, generation=7, stages={"prepare": obs, ...})
+    new, events = compute_status(old, view, now="2025-01-01T00:00:00Z")
+    patch = status_patch(body.get("status"), status_to_wire(new))   # None: nothing to write
+
+:func:`compute_status` is the one writer of the status: phase, conditions, what carries
+over from the previous status (history, ``lastTransitionTime``, the last progress) and
+the Events, for a run and for a spec that cannot be used at all
+(:meth:`RunView.for_invalid_spec`). The status is a
+:class:`~kubetune.schema.FineTuneJobStatus`, the model the CRD is generated from;
+:func:`status_to_wire` gives its API form (camelCase, no nulls).
 
 The status follows the Kubernetes API conventions and kstatus:
 
@@ -10,37 +19,49 @@ The status follows the Kubernetes API conventions and kstatus:
 * ``Ready=True`` only when the run Succeeded;
 * ``DatasetReady``, ``Trained``, ``Evaluated``: one per stage.
 
-``lastTransitionTime`` changes only when a condition's status changes. ``events`` are the
-Kubernetes Events the change deserves (computed from the old and new status, so a
-restarted operator that finds the status up to date posts nothing twice).
+``lastTransitionTime`` changes only when a condition's status changes (conditions start
+afresh with each run). ``events`` are the Kubernetes Events the change deserves
+(computed from the old and new status, so a restarted operator that finds the status up
+to date posts nothing twice).
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from pydantic import ValidationError
 
 from kubetune.contract import JOB_STAGES, STAGE_CONDITION, STAGE_PHASE, Stage
 from kubetune.layout import RunLayout
 from kubetune.results import EvaluateResult, PrepareResult, TrainResult
 from kubetune.schema import (
     Artifacts,
+    Condition,
     ConditionType,
     DatasetStats,
+    FineTuneJobStatus,
     Phase,
     Progress,
     Reason,
     Results,
     RunRecord,
+    StageStatus,
 )
 from kubetune_operator.builders import RunRef
 from kubetune_operator.observe import FAILED, RUNNING, SUCCEEDED, SUSPENDED, StageObservation
+
+log = logging.getLogger("kubetune.operator")
 
 MAX_HISTORY = 5
 
 WORKING = {Phase.PENDING, Phase.PREPARING, Phase.TRAINING, Phase.EVALUATING}
 
-Status = dict[str, Any]
+CONDITION_ORDER = [c.value for c in ConditionType]
+
+Wire = dict[str, Any]  # an object as the API server sends and takes it (camelCase JSON)
 
 
 @dataclass
@@ -54,9 +75,13 @@ class Event:
 
 @dataclass
 class RunView:
-    """Everything the reconciler learned about the current run."""
+    """Everything the reconciler learned about the current run.
 
-    run: RunRef
+    ``run`` is None only when the spec itself cannot be used (see :meth:`for_invalid_spec`):
+    then there is no current run, and ``invalid`` says why.
+    """
+
+    run: RunRef | None
     generation: int  # metadata.generation of the FineTuneJob now
     suspended: bool = False
     stages: dict[str, StageObservation] = field(default_factory=dict)
@@ -67,38 +92,125 @@ class RunView:
     progress: Progress | None = None
     invalid: tuple[str, str] | None = None  # (reason, message): the spec cannot work
 
+    @classmethod
+    def for_invalid_spec(cls, generation: int, message: str) -> RunView:
+        """A spec that does not parse: no run, ``Stalled`` with reason ``InvalidSpec``."""
+        return cls(run=None, generation=generation, invalid=(Reason.INVALID_SPEC.value, message))
+
+
+@dataclass(frozen=True)
+class _Assessment:
+    """Where the run stands: the phase, its reason and message, and each stage's condition."""
+
+    phase: Phase
+    reason: str
+    message: str
+    stages: dict[str, tuple[bool, str, str]]  # stage -> (status, reason, message)
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def parse_status(raw: Mapping[str, Any] | None) -> FineTuneJobStatus:
+    """The typed status from the API's ``status`` (or None).
+
+    Lenient: a field that does not validate (edited by hand, or written by an older
+    operator) is dropped with a log line instead of failing every pass; the next status
+    patch then replaces it.
+    """
+    if not raw:
+        return FineTuneJobStatus()
+    try:
+        return FineTuneJobStatus.model_validate(dict(raw))
+    except ValidationError:
+        kept: dict[str, Any] = {}
+        for key, value in raw.items():
+            try:
+                FineTuneJobStatus.model_validate({key: value})
+            except ValidationError:
+                log.warning("ignoring status.%s: it does not match the FineTuneJob schema", key)
+            else:
+                kept[key] = value
+        return FineTuneJobStatus.model_validate(kept)
+
+
+def get_condition(status: FineTuneJobStatus, ctype: ConditionType) -> Condition | None:
+    return next((c for c in status.conditions if c.type == ctype.value), None)
+
 
 # --------------------------------------------------------------------------- conditions
 
 
 def set_condition(
-    conditions: list[dict[str, Any]],
-    ctype: str,
+    conditions: list[Condition],
+    ctype: ConditionType,
     status: bool,
     reason: str,
     message: str,
     now: str,
     generation: int,
-) -> list[dict[str, Any]]:
+) -> list[Condition]:
     """Conditions with ``ctype`` set; lastTransitionTime kept unless the status flips."""
     value = "True" if status else "False"
-    old = next((c for c in conditions if c.get("type") == ctype), None)
-    since = old["lastTransitionTime"] if old and old.get("status") == value else now
-    new = {
-        "type": ctype,
-        "status": value,
-        "reason": reason,
-        "message": message,
-        "lastTransitionTime": since,
-        "observedGeneration": generation,
-    }
-    out = [c for c in conditions if c.get("type") != ctype]
-    out.append(new)
-    return out
+    old = next((c for c in conditions if c.type == ctype.value), None)
+    since = old.last_transition_time if old is not None and old.status == value else now
+    new = Condition(
+        type=ctype.value,
+        status=value,
+        reason=reason,
+        message=message,
+        last_transition_time=since,
+        observed_generation=generation,
+    )
+    return [*(c for c in conditions if c.type != ctype.value), new]
 
 
-def get_condition(status: Status, ctype: str) -> dict[str, Any] | None:
-    return next((c for c in status.get("conditions") or [] if c.get("type") == ctype), None)
+def _conditions(
+    previous: list[Condition], assessment: _Assessment, now: str, generation: int
+) -> list[Condition]:
+    """kstatus' Ready/Reconciling/Stalled and one condition per stage, in a fixed order."""
+    phase, reason, message = assessment.phase, assessment.reason, assessment.message
+    succeeded = phase == Phase.SUCCEEDED
+    working = phase in WORKING
+    failed = phase == Phase.FAILED
+    # A False Reconciling/Stalled says why it is not so: the run succeeded, or the reason.
+    settled_reason = Reason.SUCCEEDED.value if succeeded else reason
+    conditions = set_condition(
+        previous,
+        ConditionType.READY,
+        succeeded,
+        settled_reason,
+        message or "the run succeeded",
+        now,
+        generation,
+    )
+    conditions = set_condition(
+        conditions,
+        ConditionType.RECONCILING,
+        working,
+        reason if working else settled_reason,
+        message if working else "",
+        now,
+        generation,
+    )
+    conditions = set_condition(
+        conditions,
+        ConditionType.STALLED,
+        failed,
+        reason if failed else settled_reason,
+        message if failed else "",
+        now,
+        generation,
+    )
+    for stage in JOB_STAGES:
+        ok, why, msg = assessment.stages[stage]
+        conditions = set_condition(
+            conditions, STAGE_CONDITION[stage], ok, why, msg, now, generation
+        )
+    return sorted(
+        conditions,
+        key=lambda c: CONDITION_ORDER.index(c.type) if c.type in CONDITION_ORDER else 99,
+    )
 
 
 # --------------------------------------------------------------------------- results
@@ -134,9 +246,10 @@ def progress_from(train: TrainResult) -> Progress:
     )
 
 
-def artifacts_for(view: RunView, old: dict[str, Any] | None) -> Artifacts:
-    layout = RunLayout(view.run.output)
-    arts = Artifacts.model_validate(old or {})
+def artifacts_for(run: RunRef, view: RunView, old: Artifacts | None) -> Artifacts | None:
+    """The run's artifact URIs: the old ones, updated from the results found now."""
+    layout = RunLayout(run.output)
+    arts = old.model_copy() if old is not None else Artifacts()
     if view.prepare is not None:
         arts.dataset = view.prepare.dataset_uri or layout.uri(RunLayout.DATASET)
     if view.train is not None:
@@ -144,7 +257,7 @@ def artifacts_for(view: RunView, old: dict[str, Any] | None) -> Artifacts:
         arts.last_checkpoint = view.train.last_checkpoint
     if view.evaluate is not None:
         arts.report = layout.uri(RunLayout.REPORT_MD)
-    return arts
+    return arts if arts.to_wire() else None
 
 
 def _fmt(x: float | None) -> str:
@@ -181,64 +294,29 @@ def _stage_success_message(stage: str, view: RunView) -> str:
 # --------------------------------------------------------------------------- the status
 
 
-def _history(old: Status, view: RunView, now: str) -> list[dict[str, Any]]:
-    history = list(old.get("history") or [])
-    old_run = old.get("run")
-    if old_run and old_run != view.run.id:
-        try:
-            generation = int(str(old_run).lstrip("g"))
-        except ValueError:
-            generation = int(old.get("observedGeneration") or 0)
-        record = RunRecord(
-            run=old_run,
-            generation=generation,
-            phase=str(old.get("phase") or Phase.PENDING.value),
-            output=old.get("output"),
-            results=Results.model_validate(old["results"]) if old.get("results") else None,
-            completion_time=old.get("completionTime") or now,
-        )
-        history = [record.to_wire()] + [h for h in history if h.get("run") != old_run]
-    return history[:MAX_HISTORY]
-
-
-def compute_status(old: Status | None, view: RunView, now: str) -> tuple[Status, list[Event]]:
-    """The new status (wire form) and the Events the transition deserves."""
-    old = dict(old or {})
-    same_run = old.get("run") == view.run.id
-    prev: Status = old if same_run else {}
-    events: list[Event] = []
-    if not same_run:
-        events.append(
-            Event(
-                "Normal",
-                Reason.NEW_GENERATION.value,
-                f"run {view.run.id} started for generation {view.run.generation}; "
-                f"output {view.run.output}",
-            )
-        )
-
-    # Which stage are we at, and how is it doing?
+def _assess(view: RunView) -> _Assessment:
+    """The phase from the first stage that has not succeeded; later stages wait for it."""
     phase = Phase.SUCCEEDED
     reason, message = Reason.SUCCEEDED.value, ""
-    stage_conditions: dict[str, tuple[bool, str, str]] = {}
+    stages: dict[str, tuple[bool, str, str]] = {}
     blocked_by = ""
     if view.invalid is not None:
         phase, (reason, message) = Phase.FAILED, view.invalid
     for stage in JOB_STAGES:
         obs = view.stages.get(stage)
         if view.invalid is not None and obs is None:
-            stage_conditions[stage] = (False, reason, "the spec cannot work: " + message)
+            stages[stage] = (False, reason, "the spec cannot work: " + message)
             continue
         if blocked_by:
-            stage_conditions[stage] = (False, Reason.WAITING.value, f"waiting for {blocked_by}")
+            stages[stage] = (False, Reason.WAITING.value, f"waiting for {blocked_by}")
             continue
         if obs is None or obs.state != SUCCEEDED:
             blocked_by = stage
         if obs is None:
             phase, reason, message = Phase.PENDING, Reason.WAITING.value, f"{stage} not started"
-            stage_conditions[stage] = (False, reason, message)
+            stages[stage] = (False, reason, message)
         elif obs.state == SUCCEEDED:
-            stage_conditions[stage] = (
+            stages[stage] = (
                 True,
                 Reason.STAGE_SUCCEEDED.value,
                 _stage_success_message(stage, view),
@@ -246,152 +324,170 @@ def compute_status(old: Status | None, view: RunView, now: str) -> tuple[Status,
         elif obs.state == FAILED:
             phase, reason = Phase.FAILED, obs.reason or Reason.STAGE_FAILED.value
             message = f"{stage} failed: {obs.message}"
-            stage_conditions[stage] = (False, reason, message)
+            stages[stage] = (False, reason, message)
         elif view.suspended or obs.state == SUSPENDED:
             phase, reason = Phase.SUSPENDED, Reason.SUSPENDED.value
             message = f"suspended during {stage}; set spec.suspend to false to resume"
-            stage_conditions[stage] = (False, reason, message)
+            stages[stage] = (False, reason, message)
         else:
             # Pending until the first pod runs; after that the phase names the stage.
             started = obs.state == RUNNING or stage != Stage.PREPARE
             phase = STAGE_PHASE[stage] if started else Phase.PENDING
             reason = obs.reason or Reason.STAGE_PENDING.value
             message = f"{stage}: {obs.message}" if obs.message else stage
-            stage_conditions[stage] = (False, reason, message)
+            stages[stage] = (False, reason, message)
     if phase == Phase.SUCCEEDED and view.evaluate is not None:
         message = _results_summary(results_from(view.evaluate))
+    return _Assessment(phase=phase, reason=reason, message=message, stages=stages)
 
-    new: Status = {
-        "phase": phase.value,
-        "observedGeneration": view.generation,
-        "run": view.run.id,
-        "output": view.run.output,
-        "message": message,
-    }
 
-    conditions: list[dict[str, Any]] = list(prev.get("conditions") or [])
-    gen = view.generation
-    conditions = set_condition(
-        conditions,
-        ConditionType.READY.value,
-        phase == Phase.SUCCEEDED,
-        Reason.SUCCEEDED.value if phase == Phase.SUCCEEDED else reason,
-        message or "the run succeeded",
-        now,
-        gen,
-    )
-    conditions = set_condition(
-        conditions,
-        ConditionType.RECONCILING.value,
-        phase in WORKING,
-        reason
-        if phase in WORKING
-        else (Reason.SUCCEEDED.value if phase == Phase.SUCCEEDED else reason),
-        message if phase in WORKING else "",
-        now,
-        gen,
-    )
-    conditions = set_condition(
-        conditions,
-        ConditionType.STALLED.value,
-        phase == Phase.FAILED,
-        reason
-        if phase == Phase.FAILED
-        else (Reason.SUCCEEDED.value if phase == Phase.SUCCEEDED else reason),
-        message if phase == Phase.FAILED else "",
-        now,
-        gen,
-    )
-    for stage in JOB_STAGES:
-        ok, why, msg = stage_conditions[stage]
-        conditions = set_condition(conditions, STAGE_CONDITION[stage].value, ok, why, msg, now, gen)
-    order = [c.value for c in ConditionType]
-    new["conditions"] = sorted(
-        conditions, key=lambda c: order.index(c["type"]) if c["type"] in order else 99
-    )
-
-    stages: dict[str, Any] = {}
+def _stage_statuses(view: RunView, prev: FineTuneJobStatus) -> dict[str, StageStatus]:
+    """Each observed stage's Job, state and times (times kept from before when unknown now)."""
+    stages: dict[str, StageStatus] = {}
     for stage in JOB_STAGES:
         obs = view.stages.get(stage)
-        old_stage = (prev.get("stages") or {}).get(stage) or {}
         if obs is None:
             continue
-        entry = {
-            "job": view.job_names.get(stage) or old_stage.get("job"),
-            "state": obs.state,
-            "startTime": obs.start_time or old_stage.get("startTime"),
-            "completionTime": obs.completion_time or old_stage.get("completionTime"),
-            "message": obs.message or None,
-        }
-        stages[stage] = {k: v for k, v in entry.items() if v is not None}
-    new["stages"] = stages
-
-    if view.prepare is not None:
-        new["dataset"] = DatasetStats.model_validate(view.prepare.stats.model_dump()).to_wire()
-    elif prev.get("dataset"):
-        new["dataset"] = prev["dataset"]
-    if view.train is not None:
-        new["progress"] = progress_from(view.train).to_wire()
-    elif view.progress is not None:
-        new["progress"] = view.progress.to_wire()
-    elif prev.get("progress"):
-        new["progress"] = prev["progress"]
-    if view.evaluate is not None:
-        new["results"] = results_from(view.evaluate).to_wire()
-    elif prev.get("results"):
-        new["results"] = prev["results"]
-    arts = artifacts_for(view, prev.get("artifacts")).to_wire()
-    if arts:
-        new["artifacts"] = arts
-
-    new["startTime"] = prev.get("startTime") or now
-    if phase in (Phase.SUCCEEDED, Phase.FAILED):
-        done = (view.stages.get(Stage.EVALUATE.value) or StageObservation(state="")).completion_time
-        new["completionTime"] = prev.get("completionTime") or (
-            done if phase == Phase.SUCCEEDED and done else now
+        old = prev.stages.get(stage) or StageStatus()
+        stages[stage] = StageStatus(
+            job=view.job_names.get(stage) or old.job,
+            state=obs.state,
+            start_time=obs.start_time or old.start_time,
+            completion_time=obs.completion_time or old.completion_time,
+            message=obs.message or None,
         )
-    history = _history(old, view, now)
-    if history:
-        new["history"] = history
+    return stages
 
-    # Events for what changed.
-    old_phase = prev.get("phase")
+
+def _history(old: FineTuneJobStatus, run: RunRef | None, now: str) -> list[RunRecord]:
+    """Earlier runs, newest first: the old status' run joins them when the run changes."""
+    history = list(old.history)
+    run_id = run.id if run is not None else None
+    if old.run and old.run != run_id:
+        try:
+            generation = int(old.run.lstrip("g"))
+        except ValueError:
+            generation = old.observed_generation or 0
+        record = RunRecord(
+            run=old.run,
+            generation=generation,
+            phase=Phase(old.phase or Phase.PENDING).value,
+            output=old.output,
+            results=old.results,
+            completion_time=old.completion_time or now,
+        )
+        history = [record, *(h for h in history if h.run != old.run)]
+    # The current run is never history (a spec that was invalid for a while, then restored).
+    return [h for h in history if h.run != run_id][:MAX_HISTORY]
+
+
+def _events(prev: FineTuneJobStatus, assessment: _Assessment, run: RunRef | None) -> list[Event]:
+    """Events for what changed since ``prev`` (the same run's previous status, or empty)."""
+    events: list[Event] = []
     for stage in JOB_STAGES:
-        ok = stage_conditions[stage][0]
-        was = get_condition(prev, STAGE_CONDITION[stage].value)
-        if ok and not (was and was.get("status") == "True"):
-            events.append(
-                Event(
-                    "Normal", Reason.STAGE_SUCCEEDED.value, f"{stage}: {stage_conditions[stage][2]}"
-                )
-            )
-    if phase.value != old_phase:
-        if phase == Phase.FAILED:
+        ok, _, message = assessment.stages[stage]
+        was = get_condition(prev, STAGE_CONDITION[stage])
+        if ok and not (was is not None and was.status == "True"):
+            events.append(Event("Normal", Reason.STAGE_SUCCEEDED.value, f"{stage}: {message}"))
+    phase, reason, message = assessment.phase, assessment.reason, assessment.message
+    if phase == Phase.FAILED:
+        # A failure is news when it starts and when it changes (e.g. another bad spec).
+        if phase != prev.phase or message != prev.message:
             events.append(Event("Warning", reason, message))
-        elif phase == Phase.SUCCEEDED:
+    elif phase != prev.phase:
+        if phase == Phase.SUCCEEDED and run is not None:
             events.append(
-                Event("Normal", Reason.SUCCEEDED.value, f"run {view.run.id} succeeded: {message}")
+                Event("Normal", Reason.SUCCEEDED.value, f"run {run.id} succeeded: {message}")
             )
         elif phase == Phase.SUSPENDED:
             events.append(Event("Normal", Reason.SUSPENDED.value, message))
         elif phase in (Phase.PREPARING, Phase.TRAINING, Phase.EVALUATING):
             events.append(Event("Normal", Reason.STAGE_RUNNING.value, message))
+    return events
+
+
+def compute_status(
+    old: FineTuneJobStatus, view: RunView, now: str
+) -> tuple[FineTuneJobStatus, list[Event]]:
+    """The new status and the Events the transition from ``old`` deserves.
+
+    What carries over from ``old``: for the same run, conditions (their
+    ``lastTransitionTime`` when their status is unchanged), stage times, dataset
+    statistics, progress, results, artifacts and ``startTime``; across runs, only the
+    history, which the old run joins. Without a run (a spec that cannot be used) the
+    run's fields are left out.
+    """
+    run = view.run
+    run_id = run.id if run is not None else None
+    same_run = old.run == run_id
+    prev = old if same_run else FineTuneJobStatus()
+    events: list[Event] = []
+    if not same_run and run is not None:
+        events.append(
+            Event(
+                "Normal",
+                Reason.NEW_GENERATION.value,
+                f"run {run.id} started for generation {run.generation}; output {run.output}",
+            )
+        )
+    assessment = _assess(view)
+    phase = assessment.phase
+    new = FineTuneJobStatus(
+        phase=phase,
+        observed_generation=view.generation,
+        run=run_id,
+        output=run.output if run is not None else None,
+        message=assessment.message,
+        conditions=_conditions(prev.conditions, assessment, now, view.generation),
+        history=_history(old, run, now),
+    )
+    if run is not None:
+        new.stages = _stage_statuses(view, prev)
+        if view.prepare is not None:
+            new.dataset = DatasetStats.model_validate(view.prepare.stats.model_dump())
+        else:
+            new.dataset = prev.dataset
+        if view.train is not None:
+            new.progress = progress_from(view.train)
+        else:
+            new.progress = view.progress or prev.progress
+        new.results = results_from(view.evaluate) if view.evaluate is not None else prev.results
+        new.artifacts = artifacts_for(run, view, prev.artifacts)
+        new.start_time = prev.start_time or now
+        if phase in (Phase.SUCCEEDED, Phase.FAILED):
+            done = view.stages.get(Stage.EVALUATE.value)
+            finished = done.completion_time if done is not None else None
+            new.completion_time = prev.completion_time or (
+                finished if phase == Phase.SUCCEEDED and finished else now
+            )
+    events += _events(prev, assessment, run)
     return new, events
 
 
-def merge_patch(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+# --------------------------------------------------------------------------- writing
+
+
+def status_to_wire(status: FineTuneJobStatus) -> Wire:
+    """The status as the CRD stores it: camelCase, no nulls, no empty history."""
+    wire = status.to_wire()
+    if not wire.get("history"):
+        wire.pop("history", None)
+    return wire
+
+
+def merge_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> Wire:
     """The JSON merge patch (RFC 7386) turning ``old`` into ``new``; ``{}`` when equal.
 
     Merge patches merge nested objects, so every key that ``new`` drops, at any depth,
     must be sent as null: otherwise a new run would inherit the old run's
     ``stages.train`` or ``artifacts.model``.
     """
-    patch: dict[str, Any] = {}
+    patch: Wire = {}
     for key in old.keys() - new.keys():
         patch[key] = None
     for key, value in new.items():
         before = old.get(key)
-        if isinstance(value, dict) and isinstance(before, dict):
+        if isinstance(value, Mapping) and isinstance(before, Mapping):
             sub = merge_patch(before, value)
             if sub:
                 patch[key] = sub
@@ -400,11 +496,10 @@ def merge_patch(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     return patch
 
 
-def status_patch(old: Status | None, new: Status) -> Status | None:
-    """The merge patch turning status ``old`` into ``new`` (None when nothing changed)."""
+def status_patch(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> Wire | None:
+    """The merge patch turning wire status ``old`` into ``new`` (None when nothing changed).
+
+    ``old`` is the status as read from the API server (not a re-serialised model), so
+    anything there that ``new`` lacks is removed.
+    """
     return merge_patch(old or {}, new) or None
-
-
-def summary_line(status: Status) -> str:
-    """One line for logs: phase, run and message (never anything secret: status has none)."""
-    return f"{status.get('phase')} run={status.get('run')} {status.get('message', '')}".strip()

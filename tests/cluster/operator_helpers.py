@@ -8,7 +8,6 @@ wait_for(lambda: phase(...) == "Succeeded", 300, "run to succeed", dump=...)
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import signal
@@ -22,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from kubetune.schema import job_manifest
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_EXAMPLE = REPO / "examples" / "cluster" / "tldr-tiny.yaml"
@@ -238,14 +239,14 @@ def tiny_job(
     name: str, *, data_uri: str, output: str, endpoint: str, secret: str, **training: Any
 ) -> dict[str, Any]:
     """examples/cluster/tldr-tiny.yaml pointed at the test's buckets (training overrides)."""
-    job = copy.deepcopy(yaml.safe_load(TINY_EXAMPLE.read_text(encoding="utf-8")))
-    job["metadata"] = {"name": name}
-    job["spec"]["dataset"]["source"] = data_uri
-    job["spec"]["storage"].update(
-        {"output": output, "endpoint": endpoint, "credentialsSecret": secret}
+    example = yaml.safe_load(TINY_EXAMPLE.read_text(encoding="utf-8"))
+    return job_manifest(
+        name,
+        example["spec"],
+        dataset={"source": data_uri},
+        training=training,
+        storage={"output": output, "endpoint": endpoint, "credentialsSecret": secret},
     )
-    job["spec"]["training"].update(training)
-    return job
 
 
 def upload_files(s3_client: Any, bucket: str, prefix: str, files: list[Path]) -> None:

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import copy
 import json
+import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from cel_cases import CEL_CASES
 from datapaths import tldr_files
 from operator_helpers import (
     REPO,
@@ -33,6 +35,8 @@ from operator_helpers import (
     upload_text,
     wait_for,
 )
+
+from kubetune.schema import job_manifest
 
 pytestmark = pytest.mark.cluster
 
@@ -176,17 +180,13 @@ def assert_no_secret_leaks(env: dict[str, Any], name: str) -> None:
 # --------------------------------------------------------------------------- validation
 
 
-VALID: dict[str, Any] = {
-    "apiVersion": "kubetune.io/v1alpha1",
-    "kind": "FineTuneJob",
-    "metadata": {"name": "bad"},
-    "spec": {
-        "model": {"fresh": {"nLayer": 1, "nHead": 2, "nEmbd": 32, "nPositions": 128}},
-        "dataset": {"source": "s3://data/tldr/"},
-        "training": {"maxSeqLength": 64},
-        "storage": {"output": "s3://runs/bad/"},
-    },
-}
+VALID: dict[str, Any] = job_manifest(
+    "bad",
+    model={"fresh": {"nLayer": 1, "nHead": 2, "nEmbd": 32, "nPositions": 128}},
+    dataset={"source": "s3://data/tldr/"},
+    training={"maxSeqLength": 64},
+    storage={"output": "s3://runs/bad/"},
+)
 
 
 def _set(path: str, value: Any) -> dict[str, Any]:
@@ -204,54 +204,57 @@ def _set(path: str, value: Any) -> dict[str, Any]:
 
 _DELETE = object()
 
+# Single-field problems (required, pattern, bounds, enums, unknown fields). The cross-field
+# rules (CEL) are checked on the table of tests/cel_cases.py, the one the Python side uses.
 MALFORMED = [
     ("spec", _DELETE, "spec"),
     ("spec.model", _DELETE, "spec.model"),
     ("spec.dataset.source", _DELETE, "spec.dataset.source"),
     ("spec.storage.output", "http://bucket/x", "spec.storage.output"),
     ("spec.dataset.source", "ftp://host/x", "spec.dataset.source"),
-    ("spec.model.name", "gpt2", "exactly one of model.name"),
-    ("spec.model", {}, "exactly one of model.name"),
     ("spec.training.batchSize", 0, "spec.training.batchSize"),
     ("spec.training.learningRate", -1.0, "spec.training.learningRate"),
     ("spec.training.precision", "fp8", "spec.training.precision"),
     ("spec.training.scheduler", "exponential", "spec.training.scheduler"),
     ("spec.dataset.split", {"testFraction": 0.9}, "spec.dataset.split.testFraction"),
     ("spec.dataset.format", "xml", "spec.dataset.format"),
-    ("spec.resources", {"workers": 2, "gpusPerWorker": 0}, "spec.resources.gpusPerWorker"),
-    ("spec.model.fresh.nEmbd", 33, "spec.model.fresh.nEmbd"),
-    ("spec.training.maxSeqLength", 1024, "spec.training.maxSeqLength"),
-    ("spec.training.lora", {"r": 8}, "spec.training.lora"),
-    (
-        "spec.storage",
-        {"output": "file:///runs", "endpoint": "http://s3:9000"},
-        "spec.storage.endpoint",
-    ),
-    ("spec.dataset.clean", {"minChars": 50, "maxChars": 10}, "spec.dataset.clean.maxChars"),
-    ("spec.evaluation", {"perplexity": False, "bleu": {"enabled": False}}, "spec.evaluation"),
     ("spec.resources", {"imagePullPolicy": "Sometimes"}, "spec.resources.imagePullPolicy"),
     ("spec.evaluation", {"bleu": {"promptFraction": 1.5}}, "spec.evaluation.bleu.promptFraction"),
     ("spec.trainnig", {"epochs": 1}, "trainnig"),
 ]
 
 
+def _dry_run(
+    k8s_cluster: Any, namespace: str, obj: dict[str, Any]
+) -> subprocess.CompletedProcess[str]:
+    return apply(k8s_cluster.kubeconfig, namespace, obj, "--dry-run=server", check=False)
+
+
 def test_api_server_rejects_malformed_manifests_naming_the_field(
     k8s_cluster: Any, k8s_namespace: str, crd_installed: None
 ) -> None:
-    assert len(MALFORMED) >= 15
-    ok = apply(k8s_cluster.kubeconfig, k8s_namespace, VALID, "--dry-run=server", check=False)
+    ok = _dry_run(k8s_cluster, k8s_namespace, VALID)
     assert ok.returncode == 0, ok.stderr
     failures = []
     for path, value, expected in MALFORMED:
-        result = apply(
-            k8s_cluster.kubeconfig,
-            k8s_namespace,
-            _set(path, value),
-            "--dry-run=server",
-            check=False,
-        )
+        result = _dry_run(k8s_cluster, k8s_namespace, _set(path, value))
         if result.returncode == 0 or expected not in result.stderr:
             failures.append(f"{path}={value!r}: rc={result.returncode} stderr={result.stderr!r}")
+    assert not failures, "\n".join(failures)
+
+
+def test_api_server_applies_each_cel_rule_to_its_cases_naming_the_field(
+    k8s_cluster: Any, k8s_namespace: str, crd_installed: None
+) -> None:
+    failures = []
+    for case in CEL_CASES:
+        bad = _dry_run(k8s_cluster, k8s_namespace, case.manifest())
+        named = case.field in bad.stderr and case.rule.message in bad.stderr
+        if bad.returncode == 0 or not named:
+            failures.append(f"{case.id}: rc={bad.returncode} stderr={bad.stderr!r}")
+        good = _dry_run(k8s_cluster, k8s_namespace, case.valid_manifest())
+        if good.returncode != 0:
+            failures.append(f"{case.id} (valid counterpart): stderr={good.stderr!r}")
     assert not failures, "\n".join(failures)
 
 
@@ -279,9 +282,10 @@ def test_finetunejob_succeeds_with_results_and_a_spec_edit_starts_a_second_run(
     for ctype in ("DatasetReady", "Trained", "Evaluated"):
         assert condition(ftj, ctype)["status"] == "True"
 
-    # The model is in S3 under the run's own prefix.
+    # The model is in S3 under the run's own prefix (the FineTuneJob's uid and the run).
     model_uri = status["artifacts"]["model"]
-    assert model_uri.startswith(f"s3://{env['out_bucket']}/{name}/runs/g1/")
+    uid8 = ftj["metadata"]["uid"][:8]
+    assert model_uri.startswith(f"s3://{env['out_bucket']}/{name}/runs/{uid8}-g1/")
     bucket, _, prefix = model_uri.removeprefix("s3://").partition("/")
     keys = [
         o["Key"]
@@ -342,7 +346,7 @@ def test_finetunejob_succeeds_with_results_and_a_spec_edit_starts_a_second_run(
     ftj2 = wait_phase(env, name, {"Succeeded"})
     s2 = ftj2["status"]
     assert s2["run"] == "g2" and s2["observedGeneration"] == 2
-    assert s2["output"].endswith("/runs/g2")
+    assert s2["output"].endswith(f"/runs/{uid8}-g2")
     assert s2["history"][0]["run"] == "g1"
     assert s2["history"][0]["results"]["perplexity"] == results["perplexity"]
     assert "results" in s2, diagnose(kc, ns, name, env["op"])
@@ -412,7 +416,8 @@ def test_killed_training_pod_resumes_from_the_last_checkpoint(env: dict[str, Any
     kc, ns, name = env["kubeconfig"], env["ns"], "resume"
     apply(kc, ns, job_for(env, name, maxSteps=40, checkpointEverySteps=5))
     client, bucket = env["client"], env["out_bucket"]
-    prefix = f"{name}/runs/g1/checkpoints/"
+    run_prefix = f"{name}/runs/{get_ftj(kc, ns, name)['metadata']['uid'][:8]}-g1"
+    prefix = f"{run_prefix}/checkpoints/"
 
     def checkpointed() -> bool:
         keys = [
@@ -435,7 +440,7 @@ def test_killed_training_pod_resumes_from_the_last_checkpoint(env: dict[str, Any
     kubectl(kc, "-n", ns, "delete", "pod", running[0], "--wait=false")
     wait_phase(env, name, {"Succeeded"})
     train = json.loads(
-        client.get_object(Bucket=bucket, Key=f"{name}/runs/g1/train/train.json")["Body"].read()
+        client.get_object(Bucket=bucket, Key=f"{run_prefix}/train/train.json")["Body"].read()
     )
     assert (train.get("resumedFromStep") or 0) > 0, train
     assert train["steps"] == 40

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sacrebleu
 import torch
 from tiny_eval import N_POSITIONS, make_job, one_thread, tiny_gpt2, write_run
 
@@ -66,7 +67,12 @@ def test_evaluate_scores_fine_tuned_and_baseline(built: dict[str, Any], tmp_path
     samples_file = out / RunLayout.EVAL_SAMPLES
     assert samples_file.stat().st_mtime_ns <= (out / RunLayout.EVAL_RESULT).stat().st_mtime_ns
     rows = [json.loads(line) for line in samples_file.read_text().splitlines()]
-    assert len(rows) == evaluate.SAMPLES_KEPT
+    # Every generation BLEU scored is kept: sacrebleu recomputes the score from the file.
+    assert len(rows) == ft.bleu_samples
+    recomputed = sacrebleu.corpus_bleu(
+        [r["fine_tuned"] for r in rows], [[r["reference"] for r in rows]]
+    ).score
+    assert ft.bleu == pytest.approx(recomputed, abs=1e-9)
     for row in rows:
         assert set(row) == {"prompt", "reference", "fine_tuned", "baseline"}
         assert "\n" not in row["fine_tuned"] and "\n" not in row["baseline"]

@@ -23,7 +23,7 @@ from fixtures_s3 import s3_client
 from kubetune.contract import StageError
 from kubetune.layout import RunLayout
 from kubetune.results import PrepareResult
-from kubetune.schema import CleanSpec, FineTuneJob, SplitSpec, parse_job
+from kubetune.schema import CleanSpec, FineTuneJob, SplitSpec, job_manifest, parse_job
 from kubetune.storage import open_storage
 from kubetune_trainer.context import make_context
 from kubetune_trainer.prepare import prepare_lines, run
@@ -34,27 +34,17 @@ N_DOCS = 300
 
 
 def make_job(source: str, output: str, **dataset: Any) -> FineTuneJob:
-    storage: dict[str, Any] = {"output": output}
+    """A job whose prepare stage reads ``source`` (dataset overrides) and writes ``output``."""
     return parse_job(
-        {
-            "apiVersion": "kubetune.io/v1alpha1",
-            "kind": "FineTuneJob",
-            "metadata": {"name": "prep-test"},
-            "spec": {
-                "model": {
-                    "fresh": {
-                        "nLayer": 1,
-                        "nHead": 2,
-                        "nEmbd": 32,
-                        "nPositions": 128,
-                        "vocabSize": 400,
-                    }
-                },
-                "training": {"maxSeqLength": 128},
-                "dataset": {"source": source, **dataset},
-                "storage": storage,
+        job_manifest(
+            "prep-test",
+            model={
+                "fresh": {"nLayer": 1, "nHead": 2, "nEmbd": 32, "nPositions": 128, "vocabSize": 400}
             },
-        }
+            training={"maxSeqLength": 128},
+            dataset={"source": source, **dataset},
+            storage={"output": output},
+        )
     )
 
 

@@ -7,8 +7,8 @@ Everything is built in a second or two on a CPU from the shared corpora
 * :func:`train_tokenizer`: the byte-level BPE prepare itself trains
   (``tokenizer_build.train_bpe_tokenizer``, ``<|endoftext|>`` = bos/eos/pad);
 * :func:`write_prepared`: what the prepare stage leaves under ``dataset/``
-  (``{train,test}.jsonl``, ``.tokens.npy`` uint32 without special tokens,
-  ``.offsets.npy`` int64 lines + 1, ``tokenizer/``, ``prepare.json``), at the
+  (``{train,test}.jsonl``, ``.tokens.npy``, ``.offsets.npy``, written by
+  :mod:`kubetune.dataset_format`; ``tokenizer/``, ``prepare.json``), at the
   :class:`RunLayout` keys, so train/evaluate/report tests do not depend on prepare;
 * :func:`save_tiny_model`: a 2-layer, 64-wide GPT-2 ``save_pretrained`` dir (for
   ``model.uri`` jobs: LoRA needs a pre-trained model);
@@ -24,17 +24,13 @@ Example::
 
 from __future__ import annotations
 
-import hashlib
-import io
-import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from kubetune.dataset_format import TEST, TRAIN, upload_splits, write_split
 from kubetune.layout import RunLayout
 from kubetune.results import PrepareResult
-from kubetune.schema import DatasetStats, FineTuneJob, parse_job
+from kubetune.schema import DatasetStats, FineTuneJob, job_manifest, parse_job
 from kubetune.storage import open_storage
 from kubetune_trainer.tokenizer_build import EOS, encode_batch, train_bpe_tokenizer
 
@@ -100,42 +96,30 @@ def train_tokenizer(lines: list[str], vocab_size: int = VOCAB, model_max_length:
     return train_bpe_tokenizer(lines, vocab_size, model_max_length=model_max_length)
 
 
-def _npy(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, array)
-    return buf.getvalue()
-
-
-def _arrays(tokenizer: Any, lines: list[str]) -> tuple[np.ndarray, np.ndarray, int]:
-    ids = encode_batch(tokenizer, lines)
-    offsets = np.zeros(len(ids) + 1, dtype=np.int64)
-    offsets[1:] = np.cumsum([len(x) for x in ids])
-    flat = np.fromiter((t for x in ids for t in x), dtype=np.uint32, count=int(offsets[-1]))
-    return flat, offsets, int(offsets[-1])
-
-
 def write_prepared(
     output: str, train: list[str], test: list[str], tokenizer: Any, work: Path | None = None
 ) -> PrepareResult:
-    """Write a prepared dataset under ``output`` (a ``file://`` or ``s3://`` URI)."""
+    """Write a prepared dataset under ``output`` (a ``file://`` or ``s3://`` URI).
+
+    The files come from :mod:`kubetune.dataset_format`'s writer, built in ``work`` (a
+    temporary directory by default) and uploaded.
+    """
     store = open_storage(output)
-    shas = {}
-    for key, lines in ((RunLayout.TRAIN_TEXT, train), (RunLayout.TEST_TEXT, test)):
-        text = "".join(
-            json.dumps({"text": t, "doc": f"tldr/{i}"}) + "\n" for i, t in enumerate(lines)
-        )
-        store.write_text(key, text)
-        shas[key] = hashlib.sha256(text.encode()).hexdigest()
-    counts = {}
-    for split, lines in (("train", train), ("test", test)):
-        flat, offsets, n = _arrays(tokenizer, lines)
-        store.write_bytes(f"dataset/{split}.tokens.npy", _npy(flat))
-        store.write_bytes(f"dataset/{split}.offsets.npy", _npy(offsets))
-        counts[split] = n
     if work is None:
         import tempfile
 
         work = Path(tempfile.mkdtemp(prefix="tiny-tokenizer-"))
+    written = {
+        split: write_split(
+            work / "dataset",
+            split,
+            lines,
+            encode_batch(tokenizer, lines),
+            [f"tldr/{i}" for i in range(len(lines))],
+        )
+        for split, lines in ((TRAIN, train), (TEST, test))
+    }
+    upload_splits(store, work / "dataset")
     tokenizer.save_pretrained(str(work / "tokenizer"))
     store.upload_dir(work / "tokenizer", RunLayout.TOKENIZER)
     stats = DatasetStats(
@@ -144,13 +128,13 @@ def write_prepared(
         kept_lines=len(train) + len(test),
         train_lines=len(train),
         test_lines=len(test),
-        train_tokens=counts["train"],
-        test_tokens=counts["test"],
+        train_tokens=written[TRAIN].tokens,
+        test_tokens=written[TEST].tokens,
     )
     result = PrepareResult(
         stats=stats,
-        train_sha256=shas[RunLayout.TRAIN_TEXT],
-        test_sha256=shas[RunLayout.TEST_TEXT],
+        train_sha256=written[TRAIN].sha256,
+        test_sha256=written[TEST].sha256,
         tokenizer=f"byte-level BPE (vocab {len(tokenizer)})",
         dataset_uri=store.uri(RunLayout.DATASET),
     )
@@ -191,43 +175,38 @@ def make_job(
     namespace: str | None = None,
 ) -> FineTuneJob:
     """A FineTuneJob for a tiny fresh GPT-2 on ``output``; sections override the defaults."""
-    metadata: dict[str, Any] = {"name": name}
-    if namespace:
-        metadata["namespace"] = namespace
-    return parse_job(
-        {
-            "apiVersion": "kubetune.io/v1alpha1",
-            "kind": "FineTuneJob",
-            "metadata": metadata,
-            "spec": {
-                "model": model
-                or {
-                    "fresh": {
-                        "nLayer": 2,
-                        "nHead": 2,
-                        "nEmbd": 64,
-                        "nPositions": N_POSITIONS,
-                        "vocabSize": VOCAB,
-                    }
-                },
-                "dataset": {"source": f"file://{DATA}/tldr-pages/pages/common/"},
-                "training": {
-                    "maxSeqLength": N_POSITIONS,
-                    "batchSize": 8,
-                    "learningRate": 3e-3,
-                    "warmupRatio": 0.1,
-                    "precision": "fp32",
-                    "seed": SEED,
-                    "maxSteps": 30,
-                    "checkpointEverySteps": 10,
-                    "logEverySteps": 5,
-                    **(training or {}),
-                },
-                "evaluation": {
-                    "bleu": {"maxSamples": 20, "maxNewTokens": 12},
-                    **(evaluation or {}),
-                },
-                "storage": {"output": output},
-            },
+    tiny_fresh_gpt2 = {
+        "fresh": {
+            "nLayer": 2,
+            "nHead": 2,
+            "nEmbd": 64,
+            "nPositions": N_POSITIONS,
+            "vocabSize": VOCAB,
         }
+    }
+    defaults = {
+        "dataset": {"source": f"file://{DATA}/tldr-pages/pages/common/"},
+        "training": {
+            "maxSeqLength": N_POSITIONS,
+            "batchSize": 8,
+            "learningRate": 3e-3,
+            "warmupRatio": 0.1,
+            "precision": "fp32",
+            "seed": SEED,
+            "maxSteps": 30,
+            "checkpointEverySteps": 10,
+            "logEverySteps": 5,
+        },
+        "evaluation": {"bleu": {"maxSamples": 20, "maxNewTokens": 12}},
+    }
+    return parse_job(
+        job_manifest(
+            name,
+            defaults,
+            namespace=namespace,
+            model=model or tiny_fresh_gpt2,  # a whole model section replaces the tiny one
+            training=training,
+            evaluation=evaluation,
+            storage={"output": output},
+        )
     )

@@ -14,6 +14,7 @@ Everything is built from real text (tldr-pages) in a few seconds on a CPU:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import math
@@ -25,14 +26,15 @@ import numpy as np
 import torch
 
 from kubetune.layout import RunLayout
-from kubetune.results import PrepareResult, TrainResult
-from kubetune.schema import DatasetStats, FineTuneJob, parse_job
+from kubetune.results import PrepareResult, TrainingRecord, TrainResult
+from kubetune.schema import DatasetStats, FineTuneJob, job_manifest, parse_job
 from kubetune.storage import open_storage
 
 DATA = Path(__file__).resolve().parents[2] / "../shared/data"
 EOS = "<|endoftext|>"
 N_POSITIONS = 64
 SEED = 7
+DATASET_FINGERPRINT = "d" * 64
 
 
 @contextlib.contextmanager
@@ -117,27 +119,23 @@ def fit(model: Any, token_lines: list[list[int]], eos: int, steps: int = 60) -> 
 
 
 def make_job(output: str, **evaluation: Any) -> FineTuneJob:
+    """The job evaluate and report read: a tiny fresh GPT-2 on ``output`` (evaluation overrides)."""
+    defaults = {
+        "model": {
+            "fresh": {
+                "nLayer": 2,
+                "nHead": 2,
+                "nEmbd": 64,
+                "nPositions": N_POSITIONS,
+                "vocabSize": 512,
+            }
+        },
+        "dataset": {"source": "file:///dev/null/tldr.md"},
+        "training": {"maxSeqLength": N_POSITIONS, "seed": SEED, "maxSteps": 40},
+        "evaluation": {"bleu": {"maxSamples": 40, "maxNewTokens": 12}},
+    }
     return parse_job(
-        {
-            "apiVersion": "kubetune.io/v1alpha1",
-            "kind": "FineTuneJob",
-            "metadata": {"name": "tiny-eval"},
-            "spec": {
-                "model": {
-                    "fresh": {
-                        "nLayer": 2,
-                        "nHead": 2,
-                        "nEmbd": 64,
-                        "nPositions": N_POSITIONS,
-                        "vocabSize": 512,
-                    }
-                },
-                "dataset": {"source": "file:///dev/null/tldr.md"},
-                "training": {"maxSeqLength": N_POSITIONS, "seed": SEED, "maxSteps": 40},
-                "evaluation": {"bleu": {"maxSamples": 40, "maxNewTokens": 12}, **evaluation},
-                "storage": {"output": output},
-            },
-        }
+        job_manifest("tiny-eval", defaults, evaluation=evaluation, storage={"output": output})
     )
 
 
@@ -160,6 +158,8 @@ def write_run(root: Path, n_train: int = 1500, n_test: int = 60) -> dict[str, An
         RunLayout.TEST_TEXT,
         "".join(json.dumps({"text": t, "doc": f"common/{i}"}) + "\n" for i, t in enumerate(test)),
     )
+    train_jsonl = "".join(json.dumps({"text": t, "doc": "common/train"}) + "\n" for t in train)
+    store.write_text(RunLayout.TRAIN_TEXT, train_jsonl)
     test_ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in test]
     offsets = np.cumsum([0] + [len(ids) for ids in test_ids]).astype(np.int64)
     store.write_bytes(
@@ -176,7 +176,14 @@ def write_run(root: Path, n_train: int = 1500, n_test: int = 60) -> dict[str, An
     tokenizer.save_pretrained(work / "model")
     store.upload_dir(work / "model", RunLayout.MODEL)
 
-    write_stage_results(store, n_train, n_test, sum(map(len, train_ids)), int(offsets[-1]))
+    write_stage_results(
+        store,
+        n_train,
+        n_test,
+        sum(map(len, train_ids)),
+        int(offsets[-1]),
+        train_sha256=hashlib.sha256(train_jsonl.encode()).hexdigest(),
+    )
     return {
         "tokenizer": tokenizer,
         "model": model,
@@ -187,9 +194,15 @@ def write_run(root: Path, n_train: int = 1500, n_test: int = 60) -> dict[str, An
 
 
 def write_stage_results(
-    store: Any, n_train: int, n_test: int, train_tokens: int, test_tokens: int
+    store: Any,
+    n_train: int,
+    n_test: int,
+    train_tokens: int,
+    test_tokens: int,
+    train_sha256: str = "0" * 64,
 ) -> None:
-    """prepare.json, train.json and a 40-step train/metrics.jsonl as the other stages write them."""
+    """prepare.json, train.json, the model's training record and a 40-step
+    train/metrics.jsonl, as the other stages write them."""
     metrics = [
         {
             "step": s,
@@ -217,11 +230,23 @@ def write_stage_results(
         RunLayout.PREPARE_RESULT,
         PrepareResult(
             stats=stats,
-            train_sha256="0" * 64,
+            train_sha256=train_sha256,
             test_sha256="1" * 64,
             tokenizer="trained byte-level BPE",
             dataset_uri=store.uri(RunLayout.DATASET),
+            fingerprint=DATASET_FINGERPRINT,
+            fingerprint_inputs={"dataset": {"split": {"seed": SEED}}},
             seconds=1.5,
+        ).to_json(),
+    )
+    store.write_text(
+        RunLayout.MODEL_RECORD,
+        TrainingRecord(
+            dataset_fingerprint=DATASET_FINGERPRINT,
+            train_sha256=train_sha256,
+            training_fingerprint="t" * 64,
+            dataset_inputs={"dataset": {"split": {"seed": SEED}}},
+            steps=40,
         ).to_json(),
     )
     store.write_text(

@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 import yaml
 
-from kubetune.contract import JOB_STAGES
+from kubetune.contract import JOB_STAGES, Env, Stage
+from kubetune.results import RunIdentity
 from kubetune.schema import FineTuneJob, load_job, parse_job
 from kubetune_operator import builders, rbac
 from kubetune_operator.builders import RunRef
@@ -110,7 +111,10 @@ def test_run_output_is_a_per_run_prefix_of_spec_storage_output() -> None:
     job = example("tldr-tiny.yaml")
     run = RunRef.for_generation(job, 4)
     assert run.id == "g4"
-    assert run.output == "s3://kubetune-runs/tldr-tiny/runs/g4"
+    # The uid's first 8 characters: a re-created FineTuneJob never shares its prefix.
+    assert run.output == "s3://kubetune-runs/tldr-tiny/runs/0b4c8f9e-g4"
+    again = example("tldr-tiny.yaml", uid="77aa0000-1111-2222-3333-444455556666")
+    assert RunRef.for_generation(again, 4).output.endswith("/tldr-tiny/runs/77aa0000-g4")
     job_obj = builders.build_stage_job(job, run, "train", CFG)
     command = job_obj["spec"]["template"]["spec"]["containers"][0]["command"]
     assert command[command.index("--output") + 1] == run.output
@@ -127,6 +131,11 @@ def test_job_config_map_holds_the_resolved_manifest_that_parses_back() -> None:
     assert parsed.metadata.generation == 3
     assert parsed.spec == job.spec
     assert cm["metadata"]["annotations"][builders.ANNOTATION_SPEC_HASH] == run.spec_hash
+    # The pods read the run's identity from it and stamp it into their results.
+    assert RunIdentity.of_job(parsed) == run.identity()
+    assert run.identity() == RunIdentity(
+        job_uid=job.metadata.uid, spec_hash=run.spec_hash, run_id="g3"
+    )
 
 
 def test_credentials_come_from_the_secret_by_reference_only() -> None:
@@ -164,11 +173,23 @@ def test_gpu_limits_per_stage(gpus: int, expected: dict[str, int]) -> None:
         assert limits.get("nvidia.com/gpu", 0) == want, stage
 
 
-def test_metrics_port_is_only_open_in_the_train_stage() -> None:
+def test_exporter_listens_where_the_pod_declares_its_metrics_port_and_only_in_train(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The trainer's exporter reads its port from the env the builder sets; Prometheus
+    # scrapes the container port named "metrics". They must agree; no other stage serves.
+    from kubetune_trainer.exporter import metrics_port
+
     job = example("tldr-tiny.yaml")
+    run = RunRef.for_generation(job, 1)
     for stage in JOB_STAGES:
-        env = {e["name"]: e.get("value") for e in builders.stage_env(job, stage)}
-        assert env["KUBETUNE_METRICS_PORT"] == ("9400" if stage == "train" else "0")
+        pod = builders.build_stage_job(job, run, stage, CFG)["spec"]["template"]["spec"]
+        container = pod["containers"][0]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        monkeypatch.setenv(Env.METRICS_PORT, env[Env.METRICS_PORT])
+        declared = {p["name"]: p["containerPort"] for p in container.get("ports", [])}
+        assert metrics_port() == declared.get("metrics", 0), stage
+        assert (metrics_port() != 0) == (stage == Stage.TRAIN), stage
 
 
 def test_multi_worker_training_is_an_indexed_job_behind_a_headless_service() -> None:

@@ -136,11 +136,18 @@ def test_service_monitor_scrapes_the_operator_metrics_service(bin_dir: Path) -> 
     )
     pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
     assert service["spec"]["selector"].items() <= pod_labels.items()
-    ports = {p["name"]: p["containerPort"] for p in _container(docs)["ports"]}
-    assert ports["metrics"] == 8080
+    from kubetune_operator.config import OperatorConfig
+
+    container = _container(docs)
+    listens_on = OperatorConfig.from_env(
+        {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    ).metrics_port
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports["metrics"] == listens_on != 0
 
 
 def test_pod_monitor_selects_the_train_pods_the_operator_builds(bin_dir: Path) -> None:
+    from kubetune.contract import Env
     from kubetune.schema import parse_job
     from kubetune_operator.builders import RunRef, build_stage_job
     from kubetune_operator.config import OperatorConfig
@@ -157,8 +164,10 @@ def test_pod_monitor_selects_the_train_pods_the_operator_builds(bin_dir: Path) -
         selected = selector.items() <= pod["metadata"]["labels"].items()
         assert selected == (stage == "train"), stage
     train = build_stage_job(job, RunRef.for_generation(job, 1), "train", cfg)["spec"]["template"]
-    ports = {p["name"]: p["containerPort"] for p in train["spec"]["containers"][0]["ports"]}
-    assert ports[port] == 9400
+    container = train["spec"]["containers"][0]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert ports[port] == int(env[Env.METRICS_PORT]) != 0  # where the trainer's exporter listens
     assert monitor["spec"]["namespaceSelector"] == {"any": True}
     scoped = render(bin_dir, {"watchNamespace": "ml"}, api_versions=(MONITORING,))
     assert _one(scoped, "PodMonitor")["spec"]["namespaceSelector"] == {"matchNames": ["ml"]}
@@ -230,7 +239,8 @@ def test_operator_env_sets_every_setting_the_operator_reads(bin_dir: Path) -> No
     default = OperatorConfig.from_env(
         {e["name"]: e["value"] for e in _container(render(bin_dir))["env"] if "value" in e}
     )
-    assert default.trainer_image == "ghcr.io/kubetune/trainer:0.1.0"
+    app_version = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
+    assert default.trainer_image == f"ghcr.io/kubetune/trainer:{app_version}"
     assert default == OperatorConfig(trainer_image=default.trainer_image)
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from kubetune.contract import METRICS_PORT
 from kubetune.layout import RunLayout
 from kubetune.schema import Progress
 from kubetune.storage import open_storage
@@ -115,7 +116,7 @@ def test_port_taken_is_logged_and_training_continues(caplog: pytest.LogCaptureFi
 
 def test_metrics_port_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("KUBETUNE_METRICS_PORT", raising=False)
-    assert metrics_port() == 9400
+    assert metrics_port() == METRICS_PORT  # the contract's port, which the train pod declares
     monkeypatch.setenv("KUBETUNE_METRICS_PORT", "0")
     assert metrics_port() == 0
     assert TrainMetrics("job", None).serve() is None  # 0 disables the endpoint

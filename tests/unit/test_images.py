@@ -131,8 +131,14 @@ def test_trainer_image_installs_the_trainer_extra_with_scratch_homes() -> None:
     for setting in ("HOME=/scratch/home", "HF_HOME=/scratch/hf", "XDG_CACHE_HOME=/scratch/cache"):
         assert setting in env
     # The same paths the operator gives stage pods (their root filesystem is read-only).
-    builders = (ROOT / "operator/kubetune_operator/builders.py").read_text()
-    assert '"HF_HOME", "value": f"{SCRATCH_DIR}/hf"' in builders
+    from kubetune.schema import load_job
+    from kubetune_operator.builders import stage_env
+
+    job = load_job(ROOT / "examples/cluster/tldr-tiny.yaml")
+    for stage in ("prepare", "train", "evaluate"):
+        pod_env = {e["name"]: e.get("value") for e in stage_env(job, stage)}
+        for name in ("HOME", "HF_HOME", "XDG_CACHE_HOME"):
+            assert f"{name}={pod_env[name]}" in env.split(), (stage, name)
 
 
 @pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)

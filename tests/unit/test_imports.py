@@ -30,6 +30,7 @@ CORE_AND_LIGHT_TRAINER = [
     "kubetune.contract",
     "kubetune.results",
     "kubetune.layout",
+    "kubetune.dataset_format",
     "kubetune.storage",
     "kubetune.cli",
     "kubetune.crd",

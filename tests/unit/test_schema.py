@@ -7,21 +7,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cel_cases import CEL_CASES, CelCase, schema_cel_rules
 
-from kubetune.schema import FineTuneJob, ManifestError, load_job, parse_job
+from kubetune.schema import FineTuneJob, ManifestError, job_manifest, load_job, parse_job
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
-MINIMAL: dict[str, Any] = {
-    "apiVersion": "kubetune.io/v1alpha1",
-    "kind": "FineTuneJob",
-    "metadata": {"name": "tldr-gpt2"},
-    "spec": {
-        "model": {"name": "gpt2"},
-        "dataset": {"source": "s3://corpora/tldr/pages/"},
-        "storage": {"output": "s3://runs/tldr-gpt2/"},
-    },
-}
+MINIMAL: dict[str, Any] = job_manifest(
+    "tldr-gpt2",
+    model={"name": "gpt2"},
+    dataset={"source": "s3://corpora/tldr/pages/"},
+    storage={"output": "s3://runs/tldr-gpt2/"},
+)
 
 
 def with_spec(**changes: Any) -> dict[str, Any]:
@@ -86,36 +83,22 @@ def test_every_problem_is_reported_at_once() -> None:
     assert len(found) == 2
 
 
-@pytest.mark.parametrize(
-    ("change", "message"),
-    [
-        (
-            {"model__uri": "s3://models/gpt2/"},
-            "exactly one of model.name, model.uri or model.fresh",
-        ),
-        (
-            {"storage__endpoint": "http://minio:9000", "storage__output": "file:///tmp/x"},
-            "storage.endpoint only applies",
-        ),
-        (
-            {"evaluation__perplexity": False, "evaluation__bleu__enabled": False},
-            "perplexity or BLEU",
-        ),
-        ({"resources__workers": 2, "resources__gpusPerWorker": 0}, "gpusPerWorker"),
-        ({"dataset__clean__minChars": 50, "dataset__clean__maxChars": 10}, "maxChars"),
-    ],
-)
-def test_cross_field_rules_run_in_python_too(change: dict[str, Any], message: str) -> None:
-    assert any(message in p for p in problems(with_spec(**change)))
+@pytest.mark.parametrize("case", CEL_CASES, ids=lambda c: c.id)
+def test_cross_field_rule_rejects_its_case_in_python_naming_the_field(case: CelCase) -> None:
+    # The same cases go to the API server (tests/cluster/test_operator.py): one table.
+    assert problems(case.manifest()) == [f"{case.object_path}: {case.rule.message}"]
+    assert case.field.rsplit(".", 1)[-1] in case.rule.message  # the message names the field
 
 
-def test_fresh_model_rules() -> None:
-    doc = with_spec(model={"fresh": {"nEmbd": 100, "nHead": 3}})
-    assert any("multiple of model.fresh.nHead" in p for p in problems(doc))
-    doc = with_spec(model={"fresh": {"nPositions": 64}}, training__maxSeqLength=128)
-    assert any("maxSeqLength must be <= model.fresh.nPositions" in p for p in problems(doc))
-    doc = with_spec(model={"fresh": {}}, training__lora={"r": 8})
-    assert any("training.lora needs a pre-trained model" in p for p in problems(doc))
+@pytest.mark.parametrize("case", CEL_CASES, ids=lambda c: c.id)
+def test_valid_counterpart_of_a_cross_field_case_parses(case: CelCase) -> None:
+    assert isinstance(parse_job(case.valid_manifest()), FineTuneJob)
+
+
+def test_every_cel_rule_has_a_case_in_the_table() -> None:
+    rules = schema_cel_rules()
+    untested = [r.message for r in rules if not any(c.rule is r for c in CEL_CASES)]
+    assert rules and not untested, f"add cases to tests/cel_cases.py for: {untested}"
 
 
 def test_wrong_kind_is_rejected() -> None:

@@ -244,6 +244,7 @@ def test_empty_prefix_names_the_uri(tmp_path: Path) -> None:
 def test_missing_path_names_the_uri(tmp_path: Path) -> None:
     message = expect_unusable(f"file://{tmp_path}/nowhere", tmp_path)
     assert f"{tmp_path}/nowhere" in message
+    assert "no such file or directory" in message and "empty source" not in message
 
 
 def test_prefix_with_no_readable_files_lists_the_extensions(tmp_path: Path) -> None:

@@ -18,7 +18,14 @@ from kubetune_operator.builders import ANNOTATION_FAILED_MESSAGE, ANNOTATION_FAI
 from kubetune_operator.metrics import OperatorMetrics
 from kubetune_operator.observe import StageObservation, observe_stage
 from kubetune_operator.reconcile import parse_progress
-from kubetune_operator.status import RunView, compute_status, get_condition, status_patch
+from kubetune_operator.status import (
+    Event,
+    RunView,
+    compute_status,
+    parse_status,
+    status_patch,
+    status_to_wire,
+)
 from kubetune_operator.workqueue import WorkQueue
 
 T0 = "2025-01-01T00:00:00Z"
@@ -237,14 +244,20 @@ def succeeded_view(run: RunRef = RUN1, generation: int = 1) -> RunView:
     )
 
 
+def compute(old: dict[str, Any], view: RunView, now: str) -> tuple[dict[str, Any], list[Event]]:
+    """compute_status from and to the wire form, as the reconciler reads and writes it."""
+    new, events = compute_status(parse_status(old), view, now)
+    return status_to_wire(new), events
+
+
 def cond_of(status: dict[str, Any], ctype: str) -> dict[str, Any]:
-    found = get_condition(status, ctype)
+    found = next((c for c in status["conditions"] if c["type"] == ctype), None)
     assert found is not None, ctype
     return found
 
 
 def test_a_succeeded_run_has_results_artifacts_and_kstatus_conditions() -> None:
-    status, events = compute_status({}, succeeded_view(), T1)
+    status, events = compute({}, succeeded_view(), T1)
     assert status["phase"] == "Succeeded" and status["observedGeneration"] == 1
     assert status["results"]["perplexity"] == 40.0
     assert status["results"]["baselinePerplexity"] == 500.0
@@ -277,7 +290,7 @@ def test_training_in_progress_is_reconciling_with_progress() -> None:
         prepare=prepare_result(),
         progress=Progress(step=12, total_steps=30, percent=40, loss=4.1),
     )
-    status, _ = compute_status({}, view, T0)
+    status, _ = compute({}, view, T0)
     assert status["phase"] == "Training"
     assert status["progress"]["step"] == 12
     assert cond_of(status, "Reconciling")["status"] == "True"
@@ -287,7 +300,7 @@ def test_training_in_progress_is_reconciling_with_progress() -> None:
     assert cond_of(status, "Evaluated")["reason"] == "Waiting"
     # The next pass without a fresh progress read keeps the last one.
     view.progress = None
-    again, _ = compute_status(status, view, T1)
+    again, _ = compute(status, view, T1)
     assert again["progress"]["step"] == 12
 
 
@@ -299,14 +312,14 @@ def test_last_transition_time_changes_only_when_the_status_flips() -> None:
             "prepare": StageObservation(state="Pending", reason="StagePending", message="waiting")
         },
     )
-    first, _ = compute_status({}, running, T0)
+    first, _ = compute({}, running, T0)
     running.stages["prepare"] = StageObservation(
         state="Running", reason="StageRunning", message="go"
     )
-    second, _ = compute_status(first, running, T1)
+    second, _ = compute(first, running, T1)
     assert cond_of(second, "Reconciling")["lastTransitionTime"] == T0  # still True
     assert cond_of(second, "Reconciling")["reason"] == "StageRunning"
-    third, _ = compute_status(second, succeeded_view(), T1)
+    third, _ = compute(second, succeeded_view(), T1)
     assert cond_of(third, "Reconciling")["lastTransitionTime"] == T1  # flipped to False
 
 
@@ -320,7 +333,7 @@ def test_a_failed_stage_stalls_the_run_with_its_reason_and_one_warning() -> None
             )
         },
     )
-    status, events = compute_status({}, view, T0)
+    status, events = compute({}, view, T0)
     assert status["phase"] == "Failed"
     stalled = cond_of(status, "Stalled")
     assert (stalled["status"], stalled["reason"]) == ("True", "DatasetUnusable")
@@ -330,7 +343,7 @@ def test_a_failed_stage_stalls_the_run_with_its_reason_and_one_warning() -> None
     warnings = [e for e in events if e.type == "Warning"]
     assert len(warnings) == 1 and warnings[0].reason == "DatasetUnusable"
     # Same facts again: nothing to patch, no second Event.
-    again, events2 = compute_status(status, view, T1)
+    again, events2 = compute(status, view, T1)
     assert status_patch(status, again) is None
     assert not events2
 
@@ -344,7 +357,7 @@ def test_invalid_spec_names_the_problem() -> None:
             "Secret ml/s3 named by spec.storage.credentialsSecret does not exist",
         ),
     )
-    status, events = compute_status({}, view, T0)
+    status, events = compute({}, view, T0)
     assert status["phase"] == "Failed"
     assert "spec.storage.credentialsSecret" in cond_of(status, "Stalled")["message"]
     assert events[-1].type == "Warning" and events[-1].reason == "InvalidSpec"
@@ -360,7 +373,7 @@ def test_suspended_run_is_neither_reconciling_nor_stalled() -> None:
             "train": StageObservation(state="Suspended", reason="Suspended"),
         },
     )
-    status, _ = compute_status({}, view, T0)
+    status, _ = compute({}, view, T0)
     assert status["phase"] == "Suspended"
     assert cond_of(status, "Reconciling")["status"] == "False"
     assert cond_of(status, "Stalled")["status"] == "False"
@@ -368,13 +381,13 @@ def test_suspended_run_is_neither_reconciling_nor_stalled() -> None:
 
 
 def test_a_new_run_moves_the_old_results_into_history() -> None:
-    first, _ = compute_status({}, succeeded_view(), T1)
+    first, _ = compute({}, succeeded_view(), T1)
     view = RunView(
         run=RUN2,
         generation=2,
         stages={"prepare": StageObservation(state="Running", reason="StageRunning")},
     )
-    second, events = compute_status(first, view, T1)
+    second, events = compute(first, view, T1)
     assert second["run"] == "g2" and second["phase"] == "Preparing"
     assert "results" not in second and "dataset" not in second
     assert second["history"][0]["run"] == "g1"
@@ -400,13 +413,13 @@ def test_status_patch_applied_as_a_merge_patch_yields_exactly_the_new_status() -
                 out[key] = apply(out.get(key), value)
         return out
 
-    first, _ = compute_status({}, succeeded_view(), T1)
+    first, _ = compute({}, succeeded_view(), T1)
     view = RunView(
         run=RUN2,
         generation=2,
         stages={"prepare": StageObservation(state="Running", reason="StageRunning")},
     )
-    second, _ = compute_status(first, view, T1)
+    second, _ = compute(first, view, T1)
     assert apply(first, status_patch(first, second)) == second
 
 
@@ -414,7 +427,7 @@ def test_history_keeps_at_most_five_runs() -> None:
     status: dict[str, Any] = {}
     for gen in range(1, 9):
         run = RunRef(id=f"g{gen}", generation=gen, output=f"s3://b/runs/g{gen}", spec_hash=str(gen))
-        status, _ = compute_status(status, succeeded_view(run, gen), T1)
+        status, _ = compute(status, succeeded_view(run, gen), T1)
     assert [h["run"] for h in status["history"]] == ["g7", "g6", "g5", "g4", "g3"]
 
 
@@ -430,7 +443,7 @@ def test_progress_json_is_read_leniently() -> None:
 
 def test_metrics_count_a_finished_run_once() -> None:
     metrics = OperatorMetrics(CollectorRegistry())
-    done_status, _ = compute_status({}, succeeded_view(), T1)
+    done_status, _ = compute({}, succeeded_view(), T1)
     metrics.observe("ml", "x", {}, done_status)
     metrics.observe("ml", "x", done_status, done_status)
     reg = metrics.registry

@@ -5,8 +5,15 @@ Run it with ``kubetune evaluate --job job.yaml [--output URI]`` (or as part of
 
 Inputs (RunLayout keys): ``dataset/test.jsonl``, ``dataset/test.tokens.npy`` +
 ``dataset/test.offsets.npy``, ``dataset/tokenizer/`` and ``model/``.
-Outputs: ``eval/samples.jsonl`` (the first generations next to their
-references), then ``eval/evaluate.json`` (:class:`EvaluateResult`) last.
+Outputs: ``eval/samples.jsonl`` (every generation BLEU scored, next to its prompt and
+reference, so ``sacrebleu`` can recompute the score), then ``eval/evaluate.json``
+(:class:`EvaluateResult`) last.
+
+It scores only a model trained on this very dataset: ``model/kubetune-training.json``
+must name the dataset fingerprint and train-split hash of ``dataset/prepare.json``
+(a rerun with another split seed, source, cleaning or test fraction would otherwise
+score a model on lines it was trained on). The result records both fingerprints and
+the number of test lines whose text is in the model's training split (0).
 
 * Perplexity (``spec.evaluation.perplexity``) scores the prepared token ids of
   each test line with the eos/bos token as context (see :mod:`.perplexity`).
@@ -25,7 +32,6 @@ Runs on CUDA when available (bf16 autocast), else on the CPU in float32.
 from __future__ import annotations
 
 import gc
-import io
 import json
 import logging
 import shutil
@@ -34,12 +40,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from kubetune.contract import StageError
+from kubetune.dataset_format import TEST, TRAIN, read_texts, read_tokens
+from kubetune.fingerprint import changed
 from kubetune.layout import RunLayout
-from kubetune.results import EvaluateResult, ModelScores
+from kubetune.results import EvaluateResult, ModelScores, PrepareResult, TrainingRecord
 from kubetune.schema import Comparison, Reason
 from kubetune.storage import Storage, StorageError
 from kubetune_trainer.bleu import (
@@ -55,7 +62,6 @@ from kubetune_trainer.remote import Endpoint, score_endpoint
 
 log = logging.getLogger(__name__)
 
-SAMPLES_KEPT = 20
 # Windows longer than this gain little on line-level test text and cost memory
 # quadratically; a model with a 128k context is scored in 4096-token windows.
 MAX_EVAL_CONTEXT = 4096
@@ -66,53 +72,6 @@ class _Scored:
     scores: ModelScores
     continuations: list[str]
     signature: str | None = None
-
-
-# --------------------------------------------------------------------------- inputs
-
-
-def _read_test_texts(ctx: StageContext) -> list[str]:
-    key = RunLayout.TEST_TEXT
-    try:
-        raw = ctx.storage.read_text(key)
-    except StorageError as exc:
-        raise StageError(f"{exc}; run the prepare stage first", Reason.DATASET_UNUSABLE) from None
-    texts = []
-    for number, line in enumerate(raw.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            texts.append(str(json.loads(line)["text"]))
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise StageError(
-                f"{ctx.storage.uri(key)} line {number}: expected a JSON object with a 'text' "
-                "field; re-run the prepare stage",
-                Reason.DATASET_UNUSABLE,
-            ) from None
-    if not texts:
-        raise StageError(
-            f"{ctx.storage.uri(key)} is empty: the test split has no lines; "
-            "raise dataset.split.testFraction or add data",
-            Reason.DATASET_UNUSABLE,
-        )
-    return texts
-
-
-def _read_test_tokens(ctx: StageContext, expected_lines: int) -> list[list[int]]:
-    try:
-        tokens = np.load(io.BytesIO(ctx.storage.read_bytes(RunLayout.TEST_TOKENS)))
-        offsets = np.load(io.BytesIO(ctx.storage.read_bytes(RunLayout.TEST_OFFSETS)))
-    except StorageError as exc:
-        raise StageError(f"{exc}; run the prepare stage first", Reason.DATASET_UNUSABLE) from None
-    if len(offsets) != expected_lines + 1 or int(offsets[-1]) != len(tokens):
-        raise StageError(
-            f"{ctx.storage.uri(RunLayout.TEST_OFFSETS)} has {len(offsets)} offsets for "
-            f"{expected_lines} test lines and {len(tokens)} tokens (expected lines + 1, ending "
-            "at the token count); the dataset is inconsistent, re-run the prepare stage",
-            Reason.DATASET_UNUSABLE,
-        )
-    flat = tokens.astype(np.int64)
-    return [flat[offsets[i] : offsets[i + 1]].tolist() for i in range(expected_lines)]
 
 
 # --------------------------------------------------------------------------- models
@@ -142,10 +101,6 @@ def _load_tokenizer(path: Path) -> Any:
 
 
 def _load_fine_tuned(ctx: StageContext) -> tuple[Any, Any]:
-    if not ctx.storage.list(RunLayout.MODEL):
-        raise StageError(
-            f"{ctx.storage.uri(RunLayout.MODEL)}: no fine-tuned model; run the train stage first"
-        )
     model_dir = _download(ctx.storage, RunLayout.MODEL, ctx.scratch / "eval-model")
     has_tokenizer = any(
         (model_dir / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")
@@ -173,6 +128,54 @@ def _load_baseline(ctx: StageContext, tokenizer: Any) -> Any:
         seed=ctx.job.spec.training.seed,
         eos_token_id=tokenizer.eos_token_id,
     )
+
+
+def _read_model(storage: Storage, key: str, model: type[Any], what: str) -> Any:
+    try:
+        return model.model_validate_json(storage.read_text(key))
+    except StorageError as exc:
+        raise StageError(f"{exc}; {what}", Reason.MODEL_DATASET_MISMATCH) from None
+    except ValueError as exc:
+        raise StageError(
+            f"{storage.uri(key)}: unreadable ({exc}); {what}", Reason.MODEL_DATASET_MISMATCH
+        ) from None
+
+
+def check_model_trained_on_dataset(ctx: StageContext) -> tuple[PrepareResult, TrainingRecord]:
+    """Refuse to score a model that was not trained on this output's train split."""
+    rerun = "run the train stage again on this dataset"
+    if not ctx.storage.list(RunLayout.MODEL):
+        raise StageError(
+            f"{ctx.storage.uri(RunLayout.MODEL)}: no fine-tuned model; run the train stage first"
+        )
+    prepare = _read_model(
+        ctx.storage, RunLayout.PREPARE_RESULT, PrepareResult, "run the prepare stage first"
+    )
+    record = _read_model(
+        ctx.storage,
+        RunLayout.MODEL_RECORD,
+        TrainingRecord,
+        f"the model has no training record; {rerun}",
+    )
+    same_data = record.train_sha256 == prepare.train_sha256 and (
+        record.dataset_fingerprint == prepare.fingerprint
+    )
+    if not same_data:
+        what = changed(record.dataset_inputs or {}, prepare.fingerprint_inputs or {})
+        raise StageError(
+            f"{ctx.storage.uri(RunLayout.MODEL)} was trained on another dataset than the test "
+            f"split in {ctx.storage.uri(RunLayout.DATASET)} (changed since training: "
+            f"{'; '.join(what) or 'the prepared split'}); scoring it would count lines it "
+            f"was trained on as test lines. {rerun.capitalize()}",
+            Reason.MODEL_DATASET_MISMATCH,
+        )
+    return prepare, record
+
+
+def _train_test_overlap(ctx: StageContext, test_texts: list[str]) -> int:
+    """Test lines whose text is in the training split the model was trained on."""
+    test = set(test_texts)
+    return sum(1 for text in read_texts(ctx.storage, TRAIN) if text in test)
 
 
 def _context_length(model: Any, tokenizer: Any) -> int:
@@ -234,6 +237,7 @@ def _score_model(
             )
         scores.perplexity, scores.nll_sum = result.perplexity, result.nll_sum
         scores.predicted_tokens = result.predicted_tokens
+        scores.perplexity_lines = len(token_lists)
         scores.tokens_per_second = result.tokens_per_second
         log.info(
             "%s: perplexity %.3f over %d tokens (%.0f tokens/s)",
@@ -278,12 +282,20 @@ def run(ctx: StageContext) -> EvaluateResult:
     """Evaluate the fine-tuned model (and baseline, endpoints); write samples then the result."""
     start = time.perf_counter()
     spec = ctx.job.spec.evaluation
-    texts = _read_test_texts(ctx)
+    # The test split, checked against kubetune.dataset_format (DatasetUnusable if not).
+    texts = read_texts(ctx.storage, TEST)
+    prepare, record = check_model_trained_on_dataset(ctx)
+    overlap = _train_test_overlap(ctx, texts)
+    if overlap:
+        raise StageError(
+            f"{overlap} test lines of {ctx.storage.uri(RunLayout.TEST_TEXT)} are in the "
+            "model's training split; run the prepare stage again",
+            Reason.DATASET_UNUSABLE,
+        )
     token_lists: list[list[int]] = []
     if spec.perplexity:
-        token_lists = _read_test_tokens(ctx, len(texts))
-        if spec.max_samples:
-            token_lists = token_lists[: spec.max_samples]
+        test_tokens = read_tokens(ctx.storage, TEST, lines=len(texts))
+        token_lists = test_tokens.line_ids(spec.max_samples or None)
     samples: list[BleuSample] = []
     if spec.bleu.enabled:
         samples = select_samples(texts, spec.bleu.prompt_fraction, spec.bleu.max_samples)
@@ -322,7 +334,7 @@ def run(ctx: StageContext) -> EvaluateResult:
     samples_uri = None
     if samples:
         rows = []
-        for i, sample in enumerate(samples[:SAMPLES_KEPT]):
+        for i, sample in enumerate(samples):
             row: dict[str, Any] = {
                 "prompt": sample.prompt,
                 "reference": sample.reference,
@@ -338,10 +350,15 @@ def run(ctx: StageContext) -> EvaluateResult:
         samples_uri = ctx.storage.uri(RunLayout.EVAL_SAMPLES)
 
     result = EvaluateResult(
+        run=ctx.run_identity,
         fine_tuned=fine_tuned.scores,
         baseline=baseline.scores if baseline else None,
         bleu_signature=fine_tuned.signature,
         comparisons=comparisons,
+        test_lines=len(texts),
+        dataset_fingerprint=prepare.fingerprint,
+        training_fingerprint=record.training_fingerprint,
+        train_test_overlap=overlap,
         samples_uri=samples_uri,
         seconds=time.perf_counter() - start,
     )

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
+from kubetune.contract import StageError
 from kubetune.results import EvaluateResult, PrepareResult, ReportResult, TrainResult
 from kubetune.schema import FineTuneJob
 from kubetune_trainer.context import StageContext, make_context
@@ -42,21 +43,31 @@ def run_local(
     stages: Sequence[str] = STAGE_ORDER,
     scratch: Path | None = None,
     show_progress: bool = True,
-    log: TextIO = sys.stderr,
+    log: TextIO | None = None,
 ) -> LocalRun:
-    """Run ``stages`` of ``job`` in this process; never raises for a stage failure."""
-    ctx = make_context(job, output=output, scratch=scratch, show_progress=show_progress)
-    run = LocalRun(ctx=ctx)
-    for stage in stages:
-        print(f"==> {stage}: {job.metadata.name} -> {ctx.output}", file=log, flush=True)
+    """Run ``stages`` of ``job`` in this process; never raises for a stage failure.
+
+    The output is checked for writing before the first stage, and a scratch directory
+    made for the run (no ``scratch``) is removed at the end.
+    """
+    log = log or sys.stderr  # looked up per call: a test may have replaced sys.stderr
+    with make_context(job, output=output, scratch=scratch, show_progress=show_progress) as ctx:
+        run = LocalRun(ctx=ctx)
         try:
-            with Timer() as timer:
-                run.results[stage] = run_stage(stage, ctx)
-        except Exception as exc:  # the summary reports it; the CLI maps it to an exit code
-            run.failed_stage, run.error = stage, exc
+            ctx.check_output_writable()
+        except StageError as exc:
+            run.failed_stage, run.error = (stages[0] if stages else STAGE_ORDER[0]), exc
+            return run
+        for stage in stages:
+            print(f"==> {stage}: {job.metadata.name} -> {ctx.output}", file=log, flush=True)
+            try:
+                with Timer() as timer:
+                    run.results[stage] = run_stage(stage, ctx)
+            except Exception as exc:  # the summary reports it; the CLI maps it to an exit code
+                run.failed_stage, run.error = stage, exc
+                run.seconds[stage] = timer.seconds
+                break
             run.seconds[stage] = timer.seconds
-            break
-        run.seconds[stage] = timer.seconds
     return run
 
 

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from kubetune.contract import Env, StageError
 from kubetune.layout import RunLayout
 from kubetune.schema import ModelSpec, Reason
-from kubetune.storage import StorageError
+from kubetune.storage import StorageError, is_permanent
 from kubetune_trainer.context import StageContext
 
 if TYPE_CHECKING:
@@ -129,10 +129,18 @@ def load_model(
         try:
             ctx.open(spec.uri).download_dir("", local)
         except StorageError as exc:
+            # Nothing there is a wrong spec (a retry cannot help); a lost connection is not.
             raise StageError(
                 f"model.uri {spec.uri}: {exc}; it must be a prefix holding a save_pretrained() "
-                "model (config.json and model.safetensors)"
+                "model (config.json and model.safetensors)",
+                reason=Reason.INVALID_SPEC if is_permanent(exc) else Reason.STAGE_FAILED,
             ) from None
+        if not (local / "config.json").is_file():
+            raise StageError(
+                f"model.uri {spec.uri}: no config.json there; it must be a prefix holding a "
+                "save_pretrained() model (config.json and model.safetensors)",
+                reason=Reason.INVALID_SPEC,
+            )
         model = _from_pretrained(str(local), None, spec.uri)
     elif spec.name:
         model = _from_pretrained(spec.name, spec.revision, repr(spec.name))

@@ -95,6 +95,15 @@ class Rows:
     def row_lengths(self) -> np.ndarray:
         return np.diff(self.row_offsets)
 
+    def row_targets(self) -> np.ndarray:
+        """Predicted tokens of each row: what :func:`count_targets` counts once it is collated.
+
+        A row's tokens less the first of each of its segments (rows start at a
+        segment start, and padding is never predicted).
+        """
+        segments = np.add.reduceat(self.seg_start, self.row_offsets[:-1], dtype=np.int64)
+        return self.row_lengths() - segments
+
 
 def _stream_with_eos(
     tokens: np.ndarray, offsets: np.ndarray, eos_id: int, bos_id: int | None = None

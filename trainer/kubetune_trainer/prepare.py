@@ -15,7 +15,8 @@ Benchmarks call the storage-free core directly::
 
 Everything streams: lines are cleaned, deduplicated and assigned to a split one
 at a time and appended to ``train.jsonl`` / ``test.jsonl``; tokens are appended
-to flat binary files that become ``.npy`` at the end. What grows with the corpus
+to flat binary files that become ``.npy`` at the end (the writers and the format
+are :mod:`kubetune.dataset_format`'s). What grows with the corpus
 is one 128-bit integer per distinct kept line (the dedup set; 16-byte blake2b
 digests, never the strings) and one per test line (the overlap check).
 
@@ -36,8 +37,6 @@ flight, and appended in input order, so the output does not depend on the pool.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import multiprocessing
 import os
@@ -47,17 +46,33 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from itertools import chain
-from json.encoder import encode_basestring
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from kubetune.contract import Env, StageError
+from kubetune.dataset_format import (
+    TEST,
+    TRAIN,
+    JsonlWriter,
+    TokenWriter,
+    read_jsonl,
+    split_files,
+    upload_splits,
+)
+from kubetune.fingerprint import dataset_inputs, fingerprint
 from kubetune.results import PrepareResult
-from kubetune.schema import CleanSpec, DatasetStats, DedupMode, SplitSpec, SplitUnit
+from kubetune.schema import CleanSpec, DatasetStats, DedupMode, SplitSpec, SplitUnit, TwinCounts
 from kubetune_trainer.cleaning import Cleaner, seed_key, text_hash
 from kubetune_trainer.context import StageContext
+from kubetune_trainer.near_dup import (
+    TRAIN_CHUNK,
+    TwinCounter,
+    near_duplicate_mask,
+    near_twin_mask,
+    normalize_for_match,
+)
 from kubetune_trainer.sources import UNUSABLE, open_source
 from kubetune_trainer.tokenizer_build import (
     FastEncoder,
@@ -80,9 +95,13 @@ CHUNK_LINES = 1024
 # CPUs this process may use (at most MAX_WORKERS). The pool starts only once a second
 # chunk exists, so small datasets never fork.
 MAX_WORKERS = 4
-_COPY_CHUNK = 16 * 1024 * 1024
+NEAR_ROUNDS = 8  # near-twin searches of the test candidates (dedup: near)
 _U64 = 1 << 64
+_TRAIN_JSONL = split_files(TRAIN).text_name
+_TEST_JSONL = split_files(TEST).text_name
+# The test split before step 4 removes texts also in train: its rows and token ids.
 _TEST_CANDIDATES = ".test.candidates.jsonl"
+_CANDIDATES = "test.candidates"
 
 
 @dataclass(frozen=True)
@@ -105,111 +124,13 @@ class PreparedDataset:
     seconds: float
 
 
-# --------------------------------------------------------------------------- writers
+# --------------------------------------------------------------------------- tokenizing
 
 
-class _JsonlWriter:
-    """Appends ``{"text": ..., "doc": ...}`` lines and hashes the bytes as it goes."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._fh: BinaryIO = open(path, "wb")  # noqa: SIM115 - closed in close()
-        self._sha = hashlib.sha256()
-        self.count = 0
-        self._doc: str | None = None
-        self._doc_json = ""
-
-    def write(self, text: str, doc: str) -> None:
-        if doc != self._doc:  # documents are contiguous: encode each id once
-            self._doc = doc
-            self._doc_json = encode_basestring(doc)
-        data = f'{{"text": {encode_basestring(text)}, "doc": {self._doc_json}}}\n'.encode()
-        self._fh.write(data)
-        self._sha.update(data)
-        self.count += 1
-
-    def close(self) -> str:
-        self._fh.close()
-        return self._sha.hexdigest()
-
-
-_DECODER = json.JSONDecoder()
-
-
-def _read_jsonl(path: Path) -> Iterator[tuple[str, str]]:
-    # Our own files: decoding str directly skips json.loads' encoding sniffing (~20% faster).
-    decode = _DECODER.decode
-    with open(path, encoding="utf-8", newline="\n") as fh:
-        for line in fh:
-            record = decode(line)
-            yield record["text"], record["doc"]
-
-
-def _write_npy_from_raw(raw: Path, target: Path, dtype: str, count: int) -> None:
-    """Wrap a flat little-endian binary file as a 1-D ``.npy`` without loading it."""
-    with open(target, "wb") as out, open(raw, "rb") as src:
-        np.lib.format.write_array_header_1_0(
-            out, {"descr": dtype, "fortran_order": False, "shape": (count,)}
-        )
-        shutil.copyfileobj(src, out, _COPY_CHUNK)
-    raw.unlink()
-
-
-class _TokenWriter:
-    """Streams token ids (uint32) and line offsets (int64, lines + 1) into ``.npy`` files."""
-
-    def __init__(self, out_dir: Path, split: str) -> None:
-        self.tokens_path = out_dir / f"{split}.tokens.npy"
-        self.offsets_path = out_dir / f"{split}.offsets.npy"
-        self._tokens_raw = out_dir / f".{split}.tokens.raw"
-        self._offsets_raw = out_dir / f".{split}.offsets.raw"
-        self._tokens: BinaryIO = open(self._tokens_raw, "wb")  # noqa: SIM115
-        self._offsets: BinaryIO = open(self._offsets_raw, "wb")  # noqa: SIM115
-        self._offsets.write(np.zeros(1, dtype="<i8").tobytes())
-        self.tokens = 0
-        self.lines = 0
-
-    def add(self, ids: list[list[int]]) -> None:
-        lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
-        total = int(lengths.sum())
-        flat = np.fromiter(chain.from_iterable(ids), dtype="<u4", count=total)
-        self._tokens.write(flat.tobytes())
-        ends = np.cumsum(lengths) + self.tokens
-        self._offsets.write(ends.astype("<i8").tobytes())
-        self.tokens += total
-        self.lines += len(ids)
-
-    def add_flat(self, flat: np.ndarray, lengths: np.ndarray) -> None:
-        """Append lines given as their concatenated ids and per-line lengths."""
-        self._tokens.write(flat.astype("<u4", copy=False).tobytes())
-        ends = np.cumsum(lengths, dtype=np.int64) + self.tokens
-        self._offsets.write(ends.astype("<i8", copy=False).tobytes())
-        self.tokens += int(flat.shape[0])
-        self.lines += int(lengths.shape[0])
-
-    def close(self) -> None:
-        self._tokens.close()
-        self._offsets.close()
-        _write_npy_from_raw(self._tokens_raw, self.tokens_path, "<u4", self.tokens)
-        _write_npy_from_raw(self._offsets_raw, self.offsets_path, "<i8", self.lines + 1)
-
-
-def _tokenize_file(
-    jsonl: Path,
-    writer: _TokenWriter,
-    tokenizer: Any,
-    key: bytes,
-    batch_size: int,
-    check: set[int] | None = None,
-) -> set[int]:
-    """Tokenize every text of ``jsonl``; returns the hashes of its texts found in ``check``."""
-    found: set[int] = set()
+def _tokenize_file(jsonl: Path, writer: TokenWriter, tokenizer: Any, batch_size: int) -> None:
+    """Tokenize every text of ``jsonl`` into ``writer``, then close it."""
     batch: list[str] = []
-    for text, _ in _read_jsonl(jsonl):
-        if check:
-            h = text_hash(text, key)
-            if h in check:
-                found.add(h)
+    for text, _ in read_jsonl(jsonl):
         batch.append(text)
         if len(batch) >= batch_size:
             writer.add(encode_batch(tokenizer, batch))
@@ -217,7 +138,6 @@ def _tokenize_file(
     if batch:
         writer.add(encode_batch(tokenizer, batch))
     writer.close()
-    return found
 
 
 # --------------------------------------------------------------------------- first pass
@@ -242,6 +162,9 @@ class _ChunkWorker:
         self.cleaner = Cleaner(clean)
         self.key = key
         self.encoder = encoder
+        # dedup: normalized/near hash the normalised text, so lines that differ only in
+        # case, punctuation or spacing are one text (kept once, in one split).
+        self.normalize = clean.dedup in (DedupMode.NORMALIZED, DedupMode.NEAR)
 
     def __call__(self, raws: list[str]) -> _Chunk:
         clean_line = self.cleaner.clean_line
@@ -254,9 +177,11 @@ class _ChunkWorker:
             if text is not None:
                 kept.append(i)
                 texts.append(text)
-        chunk = _Chunk(
-            kept, texts, [text_hash(t, key) for t in texts], self.cleaner.dropped_short - before
-        )
+        if self.normalize:
+            hashes = [text_hash(normalize_for_match(t), key) for t in texts]
+        else:
+            hashes = [text_hash(t, key) for t in texts]
+        chunk = _Chunk(kept, texts, hashes, self.cleaner.dropped_short - before)
         if self.encoder is not None and texts:
             ids = self.encoder.encode(texts)
             chunk.lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
@@ -352,7 +277,124 @@ def _chunks(
         pool.join()
 
 
-# --------------------------------------------------------------------------- core
+# --------------------------------------------------------------------------- steps
+
+
+class _FirstPass:
+    """Step 1: count, dedup and route each cleaned chunk's rows to train or the test candidates.
+
+    Rows are appended in input order to ``train.jsonl`` and the test candidates (the test
+    split before step 4 removes texts also in train), and their token ids with them when
+    the chunks were tokenized. The hot per-row loop works on local names (speed).
+    """
+
+    def __init__(
+        self, out_dir: Path, clean: CleanSpec, split: SplitSpec, key: bytes, tokenized: bool
+    ) -> None:
+        self.key = key
+        self.threshold = int(split.test_fraction * _U64)
+        self.dedup = clean.dedup != DedupMode.NONE
+        self.by_document = split.unit == SplitUnit.DOCUMENT
+        self.seen: set[int] = set()  # dedup: exact -> every kept hash; none -> the train hashes
+        self.test_hashes: set[int] = set()
+        self.train = JsonlWriter(out_dir / _TRAIN_JSONL)
+        self.candidates = JsonlWriter(out_dir / _TEST_CANDIDATES)
+        self.train_tokens = TokenWriter(out_dir, TRAIN) if tokenized else None
+        self.cand_tokens = TokenWriter(out_dir, _CANDIDATES) if tokenized else None
+        self.train_sha256 = ""
+        self.lines_read = self.documents = self.duplicates = self.dropped = 0
+        self._last_doc: str | None = None
+        self._split_doc: str | None = None
+        self._doc_in_test = False
+
+    def add(self, docs: list[str], chunk: _Chunk) -> None:
+        """One chunk: ``docs`` are the document ids of all its raw lines, in order."""
+        self.lines_read += len(docs)
+        for doc in docs:
+            if doc != self._last_doc:
+                self._last_doc = doc
+                self.documents += 1
+        self.dropped += chunk.dropped
+        to_train, to_test = self._route(docs, chunk)
+        self._add_tokens(chunk, to_train, to_test)
+
+    def _route(self, docs: list[str], chunk: _Chunk) -> tuple[np.ndarray, np.ndarray]:
+        """Dedup the kept rows and append each to train or the candidates; returns the masks."""
+        seen, test_hashes, key, threshold = self.seen, self.test_hashes, self.key, self.threshold
+        dedup, by_document = self.dedup, self.by_document
+        train, candidates = self.train, self.candidates
+        split_doc, doc_in_test, duplicates = self._split_doc, self._doc_in_test, 0
+        to_train = np.zeros(len(chunk.kept), dtype=bool)
+        to_test = np.zeros(len(chunk.kept), dtype=bool)
+        for j, (row, text, h) in enumerate(zip(chunk.kept, chunk.texts, chunk.hashes, strict=True)):
+            doc = docs[row]
+            if dedup:
+                if h in seen:
+                    duplicates += 1
+                    continue
+                seen.add(h)
+            if by_document:
+                if doc != split_doc:
+                    split_doc = doc
+                    doc_in_test = (text_hash(doc, key) >> 64) < threshold
+                in_test = doc_in_test
+            else:
+                in_test = (h >> 64) < threshold
+            if in_test:
+                candidates.write(text, doc)
+                test_hashes.add(h)
+                to_test[j] = True
+            else:
+                train.write(text, doc)
+                if not dedup:
+                    seen.add(h)
+                to_train[j] = True
+        self._split_doc, self._doc_in_test = split_doc, doc_in_test
+        self.duplicates += duplicates
+        return to_train, to_test
+
+    def _add_tokens(self, chunk: _Chunk, to_train: np.ndarray, to_test: np.ndarray) -> None:
+        if chunk.flat is None or chunk.lengths is None:
+            return
+        assert self.train_tokens is not None and self.cand_tokens is not None
+        per_token = np.repeat(np.arange(len(chunk.kept)), chunk.lengths)
+        for mask, writer in ((to_train, self.train_tokens), (to_test, self.cand_tokens)):
+            if mask.any():
+                writer.add_flat(chunk.flat[mask[per_token]], chunk.lengths[mask])
+
+    def close(self) -> None:
+        self.train_sha256 = self.train.close()
+        self.candidates.close()
+        for writer in (self.train_tokens, self.cand_tokens):
+            if writer is not None:
+                writer.close()
+
+    def take_overlap(self) -> set[int]:
+        """Hashes of test texts also in train (only without dedup); frees the hash sets."""
+        overlap = self.test_hashes & self.seen if not self.dedup else set()
+        self.seen, self.test_hashes = set(), set()  # the largest structures
+        return overlap
+
+
+def _first_pass(
+    lines: Iterable[tuple[str, str]],
+    clean: CleanSpec,
+    split: SplitSpec,
+    key: bytes,
+    tokenizer: PreTrainedTokenizerBase | FreshTokenizer,
+    out_dir: Path,
+    workers: int | None,
+) -> _FirstPass:
+    """Step 1: read, clean (and tokenize, unless fresh) in chunks; dedup, split and append."""
+    fresh = isinstance(tokenizer, FreshTokenizer)
+    worker = _ChunkWorker(clean, key, None if fresh else FastEncoder(tokenizer))
+    first = _FirstPass(out_dir, clean, split, key, tokenized=not fresh)
+    try:
+        for docs, chunk in _chunks(lines, worker, workers or prepare_workers()):
+            first.add(docs, chunk)
+    finally:
+        first.close()
+    return first
 
 
 def _split_error(which: str, kept: int, split: SplitSpec, source: str) -> StageError:
@@ -369,6 +411,195 @@ def _split_error(which: str, kept: int, split: SplitSpec, source: str) -> StageE
     )
 
 
+def _check_both_splits(
+    first: _FirstPass, clean: CleanSpec, split: SplitSpec, source: str, out_dir: Path
+) -> None:
+    """Step 2: fail (leaving nothing behind) when no text was kept or a split is empty."""
+    kept = first.train.count + first.candidates.count
+    if kept == 0:
+        _cleanup(out_dir)
+        limits = f"minChars={clean.min_chars}"
+        if clean.max_chars is not None:
+            limits += f"/maxChars={clean.max_chars}"
+        raise StageError(
+            f"no text left after cleaning {source}: {first.lines_read} lines read, all dropped "
+            f"by {limits}/dedup ({first.dropped} too short or long, {first.duplicates} "
+            "duplicates); lower dataset.clean.minChars or check the format/textField",
+            reason=UNUSABLE,
+        )
+    if first.train.count == 0:
+        _cleanup(out_dir)
+        raise _split_error("train", kept, split, source)
+    if first.candidates.count == 0:
+        _cleanup(out_dir)
+        raise _split_error("test", kept, split, source)
+
+
+def _fit_tokenizer(
+    fresh: FreshTokenizer, out_dir: Path, train_lines: int, batch_size: int
+) -> PreTrainedTokenizerBase:
+    """Step 3 (``model.fresh``): train a byte-level BPE on the train split, then tokenize it."""
+    train_jsonl = out_dir / _TRAIN_JSONL
+    tokenizer = train_bpe_tokenizer(
+        (text for text, _ in read_jsonl(train_jsonl)),
+        fresh.vocab_size,
+        model_max_length=fresh.model_max_length,
+        length=train_lines,
+    )
+    _tokenize_file(train_jsonl, TokenWriter(out_dir, TRAIN), tokenizer, batch_size)
+    return tokenizer
+
+
+@dataclass
+class _TestSplit:
+    lines: int
+    tokens: int
+    sha256: str
+    removed: int  # candidates whose text is also in train
+
+
+def _candidate_rows(
+    ids: np.ndarray, offsets: np.ndarray, rows: list[int], removed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The concatenated ids and the lengths of the kept candidate ``rows`` (ascending)."""
+    index_rows = np.asarray(rows, dtype=np.int64)
+    starts, ends = offsets[index_rows], offsets[index_rows + 1]
+    lengths = ends - starts
+    if not removed:
+        return np.asarray(ids), lengths
+    index = np.repeat(starts - np.cumsum(lengths) + lengths, lengths)
+    index += np.arange(int(lengths.sum()))
+    return np.asarray(ids[index]), lengths
+
+
+def _write_test_split(
+    out_dir: Path,
+    cand_tokens: TokenWriter | None,
+    overlap: set[int],
+    tokenizer: Any,
+    key: bytes,
+    batch_size: int,
+    near_rows: frozenset[int] = frozenset(),
+) -> _TestSplit:
+    """Step 5: the test split = the candidates minus texts in train (and, for ``dedup: near``,
+    minus ``near_rows``, the candidates close to a train line); tokenized or copied ids."""
+    test = JsonlWriter(out_dir / _TEST_JSONL)
+    test_tokens = TokenWriter(out_dir, TEST)
+    cand_ids = cand_offsets = None
+    if cand_tokens is not None:  # the first pass tokenized them
+        cand_ids = np.load(cand_tokens.tokens_path, mmap_mode="r")
+        cand_offsets = np.load(cand_tokens.offsets_path)
+    removed = 0
+    batch: list[str] = []
+    keep_rows: list[int] = []
+    try:
+        for row, (text, doc) in enumerate(read_jsonl(out_dir / _TEST_CANDIDATES)):
+            if (overlap and text_hash(text, key) in overlap) or row in near_rows:
+                removed += 1
+                continue
+            test.write(text, doc)
+            if cand_offsets is None:
+                batch.append(text)
+                if len(batch) >= batch_size:
+                    test_tokens.add(encode_batch(tokenizer, batch))
+                    batch = []
+            else:
+                keep_rows.append(row)
+        if batch:
+            test_tokens.add(encode_batch(tokenizer, batch))
+        if cand_ids is not None and cand_offsets is not None and keep_rows:
+            test_tokens.add_flat(*_candidate_rows(cand_ids, cand_offsets, keep_rows, removed))
+    finally:
+        sha = test.close()
+        test_tokens.close()
+        del cand_ids
+        (out_dir / _TEST_CANDIDATES).unlink()
+        if cand_tokens is not None:
+            cand_tokens.tokens_path.unlink(missing_ok=True)
+            cand_tokens.offsets_path.unlink(missing_ok=True)
+    return _TestSplit(test.count, test_tokens.tokens, sha, removed)
+
+
+def _stats(first: _FirstPass, test: _TestSplit, out_dir: Path, clean: CleanSpec) -> DatasetStats:
+    """Step 6: what was read, kept and written, and the test lines' twins in training."""
+    counter = TwinCounter(
+        [text for text, _ in read_jsonl(out_dir / _TEST_JSONL)], clean.near_duplicate_threshold
+    )
+    chunk: list[str] = []
+    for text, _ in read_jsonl(out_dir / _TRAIN_JSONL):
+        chunk.append(text)
+        if len(chunk) >= TRAIN_CHUNK:
+            counter.add_train(chunk)
+            chunk = []
+    counter.add_train(chunk)
+    twins = counter.counts()
+    return DatasetStats(
+        documents=first.documents,
+        lines=first.lines_read,
+        kept_lines=first.train.count + test.lines,
+        dropped_short=first.dropped,
+        duplicates_removed=first.duplicates + test.removed,
+        train_lines=first.train.count,
+        test_lines=test.lines,
+        train_tokens=_npy_len(out_dir / split_files(TRAIN).tokens_name),
+        test_tokens=test.tokens,
+        overlap=twins["exact"],  # 0 by construction: dedup, or the removal of step 5
+        test_twins=TwinCounts(
+            exact=twins["exact"],
+            normalized=twins["normalized"],
+            letters_digits=twins["lettersDigits"],
+            near=twins["near"],
+        ),
+    )
+
+
+def _drop_near_duplicates(first: _FirstPass, out_dir: Path, threshold: float) -> set[int]:
+    """Step 3 (``dedup: near``): drop train lines close to an earlier train line.
+
+    Rewrites ``train.jsonl`` (and the train tokens, when the first pass made them) without
+    those lines; returns the rows of the test candidates that are close to a kept train
+    line, for step 5 to leave out of the test split.
+    """
+    train_path = out_dir / _TRAIN_JSONL
+    rows = list(read_jsonl(train_path))
+    duplicate = near_duplicate_mask([text for text, _ in rows], threshold)
+    if duplicate.any():
+        writer = JsonlWriter(train_path.with_name(".train.near.jsonl"))
+        for (text, doc), dup in zip(rows, duplicate, strict=True):
+            if not dup:
+                writer.write(text, doc)
+        first.train_sha256 = writer.close()
+        writer.path.replace(train_path)
+        first.train = writer
+        first.duplicates += int(duplicate.sum())
+        if first.train_tokens is not None:
+            _keep_token_rows(out_dir, TRAIN, ~duplicate)
+    kept = [text for (text, _), dup in zip(rows, duplicate, strict=True) if not dup]
+    candidates = [text for text, _ in read_jsonl(out_dir / _TEST_CANDIDATES)]
+    # LSH compares a bounded number of lines per bucket, so a twin can hide behind others
+    # in a crowded bucket; once those are gone it shows. Repeat until none is found, so
+    # the statistics (the same search on the final split) report no near twin.
+    remaining = np.arange(len(candidates))
+    for _ in range(NEAR_ROUNDS):
+        twins = near_twin_mask(kept, [candidates[i] for i in remaining], threshold)
+        if not twins.any():
+            break
+        remaining = remaining[~twins]
+    return set(range(len(candidates))) - {int(i) for i in remaining}
+
+
+def _keep_token_rows(out_dir: Path, split: str, keep: np.ndarray) -> None:
+    """Rewrite ``split``'s token files with only the rows where ``keep`` is True."""
+    files = split_files(split)
+    ids = np.load(out_dir / files.tokens_name)
+    offsets = np.load(out_dir / files.offsets_name)
+    rows = np.nonzero(keep)[0]
+    flat, lengths = _candidate_rows(ids, offsets, rows.tolist(), removed=int((~keep).sum()))
+    writer = TokenWriter(out_dir, split)
+    writer.add_flat(flat, lengths)
+    writer.close()
+
+
 def prepare_lines(
     lines: Iterable[tuple[str, str]],
     clean: CleanSpec,
@@ -383,206 +614,57 @@ def prepare_lines(
     """Clean, dedup, split and tokenize ``(document id, line)`` pairs into ``out_dir``.
 
     Writes ``train.jsonl``, ``test.jsonl``, ``{train,test}.tokens.npy`` and
-    ``.offsets.npy`` and ``tokenizer/`` (the given tokenizer, or one trained on
-    the train split for :class:`FreshTokenizer`). ``documents`` in the returned
-    stats counts distinct consecutive document ids among the lines read.
-    ``workers`` (default :func:`prepare_workers`) processes clean and tokenize
-    chunks in parallel; the output does not depend on it.
+    ``.offsets.npy`` (:mod:`kubetune.dataset_format`) and ``tokenizer/`` (the given
+    tokenizer, or one trained on the train split for :class:`FreshTokenizer`).
+    ``documents`` in the returned stats counts distinct consecutive document ids among
+    the lines read. ``workers`` (default :func:`prepare_workers`) processes clean and
+    tokenize chunks in parallel; the output does not depend on it.
 
-    One pass: each chunk is cleaned, hashed and (with a given tokenizer) tokenized,
-    then deduplicated, split and appended here in input order; nothing is re-read.
-    With ``dedup: exact`` a text is kept once, so no test text can be in train; with
-    ``dedup: none`` the train hashes are kept and test lines whose text is in train
-    are removed at the end.
+    Steps: (1) one pass: each chunk is cleaned, hashed and (with a given tokenizer)
+    tokenized, then deduplicated, split and appended in input order; (2) fail if nothing
+    or one split is empty; (3) ``dedup: near``: drop train lines close to an earlier one,
+    and mark the test candidates close to a train line; (4) for a fresh tokenizer, train
+    it on the train split and tokenize that; (5) write the test split: with dedup a text
+    (normalised for ``normalized``/``near``) is kept once, so no test text can be in
+    train; with ``dedup: none`` the test candidates whose text is in train are removed
+    here, with ``near`` the marked ones; (6) count, with each test line's twins in train.
     """
     started = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in ("train.jsonl", "test.jsonl", "tokenizer"):
+    for stale in (_TRAIN_JSONL, _TEST_JSONL, "tokenizer"):
         path = out_dir / stale
         if path.is_dir():
             shutil.rmtree(path)
     key = seed_key(split.seed)
-    threshold = int(split.test_fraction * _U64)
-    dedup = clean.dedup == DedupMode.EXACT
-    by_document = split.unit == SplitUnit.DOCUMENT
-    fresh = isinstance(tokenizer, FreshTokenizer)
-    worker = _ChunkWorker(clean, key, None if fresh else FastEncoder(tokenizer))
-
-    seen: set[int] = set()  # dedup: exact -> every kept hash; none -> the train hashes
-    test_hashes: set[int] = set()
-    train = _JsonlWriter(out_dir / "train.jsonl")
-    candidates = _JsonlWriter(out_dir / _TEST_CANDIDATES)
-    train_tokens = None if fresh else _TokenWriter(out_dir, "train")
-    cand_tokens = None if fresh else _TokenWriter(out_dir, "test.candidates")
-    lines_read = documents = duplicates = dropped = 0
-    last_doc: str | None = None
-    split_doc: str | None = None
-    doc_in_test = False
-    try:
-        for docs, chunk in _chunks(lines, worker, workers or prepare_workers()):
-            lines_read += len(docs)
-            for doc in docs:
-                if doc != last_doc:
-                    last_doc = doc
-                    documents += 1
-            dropped += chunk.dropped
-            to_train = np.zeros(len(chunk.kept), dtype=bool)
-            to_test = np.zeros(len(chunk.kept), dtype=bool)
-            for j, (row, text, h) in enumerate(
-                zip(chunk.kept, chunk.texts, chunk.hashes, strict=True)
-            ):
-                doc = docs[row]
-                if dedup:
-                    if h in seen:
-                        duplicates += 1
-                        continue
-                    seen.add(h)
-                if by_document:
-                    if doc != split_doc:
-                        split_doc = doc
-                        doc_in_test = (text_hash(doc, key) >> 64) < threshold
-                    in_test = doc_in_test
-                else:
-                    in_test = (h >> 64) < threshold
-                if in_test:
-                    candidates.write(text, doc)
-                    test_hashes.add(h)
-                    to_test[j] = True
-                else:
-                    train.write(text, doc)
-                    if not dedup:
-                        seen.add(h)
-                    to_train[j] = True
-            if chunk.flat is not None and chunk.lengths is not None:
-                assert train_tokens is not None and cand_tokens is not None
-                per_token = np.repeat(np.arange(len(chunk.kept)), chunk.lengths)
-                for mask, writer in ((to_train, train_tokens), (to_test, cand_tokens)):
-                    if mask.any():
-                        writer.add_flat(chunk.flat[mask[per_token]], chunk.lengths[mask])
-    finally:
-        train.close()
-        candidates.close()
-        for tw in (train_tokens, cand_tokens):
-            if tw is not None:
-                tw.close()
-    # Texts in both splits: only possible without dedup (a kept text is unique otherwise).
-    overlap = test_hashes & seen if not dedup else set()
-    del seen, test_hashes  # the largest structures; not needed any more
+    first = _first_pass(lines, clean, split, key, tokenizer, out_dir, workers)
+    overlap = first.take_overlap()
     if overlap:
         log.warning("%d test texts also in train; removing them from test", len(overlap))
-
-    kept = train.count + candidates.count
-    if kept == 0:
-        _cleanup(out_dir)
-        limits = f"minChars={clean.min_chars}"
-        if clean.max_chars is not None:
-            limits += f"/maxChars={clean.max_chars}"
-        raise StageError(
-            f"no text left after cleaning {source}: {lines_read} lines read, all dropped by "
-            f"{limits}/dedup ({dropped} too short or long, {duplicates} "
-            "duplicates); lower dataset.clean.minChars or check the format/textField",
-            reason=UNUSABLE,
-        )
-    if train.count == 0:
-        _cleanup(out_dir)
-        raise _split_error("train", kept, split, source)
-    if candidates.count == 0:
-        _cleanup(out_dir)
-        raise _split_error("test", kept, split, source)
-
+    _check_both_splits(first, clean, split, source, out_dir)
+    near_rows: frozenset[int] = frozenset()
+    if clean.dedup == DedupMode.NEAR:
+        near_rows = frozenset(_drop_near_duplicates(first, out_dir, clean.near_duplicate_threshold))
     if isinstance(tokenizer, FreshTokenizer):
-        tokenizer = train_bpe_tokenizer(
-            (text for text, _ in _read_jsonl(out_dir / "train.jsonl")),
-            tokenizer.vocab_size,
-            model_max_length=tokenizer.model_max_length,
-            length=train.count,
-        )
-        _tokenize_file(
-            out_dir / "train.jsonl", _TokenWriter(out_dir, "train"), tokenizer, key, batch_size
-        )
-
-    # Test split: the candidates minus texts that are also in train.
-    test = _JsonlWriter(out_dir / "test.jsonl")
-    test_tokens = _TokenWriter(out_dir, "test")
-    cand_ids = cand_offsets = None
-    if cand_tokens is not None:
-        cand_ids = np.load(cand_tokens.tokens_path, mmap_mode="r")
-        cand_offsets = np.load(cand_tokens.offsets_path)
-    removed = 0
-    batch: list[str] = []
-    keep_rows: list[int] = []
-    try:
-        for row, (text, doc) in enumerate(_read_jsonl(out_dir / _TEST_CANDIDATES)):
-            if overlap and text_hash(text, key) in overlap:
-                removed += 1
-                continue
-            test.write(text, doc)
-            if cand_offsets is None:
-                batch.append(text)
-                if len(batch) >= batch_size:
-                    test_tokens.add(encode_batch(tokenizer, batch))
-                    batch = []
-            else:
-                keep_rows.append(row)
-        if batch:
-            test_tokens.add(encode_batch(tokenizer, batch))
-        if cand_ids is not None and cand_offsets is not None and keep_rows:
-            rows = np.asarray(keep_rows, dtype=np.int64)
-            starts, ends = cand_offsets[rows], cand_offsets[rows + 1]
-            lengths = ends - starts
-            if removed:
-                index = np.repeat(starts - np.cumsum(lengths) + lengths, lengths)
-                index += np.arange(int(lengths.sum()))
-                flat = np.asarray(cand_ids[index])
-            else:
-                flat = np.asarray(cand_ids)
-            test_tokens.add_flat(flat, lengths)
-    finally:
-        test_sha = test.close()
-        test_tokens.close()
-        del cand_ids
-        (out_dir / _TEST_CANDIDATES).unlink()
-        if cand_tokens is not None:
-            cand_tokens.tokens_path.unlink(missing_ok=True)
-            cand_tokens.offsets_path.unlink(missing_ok=True)
-    if test.count == 0:
-        _cleanup(out_dir)
-        raise _split_error("test", train.count, split, source)
-
-    train_token_count = _npy_len(out_dir / "train.tokens.npy")
-    tokenizer.save_pretrained(str(out_dir / "tokenizer"))
-    stats = DatasetStats(
-        documents=documents,
-        lines=lines_read,
-        kept_lines=train.count + test.count,
-        dropped_short=dropped,
-        duplicates_removed=duplicates + removed,
-        train_lines=train.count,
-        test_lines=test.count,
-        train_tokens=train_token_count,
-        test_tokens=test_tokens.tokens,
-        overlap=0,  # by construction: dedup, or the removal above
+        tokenizer = _fit_tokenizer(tokenizer, out_dir, first.train.count, batch_size)
+    test = _write_test_split(
+        out_dir, first.cand_tokens, overlap, tokenizer, key, batch_size, near_rows
     )
+    if test.lines == 0:
+        _cleanup(out_dir)
+        raise _split_error("test", first.train.count, split, source)
+    tokenizer.save_pretrained(str(out_dir / "tokenizer"))
     return PreparedDataset(
-        stats=stats,
+        stats=_stats(first, test, out_dir, clean),
         tokenizer=tokenizer,
         out_dir=out_dir,
-        train_sha256=_sha256(out_dir / "train.jsonl"),
-        test_sha256=test_sha,
+        train_sha256=first.train_sha256,
+        test_sha256=test.sha256,
         seconds=time.perf_counter() - started,
     )
 
 
 def _npy_len(path: Path) -> int:
     return int(np.load(path, mmap_mode="r").shape[0])
-
-
-def _sha256(path: Path) -> str:
-    sha = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(_COPY_CHUNK), b""):
-            sha.update(chunk)
-    return sha.hexdigest()
 
 
 def _cleanup(out_dir: Path) -> None:
@@ -615,8 +697,11 @@ def run(ctx: StageContext) -> PrepareResult:
     # before a (possibly slow) tokenizer download.
     source = open_source(spec, ctx.open, download)
     log.info("prepare: reading %s", source.uri)
+    versions = None
     if source.storage is not None:
         log.info("prepare: %d file(s) under %s", len(source.keys()), source.uri)
+        versions = source.storage.versions("")
+    inputs = dataset_inputs(job.spec, versions)
 
     model = job.spec.model
     source_name = model_tokenizer_source(model)
@@ -640,21 +725,16 @@ def run(ctx: StageContext) -> PrepareResult:
     storage.delete(layout.PREPARE_RESULT)
     storage.delete(layout.TOKENIZER)
     storage.upload_dir(out_dir / "tokenizer", layout.TOKENIZER)
-    for key in (
-        layout.TRAIN_TEXT,
-        layout.TEST_TEXT,
-        layout.TRAIN_TOKENS,
-        layout.TRAIN_OFFSETS,
-        layout.TEST_TOKENS,
-        layout.TEST_OFFSETS,
-    ):
-        storage.upload_file(out_dir / os.path.basename(key), key)
+    upload_splits(storage, out_dir)
     result = PrepareResult(
+        run=ctx.run_identity,
         stats=stats,
         train_sha256=prepared.train_sha256,
         test_sha256=prepared.test_sha256,
         tokenizer=tokenizer_name(model),
         dataset_uri=ctx.storage.uri(layout.DATASET),
+        fingerprint=fingerprint(inputs),
+        fingerprint_inputs=inputs,
         config=spec.to_wire(),
         seconds=round(time.perf_counter() - started, 3),
     )

@@ -279,17 +279,18 @@ def _results(ctx: StageContext, result: EvaluateResult) -> list[Block]:
     if ft.perplexity is not None:
         blocks.append(
             Para(
-                "Perplexity is exp(total NLL / predicted tokens) over "
-                f"{ft.predicted_tokens or 0:,} test tokens of the whole test split; each test "
-                "line is scored on its own with the eos/bos token as context, so every token "
-                "of the line is predicted."
+                f"Perplexity is exp(total NLL / predicted tokens) over {_scored_lines(result)} "
+                f"({ft.predicted_tokens or 0:,} tokens); each test line is scored on its own "
+                "with the eos/bos token as context, so every token of the line is predicted."
             )
         )
     if ft.bleu is not None:
         spec = ctx.job.spec.evaluation.bleu
         blocks.append(
             Para(
-                f"BLEU: greedy continuations of {ft.bleu_samples or 0} test lines; the prompt is "
+                f"BLEU: greedy continuations of {_of_total(ft.bleu_samples, result.test_lines)} "
+                f"test lines (all in {RunLayout.EVAL_SAMPLES}, to recompute with sacrebleu); "
+                "the prompt is "
                 f"the first {spec.prompt_fraction:.0%} of each line's words, the reference is the "
                 "rest; "
                 f"at most {spec.max_new_tokens} new tokens, cut at the first newline. sacrebleu "
@@ -378,6 +379,22 @@ def _training(train: TrainResult | None, png: bytes | None) -> list[Block]:
     return blocks
 
 
+def _of_total(count: int | None, total: int | None) -> str:
+    if total is None or count is None or count >= total:
+        return f"{count or 0:,}"
+    return f"{count:,} of {total:,}"
+
+
+def _scored_lines(result: EvaluateResult) -> str:
+    """ "all 4,596 test lines", or "500 of 4,596 test lines" when evaluation.maxSamples caps it."""
+    scored, total = result.fine_tuned.perplexity_lines, result.test_lines
+    if scored is None or total is None:
+        return "the test split"
+    if scored >= total:
+        return f"all {total:,} test lines"
+    return f"{scored:,} of {total:,} test lines (evaluation.maxSamples)"
+
+
 def _samples(rows: list[dict[str, Any]], has_baseline: bool) -> list[Block]:
     if not rows:
         return []
@@ -443,6 +460,7 @@ def run(ctx: StageContext) -> ReportResult:
     title = f"Fine-tune report: {ctx.job.metadata.name}"
     ctx.storage.write_text(RunLayout.REPORT_HTML, render_html(blocks, title))
     report = ReportResult(
+        run=ctx.run_identity,
         markdown_uri=ctx.storage.uri(RunLayout.REPORT_MD),
         html_uri=ctx.storage.uri(RunLayout.REPORT_HTML),
         loss_curve_uri=loss_uri,

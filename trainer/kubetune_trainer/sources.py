@@ -13,10 +13,11 @@ the working directory, ``s3://``), or a hub dataset ``hf://<dataset>[/<config>][
 (``<dataset>`` may be ``owner/name``; needs a reachable hub). Files are read in
 sorted key order, so the same source always gives the same stream.
 
-Formats: ``text`` and ``markdown`` files are one document each (id = the key
-relative to the source); ``jsonl``, ``csv`` and ``parquet`` records are one
-document each (id = ``<key>:<record index>``), their ``textField`` split into
-lines. Only non-blank lines are yielded. Nothing holds more than one line,
+Formats: ``text``, ``markdown`` and ``rst`` files are one document each (id = the key
+relative to the source; reStructuredText markup is removed per document by
+:mod:`kubetune_trainer.rst` when ``clean.stripMarkup`` is on); ``jsonl``, ``csv`` and
+``parquet`` records are one document each (id = ``<key>:<record index>``), their
+``textField`` split into lines. Only non-blank lines are yielded. Nothing holds more than one line,
 record or Parquet batch in memory; ``s3://`` objects are downloaded to scratch
 one at a time and deleted after reading.
 
@@ -41,6 +42,7 @@ from kubetune.contract import StageError
 from kubetune.layout import join_uri
 from kubetune.schema import DatasetFormat, DatasetSpec, Reason
 from kubetune.storage import FileStorage, Storage, StorageError
+from kubetune_trainer.rst import rst_to_text
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,8 @@ EXTENSIONS: dict[str, DatasetFormat] = {
     ".text": DatasetFormat.TEXT,
     ".md": DatasetFormat.MARKDOWN,
     ".markdown": DatasetFormat.MARKDOWN,
+    ".rst": DatasetFormat.RST,
+    ".rest": DatasetFormat.RST,
     ".jsonl": DatasetFormat.JSONL,
     ".ndjson": DatasetFormat.JSONL,
     ".csv": DatasetFormat.CSV,
@@ -197,7 +201,7 @@ class Source:
             exts = sorted({Path(k).suffix or "(none)" for k in self.skipped_files})
             raise unusable(
                 f"dataset.source {self.uri}: no readable files ({len(keys)} found, with extensions "
-                f"{', '.join(exts)}); use .txt, .md, .jsonl, .csv or .parquet files, or set "
+                f"{', '.join(exts)}); use .txt, .md, .rst, .jsonl, .csv or .parquet files, or set "
                 "dataset.format"
             )
         for key, fmt in readable:
@@ -206,6 +210,9 @@ class Source:
             with self._local_copy(key) as path:
                 if fmt in (DatasetFormat.TEXT, DatasetFormat.MARKDOWN):
                     yield doc_base, self._read_text_file(path, name)
+                elif fmt == DatasetFormat.RST:
+                    lines = self._read_text_file(path, name)
+                    yield doc_base, rst_to_text(lines) if self.spec.clean.strip_markup else lines
                 elif fmt == DatasetFormat.JSONL:
                     yield from self._jsonl_documents(path, name, doc_base)
                 elif fmt == DatasetFormat.CSV:
@@ -226,12 +233,22 @@ class Source:
         except StorageError as exc:
             raise unusable(f"dataset.source {self.uri}: {exc}") from None
         if not keys:
-            raise unusable(
-                f"dataset.source {self.uri}: empty source, no files found there; check the path "
-                "or prefix (a prefix should end with /) and that the files were uploaded"
-            )
+            raise unusable(self._nothing_there())
         self._keys = sorted(keys)
         return self._keys
+
+    def _nothing_there(self) -> str:
+        """Why a source lists no files: a path that does not exist, or an empty directory."""
+        if isinstance(self.storage, FileStorage) and not self.storage.path("").exists():
+            return (
+                f"dataset.source {self.uri}: no such file or directory "
+                f"({self.storage.path('')}); check the path (file:// paths may be relative "
+                "to the current directory)"
+            )
+        return (
+            f"dataset.source {self.uri}: empty source, no files found there; check the path "
+            "or prefix (a prefix should end with /) and that the files were uploaded"
+        )
 
     @contextmanager
     def _local_copy(self, key: str) -> Iterator[Path]:

@@ -48,7 +48,10 @@ def run_stage(name: str, ctx: StageContext) -> StageResult:
 def termination_summary(result: StageResult) -> dict[str, Any]:
     """The compact form of a result for a pod's termination message (< 4 KiB)."""
     data = result.to_wire()
-    data.pop("config", None)  # resolved configs are in storage; keep the message small
+    # Resolved configs and fingerprint inputs (a source listing can be long) stay in
+    # storage: the message must fit in 4 KiB.
+    for key in ("config", "fingerprintInputs", "trainingInputs"):
+        data.pop(key, None)
     return data
 
 
@@ -65,11 +68,19 @@ def run_as_pod(
     Prints each result as JSON, writes the compact result or the failure to the
     termination log, and returns the exit code the operator's podFailurePolicy reads.
     """
-    ctx = make_context(job, output=output, scratch=scratch, show_progress=sys.stderr.isatty())
+    with make_context(
+        job, output=output, scratch=scratch, show_progress=sys.stderr.isatty()
+    ) as ctx:
+        return _run_in_context(ctx, stage, with_report)
+
+
+def _run_in_context(ctx: StageContext, stage: str, with_report: bool) -> int:
     names = [stage] + ([Stage.REPORT.value] if with_report else [])
     summary: dict[str, Any] = {}
     for name in names:
         try:
+            if name == stage:
+                ctx.check_output_writable()
             result = run_stage(name, ctx)
         except Exception as exc:
             payload = failure_payload(name, exc)

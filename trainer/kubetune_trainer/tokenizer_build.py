@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kubetune.contract import StageError
-from kubetune.schema import ModelSpec
-from kubetune.storage import Storage, StorageError
+from kubetune.schema import ModelSpec, Reason
+from kubetune.storage import Storage, StorageError, StorageNotFound, is_permanent
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
@@ -69,6 +69,26 @@ def train_bpe_tokenizer(
     )
 
 
+# Model weights and optimizer state: a tokenizer never needs them, and they are most of
+# the bytes of a model prefix (prepare loads only the tokenizer).
+WEIGHT_SUFFIXES = (
+    ".safetensors",
+    ".bin",
+    ".pt",
+    ".pth",
+    ".ckpt",
+    ".h5",
+    ".msgpack",
+    ".gguf",
+    ".onnx",
+)
+
+
+def is_weights_file(key: str) -> bool:
+    """True for model weight files (``model.safetensors``, ``pytorch_model-0001.bin``, ...)."""
+    return key.lower().endswith(WEIGHT_SUFFIXES) or key.endswith(".safetensors.index.json")
+
+
 def _is_storage_uri(name: str) -> bool:
     return name.startswith(("s3://", "file://"))
 
@@ -92,13 +112,20 @@ def load_tokenizer(
         if open_storage is None or scratch is None:
             raise ValueError("loading a tokenizer from storage needs open_storage and scratch")
         local = scratch / "tokenizer-download"
+        what = "a save_pretrained() tokenizer (tokenizer.json or vocab files)"
         try:
             storage = open_storage(name)
-            storage.download_dir("", local)
+            keys = storage.list("")
+            files = [key for key in keys if not is_weights_file(key)]
+            if not files:
+                what_is_there = "only model weights" if keys else "nothing stored"
+                raise StorageNotFound(f"{name}: {what_is_there} there")
+            for key in files:
+                storage.download_file(key, local / key)
         except StorageError as exc:
+            reason = Reason.INVALID_SPEC if is_permanent(exc) else Reason.STAGE_FAILED
             raise StageError(
-                f"tokenizer {name}: {exc}; it must be a prefix holding a save_pretrained() "
-                "tokenizer (tokenizer.json or vocab files)"
+                f"tokenizer {name}: {exc}; it must be a prefix holding {what}", reason=reason
             ) from None
         source = str(local)
         revision = None

@@ -23,7 +23,10 @@ The loop is the Accelerate examples' (``prepare``, ``accumulate``,
   there are several processes (as ``DistributedSampler`` pads) so all ranks step
   together;
 * loss: summed token NLL of the micro-batch divided by the predicted tokens of
-  the whole optimizer step (token-weighted, not a mean of micro-batch means);
+  the whole optimizer step, over every process and micro-batch (token-weighted,
+  not a mean of micro-batch or per-process means); the BatchSource knows every
+  process's rows, so each counts the step's targets without a collective, and
+  scales by the processes because DDP averages gradients (:func:`loss_scale`);
 * no host sync per step: the loss stays on the device until a log step;
 * the LR scheduler is stepped by us once per optimizer step (Accelerate's prepared
   scheduler would step once per process) and registered for checkpointing.
@@ -37,21 +40,20 @@ import shutil
 import time
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from kubetune.contract import StageError
+from kubetune.dataset_format import TRAIN, read_tokens
 from kubetune.layout import RunLayout
 from kubetune.results import TrainResult
 from kubetune.schema import Progress, Reason, TrainingSpec
-from kubetune.storage import StorageError
 from kubetune_trainer import checkpoints as ckpt
 from kubetune_trainer.bleu import context_token_id
 from kubetune_trainer.context import StageContext
 from kubetune_trainer.exporter import ProgressWriter, TrainMetrics, rfc3339_now
-from kubetune_trainer.packing import Rows, build_rows, collate, count_targets
+from kubetune_trainer.packing import Rows, build_rows, collate
 
 if TYPE_CHECKING:
     import torch
@@ -111,6 +113,15 @@ def make_plan(rows: int, t: TrainingSpec, num_processes: int) -> Plan:
     )
 
 
+@dataclass(frozen=True)
+class MicroBatch:
+    """This process's share of a global micro-batch, with counts over all processes."""
+
+    arrays: dict[str, np.ndarray]  # this process's rows, collated (packing.collate)
+    tokens: int  # real tokens of the global micro-batch (every process's rows)
+    targets: int  # predicted tokens of the global micro-batch (every process's rows)
+
+
 class BatchSource:
     """Micro-batches by global index: a seeded permutation per epoch, sharded by rank."""
 
@@ -121,6 +132,7 @@ class BatchSource:
         self.seed = seed
         self.pad_id = pad_id
         self.row_lengths = rows.row_lengths()
+        self.row_targets = rows.row_targets()
         self._epoch = -1
         self._perm = np.empty(0, dtype=np.int64)
 
@@ -143,14 +155,15 @@ class BatchSource:
             return perm[b * g : (b + 1) * g]
         return perm[np.arange(b * g, (b + 1) * g) % len(perm)]
 
-    def batch(self, micro: int) -> tuple[dict[str, np.ndarray], int]:
-        """This process's batch and the real tokens of the whole global micro-batch."""
+    def batch(self, micro: int) -> MicroBatch:
+        """This process's rows of global micro-batch ``micro``; counts cover every process's."""
         idx = self.global_indices(micro)
         tokens = int(self.row_lengths[idx].sum())
+        targets = int(self.row_targets[idx].sum())
         if self.plan.num_processes > 1:
             b = self.plan.batch_size
             idx = idx[self.rank * b : (self.rank + 1) * b]
-        return collate(self.rows, idx, self.pad_id), tokens
+        return MicroBatch(collate(self.rows, idx, self.pad_id), tokens, targets)
 
 
 # --------------------------------------------------------------------------- setup
@@ -175,51 +188,20 @@ def resolve_precision(requested: str, cuda: bool) -> str:
     return requested
 
 
-def _load_array(ctx: StageContext, key: str, local: Path) -> np.ndarray:
-    if not local.exists():
-        try:
-            ctx.storage.download_file(key, local)
-        except StorageError as exc:
-            raise StageError(
-                f"{ctx.storage.uri(key)}: {exc}; run the prepare stage first (it writes the "
-                "tokenized training split there)",
-                reason=Reason.DATASET_UNUSABLE,
-            ) from None
-    return np.load(local, mmap_mode="r")
-
-
 def load_training_rows(
     ctx: StageContext, eos_id: int, vocab_size: int, bos_id: int | None = None
 ) -> Rows:
-    """Prepare's train token arrays -> training rows (packed or not)."""
+    """Prepare's train token arrays (:mod:`kubetune.dataset_format`) -> training rows."""
     t = ctx.job.spec.training
-    scratch = ctx.scratch_dir("dataset")
-    tokens = _load_array(ctx, RunLayout.TRAIN_TOKENS, scratch / "train.tokens.npy")
-    offsets = _load_array(ctx, RunLayout.TRAIN_OFFSETS, scratch / "train.offsets.npy")
-    where = ctx.storage.uri(RunLayout.TRAIN_OFFSETS)
-    if offsets.ndim != 1 or len(offsets) < 2 or int(offsets[0]) != 0:
-        raise StageError(
-            f"{where}: expected int64 line offsets starting at 0 (lines + 1 values)",
-            reason=Reason.DATASET_UNUSABLE,
-        )
-    if int(offsets[-1]) != len(tokens) or (np.diff(offsets) < 0).any():
-        raise StageError(
-            f"{where}: offsets do not match {RunLayout.TRAIN_TOKENS} ({int(offsets[-1])} vs "
-            f"{len(tokens)} tokens); re-run the prepare stage",
-            reason=Reason.DATASET_UNUSABLE,
-        )
+    # Downloaded once per node into scratch and memory-mapped; checked against the format.
+    split = read_tokens(
+        ctx.storage, TRAIN, vocab_size=vocab_size, local_dir=ctx.scratch_dir("dataset")
+    )
+    tokens, offsets = split.tokens, split.offsets
     if len(tokens) == 0:
         raise StageError(
             f"{ctx.storage.uri(RunLayout.TRAIN_TOKENS)}: the training split has no "
             "tokens; check dataset.source and dataset.clean",
-            reason=Reason.DATASET_UNUSABLE,
-        )
-    top = int(tokens.max())
-    if top >= vocab_size:
-        raise StageError(
-            f"{ctx.storage.uri(RunLayout.TRAIN_TOKENS)}: token id {top} is outside the model's "
-            f"vocabulary ({vocab_size}); the dataset was tokenized with another tokenizer, re-run "
-            "prepare",
             reason=Reason.DATASET_UNUSABLE,
         )
     # Lines start with the token evaluation scores from (bos, else eos): see packing.py.
@@ -346,19 +328,102 @@ def _check_resume(state: ckpt.TrainerState, config: dict[str, Any], key: str) ->
 # --------------------------------------------------------------------------- the loop
 
 
+def loss_scale(plan: Plan, step_targets: int) -> float:
+    """The factor on a micro-batch's summed NLL that makes the step's gradient sum NLL / targets.
+
+    ``step_targets`` are the predicted tokens of the whole optimizer step: every
+    process's rows of every micro-batch. ``accelerator.backward`` divides the loss
+    by the accumulation steps and DDP averages gradients over the processes, so
+    both are multiplied back: the gradient is what one process would get on the
+    same global batch.
+    """
+    return plan.grad_accum * plan.num_processes / max(1, step_targets)
+
+
+@dataclass
+class _Setup:
+    """What the loop trains with, built once by ``_Trainer._build`` before it."""
+
+    model: Any  # prepared by Accelerate (in DDP under a distributed launch)
+    tokenizer: Any
+    optimizer: Any  # prepared AdamW
+    scheduler: Any  # stepped by us, once per optimizer step
+    source: BatchSource
+    plan: Plan
+    config: dict[str, Any]  # resolved hyperparameters, saved with every checkpoint
+    attn: str  # the model's attention implementation (decides the packed mask)
+    mask_dtype: torch.dtype  # dtype of the packed attention mask (the autocast dtype)
+
+
+@dataclass
+class _Window:
+    """Sums since the last log line; the NLL stays on the device until then (no host sync)."""
+
+    nll: torch.Tensor  # this process's summed token NLL
+    first_bad_step: torch.Tensor  # first step with a non-finite NLL here; -1 while none
+    targets: int = 0  # predicted tokens, all processes
+    tokens: int = 0  # real tokens, all processes
+    started: float = 0.0  # time.perf_counter() at the previous log line
+
+
 class _Trainer:
-    """One attempt of the train stage (state shared by the loop's helpers)."""
+    """One attempt of the train stage: ``run`` builds, resumes, loops and finishes.
+
+    The attributes set here are everything the loop's helpers share; what is
+    built from the model and the data is the :class:`_Setup` that ``_build`` returns.
+    """
 
     def __init__(self, ctx: StageContext) -> None:
-        self.ctx = ctx
-        self.t = ctx.job.spec.training
-        self.started = time.time()
-        self.resumed_from: int | None = None  # step of the checkpoint this attempt started from
-        self.last_checkpoint: int | None = None  # step of the newest checkpoint written/loaded
-
-    def run(self) -> TrainResult:
         import torch
         from accelerate import Accelerator
+
+        self.ctx = ctx
+        self.t = ctx.job.spec.training
+        self.started = time.time()  # wall clock at the attempt's start (result.seconds)
+        self.mixed_precision = resolve_precision(str(self.t.precision), torch.cuda.is_available())
+        _reset_single_process_accelerate()
+        self.accelerator = Accelerator(
+            mixed_precision=self.mixed_precision,
+            gradient_accumulation_steps=self.t.gradient_accumulation_steps,
+        )
+        self.metrics = TrainMetrics(ctx.job.metadata.name, ctx.job.metadata.namespace)
+        self.progress = ProgressWriter(ctx.storage)  # written by the main process only
+        self.bar: Any = None  # tqdm bar while the loop runs (main process, ctx.show_progress)
+        device = self.accelerator.device
+        self.window = _Window(
+            nll=torch.zeros((), device=device, dtype=torch.float32),
+            first_bad_step=torch.full((), -1, device=device, dtype=torch.long),
+        )
+        self.resumed_from: int | None = None  # step of the checkpoint this attempt started from
+        self.last_checkpoint: int | None = None  # step of the newest checkpoint written/loaded
+        self.first_step = 0  # the step this attempt's loop started at
+        self.elapsed_before = 0.0  # training seconds of earlier attempts (from the checkpoint)
+        self.loop_start = 0.0  # time.perf_counter() at the loop's start
+        self.loop_seconds = 0.0  # this attempt's loop, checkpoints included
+        self.loop_tokens = 0  # real tokens this attempt trained on, all processes
+        self.final_loss: float | None = None  # the loss of the last log line
+
+    def run(self) -> TrainResult:
+        accelerator = self.accelerator
+        if accelerator.is_local_main_process:
+            self.metrics.serve()
+        try:
+            setup = self._build()
+            state = self._resume(setup.config)
+            self._loop(setup, state)
+            accelerator.wait_for_everyone()
+            result = self._finish(setup, state)
+            accelerator.wait_for_everyone()
+            return result
+        finally:
+            self.metrics.close()
+            _reset_single_process_accelerate()
+
+    # ---------------------------------------------------------------- before the loop
+
+    def _build(self) -> _Setup:
+        """Tokenizer, model (LoRA), rows, plan, optimizer and scheduler, prepared by Accelerate."""
+        import torch
         from accelerate.utils import set_seed
         from transformers import get_scheduler
 
@@ -369,100 +434,74 @@ class _Trainer:
             model_config_dict,
         )
 
-        ctx, t = self.ctx, self.t
-        mixed = resolve_precision(str(t.precision), torch.cuda.is_available())
-        _reset_single_process_accelerate()
-        accelerator = Accelerator(
-            mixed_precision=mixed, gradient_accumulation_steps=t.gradient_accumulation_steps
-        )
-        self.accelerator = accelerator
-        main = accelerator.is_main_process
+        ctx, t, accelerator = self.ctx, self.t, self.accelerator
         set_seed(t.seed)
+        # Node-local scratch: the first process of each node downloads, the others reuse.
+        with accelerator.local_main_process_first():
+            tokenizer = load_tokenizer(ctx)
+            eos = int(tokenizer.eos_token_id)
+            model = load_model(
+                ctx.job.spec.model, ctx, len(tokenizer), seed=t.seed, eos_token_id=eos
+            )
+            rows = load_training_rows(
+                ctx, eos, embedding_rows(model), bos_id=context_token_id(tokenizer)
+            )
+        attn = str(getattr(model.config, "_attn_implementation", "eager"))
+        if t.packing and t.max_seq_length > getattr(model.config, "n_positions", t.max_seq_length):
+            raise StageError(
+                f"training.maxSeqLength {t.max_seq_length} exceeds the model's context "
+                f"({model.config.n_positions} positions); lower it",
+                reason=Reason.INVALID_SPEC,
+            )
+        if t.lora is not None:
+            model = apply_lora(model, ctx)
+        n_params = sum(p.numel() for p in model.parameters())
+        n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
-        metrics = TrainMetrics(ctx.job.metadata.name, ctx.job.metadata.namespace)
-        self.metrics = metrics
-        if accelerator.is_local_main_process:
-            metrics.serve()
-        try:
-            # Node-local scratch: the first process of each node downloads, the others reuse.
-            with accelerator.local_main_process_first():
-                tokenizer = load_tokenizer(ctx)
-                eos = int(tokenizer.eos_token_id)
-                model = load_model(
-                    ctx.job.spec.model, ctx, len(tokenizer), seed=t.seed, eos_token_id=eos
-                )
-                rows = load_training_rows(
-                    ctx, eos, embedding_rows(model), bos_id=context_token_id(tokenizer)
-                )
-            attn = str(getattr(model.config, "_attn_implementation", "eager"))
-            if t.packing and t.max_seq_length > getattr(
-                model.config, "n_positions", t.max_seq_length
-            ):
-                raise StageError(
-                    f"training.maxSeqLength {t.max_seq_length} exceeds the model's context "
-                    f"({model.config.n_positions} positions); lower it",
-                    reason=Reason.INVALID_SPEC,
-                )
-            if t.lora is not None:
-                model = apply_lora(model, ctx)
-            n_params = sum(p.numel() for p in model.parameters())
-            n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-            plan = make_plan(len(rows), t, accelerator.num_processes)
-            config = self._resolved_config(
-                plan, rows, mixed, attn, n_params, n_trainable, model_config_dict(model)
+        plan = make_plan(len(rows), t, accelerator.num_processes)
+        config = self._resolved_config(
+            plan, rows, attn, n_params, n_trainable, model_config_dict(model)
+        )
+        optimizer = _optimizer(model, t)
+        scheduler = get_scheduler(
+            str(t.scheduler),
+            optimizer,
+            num_warmup_steps=plan.warmup_steps,
+            num_training_steps=plan.total_steps,
+        )
+        model, optimizer = accelerator.prepare(model, optimizer)
+        accelerator.register_for_checkpointing(scheduler)
+        source = BatchSource(
+            rows, plan, accelerator.process_index, t.seed, int(tokenizer.pad_token_id)
+        )
+        if accelerator.is_main_process:
+            log.info(
+                "training %s: %d rows (%d tokens, packing %s, efficiency %.1f%%), %d steps "
+                "of %d rows, %s, precision %s, attention %s, %d/%d trainable parameters",
+                ctx.job.spec.model.display_name,
+                len(rows),
+                rows.tokens,
+                t.packing,
+                100 * rows.efficiency,
+                plan.total_steps,
+                plan.global_batch * plan.grad_accum,
+                _device_name(accelerator),
+                self.mixed_precision,
+                attn,
+                n_trainable,
+                n_params,
             )
-            optimizer = _optimizer(model, t)
-            scheduler = get_scheduler(
-                str(t.scheduler),
-                optimizer,
-                num_warmup_steps=plan.warmup_steps,
-                num_training_steps=plan.total_steps,
-            )
-            model, optimizer = accelerator.prepare(model, optimizer)
-            accelerator.register_for_checkpointing(scheduler)
-
-            state = self._resume(config)
-            source = BatchSource(
-                rows, plan, accelerator.process_index, t.seed, int(tokenizer.pad_token_id)
-            )
-            if main:
-                log.info(
-                    "training %s: %d rows (%d tokens, packing %s, efficiency %.1f%%), %d steps "
-                    "of %d rows, %s, precision %s, attention %s, %d/%d trainable parameters",
-                    ctx.job.spec.model.display_name,
-                    len(rows),
-                    rows.tokens,
-                    t.packing,
-                    100 * rows.efficiency,
-                    plan.total_steps,
-                    plan.global_batch * plan.grad_accum,
-                    _device_name(accelerator),
-                    mixed,
-                    attn,
-                    n_trainable,
-                    n_params,
-                )
-            final_loss, loop_tokens, loop_seconds = self._loop(
-                model, optimizer, scheduler, source, plan, state, config, attn
-            )
-            accelerator.wait_for_everyone()
-            result = self._finish(
-                model, tokenizer, plan, state, config, final_loss, loop_tokens, loop_seconds
-            )
-            accelerator.wait_for_everyone()
-            return result
-        finally:
-            metrics.close()
-            _reset_single_process_accelerate()
-
-    # ---------------------------------------------------------------- pieces
+        mask_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
+            accelerator.mixed_precision, torch.float32
+        )
+        return _Setup(
+            model, tokenizer, optimizer, scheduler, source, plan, config, attn, mask_dtype
+        )
 
     def _resolved_config(
         self,
         plan: Plan,
         rows: Rows,
-        mixed: str,
         attn: str,
         n_params: int,
         n_trainable: int,
@@ -473,7 +512,7 @@ class _Trainer:
             "job": self.ctx.job.metadata.name,
             "model": self.ctx.job.spec.model.display_name,
             "training": t.to_wire(),
-            "mixedPrecision": mixed,
+            "mixedPrecision": self.mixed_precision,
             "attnImplementation": attn,
             "numProcesses": plan.num_processes,
             "rows": plan.rows,
@@ -510,13 +549,198 @@ class _Trainer:
         state = ckpt.TrainerState.from_json((local / ckpt.STATE_FILE).read_text("utf-8"))
         _check_resume(state, config, key)
         accelerator.load_state(str(local))
-        self.resumed_from = state.step
+        self.resumed_from = self.last_checkpoint = state.step
         if accelerator.is_main_process:
             log.info(
                 "resumed from %s (step %d, epoch %.2f)", ctx.storage.uri(key), step, state.epoch
             )
         state.config = config
         return state
+
+    # ---------------------------------------------------------------- the loop
+
+    def _loop(self, setup: _Setup, state: ckpt.TrainerState) -> None:
+        """Optimizer steps from ``state.step`` to the plan's end, then the last checkpoint."""
+        plan, source = setup.plan, setup.source
+        self._start_observing(plan, state)
+        setup.model.train()
+        for step in range(state.step, plan.total_steps):
+            micro = [source.batch(step * plan.grad_accum + j) for j in range(plan.grad_accum)]
+            nlls = self._step(setup, micro)
+            self._after_step(setup, state, micro, nlls)
+        self._stop_observing()
+        if self.last_checkpoint != plan.total_steps:  # e.g. resumed exactly at the end
+            self._save(state)
+
+    def _step(self, setup: _Setup, micro: list[MicroBatch]) -> list[torch.Tensor]:
+        """One optimizer step over this process's share of ``micro``; each micro-batch's NLL.
+
+        The loss is token-weighted over the whole step and every process: each
+        micro-batch's summed NLL times :func:`loss_scale` of the step's targets.
+        """
+        import torch
+
+        from kubetune_trainer.packing import model_inputs, token_nll_sum
+
+        accelerator, model, optimizer = self.accelerator, setup.model, setup.optimizer
+        scale = loss_scale(setup.plan, sum(m.targets for m in micro))
+        nlls = []
+        for m in micro:
+            batch = {
+                k: torch.from_numpy(v).to(accelerator.device, non_blocking=True)
+                for k, v in m.arrays.items()
+            }
+            inputs = model_inputs(
+                batch,
+                packed=self.t.packing,
+                attn_implementation=setup.attn,
+                mask_dtype=setup.mask_dtype,
+            )
+            with accelerator.accumulate(model):
+                nll = token_nll_sum(model(**inputs).logits, batch["labels"])
+                accelerator.backward(nll * scale)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(model.parameters(), self.t.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            nlls.append(nll.detach())
+        if not accelerator.optimizer_step_was_skipped:
+            setup.scheduler.step()
+        return nlls
+
+    # ---------------------------------------------------------------- around the step
+
+    def _start_observing(self, plan: Plan, state: ckpt.TrainerState) -> None:
+        """Progress file, metrics, bar and clocks, at the loop's first step (resumed or not)."""
+        main = self.accelerator.is_main_process
+        if main and state.step > 0:
+            self.progress.resume(state.step)
+        self.metrics.set_total_steps(plan.total_steps)
+        if main and self.ctx.show_progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(
+                total=plan.total_steps,
+                initial=state.step,
+                unit="step",
+                dynamic_ncols=True,
+                desc=f"train {self.ctx.job.metadata.name}",
+            )
+        self.first_step = state.step
+        self.elapsed_before = state.elapsed_seconds
+        self.loop_start = self.window.started = time.perf_counter()
+
+    def _after_step(
+        self,
+        setup: _Setup,
+        state: ckpt.TrainerState,
+        micro: list[MicroBatch],
+        nlls: list[torch.Tensor],
+    ) -> None:
+        """All but the step: advance the state, sum the window, log, bar, checkpoint cadence."""
+        import torch
+
+        plan, t, window = setup.plan, self.t, self.window
+        done = state.step + 1
+        step_tokens = sum(m.tokens for m in micro)
+        next_micro = done * plan.grad_accum
+        state.step = done
+        state.epoch = next_micro / plan.micro_per_epoch
+        state.epoch_index, state.batches_done_in_epoch = setup.source.position(next_micro)
+        state.tokens_seen += step_tokens
+        self.loop_tokens += step_tokens
+        for nll in nlls:
+            window.nll += nll
+            window.first_bad_step = torch.where(
+                (window.first_bad_step < 0) & ~torch.isfinite(nll),
+                torch.full_like(window.first_bad_step, done),
+                window.first_bad_step,
+            )
+        window.targets += sum(m.targets for m in micro)
+        window.tokens += step_tokens
+        if self.bar is not None:
+            self.bar.update(1)
+
+        is_checkpoint = done % t.checkpoint_every_steps == 0 or done == plan.total_steps
+        if done % t.log_every_steps == 0 or is_checkpoint or done == self.first_step + 1:
+            self._log_window(setup, state)
+        if is_checkpoint:
+            state.elapsed_seconds = self.elapsed_before + time.perf_counter() - self.loop_start
+            self._save(state)
+            if self.accelerator.is_main_process:
+                self.progress.flush()
+
+    def _log_window(self, setup: _Setup, state: ckpt.TrainerState) -> None:
+        """The window's loss to metrics, progress file and bar; stops on a non-finite loss.
+
+        The only host syncs of the loop: here, every logEverySteps.
+        """
+        accelerator, plan, window, done = self.accelerator, setup.plan, self.window, state.step
+        nll = float(accelerator.reduce(window.nll, reduction="sum").item())
+        first_bad = int(accelerator.reduce(window.first_bad_step, reduction="max").item())
+        if first_bad >= 0 or not math.isfinite(nll):
+            self.metrics.count_nonfinite()
+            raise StageError(
+                f"training loss became nan at step {first_bad if first_bad >= 0 else done}"
+                "; lower training.learningRate or use precision fp32/bf16",
+                reason=Reason.STAGE_FAILED,
+            )
+        loss = nll / max(window.targets, 1)
+        self.final_loss = loss
+        now = time.perf_counter()
+        tps = window.tokens / max(now - window.started, 1e-9)
+        elapsed = now - self.loop_start
+        eta = elapsed / (done - self.first_step) * (plan.total_steps - done)
+        lr = float(setup.scheduler.get_last_lr()[0])
+        if accelerator.is_local_main_process:
+            self.metrics.update(
+                step=done,
+                total_steps=plan.total_steps,
+                epoch=state.epoch,
+                loss=loss,
+                learning_rate=lr,
+                tokens_per_second=tps,
+                eta_seconds=eta,
+                new_tokens=window.tokens,
+            )
+        if accelerator.is_main_process:
+            record = {
+                "step": done,
+                "epoch": round(state.epoch, 5),
+                "loss": loss,
+                "lr": lr,
+                "tokens_per_second": tps,
+                "elapsed": self.elapsed_before + elapsed,
+            }
+            self.progress.log(
+                record,
+                Progress(
+                    step=done,
+                    total_steps=plan.total_steps,
+                    percent=int(100 * done / plan.total_steps),
+                    epoch=round(state.epoch, 4),
+                    loss=round(loss, 5),
+                    tokens_per_second=round(tps, 1),
+                    eta_seconds=round(eta, 1),
+                    updated_at=rfc3339_now(),
+                ),
+            )
+        if self.bar is not None:
+            self.bar.set_postfix(
+                loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}", refresh=False
+            )
+        window.nll.zero_()
+        window.targets = 0
+        window.tokens = 0
+        window.started = now
+
+    def _stop_observing(self) -> None:
+        """Close the bar, stop the loop's clock, write the progress file."""
+        if self.bar is not None:
+            self.bar.close()
+        self.loop_seconds = time.perf_counter() - self.loop_start
+        if self.accelerator.is_main_process:
+            self.progress.flush()
 
     def _save(self, state: ckpt.TrainerState) -> None:
         """save_state to scratch, upload, marker last, prune (main process writes)."""
@@ -554,215 +778,35 @@ class _Trainer:
             shutil.rmtree(local, ignore_errors=True)
         self.last_checkpoint = state.step
 
-    def _loop(
-        self,
-        model: Any,
-        optimizer: Any,
-        scheduler: Any,
-        source: BatchSource,
-        plan: Plan,
-        state: ckpt.TrainerState,
-        config: dict[str, Any],
-        attn: str,
-    ) -> tuple[float | None, int, float]:
-        import torch
+    # ---------------------------------------------------------------- after the loop
 
-        from kubetune_trainer.packing import model_inputs, token_nll_sum
-
-        ctx, t, accelerator, metrics = self.ctx, self.t, self.accelerator, self.metrics
-        main = accelerator.is_main_process
-        device = accelerator.device
-        mask_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
-            accelerator.mixed_precision, torch.float32
-        )
-        progress = ProgressWriter(ctx.storage)
-        if main and state.step > 0:
-            progress.resume(state.step)
-        metrics.set_total_steps(plan.total_steps)
-        self.last_checkpoint = state.step if self.resumed_from is not None else None
-
-        bar = None
-        if main and ctx.show_progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(
-                total=plan.total_steps,
-                initial=state.step,
-                unit="step",
-                dynamic_ncols=True,
-                desc=f"train {ctx.job.metadata.name}",
-            )
-
-        model.train()
-        nll_acc = torch.zeros((), device=device, dtype=torch.float32)
-        targets_acc = 0
-        bad_step = torch.full((), -1, device=device, dtype=torch.long)
-        interval_tokens = 0
-        loop_tokens = 0
-        loop_start = time.perf_counter()
-        interval_start = loop_start
-        final_loss: float | None = None
-        start_step = state.step
-        prior_elapsed = state.elapsed_seconds
-
-        for step in range(start_step, plan.total_steps):
-            micro = [source.batch(step * plan.grad_accum + j) for j in range(plan.grad_accum)]
-            step_targets = max(1, sum(count_targets(b["labels"]) for b, _ in micro))
-            step_tokens = 0
-            for batch_np, global_tokens in micro:
-                batch = {
-                    k: torch.from_numpy(v).to(device, non_blocking=True)
-                    for k, v in batch_np.items()
-                }
-                with accelerator.accumulate(model):
-                    logits = model(
-                        **model_inputs(
-                            batch, packed=t.packing, attn_implementation=attn, mask_dtype=mask_dtype
-                        )
-                    ).logits
-                    nll = token_nll_sum(logits, batch["labels"])
-                    # accelerator.backward divides by GA: the step's loss is sum NLL / targets.
-                    accelerator.backward(nll * (plan.grad_accum / step_targets))
-                    if accelerator.sync_gradients:
-                        accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                nll_acc += nll.detach()
-                bad_step = torch.where(
-                    (bad_step < 0) & ~torch.isfinite(nll),
-                    torch.full_like(bad_step, step + 1),
-                    bad_step,
-                )
-                targets_acc += count_targets(batch_np["labels"])
-                step_tokens += global_tokens
-            interval_tokens += step_tokens
-            if not accelerator.optimizer_step_was_skipped:
-                scheduler.step()
-            done = step + 1
-            m_next = done * plan.grad_accum
-            state.step = done
-            state.epoch = m_next / plan.micro_per_epoch
-            state.epoch_index, state.batches_done_in_epoch = source.position(m_next)
-            state.tokens_seen += step_tokens
-            loop_tokens += step_tokens
-            if bar is not None:
-                bar.update(1)
-
-            is_last = done == plan.total_steps
-            is_ckpt = done % t.checkpoint_every_steps == 0 or is_last
-            if done % t.log_every_steps == 0 or is_ckpt or done == start_step + 1:
-                # The only host syncs of the loop: here, every logEverySteps.
-                totals = accelerator.reduce(
-                    torch.stack([nll_acc, torch.tensor(float(targets_acc), device=device)]),
-                    reduction="sum",
-                ).tolist()
-                first_bad = int(accelerator.reduce(bad_step, reduction="max").item())
-                if first_bad >= 0 or not math.isfinite(totals[0]):
-                    metrics.count_nonfinite()
-                    raise StageError(
-                        f"training loss became nan at step {first_bad if first_bad >= 0 else done}"
-                        "; lower training.learningRate or use precision fp32/bf16",
-                        reason=Reason.STAGE_FAILED,
-                    )
-                loss = totals[0] / max(totals[1], 1.0)
-                final_loss = loss
-                now = time.perf_counter()
-                tps = interval_tokens / max(now - interval_start, 1e-9)
-                elapsed = now - loop_start
-                eta = elapsed / (done - start_step) * (plan.total_steps - done)
-                lr = float(scheduler.get_last_lr()[0])
-                if accelerator.is_local_main_process:
-                    metrics.update(
-                        step=done,
-                        total_steps=plan.total_steps,
-                        epoch=state.epoch,
-                        loss=loss,
-                        learning_rate=lr,
-                        tokens_per_second=tps,
-                        eta_seconds=eta,
-                        new_tokens=interval_tokens,
-                    )
-                if main:
-                    record = {
-                        "step": done,
-                        "epoch": round(state.epoch, 5),
-                        "loss": loss,
-                        "lr": lr,
-                        "tokens_per_second": tps,
-                        "elapsed": prior_elapsed + elapsed,
-                    }
-                    progress.log(
-                        record,
-                        Progress(
-                            step=done,
-                            total_steps=plan.total_steps,
-                            percent=int(100 * done / plan.total_steps),
-                            epoch=round(state.epoch, 4),
-                            loss=round(loss, 5),
-                            tokens_per_second=round(tps, 1),
-                            eta_seconds=round(eta, 1),
-                            updated_at=rfc3339_now(),
-                        ),
-                    )
-                if bar is not None:
-                    bar.set_postfix(
-                        loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}", refresh=False
-                    )
-                nll_acc.zero_()
-                targets_acc = 0
-                interval_tokens = 0
-                interval_start = now
-            if is_ckpt:
-                state.elapsed_seconds = prior_elapsed + time.perf_counter() - loop_start
-                self._save(state)
-                if main:
-                    progress.flush()
-        if bar is not None:
-            bar.close()
-        loop_seconds = time.perf_counter() - loop_start
-        if main:
-            progress.flush()
-        if self.last_checkpoint != plan.total_steps:  # e.g. resumed exactly at the end
-            self._save(state)
-        self.progress = progress
-        return final_loss, loop_tokens, loop_seconds
-
-    def _finish(
-        self,
-        model: Any,
-        tokenizer: Any,
-        plan: Plan,
-        state: ckpt.TrainerState,
-        config: dict[str, Any],
-        final_loss: float | None,
-        loop_tokens: int,
-        loop_seconds: float,
-    ) -> TrainResult:
+    def _finish(self, setup: _Setup, state: ckpt.TrainerState) -> TrainResult:
+        """train.json and the standalone model (main process writes)."""
         from kubetune_trainer.modeling import save_model
 
         ctx, accelerator = self.ctx, self.accelerator
-        if final_loss is None:
-            final_loss = self._last_logged_loss()
+        final_loss = self.final_loss if self.final_loss is not None else self._last_logged_loss()
         result = TrainResult(
+            run=ctx.run_identity,
             steps=state.step,
-            total_steps=plan.total_steps,
+            total_steps=setup.plan.total_steps,
             epochs=round(state.epoch, 4),
             final_loss=final_loss,
             train_tokens=state.tokens_seen,
-            tokens_per_second=round(loop_tokens / loop_seconds, 1)
-            if loop_seconds > 0 and loop_tokens
+            tokens_per_second=round(self.loop_tokens / self.loop_seconds, 1)
+            if self.loop_seconds > 0 and self.loop_tokens
             else None,
             model_uri=ctx.storage.uri(RunLayout.MODEL),
             last_checkpoint=ctx.storage.uri(RunLayout.checkpoint_key(state.step)),
             resumed_from_step=self.resumed_from,
             seconds=round(time.time() - self.started, 2),
             device=_device_name(accelerator),
-            config=config,
+            config=setup.config,
         )
         if accelerator.is_main_process:
             local = ctx.scratch / "model"
             shutil.rmtree(local, ignore_errors=True)
-            save_model(accelerator.unwrap_model(model), tokenizer, local)
+            save_model(accelerator.unwrap_model(setup.model), setup.tokenizer, local)
             ctx.storage.delete(RunLayout.MODEL)
             ctx.storage.upload_dir(local, RunLayout.MODEL)
             ctx.storage.write_text(RunLayout.TRAIN_RESULT, result.to_json())
@@ -775,12 +819,12 @@ class _Trainer:
         return result
 
     def _last_logged_loss(self) -> float | None:
+        """The loss of the last metrics line (a run resumed at its end logs none itself)."""
         import json
 
-        lines = getattr(self, "progress", None)
-        if lines is None or not lines.lines:
+        if not self.progress.lines:
             return None
-        value = json.loads(lines.lines[-1]).get("loss")
+        value = json.loads(self.progress.lines[-1]).get("loss")
         return float(value) if value is not None else None
 
 
