@@ -6,7 +6,8 @@ the tests agree::
     <output>/
       dataset/   train.jsonl test.jsonl  train.tokens.npy train.offsets.npy
                  test.tokens.npy test.offsets.npy  tokenizer/  prepare.json
-      checkpoints/<training fingerprint>/step-00000200/ ... COMPLETE  (resumable state)
+      training/<training fingerprint>/checkpoints/step-00000200/ ... COMPLETE
+                 (resumable Accelerate state of one dataset + settings; kubetune.fingerprint)
       model/     save_pretrained() model + tokenizer (the fine_tuned_model)
                  kubetune-training.json  (what it was trained on: fingerprints)
       train/     progress.json  metrics.jsonl  train.json
@@ -75,6 +76,18 @@ class RunLayout:
     def uri(self, key: str) -> str:
         return join_uri(self.output, key)
 
+    TRAINING_RUNS = "training"
+
     @staticmethod
     def checkpoint_key(step: int) -> str:
+        """A checkpoint's key, relative to its training run (:meth:`training_run`)."""
         return f"checkpoints/step-{step:08d}"
+
+    @staticmethod
+    def training_run(fingerprint: str) -> str:
+        """The directory of one training run: its checkpoints, keyed by what it trains on.
+
+        A rerun with another dataset or other settings gets another directory, so it can
+        never resume (or finish "in 0 steps") from a checkpoint of different training.
+        """
+        return f"training/{fingerprint[:16]}"

@@ -83,6 +83,8 @@ class TrainResult(_Result):
     train_tokens: int = 0
     tokens_per_second: float | None = None
     model_uri: str
+    dataset_fingerprint: str | None = None
+    training_fingerprint: str | None = None
     last_checkpoint: str | None = None
     resumed_from_step: int | None = None
     seconds: float = 0.0

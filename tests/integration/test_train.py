@@ -31,7 +31,7 @@ from kubetune.contract import StageError
 from kubetune.layout import RunLayout
 from kubetune.results import TrainResult
 from kubetune.schema import FineTuneJob, TrainingSpec
-from kubetune.storage import FileStorage, open_storage
+from kubetune.storage import FileStorage, Storage, open_storage
 from kubetune_trainer import checkpoints as ckpt
 from kubetune_trainer.context import make_context
 from kubetune_trainer.packing import build_rows
@@ -169,11 +169,18 @@ def test_loss_decreases_on_real_text(finished: tuple[Path, TrainResult]) -> None
     assert saved.steps == 40
 
 
+def _run_store(output: Storage) -> Storage:
+    """The checkpoints' storage of the only training run under ``output`` (training/<fp>)."""
+    runs = {key.split("/")[1] for key in output.list(RunLayout.TRAINING_RUNS)}
+    assert len(runs) <= 1, runs
+    return output.sub(f"{RunLayout.TRAINING_RUNS}/{runs.pop() if runs else 'not-yet'}")
+
+
 def test_checkpoints_at_interval_have_markers_and_old_ones_are_pruned(
     finished: tuple[Path, TrainResult],
 ) -> None:
     out, result = finished
-    store = FileStorage(f"file://{out}")
+    store = _run_store(FileStorage(f"file://{out}"))
     complete, incomplete = ckpt.list_checkpoints(store)
     assert complete == [30, 40] and incomplete == []  # every 10 steps, newest 2 kept
     for step in complete:
@@ -269,7 +276,7 @@ def test_resume_after_sigkill_continues_from_the_last_complete_checkpoint(
         )
     try:
         deadline = time.monotonic() + 400
-        while not ckpt.list_checkpoints(store)[0]:
+        while not ckpt.list_checkpoints(_run_store(store))[0]:
             assert child.poll() is None, log_file.read_text()[-3000:]
             assert time.monotonic() < deadline, "no checkpoint appeared"
             time.sleep(0.02)
@@ -283,7 +290,7 @@ def test_resume_after_sigkill_continues_from_the_last_complete_checkpoint(
     assert child.returncode == -signal.SIGKILL
     assert scraped["kubetune_train_total_steps"] == 60
     assert "kubetune_train_tokens_total" in scraped and "kubetune_train_loss" in scraped
-    complete, _ = ckpt.list_checkpoints(store)
+    complete, _ = ckpt.list_checkpoints(_run_store(store))
     assert complete and complete[-1] < 60
     killed_at = complete[-1]
     assert not (out / RunLayout.TRAIN_RESULT).exists()
@@ -292,7 +299,7 @@ def test_resume_after_sigkill_continues_from_the_last_complete_checkpoint(
     assert result.resumed_from_step == killed_at > 0
     assert result.steps == result.total_steps == 60
     assert (out / RunLayout.MODEL / "model.safetensors").exists()
-    assert ckpt.list_checkpoints(store) == ([50, 60], [])
+    assert ckpt.list_checkpoints(_run_store(store)) == ([50, 60], [])
     lines = (out / RunLayout.TRAIN_METRICS).read_text().splitlines()
     steps = [json.loads(x)["step"] for x in lines]
     assert steps == sorted(set(steps)) and steps[-1] == 60  # one line per logged step
@@ -304,10 +311,10 @@ def test_checkpoint_without_complete_marker_is_ignored_at_resume(
     out = _output(dataset, tmp_path)
     job = tiny.make_job(f"file://{out}", training={"maxSteps": 20, "checkpointEverySteps": 10})
     _train(job, tmp_path / "s1")
-    store = FileStorage(f"file://{out}")
+    store = _run_store(FileStorage(f"file://{out}"))
     # Simulate a kill during the upload of step 20: its files are there but no marker
     # (and a torn weights file that must never be loaded).
-    step20 = out / RunLayout.checkpoint_key(20)
+    step20 = Path(store.root.removeprefix("file://")) / RunLayout.checkpoint_key(20)
     (step20 / RunLayout.CHECKPOINT_MARKER).unlink()
     (step20 / "model.safetensors").write_bytes(b"torn")
     (out / RunLayout.TRAIN_RESULT).unlink()
@@ -320,19 +327,24 @@ def test_checkpoint_without_complete_marker_is_ignored_at_resume(
     assert (step20 / "model.safetensors").stat().st_size > 1000  # rewritten whole
 
 
-def test_resume_refuses_a_checkpoint_made_with_another_batch_size(
-    dataset: Path, tmp_path: Path
+def test_a_changed_setting_trains_afresh_in_its_own_run_and_says_why(
+    dataset: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     out = _output(dataset, tmp_path)
-    _train(
+    first = _train(
         tiny.make_job(f"file://{out}", training={"maxSteps": 4, "checkpointEverySteps": 2}),
         tmp_path / "s1",
     )
     changed = tiny.make_job(
         f"file://{out}", training={"maxSteps": 4, "checkpointEverySteps": 2, "batchSize": 4}
     )
-    with pytest.raises(StageError, match="different batchSize"):
-        _train(changed, tmp_path / "s2")
+    with caplog.at_level(logging.INFO, logger="kubetune_trainer.train"):
+        second = _train(changed, tmp_path / "s2")
+    assert second.resumed_from_step is None and second.steps == 4  # not "done in 0 steps"
+    assert second.training_fingerprint != first.training_fingerprint
+    runs = FileStorage(f"file://{out}").list(RunLayout.TRAINING_RUNS)
+    assert len({key.split("/")[1] for key in runs}) == 2  # the first run's checkpoints stay
+    assert "training.batchSize: 8 -> 4" in caplog.text
 
 
 # --------------------------------------------------------------------------- failures and options
@@ -361,7 +373,7 @@ def test_nan_loss_stops_with_a_clear_error(dataset: Path, tmp_path: Path) -> Non
         _train(job, tmp_path / "scratch")
     assert err.value.reason == "StageFailed"
     assert not (out / RunLayout.TRAIN_RESULT).exists()
-    assert ckpt.list_checkpoints(FileStorage(f"file://{out}")) == ([], [])
+    assert FileStorage(f"file://{out}").list(RunLayout.TRAINING_RUNS) == []
 
 
 def test_lora_trains_adapters_and_saves_a_merged_standalone_model(
@@ -415,7 +427,7 @@ def test_checkpoints_and_model_go_to_s3(dataset: Path, tmp_path: Path, s3_bucket
     )
     result = _train(job, tmp_path / "scratch")
     assert result.model_uri == f"{output}/model"
-    assert ckpt.list_checkpoints(store) == ([6], [])
+    assert ckpt.list_checkpoints(_run_store(store)) == ([6], [])
     assert store.exists("model/model.safetensors") and store.exists(RunLayout.TRAIN_RESULT)
     again: Any = _train(job, tmp_path / "scratch2")  # re-run: resumes at the end, same result
     assert again.resumed_from_step == 6 and again.steps == 6

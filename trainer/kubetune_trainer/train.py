@@ -6,9 +6,12 @@ Run it::
     accelerate launch -m kubetune.cli train --job job.yaml  # several GPUs / nodes
 
 or call ``run(ctx)`` in process (``kubetune run job.yaml`` does). It reads
-``dataset/`` (prepare's token arrays and tokenizer), writes ``checkpoints/``,
+``dataset/`` (prepare's token arrays, tokenizer and result), writes checkpoints under
+``training/<fingerprint>/`` (one directory per dataset and settings: a rerun after a
+change starts afresh there and says why; :mod:`kubetune.fingerprint`),
 ``train/progress.json`` + ``train/metrics.jsonl`` while it runs, then the
-standalone model under ``model/`` and finally ``train/train.json``.
+standalone model under ``model/`` with ``kubetune-training.json`` (what it was trained
+on, checked by evaluate) and finally ``train/train.json``.
 
 The loop is the Accelerate examples' (``prepare``, ``accumulate``,
 ``clip_grad_norm_``, ``save_state``/``load_state``) with these choices:
@@ -40,15 +43,18 @@ import shutil
 import time
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from kubetune.contract import StageError
 from kubetune.dataset_format import TRAIN, read_tokens
+from kubetune.fingerprint import changed, fingerprint, training_inputs
 from kubetune.layout import RunLayout
-from kubetune.results import TrainResult
+from kubetune.results import PrepareResult, TrainingRecord, TrainResult
 from kubetune.schema import Progress, Reason, TrainingSpec
+from kubetune.storage import StorageError
 from kubetune_trainer import checkpoints as ckpt
 from kubetune_trainer.bleu import context_token_id
 from kubetune_trainer.context import StageContext
@@ -60,18 +66,6 @@ if TYPE_CHECKING:
     from accelerate import Accelerator
 
 log = logging.getLogger(__name__)
-
-# Spec fields that decide the data order and the step count: a checkpoint made
-# with other values cannot be continued.
-RESUME_KEYS = (
-    "batchSize",
-    "gradientAccumulationSteps",
-    "maxSeqLength",
-    "packing",
-    "seed",
-    "epochs",
-    "maxSteps",
-)
 
 
 # --------------------------------------------------------------------------- plan
@@ -309,18 +303,42 @@ def _device_name(accelerator: Accelerator) -> str:
     return name
 
 
-def _check_resume(state: ckpt.TrainerState, config: dict[str, Any], key: str) -> None:
-    old = state.config.get("training", {})
-    new = config["training"]
-    diff = [k for k in RESUME_KEYS if old.get(k) != new.get(k)]
-    if state.config.get("model") != config["model"]:
-        diff.append("model")
-    if state.config.get("numProcesses") != config["numProcesses"]:
-        diff.append("numProcesses")
-    if diff:
+@dataclass(frozen=True)
+class TrainingIdentity:
+    """What this training trains on (:mod:`kubetune.fingerprint`) and where its checkpoints go."""
+
+    prepared: PrepareResult
+    inputs: dict[str, Any]
+    fingerprint: str
+    run_key: str  # RunLayout.training_run(fingerprint)
+
+    @property
+    def dataset_fingerprint(self) -> str:
+        return self.prepared.fingerprint or self.prepared.train_sha256
+
+
+def training_identity(ctx: StageContext, num_processes: int) -> TrainingIdentity:
+    """The training fingerprint from prepare's result, the spec and the process count."""
+    try:
+        prepared = PrepareResult.model_validate_json(
+            ctx.storage.read_text(RunLayout.PREPARE_RESULT)
+        )
+    except StorageError as exc:
+        raise StageError(f"{exc}; run the prepare stage first", Reason.DATASET_UNUSABLE) from None
+    dataset = prepared.fingerprint or prepared.train_sha256
+    inputs = training_inputs(ctx.job.spec, dataset, num_processes)
+    inputs["trainSha256"] = prepared.train_sha256
+    fp = fingerprint(inputs)
+    return TrainingIdentity(prepared, inputs, fp, RunLayout.training_run(fp))
+
+
+def _check_resume(state: ckpt.TrainerState, identity: TrainingIdentity, key: str) -> None:
+    """A checkpoint in this training run's directory must carry its fingerprint."""
+    if state.config.get("trainingFingerprint") != identity.fingerprint:
+        what = changed(state.config.get("trainingInputs") or {}, identity.inputs)
         raise StageError(
-            f"checkpoint {key} was made with different {', '.join(diff)}; it cannot be continued. "
-            "Use a new storage.output for the changed spec, or delete checkpoints/ to start over",
+            f"checkpoint {key} was made for other training ({'; '.join(what) or 'unknown'}); "
+            "delete it to start over",
             reason=Reason.INVALID_SPEC,
         )
 
@@ -386,6 +404,9 @@ class _Trainer:
             mixed_precision=self.mixed_precision,
             gradient_accumulation_steps=self.t.gradient_accumulation_steps,
         )
+        # What this training is (dataset + settings) decides where its checkpoints live.
+        self.identity = training_identity(ctx, self.accelerator.num_processes)
+        self.checkpoints = ctx.storage.sub(self.identity.run_key)
         self.metrics = TrainMetrics(ctx.job.metadata.name, ctx.job.metadata.namespace)
         self.progress = ProgressWriter(ctx.storage)  # written by the main process only
         self.bar: Any = None  # tqdm bar while the loop runs (main process, ctx.show_progress)
@@ -525,13 +546,17 @@ class _Trainer:
             "parameters": n_params,
             "trainableParameters": n_trainable,
             "modelConfig": model_config,
+            "trainingFingerprint": self.identity.fingerprint,
+            "trainingInputs": self.identity.inputs,
         }
 
     def _resume(self, config: dict[str, Any]) -> ckpt.TrainerState:
         """Load the newest complete checkpoint, or a fresh state at step 0."""
         ctx, accelerator = self.ctx, self.accelerator
-        latest = ckpt.latest_complete(ctx.storage)
+        latest = ckpt.latest_complete(self.checkpoints)
         if latest is None:
+            if accelerator.is_main_process:
+                self._explain_fresh_start()
             return ckpt.TrainerState(
                 step=0,
                 epoch=0.0,
@@ -544,15 +569,18 @@ class _Trainer:
         local = ctx.scratch / "resume" / key
         if accelerator.is_local_main_process:
             shutil.rmtree(local, ignore_errors=True)
-            ckpt.download_checkpoint(ctx.storage, key, local)
+            ckpt.download_checkpoint(self.checkpoints, key, local)
         accelerator.wait_for_everyone()
         state = ckpt.TrainerState.from_json((local / ckpt.STATE_FILE).read_text("utf-8"))
-        _check_resume(state, config, key)
+        _check_resume(state, self.identity, self.checkpoints.uri(key))
         accelerator.load_state(str(local))
         self.resumed_from = self.last_checkpoint = state.step
         if accelerator.is_main_process:
             log.info(
-                "resumed from %s (step %d, epoch %.2f)", ctx.storage.uri(key), step, state.epoch
+                "resumed from %s (step %d, epoch %.2f)",
+                self.checkpoints.uri(key),
+                step,
+                state.epoch,
             )
         state.config = config
         return state
@@ -751,26 +779,26 @@ class _Trainer:
         accelerator.wait_for_everyone()
         accelerator.save_state(str(local))
         if accelerator.is_main_process:
-            ckpt.begin_checkpoint(ctx.storage, state.step)
+            ckpt.begin_checkpoint(self.checkpoints, state.step)
         accelerator.wait_for_everyone()
         files = sorted(p for p in local.rglob("*") if p.is_file())
         if accelerator.is_main_process:
-            ckpt.upload_files(ctx.storage, local, state.step, files)
+            ckpt.upload_files(self.checkpoints, local, state.step, files)
         elif accelerator.is_local_main_process:
             # Another node: only its processes' RNG states are not on the main node.
             ckpt.upload_files(
-                ctx.storage,
+                self.checkpoints,
                 local,
                 state.step,
                 [p for p in files if p.name.startswith("random_states_")],
             )
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            key = ckpt.finish_checkpoint(ctx.storage, state)
-            pruned = ckpt.prune_checkpoints(ctx.storage, self.t.keep_checkpoints)
+            key = ckpt.finish_checkpoint(self.checkpoints, state)
+            pruned = ckpt.prune_checkpoints(self.checkpoints, self.t.keep_checkpoints)
             log.info(
                 "checkpoint %s%s",
-                ctx.storage.uri(key),
+                self.checkpoints.uri(key),
                 f" (pruned steps {pruned})" if pruned else "",
             )
         accelerator.wait_for_everyone()
@@ -797,7 +825,9 @@ class _Trainer:
             if self.loop_seconds > 0 and self.loop_tokens
             else None,
             model_uri=ctx.storage.uri(RunLayout.MODEL),
-            last_checkpoint=ctx.storage.uri(RunLayout.checkpoint_key(state.step)),
+            dataset_fingerprint=self.identity.dataset_fingerprint,
+            training_fingerprint=self.identity.fingerprint,
+            last_checkpoint=self.checkpoints.uri(RunLayout.checkpoint_key(state.step)),
             resumed_from_step=self.resumed_from,
             seconds=round(time.time() - self.started, 2),
             device=_device_name(accelerator),
@@ -807,6 +837,16 @@ class _Trainer:
             local = ctx.scratch / "model"
             shutil.rmtree(local, ignore_errors=True)
             save_model(accelerator.unwrap_model(setup.model), setup.tokenizer, local)
+            # What the model was trained on: evaluate scores it only on this dataset's test split.
+            record = TrainingRecord(
+                dataset_fingerprint=self.identity.prepared.fingerprint,
+                train_sha256=self.identity.prepared.train_sha256,
+                training_fingerprint=self.identity.fingerprint,
+                dataset_inputs=self.identity.prepared.fingerprint_inputs,
+                training_inputs=self.identity.inputs,
+                steps=state.step,
+            )
+            (local / Path(RunLayout.MODEL_RECORD).name).write_text(record.to_json())
             ctx.storage.delete(RunLayout.MODEL)
             ctx.storage.upload_dir(local, RunLayout.MODEL)
             ctx.storage.write_text(RunLayout.TRAIN_RESULT, result.to_json())
@@ -817,6 +857,26 @@ class _Trainer:
                 result.model_uri,
             )
         return result
+
+    def _explain_fresh_start(self) -> None:
+        """Say why an earlier training run under this output is not continued."""
+        for key in sorted(
+            {k.split("/")[1] for k in self.ctx.storage.list(RunLayout.TRAINING_RUNS)}
+        ):
+            other = self.ctx.storage.sub(f"{RunLayout.TRAINING_RUNS}/{key}")
+            latest = ckpt.latest_complete(other)
+            if latest is None or other.root == self.checkpoints.root:
+                continue
+            state = ckpt.TrainerState.from_json(other.read_text(f"{latest[1]}/{ckpt.STATE_FILE}"))
+            what = changed(state.config.get("trainingInputs") or {}, self.identity.inputs)
+            log.info(
+                "not resuming %s (step %d): it trained on something else (%s); starting a new "
+                "training run in %s",
+                other.uri(latest[1]),
+                latest[0],
+                "; ".join(what) or "other settings",
+                self.checkpoints.uri(),
+            )
 
     def _last_logged_loss(self) -> float | None:
         """The loss of the last metrics line (a run resumed at its end logs none itself)."""
