@@ -15,7 +15,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,15 +39,7 @@ from kubetune_trainer.train import BatchSource, make_plan, resolve_precision, ru
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread_no_endpoint(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    # One torch thread: on a shared, busy CPU two spinning OpenMP threads run ~10x slower.
-    # No metrics endpoint on 9400 unless a test asks for one.
-    monkeypatch.setenv("KUBETUNE_METRICS_PORT", "0")
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread_no_metrics")
 
 
 @pytest.fixture(scope="module")

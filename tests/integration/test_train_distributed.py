@@ -19,7 +19,6 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -61,14 +60,7 @@ torch.save(gradients, sys.argv[3])
 """
 
 
-@pytest.fixture(autouse=True)
-def _one_thread_no_endpoint(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    # One torch thread (a busy shared CPU), no metrics endpoint on 9400.
-    monkeypatch.setenv("KUBETUNE_METRICS_PORT", "0")
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread_no_metrics")
 
 
 # --------------------------------------------------------------------------- counting

@@ -93,6 +93,15 @@ def summary_table(run: LocalRun) -> str:
             ("train / test tokens", f"{_fmt(s.train_tokens)} / {_fmt(s.test_tokens)}"),
             ("train/test overlap", _fmt(s.overlap)),
         ]
+        if s.test_twins is not None:
+            t = s.test_twins
+            rows.append(
+                (
+                    "test lines with a twin in train",
+                    f"{t.normalized:,} normalized, {t.letters_digits:,} letters/digits, "
+                    f"{t.near:,} near",
+                )
+            )
     train = run.results.get("train")
     if isinstance(train, TrainResult):
         rows += [
@@ -105,6 +114,10 @@ def summary_table(run: LocalRun) -> str:
     if isinstance(ev, EvaluateResult):
         base = ev.baseline
         rows += [
+            (
+                "perplexity lines scored",
+                f"{_fmt(ev.fine_tuned.perplexity_lines)} of {_fmt(ev.test_lines)}",
+            ),
             ("perplexity (fine-tuned)", _fmt(ev.fine_tuned.perplexity, 3)),
             ("perplexity (baseline)", _fmt(base.perplexity if base else None, 3)),
             ("BLEU (fine-tuned)", _fmt(ev.fine_tuned.bleu, 2)),

@@ -335,8 +335,19 @@ def _dataset(prepare: PrepareResult | None) -> list[Block]:
         ("Test tokens", s.test_tokens),
         ("Train/test overlap", s.overlap),
     ]
+    twins = s.test_twins
+    if twins is not None:
+        threshold = prepare.config.get("clean", {}).get("nearDuplicateThreshold", 0.8)
+        rows += [
+            ("Test lines with a twin in train: same text", twins.exact),
+            ("... ignoring case, punctuation, spacing", twins.normalized),
+            ("... same letters and digits", twins.letters_digits),
+            (f"... 5-gram Jaccard >= {threshold}", twins.near),
+        ]
     blocks.append(Table(["Statistic", "Value"], [[k, f"{v:,}"] for k, v in rows]))
     blocks.append(Para(f"Tokenizer: {prepare.tokenizer}. Source: {prepare.dataset_uri}."))
+    if prepare.fingerprint:
+        blocks.append(Para(f"Dataset fingerprint: {prepare.fingerprint[:16]}."))
     return blocks
 
 
