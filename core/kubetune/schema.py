@@ -474,7 +474,8 @@ class StorageSpec(_Model):
     output: str = Field(
         ...,
         pattern=URI_PATTERN,
-        description="s3:// or file:// prefix for dataset/, checkpoints/, model/, eval/, report/.",
+        description="s3:// or file:// prefix for dataset/, training/ (checkpoints), model/, "
+        "eval/, report/.",
     )
     endpoint: str | None = Field(
         None, pattern=r"^https?://.+", description="S3 endpoint URL (MinIO, Ceph, ...)."

@@ -36,6 +36,7 @@ from operator_helpers import (
     wait_for,
 )
 
+from kubetune.layout import RunLayout
 from kubetune.schema import job_manifest
 
 pytestmark = pytest.mark.cluster
@@ -417,7 +418,7 @@ def test_killed_training_pod_resumes_from_the_last_checkpoint(env: dict[str, Any
     apply(kc, ns, job_for(env, name, maxSteps=40, checkpointEverySteps=5))
     client, bucket = env["client"], env["out_bucket"]
     run_prefix = f"{name}/runs/{get_ftj(kc, ns, name)['metadata']['uid'][:8]}-g1"
-    prefix = f"{run_prefix}/checkpoints/"
+    prefix = f"{run_prefix}/{RunLayout.TRAINING_RUNS}/"  # <fingerprint>/checkpoints/step-*
 
     def checkpointed() -> bool:
         keys = [
