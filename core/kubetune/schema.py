@@ -388,10 +388,14 @@ class CompareWithSpec(_Model):
     )
     model: str = Field(..., min_length=1, description="Model name the endpoint serves.")
     api_key_env: str | None = Field(
-        None, description="Environment variable holding the API key (local mode)."
+        None,
+        description="Environment variable holding the API key (local mode only: the operator "
+        "drops it, so a pod's own credentials can never be sent to an endpoint).",
     )
     api_key_secret: str | None = Field(
-        None, description="Secret name with key 'apiKey' holding the API key (cluster mode)."
+        None,
+        description="Secret with key 'apiKey' holding the API key (cluster mode: the evaluate "
+        "pod gets it as KUBETUNE_COMPARE_<NAME>_API_KEY).",
     )
 
 

@@ -213,8 +213,32 @@ def resolved_manifest(job: FineTuneJob, run: RunRef) -> dict[str, Any]:
                 RunAnnotation.SPEC_HASH: run.spec_hash,
             },
         },
-        "spec": job.spec.to_wire(),
+        "spec": pod_spec(job),
     }
+
+
+def pod_spec(job: FineTuneJob) -> dict[str, Any]:
+    """The spec as the stage pods read it: ``compareWith[].apiKeyEnv`` is dropped.
+
+    ``apiKeyEnv`` names a variable of the process that runs evaluate: harmless on a
+    laptop, but in a pod it could name the pod's own credentials (``AWS_SECRET_ACCESS_KEY``)
+    and send them as a bearer token to any URL. On a cluster an endpoint's key comes only
+    from the Secret its ``apiKeySecret`` names (:func:`stage_env`).
+    """
+    spec = job.spec.to_wire()
+    for entry in spec.get("evaluation", {}).get("compareWith", []):
+        entry.pop("apiKeyEnv", None)
+    return spec
+
+
+def literal(value: str) -> str:
+    """``value`` for a container's command, args or env value, never expanded.
+
+    The kubelet replaces ``$(NAME)`` there with the container's variable NAME (a spec
+    string such as ``storage.output: s3://b/$(AWS_SECRET_ACCESS_KEY)/`` would read a
+    Secret); ``$$`` is its escape for a literal ``$``.
+    """
+    return value.replace("$", "$$")
 
 
 def build_job_config_map(job: FineTuneJob, run: RunRef) -> dict[str, Any]:
@@ -274,7 +298,7 @@ def stage_command(job: FineTuneJob, run: RunRef, stage: str) -> list[str]:
     Training on several GPUs or workers goes through ``accelerate launch``; the machine
     rank comes from the Indexed Job's completion index, the master is the pod of index 0.
     """
-    cli_args = [stage, "--job", JOB_FILE, "--output", run.output]
+    cli_args = [stage, "--job", JOB_FILE, "--output", literal(run.output)]
     if stage == Stage.EVALUATE:
         cli_args.append("--report")
     workers = job.spec.resources.workers
@@ -322,9 +346,16 @@ def stage_env(job: FineTuneJob, stage: str) -> list[dict[str, Any]]:
             ref = {"name": storage.credentials_secret, "key": key}
             env.append({"name": key, "valueFrom": {"secretKeyRef": ref}})
     if storage.endpoint:
-        env.append({"name": "AWS_ENDPOINT_URL", "value": storage.endpoint})
+        env.append({"name": "AWS_ENDPOINT_URL", "value": literal(storage.endpoint)})
     if storage.region:
-        env.append({"name": "AWS_REGION", "value": storage.region})
+        env.append({"name": "AWS_REGION", "value": literal(storage.region)})
+    if stage == Stage.EVALUATE:
+        for entry in job.spec.evaluation.compare_with:
+            if entry.api_key_secret:
+                ref = {"name": entry.api_key_secret, "key": "apiKey"}
+                env.append(
+                    {"name": Env.compare_api_key(entry.name), "valueFrom": {"secretKeyRef": ref}}
+                )
     if stage == Stage.TRAIN and job.spec.resources.workers > 1:
         index = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
         env.append(

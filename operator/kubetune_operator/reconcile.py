@@ -127,6 +127,24 @@ class _Children:
         return [*self.jobs, *self.config_maps, *self.services]
 
 
+def _secrets_named(job: FineTuneJob) -> list[tuple[str, str, str]]:
+    """(Secret name, the field naming it, the keys it must hold) for each Secret the spec uses."""
+    named = []
+    if job.spec.storage.credentials_secret:
+        named.append(
+            (
+                job.spec.storage.credentials_secret,
+                "spec.storage.credentialsSecret",
+                "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY",
+            )
+        )
+    for i, entry in enumerate(job.spec.evaluation.compare_with):
+        if entry.api_key_secret:
+            named_by = f"spec.evaluation.compareWith[{i}].apiKeySecret"
+            named.append((entry.api_key_secret, named_by, "apiKey"))
+    return named
+
+
 class ResultReader:
     """Reads stage results and training progress from a run's storage, when it can.
 
@@ -496,9 +514,8 @@ class Reconciler:
                 return Reason.OUTPUT_IN_USE.value, outputs.output_in_use_message(
                     job.spec.storage.output, holder
                 )
-        secret = job.spec.storage.credentials_secret
         ns = job.metadata.namespace or "default"
-        if secret:
+        for secret, named_by, keys in _secrets_named(job):
             try:
                 found = self.kube.get_metadata(core_path(ns, "secrets", secret))
             except ApiError as exc:
@@ -507,8 +524,8 @@ class Reconciler:
                 raise
             if found is None:
                 return Reason.INVALID_SPEC.value, (
-                    f"Secret {ns}/{secret} named by spec.storage.credentialsSecret does not exist; "
-                    "create it with the keys AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+                    f"Secret {ns}/{secret} named by {named_by} does not exist; "
+                    f"create it with the key(s) {keys}"
                 )
         return None
 

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
+from harness.pod_spec import expand_vars
 from kubetune.contract import JOB_STAGES, Env, Stage
 from kubetune.results import RunIdentity
 from kubetune.schema import FineTuneJob, load_job, parse_job
@@ -332,3 +333,44 @@ def test_rbac_module_prints_three_applyable_objects() -> None:
         "name": "kubetune-operator",
         "namespace": "ops",
     }
+
+
+def test_spec_strings_reach_the_pod_unexpanded_so_they_cannot_read_its_variables() -> None:
+    leak = "s3://bucket/leak-$(AWS_SECRET_ACCESS_KEY)/"
+    job = with_spec(
+        example("tldr-tiny.yaml"),
+        **{"storage.output": leak, "storage.endpoint": "http://s3:9000/$(AWS_ACCESS_KEY_ID)"},
+    )
+    run = RunRef.for_generation(job, 1)
+    pod_env = {"AWS_SECRET_ACCESS_KEY": "s3cr3t", "AWS_ACCESS_KEY_ID": "AKIA"}
+    for stage in JOB_STAGES:
+        # What the kubelet does to command, args and env values (the harness's copy of it).
+        args = [expand_vars(a, pod_env) for a in builders.stage_command(job, run, stage)]
+        values = [
+            expand_vars(e["value"], pod_env) for e in builders.stage_env(job, stage) if "value" in e
+        ]
+        assert args[args.index("--output") + 1] == run.output
+        assert "http://s3:9000/$(AWS_ACCESS_KEY_ID)" in values
+        assert not any("s3cr3t" in a or "AKIA" in a for a in args + values)
+
+
+def test_endpoint_keys_come_only_from_their_secret_never_from_a_named_variable() -> None:
+    endpoint = {
+        "name": "ollama",
+        "baseUrl": "http://ollama:11434/v1",
+        "model": "llama3",
+        "apiKeyEnv": "AWS_SECRET_ACCESS_KEY",  # would send the S3 secret as a bearer token
+        "apiKeySecret": "ollama-key",
+    }
+    job = with_spec(example("tldr-tiny.yaml"), **{"evaluation.compareWith": [endpoint]})
+    manifest = builders.resolved_manifest(job, RunRef.for_generation(job, 1))
+    (entry,) = manifest["spec"]["evaluation"]["compareWith"]
+    assert "apiKeyEnv" not in entry and entry["apiKeySecret"] == "ollama-key"
+    by_name = {e["name"]: e for e in builders.stage_env(job, Stage.EVALUATE)}
+    key = by_name[Env.compare_api_key("ollama")]
+    assert key == {
+        "name": "KUBETUNE_COMPARE_OLLAMA_API_KEY",
+        "valueFrom": {"secretKeyRef": {"name": "ollama-key", "key": "apiKey"}},
+    }
+    train_env = {e["name"] for e in builders.stage_env(job, Stage.TRAIN)}
+    assert Env.compare_api_key("ollama") not in train_env

@@ -723,3 +723,14 @@ def test_forget_drops_the_controllers_failure_count() -> None:
     assert controller.failures(NS, NAME) == 0
     controller.process(NS, NAME)
     assert controller.failures(NS, NAME) == 1  # backoff starts again at 1 s
+
+
+def test_a_missing_endpoint_key_secret_is_named_before_any_job(world: World) -> None:
+    endpoint = {"name": "vllm", "baseUrl": "http://vllm/v1", "model": "m", "apiKeySecret": "vk"}
+    world.edit_spec(evaluation={"compareWith": [endpoint]})
+    world.reconcile()
+    assert world.jobs() == []
+    stalled = world.condition("Stalled")
+    assert stalled["reason"] == "InvalidSpec"
+    assert "spec.evaluation.compareWith[0].apiKeySecret" in stalled["message"]
+    assert f"Secret {NS}/vk" in stalled["message"]
