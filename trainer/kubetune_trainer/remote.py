@@ -17,8 +17,8 @@ Usage (what the evaluate stage does for each ``spec.evaluation.compareWith`` ent
   with the local models. Otherwise the comparison says why it is missing.
 * The API key comes from the variable named by ``apiKeyEnv``, else from
   ``KUBETUNE_COMPARE_<NAME>_API_KEY`` (the operator injects it from
-  ``apiKeySecret`` and drops ``apiKeyEnv`` from the spec its pods read). It is only ever sent in the Authorization header: never
-  logged, never in an error message.
+  ``apiKeySecret`` and drops ``apiKeyEnv`` from the spec its pods read). It is only
+  ever sent in the Authorization header: never logged, never in an error message.
 * Each request has a timeout; 429 and 5xx answers and connection errors are
   retried with exponential backoff (``Retry-After`` honoured up to 30 s).
 """
