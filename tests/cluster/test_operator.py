@@ -413,6 +413,34 @@ def test_operator_killed_in_every_stage_still_finishes_with_one_job_per_stage(
     assert_no_secret_leaks(env, name)
 
 
+def test_a_spec_string_cannot_read_the_pods_secrets_through_variable_expansion(
+    env: dict[str, Any],
+) -> None:
+    """The kubelet expands $(VAR) in args and env values; spec strings must reach pods as is."""
+    kc, ns, name, client = env["kubeconfig"], env["ns"], "leak", env["client"]
+    manifest = job_for(env, name, maxSteps=2)
+    manifest["spec"]["storage"]["output"] = (
+        f"s3://{env['out_bucket']}/leak-$(AWS_SECRET_ACCESS_KEY)/"
+    )
+    apply(kc, ns, manifest)
+
+    def prepared_keys() -> list[str] | None:
+        listing = client.list_objects_v2(Bucket=env["out_bucket"]).get("Contents", [])
+        keys = [o["Key"] for o in listing]
+        return keys if any(k.endswith("/dataset/prepare.json") for k in keys) else None
+
+    keys = wait_for(
+        prepared_keys,
+        RUN_TIMEOUT,
+        "prepare's result",
+        dump=lambda: diagnose(kc, ns, name, env["op"]),
+    )
+    assert all(k.startswith("leak-$(AWS_SECRET_ACCESS_KEY)/runs/") for k in keys), keys
+    for value in env["secret_values"]:
+        assert not any(value in k for k in keys), "a Secret value reached an S3 key"
+    assert_no_secret_leaks(env, name)
+
+
 def test_killed_training_pod_resumes_from_the_last_checkpoint(env: dict[str, Any]) -> None:
     kc, ns, name = env["kubeconfig"], env["ns"], "resume"
     apply(kc, ns, job_for(env, name, maxSteps=40, checkpointEverySteps=5))
