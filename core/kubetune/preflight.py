@@ -18,15 +18,30 @@ WRITE_PROBE = ".kubetune-write-probe"
 _STORAGE_SCHEMES = ("s3://", "file://")
 
 
+def missing_path(field: str, uri: str, storage: Storage) -> str | None:
+    """The message for a ``file://`` URI whose path does not exist; None otherwise."""
+    if isinstance(storage, FileStorage) and not storage.path("").exists():
+        return (
+            f"{field} {uri}: no such file or directory ({storage.path('')}); check the path "
+            "(file:// paths may be relative to the current directory)"
+        )
+    return None
+
+
+def probe_write(storage: Storage) -> None:
+    """Write and remove a small object at the root of ``storage``; raises what the store raises."""
+    storage.write_bytes(WRITE_PROBE, b"")
+    storage.delete(WRITE_PROBE)
+
+
 def _listing(field: str, uri: str, storage: Storage) -> tuple[list[str], str | None]:
     try:
         keys = storage.list("")
     except StorageError as exc:
         return [], f"{field} {uri}: cannot list it: {exc}"
     if not keys:
-        if isinstance(storage, FileStorage) and not storage.path("").exists():
-            return [], f"{field} {uri}: no such file or directory ({storage.path('')})"
-        return [], f"{field} {uri}: nothing stored there; check the path or prefix"
+        missing = missing_path(field, uri, storage)
+        return [], missing or f"{field} {uri}: nothing stored there; check the path or prefix"
     return keys, None
 
 
@@ -55,10 +70,8 @@ def check_uris(job: FineTuneJob) -> list[str]:
             "model.tokenizer", spec.model.tokenizer, open_uri(spec.model.tokenizer)
         )
         problems += [problem] if problem else []
-    output = open_uri(spec.storage.output)
     try:
-        output.write_bytes(WRITE_PROBE, b"")
-        output.delete(WRITE_PROBE)
+        probe_write(open_uri(spec.storage.output))
     except (StorageError, OSError) as exc:
         problems.append(f"storage.output {spec.storage.output}: cannot write there: {exc}")
     return problems

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from kubetune.contract import Env, StageError
 from kubetune.layout import RunLayout
-from kubetune.preflight import WRITE_PROBE
+from kubetune.preflight import probe_write
 from kubetune.results import RunIdentity
 from kubetune.schema import FineTuneJob, Reason
 from kubetune.storage import Storage, StorageError, is_permanent, storage_for_job
@@ -57,8 +57,7 @@ class StageContext:
     def check_output_writable(self) -> None:
         """Fail before any work when the output cannot be written (a probe, then removed)."""
         try:
-            self.storage.write_bytes(WRITE_PROBE, b"")
-            self.storage.delete(WRITE_PROBE)
+            probe_write(self.storage)
         except (StorageError, OSError) as exc:
             raise StageError(
                 f"storage.output {self.output}: cannot write there ({exc}); point "

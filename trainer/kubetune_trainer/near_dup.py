@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -179,8 +179,7 @@ class TwinCounter:
     training lines, so a million-line corpus is counted in bounded memory::
 
         counter = TwinCounter(test_lines, threshold=0.8)
-        for chunk in chunks_of(train_lines, 50_000):
-            counter.add_train(chunk)
+        counter.add_train_lines(train_lines)     # any iterable, hashed in chunks
         counter.counts()        # {"exact": ..., "normalized": ..., ...}
     """
 
@@ -196,7 +195,18 @@ class TwinCounter:
         self._sorted = [band_keys[order, b] for b, order in enumerate(self._order)]
         self.near_found = np.zeros(len(test), dtype=bool)
 
+    def add_train_lines(self, lines: Iterable[str]) -> None:
+        """Every training line, streamed in chunks of ``TRAIN_CHUNK``."""
+        chunk: list[str] = []
+        for line in lines:
+            chunk.append(line)
+            if len(chunk) >= TRAIN_CHUNK:
+                self.add_train(chunk)
+                chunk = []
+        self.add_train(chunk)
+
     def add_train(self, train: Sequence[str]) -> None:
+        """One chunk of training lines."""
         train_keys = [_match_keys(t) for t in train]
         for m in range(3):
             wanted, matched = self._wanted[m], self._matched[m]
@@ -237,8 +247,7 @@ def _match_keys(text: str) -> tuple[str, str, str]:
 def near_twin_mask(train: Sequence[str], test: Sequence[str], threshold: float) -> np.ndarray:
     """True for each ``test`` line with a ``train`` line of estimated Jaccard >= threshold."""
     counter = TwinCounter(test, threshold)
-    for start in range(0, len(train), TRAIN_CHUNK):
-        counter.add_train(train[start : start + TRAIN_CHUNK])
+    counter.add_train_lines(train)
     return counter.near_found
 
 
@@ -250,6 +259,5 @@ def near_twins(train: Sequence[str], test: Sequence[str], threshold: float) -> i
 def twin_counts(train: Sequence[str], test: Sequence[str], threshold: float) -> dict[str, int]:
     """Test lines with a twin in ``train`` under each measure (see the module docstring)."""
     counter = TwinCounter(test, threshold)
-    for start in range(0, len(train), TRAIN_CHUNK):
-        counter.add_train(train[start : start + TRAIN_CHUNK])
+    counter.add_train_lines(train)
     return counter.counts()

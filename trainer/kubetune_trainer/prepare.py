@@ -67,7 +67,6 @@ from kubetune.schema import CleanSpec, DatasetStats, DedupMode, SplitSpec, Split
 from kubetune_trainer.cleaning import Cleaner, seed_key, text_hash
 from kubetune_trainer.context import StageContext
 from kubetune_trainer.near_dup import (
-    TRAIN_CHUNK,
     TwinCounter,
     near_duplicate_mask,
     near_twin_mask,
@@ -525,13 +524,7 @@ def _stats(first: _FirstPass, test: _TestSplit, out_dir: Path, clean: CleanSpec)
     counter = TwinCounter(
         [text for text, _ in read_jsonl(out_dir / _TEST_JSONL)], clean.near_duplicate_threshold
     )
-    chunk: list[str] = []
-    for text, _ in read_jsonl(out_dir / _TRAIN_JSONL):
-        chunk.append(text)
-        if len(chunk) >= TRAIN_CHUNK:
-            counter.add_train(chunk)
-            chunk = []
-    counter.add_train(chunk)
+    counter.add_train_lines(text for text, _ in read_jsonl(out_dir / _TRAIN_JSONL))
     twins = counter.counts()
     return DatasetStats(
         documents=first.documents,

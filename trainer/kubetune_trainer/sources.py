@@ -40,6 +40,7 @@ from typing import Any
 
 from kubetune.contract import StageError
 from kubetune.layout import join_uri
+from kubetune.preflight import missing_path
 from kubetune.schema import DatasetFormat, DatasetSpec, Reason
 from kubetune.storage import FileStorage, Storage, StorageError
 from kubetune_trainer.rst import rst_to_text
@@ -239,13 +240,9 @@ class Source:
 
     def _nothing_there(self) -> str:
         """Why a source lists no files: a path that does not exist, or an empty directory."""
-        if isinstance(self.storage, FileStorage) and not self.storage.path("").exists():
-            return (
-                f"dataset.source {self.uri}: no such file or directory "
-                f"({self.storage.path('')}); check the path (file:// paths may be relative "
-                "to the current directory)"
-            )
-        return (
+        assert self.storage is not None
+        missing = missing_path("dataset.source", self.uri, self.storage)
+        return missing or (
             f"dataset.source {self.uri}: empty source, no files found there; check the path "
             "or prefix (a prefix should end with /) and that the files were uploaded"
         )
