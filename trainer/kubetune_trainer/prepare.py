@@ -41,6 +41,7 @@ import logging
 import multiprocessing
 import os
 import shutil
+import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -221,6 +222,21 @@ def prepare_workers() -> int:
     return max(1, min(cpus, MAX_WORKERS))
 
 
+def _pool_start_method() -> str:
+    """``fork`` from a single-threaded process (the CLI, a pod), else ``forkserver``.
+
+    fork is cheapest: the workers inherit the cleaner and tokenizer without pickling them.
+    But a process with other threads (a test runner with servers, a notebook) can be
+    forked while one of them holds a lock, and the child then waits on it forever;
+    forkserver children start from a clean, single-threaded server instead. Empty when
+    neither exists (no pool).
+    """
+    methods = multiprocessing.get_all_start_methods()
+    if "fork" in methods and threading.active_count() == 1:
+        return "fork"
+    return "forkserver" if "forkserver" in methods else ""
+
+
 def _chunks(
     lines: Iterable[tuple[str, str]], worker: _ChunkWorker, workers: int
 ) -> Iterator[tuple[list[str], _Chunk]]:
@@ -246,9 +262,7 @@ def _chunks(
     if first is None:
         return
     second = read() if len(first[1]) >= CHUNK_LINES else None
-    use_pool = (
-        workers > 1 and second is not None and "fork" in multiprocessing.get_all_start_methods()
-    )
+    use_pool = workers > 1 and second is not None and bool(_pool_start_method())
     if not use_pool:
         for part in (first, second):
             if part is not None:
@@ -256,8 +270,7 @@ def _chunks(
         while (part := read()) is not None:
             yield part[0], worker(part[1])
         return
-    # fork: the workers inherit the cleaner and tokenizer without pickling them.
-    pool = multiprocessing.get_context("fork").Pool(workers, _pool_init, (worker,))
+    pool = multiprocessing.get_context(_pool_start_method()).Pool(workers, _pool_init, (worker,))
     try:
         pending: deque[tuple[list[str], Any]] = deque()
         queue: list[tuple[list[str], list[str]] | None] = [first, second]
