@@ -480,6 +480,9 @@ class _Trainer:
         n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
         plan = make_plan(len(rows), t, accelerator.num_processes)
+        # Exported as soon as it is known: a scrape during the set-up below already shows
+        # the run's length (a short run can finish between two scrapes of its loop).
+        self.metrics.set_total_steps(plan.total_steps)
         config = self._resolved_config(
             plan, rows, attn, n_params, n_trainable, model_config_dict(model)
         )
@@ -643,7 +646,6 @@ class _Trainer:
         main = self.accelerator.is_main_process
         if main and state.step > 0:
             self.progress.resume(state.step)
-        self.metrics.set_total_steps(plan.total_steps)
         if main and self.ctx.show_progress:
             from tqdm.auto import tqdm
 
