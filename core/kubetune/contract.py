@@ -70,6 +70,8 @@ class Env:
     """Working directory for downloads and temporary files (an emptyDir in a pod)."""
     METRICS_PORT = "KUBETUNE_METRICS_PORT"
     """Port of the trainer's Prometheus endpoint; 0 disables it."""
+    METRICS_FINAL_SCRAPE_SECONDS = "KUBETUNE_METRICS_FINAL_SCRAPE_SECONDS"
+    """Longest wait at the end of training for a scrape of the final values (0: none)."""
     S3_ENDPOINT = "KUBETUNE_S3_ENDPOINT"
     """S3 endpoint URL (``AWS_ENDPOINT_URL`` is read too; this one wins)."""
     PREPARE_WORKERS = "KUBETUNE_PREPARE_WORKERS"

@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import logging
 import socket
+import threading
+import time
 import urllib.request
 from pathlib import Path
 
@@ -18,7 +20,13 @@ from kubetune.contract import METRICS_PORT
 from kubetune.layout import RunLayout
 from kubetune.schema import Progress
 from kubetune.storage import open_storage
-from kubetune_trainer.exporter import METRIC_NAMES, ProgressWriter, TrainMetrics, metrics_port
+from kubetune_trainer.exporter import (
+    METRIC_NAMES,
+    ProgressWriter,
+    TrainMetrics,
+    final_scrape_limit,
+    metrics_port,
+)
 
 GPU_ONLY = {"kubetune_gpu_memory_used_bytes", "kubetune_gpu_utilization_ratio"}
 
@@ -66,7 +74,7 @@ def test_endpoint_serves_every_contract_metric_with_job_labels() -> None:
         metrics.count_nonfinite()
         samples = _scrape(port)
     finally:
-        metrics.close()
+        metrics.close(final_scrape_limit_s=0)
     for name in set(METRIC_NAMES) - GPU_ONLY:
         assert name in samples, f"{name} missing from /metrics"
         for _, labels, _ in samples[name]:
@@ -88,7 +96,7 @@ def test_namespace_label_defaults_to_local() -> None:
     try:
         samples = _scrape(port)
     finally:
-        metrics.close()
+        metrics.close(final_scrape_limit_s=0)
     assert samples["kubetune_train_step"][0][1]["namespace"] == "local"
 
 
@@ -112,6 +120,81 @@ def test_port_taken_is_logged_and_training_continues(caplog: pytest.LogCaptureFi
         )
         metrics.close()
     assert f"port {port} unavailable" in caplog.text
+
+
+def _closing(metrics: TrainMetrics, limit: float) -> threading.Thread:
+    closer = threading.Thread(target=metrics.close, kwargs={"final_scrape_limit_s": limit})
+    closer.start()
+    return closer
+
+
+def _update_step(metrics: TrainMetrics, step: int) -> None:
+    metrics.update(
+        step=step,
+        total_steps=40,
+        epoch=1.0,
+        loss=2.0,
+        learning_rate=1e-3,
+        tokens_per_second=None,
+        eta_seconds=None,
+        new_tokens=1,
+    )
+
+
+def test_close_waits_for_a_scrape_of_the_final_values_when_prometheus_is_scraping() -> None:
+    metrics = TrainMetrics("job", None)
+    port = metrics.serve(port=_free_port(), addr="127.0.0.1")
+    assert port is not None
+    _scrape(port)
+    _scrape(port)  # a scraper every ~few ms: the wait is bounded by 1.5 of that interval...
+    metrics.scrapes.times[0] -= 60.0  # ...so make the observed interval a minute
+    _update_step(metrics, 40)  # the run's last step, after the last scrape
+    closer = _closing(metrics, limit=120.0)
+    closer.join(0.5)
+    assert closer.is_alive(), "close() returned before anything scraped the final values"
+    final = _scrape(port)
+    closer.join(10)
+    assert not closer.is_alive(), "close() still waiting after the final scrape"
+    assert final["kubetune_train_step"][0][2] == 40
+
+
+def test_close_does_not_wait_when_nothing_scrapes(caplog: pytest.LogCaptureFixture) -> None:
+    metrics = TrainMetrics("job", None)
+    assert metrics.serve(port=_free_port(), addr="127.0.0.1") is not None
+    _update_step(metrics, 40)
+    with caplog.at_level(logging.INFO):
+        closer = _closing(metrics, limit=120.0)
+        closer.join(10)
+    assert not closer.is_alive(), "close() waited although nobody was scraping"
+    assert "waiting up to" not in caplog.text
+
+
+def test_close_gives_up_on_the_final_scrape_after_the_limit(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    metrics = TrainMetrics("job", None)
+    port = metrics.serve(port=_free_port(), addr="127.0.0.1")
+    assert port is not None
+    _scrape(port)  # one scrape (say, a person with curl), then nothing
+    with caplog.at_level(logging.INFO):
+        started = time.monotonic()
+        metrics.close(final_scrape_limit_s=0.3)
+    assert time.monotonic() - started >= 0.3
+    assert "no scrape came within" in caplog.text
+    with pytest.raises(OSError):  # and the endpoint is gone
+        _scrape(port)
+
+
+def test_final_scrape_limit_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    name = "KUBETUNE_METRICS_FINAL_SCRAPE_SECONDS"
+    monkeypatch.delenv(name, raising=False)
+    assert final_scrape_limit() == 30.0
+    monkeypatch.setenv(name, "0")
+    assert final_scrape_limit() == 0.0
+    monkeypatch.setenv(name, "2.5")
+    assert final_scrape_limit() == 2.5
+    monkeypatch.setenv(name, "soon")
+    assert final_scrape_limit() == 30.0
 
 
 def test_metrics_port_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -6,7 +6,7 @@ Usage::
     port = metrics.serve()          # KUBETUNE_METRICS_PORT (default 9400, 0 = off)
     metrics.update(step=10, total_steps=100, epoch=0.1, loss=3.2, learning_rate=5e-5,
                    tokens_per_second=12000.0, eta_seconds=90.0, new_tokens=40960)
-    metrics.close()
+    metrics.close()                 # after one more scrape, if Prometheus is scraping
 
     progress = ProgressWriter(ctx.storage)
     progress.log({"step": 10, "epoch": 0.1, "loss": 3.2, ...}, Progress(...))  # throttled
@@ -15,6 +15,12 @@ Usage::
 Every series carries ``finetunejob`` and ``namespace`` labels (GPU series also
 ``gpu``). The names are a contract with the chart's dashboards and alerts; see
 the team brief. Scrape by hand: ``curl localhost:9400/metrics``.
+
+A short run can end between two scrapes, and its final step and loss would never reach
+Prometheus. So ``close()`` waits for one more scrape when something has been scraping the
+endpoint: at most one and a half observed scrape intervals, never longer than
+``KUBETUNE_METRICS_FINAL_SCRAPE_SECONDS`` (default 30; 0 skips the wait). An endpoint nobody
+scraped closes at once.
 """
 
 from __future__ import annotations
@@ -24,7 +30,9 @@ import json
 import logging
 import math
 import os
+import threading
 import time
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from typing import Any
 
@@ -38,6 +46,8 @@ from kubetune.storage import Storage, StorageError
 log = logging.getLogger(__name__)
 
 PROGRESS_INTERVAL_S = 10.0
+FINAL_SCRAPE_DEFAULT_S = 30.0
+RESPONSE_GRACE_S = 0.2
 
 METRIC_NAMES = (
     "kubetune_train_loss",
@@ -63,6 +73,59 @@ def metrics_port() -> int:
         log.warning("%s=%r is not a port number; metrics endpoint disabled", Env.METRICS_PORT, raw)
         return 0
     return port if 0 <= port < 65536 else 0
+
+
+def final_scrape_limit() -> float:
+    """Seconds ``close()`` may wait for a last scrape (env ``METRICS_FINAL_SCRAPE_SECONDS``)."""
+    name = Env.METRICS_FINAL_SCRAPE_SECONDS
+    raw = os.environ.get(name, str(FINAL_SCRAPE_DEFAULT_S)).strip()
+    try:
+        limit = float(raw)
+    except ValueError:
+        log.warning("%s=%r is not a number of seconds; using %s", name, raw, FINAL_SCRAPE_DEFAULT_S)
+        return FINAL_SCRAPE_DEFAULT_S
+    return limit if math.isfinite(limit) and limit > 0 else 0.0
+
+
+class ScrapeClock:
+    """A collector that exports nothing and notes when the registry was scraped."""
+
+    def __init__(self) -> None:
+        self._scraped = threading.Condition()
+        self.times: list[float] = []  # monotonic; the last two are enough
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Iterator[Any]:
+        with self._scraped:
+            self.times = [*self.times[-1:], time.monotonic()]
+            self._scraped.notify_all()
+        return iter(())
+
+    def wait_for_scrape_after(self, since: float, limit: float) -> bool:
+        """Block until a scrape later than ``since`` (monotonic), or ``limit`` seconds."""
+        deadline = time.monotonic() + limit
+        with self._scraped:
+            while not (self.times and self.times[-1] > since):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._scraped.wait(left)
+        return True
+
+    def next_scrape_budget(self, limit: float) -> float:
+        """How long to wait for the next scrape: 1.5 observed intervals, at most ``limit``.
+
+        Zero when nothing has scraped (nobody is watching); ``limit`` after a single scrape.
+        """
+        with self._scraped:
+            times = list(self.times)
+        if not times:
+            return 0.0
+        if len(times) == 1:
+            return limit
+        return min(limit, 1.5 * (times[1] - times[0]))
 
 
 class TrainMetrics:
@@ -117,6 +180,9 @@ class TrainMetrics:
             self.nonfinite,
         ):
             metric.labels(**self.labels)
+        # Registered last: a scrape is noted once every value in it has been read.
+        self.scrapes = ScrapeClock()
+        self.registry.register(self.scrapes)
         self._server: Any = None
         self._thread: Any = None
         self._nvml: Any = None
@@ -141,8 +207,12 @@ class TrainMetrics:
         log.info("Prometheus metrics on http://%s:%d/metrics", addr, bound)
         return bound
 
-    def close(self) -> None:
+    def close(self, final_scrape_limit_s: float | None = None) -> None:
+        """Stop serving, after one more scrape when something is scraping (module docstring)."""
         if self._server is not None:
+            self._await_final_scrape(
+                final_scrape_limit() if final_scrape_limit_s is None else final_scrape_limit_s
+            )
             self._server.shutdown()
             self._server.server_close()
             self._server = None
@@ -150,6 +220,21 @@ class TrainMetrics:
             with contextlib.suppress(Exception):  # best effort at exit
                 self._nvml.nvmlShutdown()
             self._nvml = None
+
+    def _await_final_scrape(self, limit: float) -> None:
+        budget = self.scrapes.next_scrape_budget(limit)
+        if budget <= 0:
+            return
+        log.info(
+            "waiting up to %.0fs for a last scrape of the final metrics (%s=0 skips it)",
+            budget,
+            Env.METRICS_FINAL_SCRAPE_SECONDS,
+        )
+        if self.scrapes.wait_for_scrape_after(time.monotonic(), budget):
+            # The handler thread still has to send the body; it dies with the process.
+            time.sleep(RESPONSE_GRACE_S)
+        else:
+            log.info("no scrape came within %.0fs; the final values may be missing", budget)
 
     def set_total_steps(self, total: int) -> None:
         self.total_steps.labels(**self.labels).set(total)
