@@ -4,27 +4,31 @@ Expose the fixtures from a conftest::
 
     from fixtures_s3 import moto_s3, s3_bucket  # noqa: F401
 
-``moto_s3`` (session) starts one ``ThreadedMotoServer`` on 127.0.0.1 and a free
-port, sets fake credentials (``AWS_ACCESS_KEY_ID=testing``...) and
-``AWS_ENDPOINT_URL`` for the session, and returns the endpoint URL.
-``s3_bucket`` creates a fresh, uniquely named bucket for one test and returns
-its name, so tests never see each other's objects.
+``moto_s3`` (session) serves moto's S3 from a thread of this process on 127.0.0.1 and a
+free port, behind the harness's credential check (:mod:`harness.s3`: a request signed with
+another key or secret is refused, as real S3 does), sets the harness's credentials
+(``AWS_ACCESS_KEY_ID``...) and ``AWS_ENDPOINT_URL`` for the session, and returns the
+endpoint URL. ``s3_bucket`` creates a fresh, uniquely named bucket for one test and
+returns its name, so tests never see each other's objects.
 """
 
 from __future__ import annotations
 
 import socket
+import threading
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
+from harness.s3 import ACCESS_KEY, REGION, SECRET_KEY, checked_moto_app
+
 S3_ENV = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-    "AWS_REGION": "us-east-1",
+    "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+    "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+    "AWS_DEFAULT_REGION": REGION,
+    "AWS_REGION": REGION,
 }
 
 
@@ -37,12 +41,15 @@ def free_port() -> int:
 @pytest.fixture(scope="session")
 def moto_s3() -> Iterator[str]:
     """Endpoint URL of a moto S3 server on loopback, running for the whole session."""
-    from moto.server import ThreadedMotoServer
+    from moto.moto_server.werkzeug_app import MotoRequestHandler
+    from werkzeug.serving import make_server
 
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
+    server = make_server(
+        "127.0.0.1", 0, checked_moto_app(), threaded=True, request_handler=MotoRequestHandler
+    )
+    thread = threading.Thread(target=server.serve_forever, name="moto-s3", daemon=True)
+    thread.start()
+    endpoint = f"http://127.0.0.1:{server.server_port}"
     with pytest.MonkeyPatch.context() as mp:
         for name, value in S3_ENV.items():
             mp.setenv(name, value)
@@ -52,13 +59,14 @@ def moto_s3() -> Iterator[str]:
         try:
             yield endpoint
         finally:
-            server.stop()
+            server.shutdown()
+            thread.join()
 
 
 def s3_client(endpoint: str) -> Any:
     import boto3
 
-    return boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    return boto3.client("s3", endpoint_url=endpoint, region_name=REGION)
 
 
 @pytest.fixture

@@ -74,6 +74,9 @@ class Env:
     """Longest wait at the end of training for a scrape of the final values (0: none)."""
     S3_ENDPOINT = "KUBETUNE_S3_ENDPOINT"
     """S3 endpoint URL (``AWS_ENDPOINT_URL`` is read too; this one wins)."""
+    STORAGE_RETRY_SECONDS = "KUBETUNE_STORAGE_RETRY_SECONDS"
+    """Seconds an S3 operation keeps retrying transient failures before the stage gives up
+    its attempt (default 300; 0: no retries beyond botocore's own few)."""
     PREPARE_WORKERS = "KUBETUNE_PREPARE_WORKERS"
     """Worker processes of prepare's first pass (default: the usable CPUs)."""
     ATTN_IMPLEMENTATION = "KUBETUNE_ATTN_IMPLEMENTATION"
@@ -112,8 +115,16 @@ NOT_RETRIABLE_REASONS = frozenset(
         Reason.DATASET_UNUSABLE.value,
         Reason.INVALID_SPEC.value,
         Reason.MODEL_DATASET_MISMATCH.value,
+        Reason.STORAGE_ACCESS_DENIED.value,
     }
 )
+
+S3_KEY_ID = "AWS_ACCESS_KEY_ID"
+S3_SECRET_KEY = "AWS_SECRET_ACCESS_KEY"
+S3_SESSION_TOKEN = "AWS_SESSION_TOKEN"
+S3_CREDENTIAL_KEYS = (S3_KEY_ID, S3_SECRET_KEY)
+"""The keys ``spec.storage.credentialsSecret`` must hold; pods get them as env vars of those names
+(``S3_SESSION_TOKEN`` is optional and read by the operator only)."""
 
 METRICS_PORT = 9400
 RENDEZVOUS_PORT = 29500

@@ -42,6 +42,12 @@ PRINTER_COLUMNS: list[dict[str, Any]] = [
         "description": "Where the current run is.",
     },
     {
+        "name": "Reason",
+        "type": "string",
+        "jsonPath": ".status.reason",
+        "description": "Why the run is in its phase (e.g. StagePending, OOMKilled).",
+    },
+    {
         "name": "Progress",
         "type": "integer",
         "jsonPath": ".status.progress.percent",
@@ -162,6 +168,10 @@ class _Converter:
             extra = node.get("additionalProperties")
             if isinstance(extra, dict):
                 out["additionalProperties"] = self._convert(extra, name=None)
+            # A bound on a map keeps the API server's cost estimate of its CEL rules low.
+            for key in ("minProperties", "maxProperties"):
+                if key in node:
+                    out[key] = node[key]
             model = self.models.get(name or "")
             rules = getattr(model, "cel_rules", ()) if model else ()
             if rules:

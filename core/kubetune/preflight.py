@@ -12,9 +12,10 @@ checked: the hub may be reachable only from the cluster.
 from __future__ import annotations
 
 from kubetune.schema import FineTuneJob
-from kubetune.storage import FileStorage, Storage, StorageError, storage_for_job
+from kubetune.storage import FileStorage, RetryPolicy, Storage, StorageError, storage_for_job
 
 WRITE_PROBE = ".kubetune-write-probe"
+PREFLIGHT_RETRY_S = 10.0
 _STORAGE_SCHEMES = ("s3://", "file://")
 
 
@@ -51,7 +52,9 @@ def check_uris(job: FineTuneJob) -> list[str]:
     problems: list[str] = []
 
     def open_uri(uri: str) -> Storage:
-        return storage_for_job(uri, spec.storage)
+        # A person waits for the answer: a wrong endpoint should say so in seconds, not after
+        # a stage's retry budget for each URI.
+        return storage_for_job(uri, spec.storage, retry=RetryPolicy(seconds=PREFLIGHT_RETRY_S))
 
     if spec.dataset.source.startswith(_STORAGE_SCHEMES):
         _, problem = _listing("dataset.source", spec.dataset.source, open_uri(spec.dataset.source))

@@ -21,14 +21,25 @@ from __future__ import annotations
 
 import copy
 import enum
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    GetCoreSchemaHandler,
+    GetJsonSchemaHandler,
+    ValidationError,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import core_schema
 
 GROUP = "kubetune.io"
 VERSION = "v1alpha1"
@@ -38,8 +49,46 @@ SINGULAR = "finetunejob"
 SHORT_NAMES = ["ftj"]
 API_VERSION = f"{GROUP}/{VERSION}"
 
-URI_PATTERN = r"^(s3|file)://.+"
-SOURCE_PATTERN = r"^(s3|file|hf)://.+"
+# Formats the Kubernetes API checks when the operator creates a stage Job, checked here too
+# so that `kubectl apply` (the CRD's `pattern`) and local mode (the same regex in Python)
+# refuse a bad value up front. Every regex is RE2 and Python alike and has no backslash
+# (`[.]`, not an escaped dot), so it can also sit in a CEL string literal.
+_DNS_LABEL = "[a-z0-9]([-a-z0-9]*[a-z0-9])?"
+_DNS_SUBDOMAIN = _DNS_LABEL + "([.]" + _DNS_LABEL + ")*"
+_LABEL_NAME = "[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"  # 1-63 characters
+_QUALIFIED_NAME = "(" + _DNS_SUBDOMAIN + "/)?" + _LABEL_NAME
+_NUMBER = "([0-9]+([.][0-9]*)?|[.][0-9]+)"
+# A path segment that is not `.` or `..` (empty is fine: a trailing or doubled slash).
+_SEGMENT = "([^/.][^/]*|[.][^/.][^/]*|[.][.][^/]+)?"
+_S3_URI = "s3://[a-z0-9][-a-z0-9.]{1,61}[a-z0-9](/" + _SEGMENT + ")*"
+_IMAGE_COMPONENT = "[a-z0-9]+(([._]|__|-+)[a-z0-9]+)*"
+_IMAGE_DOMAIN = "[A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?([.][A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?)*"
+
+DNS_SUBDOMAIN_PATTERN = "^" + _DNS_SUBDOMAIN + "$"
+LABEL_KEY_PATTERN = "^" + _QUALIFIED_NAME + "$"
+LABEL_VALUE_PATTERN = "^(" + _LABEL_NAME + ")?$"
+# Kubernetes' resource.Quantity without a sign: 4, 500m, 1.5, 32Gi, 1e3.
+QUANTITY_PATTERN = "^" + _NUMBER + "([KMGTPE]i|[numkMGTPE]|[eE][-+]?[0-9]+)?$"
+# [registry[:port]/]path[:tag][@algorithm:digest], as the distribution reference grammar.
+IMAGE_PATTERN = (
+    "^(" + _IMAGE_DOMAIN + "(:[0-9]+)?/)?" + _IMAGE_COMPONENT + "(/" + _IMAGE_COMPONENT + ")*"
+    "(:[A-Za-z0-9_][-A-Za-z0-9_.]{0,127})?"
+    "(@[A-Za-z][A-Za-z0-9]*([-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,})?$"
+)
+URI_PATTERN = "^(" + _S3_URI + "|file://.+)$"
+SOURCE_PATTERN = "^(" + _S3_URI + "|(file|hf)://.+)$"
+TOKENIZER_PATTERN = "^(" + _S3_URI + "|file://.+|[^:]+)$"
+LABEL_KEY_MAX_LENGTH = 253 + 1 + 63  # DNS prefix, '/', name
+
+_S3_RULES = (
+    "s3://<bucket>/<prefix> (bucket: 3-63 lowercase letters, digits, '.' or '-', starting and "
+    "ending with a letter or digit; no '.' or '..' path segments)"
+)
+_SECRET_NAME = (
+    "a Secret name in the FineTuneJob's namespace: lowercase letters, digits, '-' and '.', "
+    "starting and ending with a letter or digit (no '/': Secrets of other namespaces cannot "
+    "be used)"
+)
 
 
 @dataclass(frozen=True)
@@ -55,6 +104,63 @@ class CelRule:
     message: str
     check: Callable[[Any], bool]
     field: str | None = None
+
+
+@dataclass(frozen=True)
+class Matching:
+    """``Annotated[str, Matching(PATTERN, "what it must be")]``: a string format.
+
+    The CRD carries ``pattern`` (the API server refuses a mismatch, naming the field);
+    Python checks the same regex and says what the value must be.
+    """
+
+    pattern: str
+    what: str
+
+    def __get_pydantic_core_schema__(
+        self, source: Any, handler: GetCoreSchemaHandler
+    ) -> core_schema.CoreSchema:
+        regex = re.compile(self.pattern)
+
+        def check(value: str) -> str:
+            if not regex.fullmatch(value):
+                raise ValueError(f"must be {self.what}")
+            return value
+
+        return core_schema.no_info_after_validator_function(check, handler(source))
+
+    def __get_pydantic_json_schema__(
+        self, schema: core_schema.CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        out = handler(schema)
+        out["pattern"] = self.pattern
+        return out
+
+
+def is_label_key(key: str) -> bool:
+    """A Kubernetes label key (nodeSelector): ``[dns-subdomain/]name``."""
+    return len(key) <= LABEL_KEY_MAX_LENGTH and re.fullmatch(LABEL_KEY_PATTERN, key) is not None
+
+
+SecretName = Annotated[str, Field(max_length=253), Matching(DNS_SUBDOMAIN_PATTERN, _SECRET_NAME)]
+Quantity = Annotated[
+    str,
+    Field(max_length=64),
+    Matching(
+        QUANTITY_PATTERN,
+        "a Kubernetes quantity: a plain number with an optional suffix, e.g. '4', '500m' "
+        "(CPU), '32Gi' or '512Mi' (memory); no spaces, no 'GB'/'MB'",
+    ),
+]
+LabelValue = Annotated[
+    str,
+    Field(max_length=63),
+    Matching(
+        LABEL_VALUE_PATTERN,
+        "a label value: at most 63 letters, digits, '-', '_' or '.', starting and ending "
+        "with a letter or digit (or empty)",
+    ),
+]
 
 
 class _Model(BaseModel):
@@ -118,6 +224,18 @@ class Precision(str, enum.Enum):
     FP32 = "fp32"
 
 
+class TolerationOperator(str, enum.Enum):
+    EXISTS = "Exists"
+    EQUAL = "Equal"
+
+
+class TaintEffect(str, enum.Enum):
+    ALL = ""  # every effect
+    NO_SCHEDULE = "NoSchedule"
+    PREFER_NO_SCHEDULE = "PreferNoSchedule"
+    NO_EXECUTE = "NoExecute"
+
+
 class Phase(str, enum.Enum):
     PENDING = "Pending"
     PREPARING = "Preparing"
@@ -148,6 +266,7 @@ class Reason(str, enum.Enum):
     INVALID_SPEC = "InvalidSpec"
     OUTPUT_IN_USE = "OutputInUse"  # storage.output overlaps an older FineTuneJob's
     DATASET_UNUSABLE = "DatasetUnusable"
+    STORAGE_ACCESS_DENIED = "StorageAccessDenied"  # the credentials are refused
     MODEL_DATASET_MISMATCH = "ModelDatasetMismatch"
     STAGE_FAILED = "StageFailed"
     OOM_KILLED = "OOMKilled"
@@ -158,6 +277,7 @@ class Reason(str, enum.Enum):
     SUSPENDED = "Suspended"
     NEW_GENERATION = "NewGeneration"
     WAITING = "Waiting"
+    STAGE_RETRYING = "StageRetrying"  # an attempt failed; the stage Job runs another
 
 
 # --------------------------------------------------------------------------- spec
@@ -199,16 +319,22 @@ class ModelSpec(_Model):
         max_length=256,
         description="Model id on the Hugging Face hub, e.g. gpt2. Needs a reachable hub.",
     )
-    uri: str | None = Field(
+    uri: Annotated[str, Matching(URI_PATTERN, f"{_S3_RULES} or file://<path>")] | None = Field(
         None,
-        pattern=URI_PATTERN,
         description="s3:// or file:// prefix holding a save_pretrained() model and tokenizer "
-        "(for air-gapped clusters).",
+        "(for air-gapped clusters). s3://<bucket>/<prefix>: a valid bucket name, no '.' or "
+        "'..' segments.",
     )
     fresh: FreshModelSpec | None = Field(
         None, description="Initialise a GPT-2-shaped model from scratch instead of loading one."
     )
-    tokenizer: str | None = Field(
+    tokenizer: (
+        Annotated[
+            str,
+            Matching(TOKENIZER_PATTERN, f"a hub id, {_S3_RULES} or file://<path>"),
+        ]
+        | None
+    ) = Field(
         None,
         description="Tokenizer to use instead of the model's own: hub id, s3:// or file:// prefix.",
     )
@@ -297,11 +423,14 @@ class SplitSpec(_Model):
 class DatasetSpec(_Model):
     """Where the text comes from and how it is cleaned and split."""
 
-    source: str = Field(
+    source: Annotated[
+        str,
+        Matching(SOURCE_PATTERN, f"{_S3_RULES}, file://<path> or hf://<dataset>"),
+    ] = Field(
         ...,
-        pattern=SOURCE_PATTERN,
         description="A file or a prefix of files (.txt, .md, .jsonl, .csv, .parquet): s3://, "
-        "file://, or hf://<dataset>[/<config>][@<split>] where a hub is reachable.",
+        "file://, or hf://<dataset>[/<config>][@<split>] where a hub is reachable. "
+        "s3://<bucket>/<prefix>: a valid bucket name, no '.' or '..' segments.",
     )
     format: DatasetFormat = Field(
         DatasetFormat.AUTO,
@@ -392,10 +521,11 @@ class CompareWithSpec(_Model):
         description="Environment variable holding the API key (local mode only: the operator "
         "drops it, so a pod's own credentials can never be sent to an endpoint).",
     )
-    api_key_secret: str | None = Field(
+    api_key_secret: SecretName | None = Field(
         None,
         description="Secret with key 'apiKey' holding the API key (cluster mode: the evaluate "
-        "pod gets it as KUBETUNE_COMPARE_<NAME>_API_KEY).",
+        "pod gets it as KUBETUNE_COMPARE_<NAME>_API_KEY). A Secret name (DNS-1123 subdomain) "
+        "in the FineTuneJob's namespace.",
     )
 
 
@@ -430,32 +560,142 @@ class EvaluationSpec(_Model):
 
 
 class Toleration(_Model):
-    """A Kubernetes toleration."""
+    """A Kubernetes toleration, with the rules the Job API applies to it."""
 
-    key: str | None = Field(None, description="Taint key.")
-    operator: str | None = Field(None, description="Exists or Equal.")
-    value: str | None = Field(None, description="Taint value.")
-    effect: str | None = Field(None, description="NoSchedule, PreferNoSchedule or NoExecute.")
-    toleration_seconds: int | None = Field(None, description="For NoExecute taints.")
+    key: (
+        Annotated[
+            str,
+            Field(max_length=LABEL_KEY_MAX_LENGTH),
+            Matching(
+                "^(" + _QUALIFIED_NAME + ")?$",
+                "a taint key: [prefix/]name, e.g. nvidia.com/gpu (name: at most 63 letters, "
+                "digits, '-', '_' or '.'; prefix: a DNS subdomain)",
+            ),
+        ]
+        | None
+    ) = Field(
+        None,
+        description="Taint key, a label key such as nvidia.com/gpu; leave it out (with "
+        "operator Exists) to tolerate every taint.",
+    )
+    operator: TolerationOperator | None = Field(
+        None, description="Exists or Equal (the default when unset)."
+    )
+    value: LabelValue | None = Field(
+        None, description="Taint value for operator Equal (a label value); empty for Exists."
+    )
+    effect: TaintEffect | None = Field(
+        None,
+        description="NoSchedule, PreferNoSchedule or NoExecute; empty or unset: every effect.",
+    )
+    toleration_seconds: int | None = Field(
+        None,
+        description="How long a NoExecute taint is tolerated before the pod is evicted "
+        "(needs effect NoExecute).",
+    )
+
+    cel_rules = (
+        CelRule(
+            "(has(self.key) && self.key != '') "
+            "|| (has(self.operator) && self.operator == 'Exists')",
+            "resources.tolerations operator must be Exists when key is empty (tolerate every "
+            "taint); set a key or operator: Exists",
+            lambda t: bool(t.key) or t.operator == TolerationOperator.EXISTS,
+            field=".operator",
+        ),
+        CelRule(
+            "!has(self.operator) || self.operator != 'Exists' || !has(self.value) "
+            "|| self.value == ''",
+            "resources.tolerations value must be empty when operator is Exists",
+            lambda t: t.operator != TolerationOperator.EXISTS or not t.value,
+            field=".value",
+        ),
+        CelRule(
+            "!has(self.tolerationSeconds) || (has(self.effect) && self.effect == 'NoExecute')",
+            "resources.tolerations tolerationSeconds needs effect: NoExecute",
+            lambda t: t.toleration_seconds is None or t.effect == TaintEffect.NO_EXECUTE,
+            field=".tolerationSeconds",
+        ),
+    )
 
 
 class ResourcesSpec(_Model):
     """Where and how the stage pods run (cluster mode)."""
 
-    image: str | None = Field(
-        None, description="Trainer image; default: the operator's KUBETUNE_TRAINER_IMAGE."
+    image: (
+        Annotated[
+            str,
+            Field(max_length=512),
+            Matching(
+                IMAGE_PATTERN,
+                "an image reference such as ghcr.io/kubetune/trainer:0.1.0 "
+                "([registry[:port]/]path[:tag][@sha256:digest], lowercase path, no spaces); "
+                "leave it out for the operator's trainer image",
+            ),
+        ]
+        | None
+    ) = Field(
+        None,
+        description="Trainer image, e.g. ghcr.io/kubetune/trainer:0.1.0 "
+        "([registry[:port]/]path[:tag][@digest]); default: the operator's "
+        "KUBETUNE_TRAINER_IMAGE.",
     )
     image_pull_policy: str | None = Field(
         None, pattern=r"^(Always|IfNotPresent|Never)$", description="Image pull policy."
     )
     workers: int = Field(1, ge=1, le=512, description="Training pods (nodes).")
     gpus_per_worker: int = Field(1, ge=0, le=16, description="nvidia.com/gpu per training pod.")
-    cpu: str | None = Field(None, description="CPU request per pod, e.g. '4'.")
-    memory: str | None = Field(None, description="Memory request and limit per pod, e.g. 32Gi.")
-    node_selector: dict[str, str] = Field(default_factory=dict, description="Node selector.")
-    tolerations: list[Toleration] = Field(default_factory=list, description="Tolerations.")
-    service_account_name: str | None = Field(None, description="Service account of stage pods.")
-    priority_class_name: str | None = Field(None, description="Priority class of stage pods.")
+    cpu: Quantity | None = Field(
+        None, description="CPU request per pod, a Kubernetes quantity: '4', '1.5' or '500m'."
+    )
+    memory: Quantity | None = Field(
+        None,
+        description="Memory request and limit per pod, a Kubernetes quantity: 32Gi, 512Mi "
+        "(binary) or 2G (decimal); not '2 GB'.",
+    )
+    node_selector: dict[str, LabelValue] = Field(
+        default_factory=dict,
+        max_length=64,
+        description="Node labels the stage pods need (at most 64): label keys "
+        "([prefix/]name, e.g. nvidia.com/gpu.present) and label values.",
+    )
+    tolerations: list[Toleration] = Field(
+        default_factory=list, max_length=64, description="Tolerations (at most 64)."
+    )
+    service_account_name: (
+        Annotated[
+            str,
+            Field(max_length=253),
+            Matching(
+                DNS_SUBDOMAIN_PATTERN,
+                "a ServiceAccount name in the FineTuneJob's namespace: lowercase letters, "
+                "digits, '-' and '.', starting and ending with a letter or digit",
+            ),
+        ]
+        | None
+    ) = Field(
+        None,
+        description="ServiceAccount of the stage pods, in the FineTuneJob's namespace "
+        "(a DNS-1123 subdomain); default: the namespace's default.",
+    )
+    priority_class_name: (
+        Annotated[
+            str,
+            Field(max_length=253),
+            Matching(
+                DNS_SUBDOMAIN_PATTERN,
+                "a PriorityClass name: lowercase letters, digits, '-' and '.', starting and "
+                "ending with a letter or digit",
+            ),
+        ]
+        | None
+    ) = Field(
+        None,
+        description="PriorityClass of the stage pods (a DNS-1123 subdomain), one your cluster "
+        "admin made for batch work. Names starting with 'system-' are refused: those classes "
+        "are for pods the cluster cannot run without, and a training job must never preempt "
+        "them.",
+    )
     backoff_limit: int = Field(2, ge=0, le=100, description="Retries of each stage Job.")
     active_deadline_seconds: int | None = Field(
         None, ge=1, description="Wall-clock limit of each stage Job (seconds)."
@@ -469,25 +709,47 @@ class ResourcesSpec(_Model):
             lambda r: r.workers == 1 or r.gpus_per_worker >= 1,
             field=".gpusPerWorker",
         ),
+        CelRule(
+            "!has(self.priorityClassName) || !self.priorityClassName.startsWith('system-')",
+            "resources.priorityClassName must not start with 'system-' (classes for pods the "
+            "cluster cannot run without); use a PriorityClass made for batch work, or leave "
+            "it out",
+            lambda r: not (r.priority_class_name or "").startswith("system-"),
+            field=".priorityClassName",
+        ),
+        CelRule(
+            "!has(self.nodeSelector) || self.nodeSelector.all(k, "
+            f"k.size() <= {LABEL_KEY_MAX_LENGTH} && k.matches('{LABEL_KEY_PATTERN}'))",
+            "resources.nodeSelector keys must be label keys: [prefix/]name, e.g. "
+            "nvidia.com/gpu.present (name: at most 63 letters, digits, '-', '_' or '.', "
+            "starting and ending with a letter or digit; prefix: a DNS subdomain)",
+            lambda r: all(is_label_key(k) for k in r.node_selector),
+            field=".nodeSelector",
+        ),
     )
 
 
 class StorageSpec(_Model):
     """Where every artifact goes."""
 
-    output: str = Field(
+    output: Annotated[
+        str,
+        Matching(URI_PATTERN, f"{_S3_RULES}, or file://<path> for local mode (kubetune run)"),
+    ] = Field(
         ...,
-        pattern=URI_PATTERN,
         description="s3:// or file:// prefix for dataset/, training/ (checkpoints), model/, "
-        "eval/, report/.",
+        "eval/, report/. s3://<bucket>/<prefix>: a valid bucket name, no '.' or '..' "
+        "segments. file:// is for local mode (kubetune run) only: stage pods on a cluster "
+        "share no file system, so the operator refuses it.",
     )
     endpoint: str | None = Field(
         None, pattern=r"^https?://.+", description="S3 endpoint URL (MinIO, Ceph, ...)."
     )
     region: str | None = Field(None, description="S3 region.")
-    credentials_secret: str | None = Field(
+    credentials_secret: SecretName | None = Field(
         None,
-        description="Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY for the stage pods.",
+        description="Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY for the stage "
+        "pods, in the FineTuneJob's namespace (a Secret name: a DNS-1123 subdomain).",
     )
 
     cel_rules = (
@@ -650,12 +912,20 @@ class StageStatus(_Model):
     start_time: str | None = Field(None, description="When the Job was created.")
     completion_time: str | None = Field(None, description="When it finished.")
     message: str | None = Field(None, description="Last message (failure reason).")
+    failed_attempts: int | None = Field(
+        None, description="Attempts (pods) of this stage that failed so far; the Job retries."
+    )
 
 
 class FineTuneJobStatus(_Model):
     """Observed state, written only by the operator (or the local runner)."""
 
     phase: Phase | None = Field(None, description="Where the current run is.")
+    reason: str | None = Field(
+        None,
+        description="Why the run is in its phase (a Reason, e.g. StagePending, OOMKilled); "
+        "the message has the details.",
+    )
     observed_generation: int | None = Field(None, description="Generation the status is about.")
     run: str | None = Field(None, description="Current run id (one per spec generation).")
     output: str | None = Field(None, description="Output prefix of the current run.")

@@ -15,23 +15,37 @@ S3 settings come from arguments first, then the environment:
 ``AWS_DEFAULT_REGION``, else ``us-east-1``), and boto3's usual credential chain
 (``AWS_ACCESS_KEY_ID`` and ``AWS_SECRET_ACCESS_KEY`` from a Secret in cluster mode).
 :func:`s3_client` is the one place that turns them into a boto3 client; the operator
-uses it too, with shorter timeouts. Transient errors are retried with exponential
-backoff by botocore's ``standard`` retry mode; an access-denied or missing key raises
-:class:`StorageError` naming bucket and key.
+uses it too, with shorter timeouts.
+
+**Storage outages ride through.** Every S3 operation of :class:`S3Storage` retries
+transient failures (connection refused or reset, timeouts, HTTP 5xx, throttling) with
+exponential backoff and jitter for ``$KUBETUNE_STORAGE_RETRY_SECONDS`` (default 300 s,
+:class:`RetryPolicy`), logging a WARNING per retry, and then raises
+:class:`StorageUnavailable`. botocore's own retries stay few and quick, so our budget
+decides how long a stage waits. Permanent answers are not retried: a missing key or bucket
+raises :class:`StorageNotFound`, refused credentials :class:`StorageAccessDenied`; each
+message names the bucket and key. :func:`storage_failure_reason` turns the last two kinds
+into a stage's failure reason.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
+import random
 import shutil
 import tempfile
+import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from kubetune.contract import Env
+from kubetune.contract import S3_KEY_ID, S3_SECRET_KEY, S3_SESSION_TOKEN, Env
 from kubetune.layout import join_uri
+from kubetune.schema import Reason
 
 # `Storage.list` shadows the builtin inside the class body; annotations use these.
 Keys = list[str]
@@ -40,6 +54,9 @@ Paths = list[Path]
 
 MULTIPART_THRESHOLD = 64 * 1024 * 1024
 MULTIPART_CHUNK = 64 * 1024 * 1024
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class StorageError(RuntimeError):
@@ -59,6 +76,163 @@ def is_permanent(exc: BaseException) -> bool:
     return isinstance(exc, (StorageNotFound, StorageAccessDenied, PermissionError)) or (
         isinstance(exc, OSError) and not isinstance(exc, StorageError)
     )
+
+
+class StorageUnavailable(StorageError):
+    """Storage kept failing transiently (unreachable, 5xx, throttled) for the whole retry
+    budget: this attempt gives up, a later one may succeed."""
+
+
+def storage_failure_reason(exc: BaseException) -> Reason | None:
+    """The failure reason a storage fault decides for a stage, whatever it was reading.
+
+    Refused credentials are :attr:`Reason.STORAGE_ACCESS_DENIED` (a retry cannot help);
+    storage unreachable for the whole retry budget is :attr:`Reason.STAGE_FAILED` (a
+    retry may). Both are facts about storage, not about the input, so they win over the
+    reason a stage gave a storage error it wrapped (``raise StageError(...) from None``
+    keeps the storage error as ``__context__``). None for anything else: a missing key
+    stays what the stage called it (``DatasetUnusable``, ``InvalidSpec``, ...).
+    """
+    for cause in _chain(exc):
+        if isinstance(cause, StorageAccessDenied):
+            return Reason.STORAGE_ACCESS_DENIED
+        if isinstance(cause, StorageUnavailable):
+            return Reason.STAGE_FAILED
+    return None
+
+
+def _chain(exc: BaseException, limit: int = 8) -> Iterator[BaseException]:
+    """``exc`` and the exceptions it was raised from or while handling, nearest first."""
+    seen: BaseException | None = exc
+    for _ in range(limit):
+        if seen is None:
+            return
+        yield seen
+        seen = seen.__cause__ or seen.__context__
+
+
+DEFAULT_RETRY_SECONDS = 300.0
+
+# S3 error codes that mean "try again later" (HTTP 5xx and 429 are transient whatever
+# their code). Anything else S3 answers (NoSuchKey, NoSuchBucket, AccessDenied,
+# InvalidAccessKeyId, SignatureDoesNotMatch, ...) is final.
+TRANSIENT_S3_CODES = frozenset(
+    {
+        "InternalError",
+        "ServiceUnavailable",
+        "SlowDown",
+        "RequestTimeout",
+        "Throttling",
+        "ThrottlingException",
+        "RequestThrottled",
+        "TooManyRequests",
+        "TooManyRequestsException",
+        "RequestLimitExceeded",
+        "BandwidthLimitExceeded",
+        "OperationAborted",  # a conflicting operation on the bucket is in progress
+    }
+)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for S3 failures that may pass: no connection, a timeout, 5xx, throttling.
+
+    Looks through wrappers (boto3's ``S3UploadFailedError`` and ``RetriesExceededError``
+    carry the original error as their context).
+    """
+    from boto3.exceptions import RetriesExceededError
+    from botocore.exceptions import (
+        ClientError,
+        HTTPClientError,
+        IncompleteReadError,
+        SSLError,
+    )
+    from botocore.exceptions import ConnectionError as BotoConnectionError
+    from s3transfer.exceptions import RetriesExceededError as TransferRetriesExceeded
+
+    for cause in _chain(exc):
+        if isinstance(cause, ClientError):
+            code = str(cause.response.get("Error", {}).get("Code", ""))
+            status = int(cause.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+            return code in TRANSIENT_S3_CODES or status >= 500 or status == 429
+        if isinstance(cause, SSLError):
+            return False  # a certificate that does not verify will not start to
+        if isinstance(
+            cause,
+            (
+                HTTPClientError,  # connection closed, read timeout, broken response stream
+                BotoConnectionError,  # refused, connect timeout, proxy
+                IncompleteReadError,
+                RetriesExceededError,
+                TransferRetriesExceeded,
+                ConnectionError,
+                TimeoutError,
+            ),
+        ):
+            return True
+    return False
+
+
+def _describe(exc: BaseException) -> str:
+    """A one-line account of an S3 failure for logs and messages."""
+    from botocore.exceptions import ClientError
+
+    for cause in _chain(exc):
+        if isinstance(cause, ClientError):
+            code = cause.response.get("Error", {}).get("Code", "")
+            status = cause.response.get("ResponseMetadata", {}).get("HTTPStatusCode", "?")
+            return f"HTTP {status} {code}".strip()
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _retry_seconds_from_env() -> float:
+    raw = os.environ.get(Env.STORAGE_RETRY_SECONDS, "").strip()
+    if not raw:
+        return DEFAULT_RETRY_SECONDS
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0:  # also NaN
+        log.warning(
+            "$%s=%r is not a number of seconds >= 0; using the default %g s",
+            Env.STORAGE_RETRY_SECONDS,
+            raw,
+            DEFAULT_RETRY_SECONDS,
+        )
+        return DEFAULT_RETRY_SECONDS
+    return seconds
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How long an S3 operation rides through transient failures, and how it paces retries.
+
+    After the first transient failure the operation is tried again after ``first_delay``,
+    then twice that, and so on up to ``max_delay`` seconds, each pause scaled by a random
+    factor in [0.5, 1) so that many pods do not retry in step; once ``seconds`` have passed
+    since the first failure it gives up with :class:`StorageUnavailable`. The last pause is
+    cut short so that one attempt falls on the deadline. ``clock``, ``sleep`` and ``jitter``
+    are injectable for tests.
+    """
+
+    seconds: float = DEFAULT_RETRY_SECONDS
+    first_delay: float = 1.0
+    max_delay: float = 30.0
+    clock: Callable[[], float] = time.monotonic
+    sleep: Callable[[float], None] = time.sleep
+    jitter: Callable[[], float] = random.random  # uniform in [0, 1)
+
+    @classmethod
+    def from_env(cls) -> RetryPolicy:
+        """The budget from ``$KUBETUNE_STORAGE_RETRY_SECONDS`` (default 300 s)."""
+        return cls(seconds=_retry_seconds_from_env())
+
+    def pause(self, retry: int) -> float:
+        """Seconds to wait before retry number ``retry`` (1, 2, ...)."""
+        ceiling = min(self.max_delay, self.first_delay * 2.0 ** (retry - 1))
+        return ceiling * (0.5 + 0.5 * self.jitter())
 
 
 def _file_mode() -> int:
@@ -271,23 +445,37 @@ def s3_client(
     endpoint: str | None = None,
     region: str | None = None,
     *,
-    retries: int = 8,
+    retries: int = 3,
     connect_timeout: float = 10.0,
     read_timeout: float = 120.0,
+    credentials: Mapping[str, str] | None = None,
 ) -> Any:
     """A boto3 S3 client for ``endpoint``/``region`` (a job's ``spec.storage``, or None).
 
     Both are resolved with :func:`s3_endpoint` and :func:`s3_region`, so the stage pods
     and the operator reach the same S3 from the same environment. ``retries`` is
-    botocore's ``max_attempts`` (``standard`` mode, exponential backoff); the timeouts
-    are in seconds. Path-style addressing, which MinIO and Ceph need.
+    botocore's ``max_attempts`` (``standard`` mode, exponential backoff): a few quick
+    retries of one request, so that a dropped connection costs no warning; how long an
+    outage is ridden through is :class:`S3Storage`'s :class:`RetryPolicy`. The timeouts
+    are in seconds. Path-style addressing, which MinIO and Ceph need. ``credentials``
+    (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, optionally ``AWS_SESSION_TOKEN``)
+    replace boto3's own chain (environment, files, instance role): the operator passes a
+    job's own keys so it never reaches a job's storage with its own.
     """
     import boto3
     from botocore.config import Config
 
+    keys: dict[str, str | None] = {}
+    if credentials is not None:
+        keys = {
+            "aws_access_key_id": credentials[S3_KEY_ID],
+            "aws_secret_access_key": credentials[S3_SECRET_KEY],
+            "aws_session_token": credentials.get(S3_SESSION_TOKEN),
+        }
     return boto3.client(
         "s3",
         endpoint_url=s3_endpoint(endpoint),
+        **keys,
         region_name=s3_region(region),
         config=Config(
             retries={"max_attempts": retries, "mode": "standard"},
@@ -299,7 +487,12 @@ def s3_client(
 
 
 class S3Storage(Storage):
-    """``s3://bucket/prefix`` storage through boto3."""
+    """``s3://bucket/prefix`` storage through boto3; each operation rides through outages.
+
+    ``retry`` is the :class:`RetryPolicy` of every operation (default: from
+    ``$KUBETUNE_STORAGE_RETRY_SECONDS``); a caller that must not wait, such as the
+    operator, passes ``RetryPolicy(seconds=0)``.
+    """
 
     def __init__(
         self,
@@ -308,6 +501,7 @@ class S3Storage(Storage):
         endpoint: str | None = None,
         region: str | None = None,
         client: Any = None,
+        retry: RetryPolicy | None = None,
     ) -> None:
         super().__init__(root)
         _, rest = split_uri(self.root)
@@ -317,9 +511,16 @@ class S3Storage(Storage):
         self.endpoint = s3_endpoint(endpoint)
         self.region = s3_region(region)
         self._client = client
+        self.retry = retry if retry is not None else RetryPolicy.from_env()
 
     def _with_root(self, root: str) -> Storage:
-        return S3Storage(root, endpoint=self.endpoint, region=self.region, client=self._client)
+        return S3Storage(
+            root,
+            endpoint=self.endpoint,
+            region=self.region,
+            client=self._client,
+            retry=self.retry,
+        )
 
     @property
     def client(self) -> Any:
@@ -330,12 +531,62 @@ class S3Storage(Storage):
     def _key(self, key: str) -> str:
         return join_uri(self.prefix, key).lstrip("/") if self.prefix else key.strip("/")
 
+    def _where(self, key: str) -> str:
+        return f"s3://{self.bucket}/{self._key(key)}"
+
+    def _retrying(self, action: str, key: str, operation: Callable[[], T]) -> T:
+        """``operation()``, tried again after transient failures until the retry budget is
+        spent; every failure leaves as a :class:`StorageError` naming ``key``."""
+        policy = self.retry
+        first_failure: float | None = None
+        retry = 0
+        while True:
+            try:
+                return operation()
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise self._error(exc, key, action) from exc
+                now = policy.clock()
+                first_failure = now if first_failure is None else first_failure
+                elapsed = now - first_failure
+                left = policy.seconds - elapsed
+                if left <= 0:
+                    raise self._unavailable(exc, key, action, elapsed, retry + 1) from exc
+                retry += 1
+                pause = min(policy.pause(retry), left)
+                log.warning(
+                    "S3 %s %s failed (%s); retry %d in %.1f s, %.0f s of the %g s storage "
+                    "retry budget left ($%s)",
+                    action,
+                    self._where(key),
+                    _describe(exc),
+                    retry,
+                    pause,
+                    left,
+                    policy.seconds,
+                    Env.STORAGE_RETRY_SECONDS,
+                )
+                policy.sleep(pause)
+
+    def _unavailable(
+        self, exc: Exception, key: str, action: str, elapsed: float, attempts: int
+    ) -> StorageUnavailable:
+        return StorageUnavailable(
+            f"{self._where(key)}: storage was unreachable for {elapsed:.0f} s while {action} "
+            f"({attempts} attempt{'s' if attempts != 1 else ''}, last error: {_describe(exc)}; "
+            f"endpoint {self.endpoint or 'AWS'}); gave up after the storage retry budget of "
+            f"{self.retry.seconds:g} s (${Env.STORAGE_RETRY_SECONDS}). A retry of the stage "
+            "may succeed once S3 is back; if it never is, check storage.endpoint"
+        )
+
     def _error(self, exc: Exception, key: str, action: str) -> StorageError:
         from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
 
-        where = f"s3://{self.bucket}/{self._key(key)}"
-        if isinstance(exc, ClientError):
-            code = str(exc.response.get("Error", {}).get("Code", ""))
+        where = self._where(key)
+        # boto3 wraps an upload's ClientError in S3UploadFailedError (as its context).
+        client_error = next((e for e in _chain(exc) if isinstance(e, ClientError)), None)
+        if client_error is not None:
+            code = str(client_error.response.get("Error", {}).get("Code", ""))
             if code in ("NoSuchKey", "404", "NotFound"):
                 return StorageNotFound(
                     f"{where}: no such key (bucket {self.bucket!r}) while {action}"
@@ -353,7 +604,7 @@ class S3Storage(Storage):
                 )
             return StorageError(f"{where}: S3 error {code} while {action}: {exc}")
         if isinstance(exc, NoCredentialsError):
-            return StorageError(
+            return StorageAccessDenied(
                 f"{where}: no S3 credentials found; set AWS_ACCESS_KEY_ID and "
                 "AWS_SECRET_ACCESS_KEY (storage.credentialsSecret in a cluster)"
             )
@@ -365,71 +616,75 @@ class S3Storage(Storage):
         return StorageError(f"{where}: {action} failed: {exc}")
 
     def read_bytes(self, key: str) -> bytes:
-        try:
+        def get() -> bytes:
+            # The body is read inside the retry: a stream cut halfway starts over.
             body = self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
             return bytes(body.read())
-        except Exception as exc:
-            raise self._error(exc, key, "reading") from exc
+
+        return self._retrying("reading", key, get)
 
     def write_bytes(self, key: str, data: bytes) -> None:
         # A single PUT is atomic in S3: readers see the old object or the new one.
-        try:
-            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
-        except Exception as exc:
-            raise self._error(exc, key, "writing") from exc
+        self._retrying(
+            "writing",
+            key,
+            lambda: self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data),
+        )
 
     def exists(self, key: str) -> bool:
-        from botocore.exceptions import ClientError
-
         try:
-            self.client.head_object(Bucket=self.bucket, Key=self._key(key))
-            return True
-        except ClientError as exc:
-            if str(exc.response.get("Error", {}).get("Code")) in ("404", "NoSuchKey", "NotFound"):
-                return False
-            raise self._error(exc, key, "checking") from exc
-
-    def _iter_keys(self, prefix: str) -> Iterator[str]:
-        for key, _, _ in self._iter_objects(prefix):
-            yield key
+            self._retrying(
+                "checking",
+                key,
+                lambda: self.client.head_object(Bucket=self.bucket, Key=self._key(key)),
+            )
+        except StorageNotFound:
+            return False
+        return True
 
     def versions(self, prefix: str = "") -> Versions:
-        return sorted(self._iter_objects(prefix.strip("/")))
+        return sorted(self._objects(prefix.strip("/")))
 
-    def _iter_objects(self, prefix: str) -> Iterator[tuple[str, int, str]]:
-        """``(key relative to the root, size, ETag)`` of every object under ``prefix``."""
+    def _objects(self, prefix: str) -> Versions:
+        """``(key relative to the root, size, ETag)`` of every object under ``prefix``.
+
+        A listing that fails halfway is retried from its first page.
+        """
         full = self._key(prefix)
         if full and not full.endswith("/"):
             # A prefix names a "directory"; never match siblings like model2/.
-            exact = full
+            exact: str | None = full
             full = full + "/"
         else:
             exact = None
-        paginator = self.client.get_paginator("list_objects_v2")
         base = self._key("")
         base = base + "/" if base and not base.endswith("/") else base
-        try:
+
+        def list_all() -> Versions:
+            out = []
+            paginator = self.client.get_paginator("list_objects_v2")
             for page in paginator.paginate(Bucket=self.bucket, Prefix=exact or full):
                 for obj in page.get("Contents", []):
                     k = obj["Key"]
                     if exact and k != exact and not k.startswith(full):
                         continue
                     rel = k[len(base) :] if base else k
-                    yield rel, int(obj.get("Size", 0)), str(obj.get("ETag", "")).strip('"')
-        except Exception as exc:
-            raise self._error(exc, prefix, "listing") from exc
+                    out.append((rel, int(obj.get("Size", 0)), str(obj.get("ETag", "")).strip('"')))
+            return out
+
+        return self._retrying("listing", prefix, list_all)
 
     def list(self, prefix: str = "") -> Keys:
-        return sorted(self._iter_keys(prefix.strip("/")))
+        return sorted(key for key, _, _ in self._objects(prefix.strip("/")))
 
     def delete(self, prefix: str) -> None:
         keys = self.list(prefix)
         for i in range(0, len(keys), 1000):
             batch = [{"Key": self._key(k)} for k in keys[i : i + 1000]]
-            try:
-                self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch})
-            except Exception as exc:
-                raise self._error(exc, prefix, "deleting") from exc
+            remove = functools.partial(
+                self.client.delete_objects, Bucket=self.bucket, Delete={"Objects": batch}
+            )
+            self._retrying("deleting", prefix, remove)
 
     def _transfer_config(self) -> Any:
         from boto3.s3.transfer import TransferConfig
@@ -439,34 +694,51 @@ class S3Storage(Storage):
         )
 
     def upload_file(self, local: Path, key: str) -> None:
-        try:
-            self.client.upload_file(
+        self._retrying(
+            f"uploading {local}",
+            key,
+            lambda: self.client.upload_file(
                 str(local), self.bucket, self._key(key), Config=self._transfer_config()
-            )
-        except Exception as exc:
-            raise self._error(exc, key, f"uploading {local}") from exc
+            ),
+        )
 
     def download_file(self, key: str, local: Path) -> None:
         local.parent.mkdir(parents=True, exist_ok=True)
         tmp = local.with_name(f".{local.name}.part")
-        try:
-            self.client.download_file(
-                self.bucket, self._key(key), str(tmp), Config=self._transfer_config()
-            )
-            os.replace(tmp, local)
-        except Exception as exc:
-            tmp.unlink(missing_ok=True)
-            raise self._error(exc, key, "downloading") from exc
+
+        def fetch() -> None:
+            try:
+                self.client.download_file(
+                    self.bucket, self._key(key), str(tmp), Config=self._transfer_config()
+                )
+                os.replace(tmp, local)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+
+        self._retrying("downloading", key, fetch)
 
 
-def open_storage(uri: str, *, endpoint: str | None = None, region: str | None = None) -> Storage:
-    """A :class:`Storage` rooted at ``uri`` (``s3://`` or ``file://``)."""
+def open_storage(
+    uri: str,
+    *,
+    endpoint: str | None = None,
+    region: str | None = None,
+    retry: RetryPolicy | None = None,
+) -> Storage:
+    """A :class:`Storage` rooted at ``uri`` (``s3://`` or ``file://``).
+
+    ``retry``: how long S3 operations ride through an outage (default: the stage budget,
+    ``$KUBETUNE_STORAGE_RETRY_SECONDS``); an interactive check passes a short one.
+    """
     scheme, _ = split_uri(uri)
     if scheme == "file":
         return FileStorage(uri)
-    return S3Storage(uri, endpoint=endpoint, region=region)
+    return S3Storage(uri, endpoint=endpoint, region=region, retry=retry)
 
 
-def storage_for_job(uri: str, storage_spec: Any) -> Storage:
+def storage_for_job(uri: str, storage_spec: Any, *, retry: RetryPolicy | None = None) -> Storage:
     """Open ``uri`` with the endpoint/region of a job's ``spec.storage``."""
-    return open_storage(uri, endpoint=storage_spec.endpoint, region=storage_spec.region)
+    return open_storage(
+        uri, endpoint=storage_spec.endpoint, region=storage_spec.region, retry=retry
+    )

@@ -33,6 +33,7 @@ from kubetune.contract import (
     METRICS_PORT,
     NOT_RETRIABLE_EXIT_CODES,
     RENDEZVOUS_PORT,
+    S3_CREDENTIAL_KEYS,
     Env,
     RunAnnotation,
     Stage,
@@ -342,7 +343,7 @@ def stage_env(job: FineTuneJob, stage: str) -> list[dict[str, Any]]:
     ]
     storage = job.spec.storage
     if storage.credentials_secret:
-        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        for key in S3_CREDENTIAL_KEYS:
             ref = {"name": storage.credentials_secret, "key": key}
             env.append({"name": key, "valueFrom": {"secretKeyRef": ref}})
     if storage.endpoint:

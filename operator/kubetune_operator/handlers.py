@@ -48,7 +48,8 @@ def configure(
     )
     # One replica; no KopfPeering objects needed.
     settings.peering.standalone = True
-    # The CRD is installed before the operator; do not watch CRDs (fewer RBAC rights).
+    # The CRD is installed before the operator, and KUBETUNE_NAMESPACE names exact namespaces:
+    # watch neither CRDs nor namespaces, so no cluster-scoped RBAC rule is needed (rbac.py).
     settings.scanning.disabled = True
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
@@ -62,7 +63,7 @@ def configure(
     memo.controller = controller
     memo.metrics = metrics
     logger.info(
-        "kubetune operator: namespace=%s workers=%d image=%s metrics=:%d",
+        "kubetune operator: namespaces=%s workers=%d image=%s metrics=:%d",
         cfg.namespace or "<all>",
         cfg.max_concurrent,
         cfg.trainer_image,

@@ -43,9 +43,24 @@ class Conflict(ApiError):
     """409: already exists, or a stale resourceVersion."""
 
 
+def _segment(value: str) -> str:
+    """One path segment, percent-encoded whole: ``/`` and ``..`` can never reach another path.
+
+    A name from a spec (``../../kube-system/secrets/x``) becomes one segment that names no
+    object (the API server answers 404 or 400), never a request for another namespace's.
+    """
+    if value in ("", ".", ".."):
+        raise ValueError(f"{value!r} is not a Kubernetes object name or namespace")
+    return quote(value, safe="")
+
+
+def _object_path(collection: str, name: str) -> str:
+    return f"{collection}/{_segment(name)}" if name else collection
+
+
 def ftj_path(namespace: str, name: str = "") -> str:
-    base = f"/apis/{GROUP}/{VERSION}/namespaces/{quote(namespace)}/{PLURAL}"
-    return f"{base}/{quote(name)}" if name else base
+    base = f"/apis/{GROUP}/{VERSION}/namespaces/{_segment(namespace)}/{PLURAL}"
+    return _object_path(base, name)
 
 
 def all_ftjs_path() -> str:
@@ -54,13 +69,12 @@ def all_ftjs_path() -> str:
 
 
 def jobs_path(namespace: str, name: str = "") -> str:
-    base = f"/apis/batch/v1/namespaces/{quote(namespace)}/jobs"
-    return f"{base}/{quote(name)}" if name else base
+    return _object_path(f"/apis/batch/v1/namespaces/{_segment(namespace)}/jobs", name)
 
 
 def core_path(namespace: str, plural: str, name: str = "") -> str:
-    base = f"/api/v1/namespaces/{quote(namespace)}/{plural}"
-    return f"{base}/{quote(name)}" if name else base
+    base = f"/api/v1/namespaces/{_segment(namespace)}/{_segment(plural)}"
+    return _object_path(base, name)
 
 
 def path_for(obj: Obj) -> str:

@@ -2,6 +2,7 @@
 
     KUBECONFIG=~/.kube/config kubetune operator            # every namespace
     KUBETUNE_NAMESPACE=ml kubetune operator --verbose      # one namespace
+    KUBETUNE_NAMESPACE=team-a,team-b kubetune operator     # these namespaces only
 
 Settings come from the environment (see README.md next to this file); the flags only
 override the log level. Liveness: ``http://0.0.0.0:$KUBETUNE_HEALTH_PORT/healthz``
@@ -47,8 +48,9 @@ def run(argv: Sequence[str] | None = None) -> int:
     liveness = f"http://0.0.0.0:{cfg.health_port}/healthz" if cfg.health_port else None
     kopf.run(
         standalone=True,
-        clusterwide=not cfg.namespace,
-        namespaces=[cfg.namespace] if cfg.namespace else (),
+        # Exact names: with scanning disabled kopf watches each one and lists no namespaces.
+        clusterwide=not cfg.namespaces,
+        namespaces=list(cfg.namespaces),
         liveness_endpoint=liveness,
         memo=kopf.Memo(config=cfg),
     )

@@ -1,24 +1,35 @@
 """Pure reading of a stage Job and its pods: is it pending, running, done or failed, and why.
 
-    obs = observe_stage(job_dict, pod_dicts, now=time.time(), unschedulable_timeout=300)
+    obs = observe_stage(job_dict, pod_dicts, now=time.time(), unschedulable_timeout=300,
+                        nodes=node_dicts)   # nodes: None when the operator may not list them
     obs.state        # "Pending" | "Running" | "Succeeded" | "Failed"
     obs.reason       # a schema.Reason value when Failed (OOMKilled, ImagePullFailed, ...)
     obs.result       # the stage's result JSON from the termination message, if any
+    obs.recheck_after  # seconds until the observation changes by itself (a timeout), or None
 
 Results and failure messages come only from the containers' termination messages
 (the file ``KUBETUNE_TERMINATION_LOG`` the stage CLI writes), the Job's conditions
 and the pods' states, never from logs.
+
+Waiting is not failing. A pod the scheduler cannot place for lack of free CPU, memory or
+GPUs is ``Pending`` with reason ``Waiting`` and the scheduler's message, for as long as it
+takes: the user's limit is ``spec.resources.activeDeadlineSeconds`` (the Job's deadline
+counts from its start, waiting included; then ``DeadlineExceeded``). Only a pod that no
+node could ever hold (:func:`kubetune_operator.fit.never_fits`) fails, with reason
+``Unschedulable``, once it has waited ``unschedulable_timeout`` seconds for such a node to
+join (an autoscaler may be adding one).
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 
 from kubetune.schema import Reason
 from kubetune_operator.builders import ANNOTATION_FAILED_MESSAGE, ANNOTATION_FAILED_REASON
+from kubetune_operator.fit import never_fits
 
 PENDING = "Pending"
 RUNNING = "Running"
@@ -44,6 +55,10 @@ class StageObservation:
     start_time: str | None = None
     completion_time: str | None = None
     terminal_by_operator: bool = False  # the operator must mark the Job failed and stop it
+    failed_attempts: int = 0  # pods of a still-active Job that failed (the Job retries them)
+    attempts: int = 0  # attempts the Job allows (backoffLimit + 1); 0 when unknown
+    last_failure: tuple[str, str] | None = None  # (reason, message) of the newest failed pod
+    recheck_after: float | None = None  # seconds until a timeout changes this observation
     details: dict[str, Any] = field(default_factory=dict)
 
 
@@ -133,8 +148,8 @@ def _success_result(pods: list[Obj]) -> dict[str, Any] | None:
     return None
 
 
-def _stuck_pod(pods: list[Obj], now: float, unschedulable_timeout: float) -> tuple[str, str] | None:
-    """A pod that will never start by itself: image pull, bad config, or unschedulable too long."""
+def _stuck_pod(pods: list[Obj]) -> tuple[str, str] | None:
+    """A pod that will never start by itself: image pull or bad config."""
     for pod in _newest_first(pods):
         if (pod.get("metadata") or {}).get("deletionTimestamp"):
             continue
@@ -157,25 +172,102 @@ def _stuck_pod(pods: list[Obj], now: float, unschedulable_timeout: float) -> tup
                     "spec.storage.credentialsSecret (it needs the keys AWS_ACCESS_KEY_ID and "
                     "AWS_SECRET_ACCESS_KEY)"
                 )
-        sched = None
-        for cond in (pod.get("status") or {}).get("conditions") or []:
-            if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
-                sched = cond
-        if sched and sched.get("reason") == "Unschedulable":
-            since = parse_time((pod.get("metadata") or {}).get("creationTimestamp"))
-            if since is not None and now - since >= unschedulable_timeout:
-                return Reason.UNSCHEDULABLE.value, (
-                    f"the stage pod could not be scheduled for {int(now - since)}s: "
-                    f"{sched.get('message') or 'no node fits'}; free or add capacity, or change "
-                    "spec.resources (gpusPerWorker, cpu, memory, nodeSelector, tolerations)"
-                )
+    return None
+
+
+def unschedulable_condition(pod: Obj) -> Obj | None:
+    """The pod's ``PodScheduled=False`` condition with reason Unschedulable, if it has one."""
+    if (pod.get("metadata") or {}).get("deletionTimestamp"):
+        return None
+    if (pod.get("status") or {}).get("phase") not in (None, "", "Pending"):
+        return None
+    for cond in (pod.get("status") or {}).get("conditions") or []:
+        if (
+            cond.get("type") == "PodScheduled"
+            and cond.get("status") == "False"
+            and cond.get("reason") == "Unschedulable"
+        ):
+            return dict(cond)
+    return None
+
+
+def _unschedulable(
+    pods: list[Obj], now: float, unschedulable_timeout: float, nodes: list[Obj] | None
+) -> StageObservation | None:
+    """The newest unschedulable pod: failed if no node can ever hold it, else waiting."""
+    for pod in _newest_first(pods):
+        cond = unschedulable_condition(pod)
+        if cond is None:
+            continue
+        scheduler = str(cond.get("message") or "no node fits").strip()
+        why = never_fits(pod, nodes) if nodes is not None else None
+        if why is None:
+            return StageObservation(
+                state=PENDING,
+                reason=Reason.WAITING.value,
+                message=f"waiting for a node with room for the stage pod: {scheduler}",
+            )
+        since = parse_time(cond.get("lastTransitionTime")) or parse_time(
+            (pod.get("metadata") or {}).get("creationTimestamp")
+        )
+        waited = max(0.0, now - since) if since is not None else 0.0
+        deadline = (since if since is not None else now) + unschedulable_timeout
+        if waited >= unschedulable_timeout:
+            return StageObservation(
+                state=FAILED,
+                reason=Reason.UNSCHEDULABLE.value,
+                message=(
+                    f"no node can ever run the stage pod: {why}; change spec.resources or add "
+                    f"a node that can hold it (scheduler: {scheduler})"
+                ),
+                terminal_by_operator=True,
+            )
+        # A time, not a countdown: the message (and so the status) stays the same each pass.
+        at = datetime.fromtimestamp(deadline, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        return StageObservation(
+            state=PENDING,
+            reason=Reason.WAITING.value,
+            message=(
+                f"no node can ever run the stage pod: {why}; the run fails at {at} unless a "
+                f"node that can hold it joins (scheduler: {scheduler})"
+            ),
+            recheck_after=unschedulable_timeout - waited,
+        )
     return None
 
 
 def observe_stage(
-    job: Obj | None, pods: list[Obj], *, now: float, unschedulable_timeout: float
+    job: Obj | None,
+    pods: list[Obj],
+    *,
+    now: float,
+    unschedulable_timeout: float,
+    nodes: list[Obj] | None = None,
 ) -> StageObservation:
-    """Classify one stage; ``job`` None means the stage Job does not exist."""
+    """Classify one stage; ``job`` None means the stage Job does not exist.
+
+    ``nodes``: the cluster's nodes, to tell a pod that waits for room from one that no node
+    could ever hold; None (unknown) makes every unschedulable pod wait. A stage still at work
+    also says how many of its attempts failed so far, and why the newest one did.
+    """
+    obs = _classify(job, pods, now=now, unschedulable_timeout=unschedulable_timeout, nodes=nodes)
+    if job is not None and obs.state in (PENDING, RUNNING):
+        failed = int((job.get("status") or {}).get("failed") or 0)
+        if failed:
+            obs.failed_attempts = failed
+            obs.attempts = int((job.get("spec") or {}).get("backoffLimit") or 0) + 1
+            obs.last_failure = _failure_from_pods(pods)
+    return obs
+
+
+def _classify(
+    job: Obj | None,
+    pods: list[Obj],
+    *,
+    now: float,
+    unschedulable_timeout: float,
+    nodes: list[Obj] | None,
+) -> StageObservation:
     if job is None:
         return StageObservation(state=PENDING, reason=Reason.WAITING.value, message="not started")
     meta = job.get("metadata") or {}
@@ -208,8 +300,9 @@ def observe_stage(
             reason, message = (
                 Reason.DEADLINE_EXCEEDED.value,
                 (
-                    f"the stage ran longer than spec.resources.activeDeadlineSeconds "
-                    f"({(job.get('spec') or {}).get('activeDeadlineSeconds')}s)"
+                    "the stage did not finish within spec.resources.activeDeadlineSeconds "
+                    f"({(job.get('spec') or {}).get('activeDeadlineSeconds')}s, counted from "
+                    "the stage Job's start, time waiting for a node included)"
                 ),
             )
         elif from_pods and from_pods[0] == Reason.OOM_KILLED.value:
@@ -233,7 +326,7 @@ def observe_stage(
         )
     if (job.get("spec") or {}).get("suspend"):
         return StageObservation(state=SUSPENDED, reason=Reason.SUSPENDED.value, start_time=start)
-    stuck = _stuck_pod(pods, now, unschedulable_timeout)
+    stuck = _stuck_pod(pods)
     oom = _failure_from_pods(pods)
     if stuck is None and oom and oom[0] == Reason.OOM_KILLED.value:
         # The Job would retry, but the same batch on the same node runs out of memory again.
@@ -246,6 +339,10 @@ def observe_stage(
             start_time=start,
             terminal_by_operator=True,
         )
+    unschedulable = _unschedulable(pods, now, unschedulable_timeout, nodes)
+    if unschedulable is not None and unschedulable.state == FAILED:
+        unschedulable.start_time = start
+        return unschedulable
     running = [
         p
         for p in pods
@@ -253,12 +350,19 @@ def observe_stage(
         and not (p.get("metadata") or {}).get("deletionTimestamp")
     ]
     if running:
+        message = f"{len(running)} pod(s) running"
+        if unschedulable is not None:  # a worker of a multi-pod stage
+            message += f"; {unschedulable.message}"
         return StageObservation(
             state=RUNNING,
             reason=Reason.STAGE_RUNNING.value,
-            message=f"{len(running)} pod(s) running",
+            message=message,
             start_time=start,
+            recheck_after=unschedulable.recheck_after if unschedulable is not None else None,
         )
+    if unschedulable is not None:
+        unschedulable.start_time = start
+        return unschedulable
     waiting = "waiting for the stage pod to start"
     for pod in pods:
         for cond in (pod.get("status") or {}).get("conditions") or []:

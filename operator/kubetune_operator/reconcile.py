@@ -28,7 +28,6 @@ FineTuneJob, in any namespace, uses an overlapping ``spec.storage.output``
 
 from __future__ import annotations
 
-import json
 import logging
 import socket
 import time
@@ -49,8 +48,7 @@ from kubetune.schema import (
     Reason,
     parse_job,
 )
-from kubetune.storage import S3Storage, Storage, open_storage, s3_client
-from kubetune_operator import builders, outputs
+from kubetune_operator import builders, outputs, spec_checks
 from kubetune_operator.builders import (
     ANNOTATION_FAILED_MESSAGE,
     ANNOTATION_FAILED_REASON,
@@ -63,6 +61,7 @@ from kubetune_operator.builders import (
     RunRef,
 )
 from kubetune_operator.config import OperatorConfig
+from kubetune_operator.fit import NodeCache
 from kubetune_operator.kube import (
     ApiError,
     Conflict,
@@ -74,7 +73,15 @@ from kubetune_operator.kube import (
     jobs_path,
     path_for,
 )
-from kubetune_operator.observe import FAILED, SUCCEEDED, SUSPENDED, StageObservation, observe_stage
+from kubetune_operator.observe import (
+    FAILED,
+    SUCCEEDED,
+    SUSPENDED,
+    StageObservation,
+    observe_stage,
+    unschedulable_condition,
+)
+from kubetune_operator.result_reader import ResultReader
 from kubetune_operator.status import (
     Event,
     RunView,
@@ -92,13 +99,7 @@ RESULT_MODELS: dict[str, type[PrepareResult | TrainResult | EvaluateResult]] = {
     Stage.TRAIN.value: TrainResult,
     Stage.EVALUATE.value: EvaluateResult,
 }
-STORAGE_BACKOFF = 60.0  # seconds without storage reads after a failed one
 RETRY_SOON = 2.0  # seconds: waiting for a deleted child to disappear
-# The operator's own S3 reads are optional (termination messages carry the results), so
-# they fail fast instead of holding a worker: few retries, short timeouts (seconds).
-S3_RETRIES = 2
-S3_CONNECT_TIMEOUT = 3.0
-S3_READ_TIMEOUT = 10.0
 
 
 class WaitError(RuntimeError):
@@ -145,58 +146,15 @@ def _secrets_named(job: FineTuneJob) -> list[tuple[str, str, str]]:
     return named
 
 
-class ResultReader:
-    """Reads stage results and training progress from a run's storage, when it can.
-
-    The operator's own environment gives it storage access (the same variables as the
-    stage pods: ``KUBETUNE_S3_ENDPOINT``/``AWS_ENDPOINT_URL``, ``AWS_REGION``, ``AWS_*``
-    credentials; see :func:`kubetune.storage.s3_client`); without it the termination
-    messages are enough. Reads are short-timeout, few-retry, and after a failure the
-    reader leaves that FineTuneJob's storage alone for a minute.
-    """
-
-    def __init__(self) -> None:
-        self._failed_at: dict[str, float] = {}
-        self._clients: dict[tuple[str | None, str | None], Any] = {}
-
-    def storage_for(self, job: FineTuneJob, output: str) -> Storage:
-        """Storage rooted at ``output`` with the job's endpoint/region; one client per pair."""
-        spec = job.spec.storage
-        if not output.startswith("s3://"):
-            return open_storage(output)
-        key = (spec.endpoint, spec.region)
-        if key not in self._clients:
-            self._clients[key] = s3_client(
-                spec.endpoint,
-                spec.region,
-                retries=S3_RETRIES,
-                connect_timeout=S3_CONNECT_TIMEOUT,
-                read_timeout=S3_READ_TIMEOUT,
-            )
-        return S3Storage(
-            output, endpoint=spec.endpoint, region=spec.region, client=self._clients[key]
-        )
-
-    def read_json(self, job: FineTuneJob, output: str, key: str) -> dict[str, Any] | None:
-        who = f"{job.metadata.namespace}/{job.metadata.name}"
-        if time.monotonic() - self._failed_at.get(who, -1e9) < STORAGE_BACKOFF:
-            return None
-        try:
-            store = self.storage_for(job, output)
-            if not store.exists(key):
-                return None
-            data = json.loads(store.read_bytes(key))
-        except Exception as exc:  # storage is optional for the operator: note it and go on
-            self._failed_at[who] = time.monotonic()
-            log.info(
-                "%s: cannot read %s/%s (%s); relying on termination messages",
-                who,
-                output,
-                key,
-                type(exc).__name__,
-            )
-            return None
-        return data if isinstance(data, dict) else None
+def _refused_child(exc: ApiError, stage: str) -> tuple[str, str] | None:
+    """(InvalidSpec, the API server's words) when it refused a child as invalid (400/422)."""
+    if exc.status not in (400, 422):
+        return None
+    message = str(exc.body.get("message") or exc)
+    return Reason.INVALID_SPEC.value, (
+        f"the API server refused the {stage} stage's objects built from this spec: {message}; "
+        "fix the spec (the fields named above) and apply it again"
+    )
 
 
 def parse_result(stage: str, data: dict[str, Any] | None, run: RunIdentity) -> Any:
@@ -251,11 +209,14 @@ class Reconciler:
         self.kube = kube
         self.cfg = cfg
         self.metrics = metrics
-        self.reader = reader or ResultReader()
+        self.reader = reader or ResultReader(
+            kube, cfg.storage_endpoints, local_files=cfg.file_outputs
+        )
         self._results: dict[tuple[str, ...], Any] = {}  # (ns, name, uid, run, hash, stage)
         self._list_all_namespaces = True  # False after a 403 (a Role in one namespace)
         self._progress_at: dict[tuple[str, str, str], float] = {}
         self._instance = socket.gethostname()
+        self._nodes = NodeCache(kube)  # listed only while a stage pod cannot be scheduled
 
     # ------------------------------------------------------------------ entry point
 
@@ -329,8 +290,14 @@ class Reconciler:
             view.job_names[stage] = builders.job_name(name, run.id, stage)
             child = jobs.get(stage)
             stage_pods = [p for p in pods if p["metadata"]["labels"].get(LABEL_STAGE) == stage]
+            # Nodes tell "waiting for room" from "no node could ever run it".
+            unschedulable = any(unschedulable_condition(p) for p in stage_pods)
             obs = observe_stage(
-                child, stage_pods, now=now, unschedulable_timeout=self.cfg.unschedulable_timeout
+                child,
+                stage_pods,
+                now=now,
+                unschedulable_timeout=self.cfg.unschedulable_timeout,
+                nodes=self._nodes.nodes() if unschedulable else None,
             )
             if child is None:
                 obs = self._finished_without_job(job, run, stage, cached) or obs
@@ -357,7 +324,15 @@ class Reconciler:
                     view.invalid = invalid
                     requeue = self.cfg.resync_interval  # the user may create the Secret
                     break
-                self._create_stage(job, run, stage)
+                try:
+                    self._create_stage(job, run, stage)
+                except ApiError as exc:
+                    refused = _refused_child(exc, stage)
+                    if refused is None:
+                        raise
+                    # Retrying the same spec would be refused again: stall until it changes.
+                    view.invalid = refused
+                    break
                 posted.append(
                     Event(
                         "Normal",
@@ -379,8 +354,8 @@ class Reconciler:
             requeue = (
                 self.cfg.progress_interval if stage == Stage.TRAIN else self.cfg.resync_interval
             )
-            if obs.state == "Pending":
-                requeue = min(requeue, max(1.0, self.cfg.unschedulable_timeout / 4))
+            if obs.recheck_after is not None:  # a pod no node can hold: its time runs out
+                requeue = min(requeue, max(1.0, obs.recheck_after + 1.0))
             break
 
         self._write_status(body, view, posted)
@@ -507,6 +482,11 @@ class Reconciler:
 
     def _check_spec(self, job: FineTuneJob, body: Obj) -> tuple[str, str] | None:
         """Problems the CRD cannot see; checked before creating a stage Job."""
+        cluster_problems = spec_checks.cluster_spec_problems(
+            job.spec, allow_file_output=self.cfg.file_outputs
+        )
+        if cluster_problems:
+            return Reason.INVALID_SPEC.value, "; ".join(cluster_problems)
         mine = outputs.OutputClaim.of(body)
         if mine is not None:
             holder = outputs.output_holder(mine, self._finetunejobs(mine.namespace))
@@ -530,11 +510,15 @@ class Reconciler:
         return None
 
     def _finetunejobs(self, namespace: str) -> list[Obj]:
-        """Every FineTuneJob of the cluster; only ``namespace``'s when listing all is forbidden.
+        """The FineTuneJobs whose outputs a new run must not overlap.
 
-        An operator installed with a Role in one namespace (the chart's ``watchNamespace``)
-        cannot list the others, so it checks output prefixes within its namespace only.
+        Watching named namespaces (Roles there only), those namespaces' jobs; watching every
+        namespace, every job of the cluster, or ``namespace``'s alone when listing all of
+        them is forbidden (a hand-made Role).
         """
+        if self.cfg.namespaces:
+            watched = dict.fromkeys([*self.cfg.namespaces, namespace])
+            return [obj for ns in watched for obj in self.kube.list(ftj_path(ns))]
         if self._list_all_namespaces:
             try:
                 return self.kube.list(all_ftjs_path())

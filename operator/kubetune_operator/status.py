@@ -51,13 +51,22 @@ from kubetune.schema import (
     StageStatus,
 )
 from kubetune_operator.builders import RunRef
-from kubetune_operator.observe import FAILED, RUNNING, SUCCEEDED, SUSPENDED, StageObservation
+from kubetune_operator.observe import (
+    FAILED,
+    PENDING,
+    RUNNING,
+    SUCCEEDED,
+    SUSPENDED,
+    StageObservation,
+)
 
 log = logging.getLogger("kubetune.operator")
 
 MAX_HISTORY = 5
 
 WORKING = {Phase.PENDING, Phase.PREPARING, Phase.TRAINING, Phase.EVALUATING}
+# A working run's phases in the order it moves through them; it never moves back.
+WORKING_ORDER = [Phase.PENDING, Phase.PREPARING, Phase.TRAINING, Phase.EVALUATING]
 
 CONDITION_ORDER = [c.value for c in ConditionType]
 
@@ -341,6 +350,29 @@ def _assess(view: RunView) -> _Assessment:
     return _Assessment(phase=phase, reason=reason, message=message, stages=stages)
 
 
+def _forward_only(assessment: _Assessment, prev: FineTuneJobStatus) -> _Assessment:
+    """The phase of a working run never goes back (``prev`` is the same run's last status).
+
+    A stage between two pods (a retried attempt, a finished pod whose Job is not yet marked
+    Complete) looks Pending again; a user watching ``kubectl get ftj -w`` should not see
+    Preparing -> Pending -> Training. The reason and message still say what happens now.
+    """
+    before = Phase(prev.phase) if prev.phase else None
+    now = assessment.phase
+    if (
+        before in WORKING
+        and now in WORKING
+        and WORKING_ORDER.index(now) < WORKING_ORDER.index(before)
+    ):
+        return _Assessment(
+            phase=before,
+            reason=assessment.reason,
+            message=assessment.message,
+            stages=assessment.stages,
+        )
+    return assessment
+
+
 def _stage_statuses(view: RunView, prev: FineTuneJobStatus) -> dict[str, StageStatus]:
     """Each observed stage's Job, state and times (times kept from before when unknown now)."""
     stages: dict[str, StageStatus] = {}
@@ -355,6 +387,7 @@ def _stage_statuses(view: RunView, prev: FineTuneJobStatus) -> dict[str, StageSt
             start_time=obs.start_time or old.start_time,
             completion_time=obs.completion_time or old.completion_time,
             message=obs.message or None,
+            failed_attempts=obs.failed_attempts or old.failed_attempts,
         )
     return stages
 
@@ -379,6 +412,33 @@ def _history(old: FineTuneJobStatus, run: RunRef | None, now: str) -> list[RunRe
         history = [record, *(h for h in history if h.run != old.run)]
     # The current run is never history (a spec that was invalid for a while, then restored).
     return [h for h in history if h.run != run_id][:MAX_HISTORY]
+
+
+def _retry_events(prev: FineTuneJobStatus, view: RunView) -> list[Event]:
+    """A Warning for each attempt a stage lost since ``prev``: retries are not free.
+
+    A lost connection or a preempted node costs an attempt of ``spec.resources.backoffLimit``;
+    users (and alerts on Warning Events) should know before the last one goes.
+    """
+    events = []
+    for stage in JOB_STAGES:
+        obs = view.stages.get(stage)
+        if obs is None or not obs.failed_attempts or obs.state not in (PENDING, RUNNING):
+            continue
+        before = prev.stages.get(stage)
+        if obs.failed_attempts <= ((before.failed_attempts or 0) if before else 0):
+            continue
+        reason, message = obs.last_failure or (Reason.STAGE_FAILED.value, "no error message")
+        left = max(obs.attempts - obs.failed_attempts, 0)
+        events.append(
+            Event(
+                "Warning",
+                Reason.STAGE_RETRYING.value,
+                f"{stage}: attempt {obs.failed_attempts} of {obs.attempts} failed ({reason}: "
+                f"{message}); {left} left (spec.resources.backoffLimit)",
+            )
+        )
+    return events
 
 
 def _events(prev: FineTuneJobStatus, assessment: _Assessment, run: RunRef | None) -> list[Event]:
@@ -430,10 +490,11 @@ def compute_status(
                 f"run {run.id} started for generation {run.generation}; output {run.output}",
             )
         )
-    assessment = _assess(view)
+    assessment = _forward_only(_assess(view), prev)
     phase = assessment.phase
     new = FineTuneJobStatus(
         phase=phase,
+        reason=assessment.reason,
         observed_generation=view.generation,
         run=run_id,
         output=run.output if run is not None else None,
@@ -460,6 +521,7 @@ def compute_status(
             new.completion_time = prev.completion_time or (
                 finished if phase == Phase.SUCCEEDED and finished else now
             )
+    events += _retry_events(prev, view) if run is not None else []
     events += _events(prev, assessment, run)
     return new, events
 

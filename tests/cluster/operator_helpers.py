@@ -58,7 +58,9 @@ class OperatorProcess:
         metrics_port, health_port = free_port(), free_port()
         env = {
             **os.environ,
-            **s3_env,  # the operator's own storage access (to read results and progress)
+            **s3_env,  # the operator's own keys, which it must never use on a job's behalf
+            # It reads results and progress with each job's keys, at allowed endpoints only.
+            "KUBETUNE_STORAGE_ENDPOINTS": s3_env.get("AWS_ENDPOINT_URL", ""),
             "KUBECONFIG": str(kubeconfig),
             "KUBETUNE_NAMESPACE": namespace,
             "KUBETUNE_PROGRESS_INTERVAL": "2",

@@ -349,6 +349,24 @@ def test_pod_wanting_more_gpus_than_the_node_has_stays_pending(
     assert (pod_now.status.phase, pod_now.spec.node_name) == ("Pending", None)
 
 
+def test_a_pod_that_ends_while_the_api_server_is_down_is_reported_when_it_is_back(
+    k8s_cluster: K8sCluster, k8s_namespace: str, api: Any, tmp_path: Path
+) -> None:
+    go = tmp_path / "go"
+    code = (
+        "import os, sys, time\n"
+        "while not os.path.exists(sys.argv[1]): time.sleep(0.1)\n"
+        "print('done')"
+    )
+    core_api(api).create_namespaced_pod(k8s_namespace, python_pod("outlives", code, str(go)))
+    wait_pod_phase(api, k8s_namespace, "outlives", ("Running",))
+    # The pod finishes during a 10 s outage; its status must still reach the API server.
+    k8s_cluster.control_plane.restart_apiserver(down_seconds=10, while_down=go.touch)
+    pod = wait_pod_phase(api, k8s_namespace, "outlives", ("Succeeded", "Failed"), timeout=90)
+    assert pod.status.phase == "Succeeded"
+    assert pod.status.container_statuses[0].state.terminated.exit_code == 0
+
+
 def test_restricted_pod_security_rejects_privileged_pod(
     k8s_cluster: K8sCluster, k8s_namespace: str, api: Any
 ) -> None:

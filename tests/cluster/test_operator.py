@@ -55,6 +55,7 @@ def crd_installed(k8s_cluster: Any) -> None:
                 "finetunejobs.kubetune.io",
                 "-o",
                 "jsonpath={.status.conditions[?(@.type=='Established')].status}",
+                check=False,  # right after creation the CRD may have no conditions yet
             ).stdout
             == "True"
         ),
@@ -74,8 +75,11 @@ def env(
     data_bucket = s3.make_bucket(f"data-{suffix}")
     out_bucket = s3.make_bucket(f"runs-{suffix}")
     upload_files(client, data_bucket, "tldr/common", tldr_files("common")[:150])
-    # A distinctive value so the leak check cannot match by accident (moto accepts any).
+    # Distinctive keys so the leak check cannot match by accident; the S3 server checks
+    # credentials, so it is told to accept these.
+    key_id = f"AK{uuid.uuid4().hex[:16].upper()}"
     secret_value = f"sk-{uuid.uuid4().hex}"
+    s3.add_credentials(key_id, secret_value)
     kubectl(
         k8s_cluster.kubeconfig,
         "-n",
@@ -84,7 +88,7 @@ def env(
         "secret",
         "generic",
         "kubetune-s3",
-        f"--from-literal=AWS_ACCESS_KEY_ID=AK{uuid.uuid4().hex[:16].upper()}",
+        f"--from-literal=AWS_ACCESS_KEY_ID={key_id}",
         f"--from-literal=AWS_SECRET_ACCESS_KEY={secret_value}",
     )
     # The operator runs as its own ServiceAccount with exactly the rules of rbac.py.
@@ -300,7 +304,7 @@ def test_finetunejob_succeeds_with_results_and_a_spec_edit_starts_a_second_run(
     # kubectl shows the printer columns.
     table = kubectl(kc, "-n", ns, "get", "ftj").stdout
     header = table.splitlines()[0].split()
-    assert header[:5] == ["NAME", "PHASE", "PROGRESS", "PPL", "BASE-PPL"], table
+    assert header[:6] == ["NAME", "PHASE", "REASON", "PROGRESS", "PPL", "BASE-PPL"], table
     assert "Succeeded" in table and "100" in table
 
     # One Job per stage, owned by the FineTuneJob; Events with typed reasons.
@@ -474,6 +478,18 @@ def test_killed_training_pod_resumes_from_the_last_checkpoint(env: dict[str, Any
     assert (train.get("resumedFromStep") or 0) > 0, train
     assert train["steps"] == 40
     assert len(child_jobs(kc, ns, name)) == 3
+    # The lost attempt was announced: a Warning naming the stage and what is left.
+    events = get_json(
+        kc,
+        ns,
+        "events",
+        "--field-selector",
+        f"involvedObject.kind=FineTuneJob,involvedObject.name={name},reason=StageRetrying",
+    )["items"]
+    assert [e["type"] for e in events] == ["Warning"], events
+    assert events[0]["message"].startswith("train: attempt 1 of 3 failed"), events[0]["message"]
+    status = get_ftj(kc, ns, name)["status"]
+    assert status["stages"]["train"]["failedAttempts"] == 1
 
 
 def test_suspend_stops_the_stage_and_resume_finishes_the_same_run(env: dict[str, Any]) -> None:

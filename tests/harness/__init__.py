@@ -4,7 +4,7 @@ Modules:
     harness.tools          find/build the control-plane binaries (scripts/build-tools.sh)
     harness.cluster        ControlPlane: etcd, kube-apiserver, controller manager, scheduler
     harness.process_node   a Node that runs its pods as local processes (no kubelet, no runtime)
-    harness.s3             moto's S3 server
+    harness.s3             moto's S3 server behind a SigV4 credential check
     harness.prometheus     a private Prometheus from Debian's package
     harness.fixtures       the pytest plugin (pytest_plugins = ["harness.fixtures"])
 

@@ -46,7 +46,7 @@ def _exports(state: dict[str, object]) -> str:
     assert isinstance(s3, dict)
     env.update(s3["env"])
     lines = [f"export {k}={shlex.quote(v)}" for k, v in env.items()]
-    note = f"# S3 endpoint {s3['endpoint_url']} (access key {s3['access_key']}, any secret works)"
+    note = f"# S3 endpoint {s3['endpoint_url']} (only these keys work: it checks signatures)"
     return "\n".join([*lines, note])
 
 

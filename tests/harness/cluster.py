@@ -19,8 +19,10 @@ import os
 import ssl
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,6 +70,23 @@ class ControlPlane:
         for proc in reversed(self.processes):
             proc.stop()
         self.processes.clear()
+
+    def restart_apiserver(
+        self, down_seconds: float = 0.0, while_down: Callable[[], object] | None = None
+    ) -> None:
+        """Stop the API server, call ``while_down``, wait ``down_seconds``, start it again.
+
+        It comes back on the same port, so clients keep their kubeconfig; a node or an
+        operator must ride through the gap.
+        """
+        index = next(i for i, p in enumerate(self.processes) if p.name == "kube-apiserver")
+        self.processes.pop(index).stop()
+        if while_down is not None:
+            while_down()
+        time.sleep(down_seconds)
+        self._start_apiserver(port=self.api_port)
+        self.processes.insert(index, self.processes.pop())  # its place in the stop order
+        self._wait_api_ready()
 
     def pids(self) -> dict[str, int]:
         return {proc.name: proc.pid for proc in self.processes}
@@ -160,8 +179,8 @@ class ControlPlane:
             ],
         )
 
-    def _start_apiserver(self) -> None:
-        self.api_port = free_port()
+    def _start_apiserver(self, port: int = 0) -> None:
+        self.api_port = port or free_port()
         self.api_url = f"https://127.0.0.1:{self.api_port}"
         self._write_kubeconfig(self.kubeconfig, "kubetune-admin", self.admin)
         self._spawn(

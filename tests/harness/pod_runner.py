@@ -107,6 +107,9 @@ class PodRunner:
         self.message = ""
         self.start_time = now_rfc3339()
         self.conditions: dict[str, tuple[str, str, str]] = {}  # type -> (status, reason, since)
+        # One status write at a time, in order: a write retried through an API server restart
+        # must not land after (and undo) a newer one.
+        self._publish_lock = threading.Lock()
         self.thread = threading.Thread(
             target=self._run, name=f"pod-{self.namespace}-{self.name}", daemon=True
         )
@@ -436,6 +439,10 @@ class PodRunner:
         self._publish()
 
     def _publish(self) -> None:
+        with self._publish_lock:
+            self._publish_now()
+
+    def _publish_now(self) -> None:
         if self.gone:
             return
         conditions = [

@@ -120,17 +120,35 @@ class ProcessNode:
         return str(result.status.token)
 
     def patch_pod_status(self, pod: pod_spec.Pod, status: dict[str, Any]) -> None:
+        """Write a pod's status, retrying while the API server is unreachable or failing.
+
+        Like the kubelet's status manager: a status is never dropped because the API server
+        restarted, or a finished pod would stay Running forever. Gives up on a client error
+        (a deleted pod: 404) and when the node stops.
+        """
         meta = pod["metadata"]
-        try:
-            self.core.patch_namespaced_pod_status(
-                meta["name"], meta["namespace"], {"status": status}
-            )
-        except ApiException as err:
-            if err.status != 404:  # a pod deleted meanwhile has no status left to write
-                self.log(
-                    f"status of {meta['namespace']}/{meta['name']}: "
-                    f"{err.status} {err.reason}: {err.body}"
+        delay = 0.5
+        while True:
+            try:
+                self.core.patch_namespaced_pod_status(
+                    meta["name"], meta["namespace"], {"status": status}
                 )
+                return
+            except ApiException as err:
+                if err.status is not None and 400 <= err.status < 500 and err.status != 429:
+                    if err.status != 404:  # a pod deleted meanwhile has no status left to write
+                        self.log(
+                            f"status of {meta['namespace']}/{meta['name']}: "
+                            f"{err.status} {err.reason}: {err.body}"
+                        )
+                    return
+                problem = f"{err.status} {err.reason}"
+            except Exception as err:  # connection refused/reset while the API server is down
+                problem = repr(err)
+            self.log(f"status of {meta['namespace']}/{meta['name']}: {problem}; retrying")
+            if self.stopping.wait(delay):
+                return
+            delay = min(delay * 2, 5.0)
 
     def delete_pod_now(self, pod: pod_spec.Pod) -> None:
         meta = pod["metadata"]

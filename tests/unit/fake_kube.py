@@ -16,7 +16,8 @@ object deletes its dependents (ownerReferences), as the garbage collector does; 
 :meth:`FakeKube.finish_deletions`. Label selectors: ``k=v`` terms joined by commas.
 A collection path without ``namespaces/<ns>`` (``/apis/kubetune.io/v1alpha1/finetunejobs``)
 lists that collection of every namespace; :attr:`FakeKube.forbidden` holds paths whose
-GET/LIST answer 403, as missing RBAC rights would.
+GET/LIST answer 403, as missing RBAC rights would. Cluster-scoped collections
+(:data:`CLUSTER_SCOPED`: ``/api/v1/nodes``) hold objects without a namespace.
 
 Simulate the Job controller and the kubelet by editing objects in place
 (:meth:`FakeKube.edit`) or adding pods (:meth:`FakeKube.add`). ``calls`` records every
@@ -36,6 +37,8 @@ Objs = list[Obj]  # `FakeKube.list` shadows the builtin inside the class body
 CREATED_AT = "2025-01-01T00:00:00Z"
 # Kinds whose status is a subresource: a patch of the object leaves the status alone.
 STATUS_SUBRESOURCE = {"FineTuneJob", "Job", "Pod"}
+# Collections of cluster-scoped objects (no namespaces/<ns> in their paths).
+CLUSTER_SCOPED = {"/api/v1/nodes"}
 
 
 def apply_merge_patch(target: Any, patch: Any) -> Any:
@@ -81,6 +84,9 @@ class FakeKube:
         self.calls: list[tuple[str, str]] = []
         self.finalizing = False
         self.forbidden: set[str] = set()  # paths answered with 403 (no RBAC right)
+        # Collection path -> (status, message): creations refused as invalid, as admission
+        # or the API's own validation would (422 Invalid, 400 BadRequest).
+        self.refuse_create: dict[str, tuple[int, str]] = {}
         self._uids = itertools.count(1)
         self._versions = itertools.count(1)
 
@@ -114,6 +120,10 @@ class FakeKube:
 
     def create(self, path: str, body: Obj) -> Obj:
         self.calls.append(("POST", path))
+        refused = self.refuse_create.get(path.rstrip("/"))
+        if refused is not None:
+            status, message = refused
+            raise ApiError(status, {"reason": "Invalid", "message": message}, "POST", path)
         return copy.deepcopy(self.add(path, body))
 
     def merge_patch(self, path: str, patch: Obj) -> Obj:
@@ -165,7 +175,8 @@ class FakeKube:
                 "POST",
                 collection,
             )
-        meta.setdefault("namespace", _split(key)[0].split("/")[-2])
+        if collection.rstrip("/") not in CLUSTER_SCOPED:
+            meta.setdefault("namespace", _split(key)[0].split("/")[-2])
         meta.setdefault("uid", f"uid-{next(self._uids)}")
         meta.setdefault("creationTimestamp", CREATED_AT)
         meta.setdefault("generation", 1)
@@ -179,7 +190,7 @@ class FakeKube:
         Without ``namespaces/<ns>`` in ``collection``: that collection in every namespace.
         """
         collection = collection.rstrip("/")
-        if "/namespaces/" in collection:
+        if "/namespaces/" in collection or collection in CLUSTER_SCOPED:
             return [
                 obj
                 for key, obj in sorted(self.store.items())

@@ -83,7 +83,9 @@ def _container(docs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize(
-    "values", [{}, {"watchNamespace": "ml"}], ids=["cluster-wide", "one-namespace"]
+    "values",
+    [{}, {"watchNamespace": "ml"}, {"watchNamespaces": "{team-a,team-b}"}],
+    ids=["cluster-wide", "one-namespace", "named-namespaces"],
 )
 def test_helm_lint_strict_passes(bin_dir: Path, values: dict[str, str]) -> None:
     result = _run([str(bin_dir / "helm"), "lint", "--strict", str(CHART), *_set_args(values)])
@@ -216,7 +218,7 @@ def test_operator_env_sets_every_setting_the_operator_reads(bin_dir: Path) -> No
     )
     assert len(read) >= 9
     values = {
-        "watchNamespace": "ml",
+        "watchNamespaces": "{ml,ops}",
         "operator.maxConcurrent": "7",
         "operator.progressInterval": "2.5",
         "operator.unschedulableTimeout": "90",
@@ -225,15 +227,17 @@ def test_operator_env_sets_every_setting_the_operator_reads(bin_dir: Path) -> No
         "operator.metricsPort": "9090",
         "operator.healthPort": "9091",
         "operator.trainerImage": "registry.local/trainer:dev",
+        "operator.storageEndpoints": "{https://minio.storage.svc:9000,http://ceph:7480}",
     }
     container = _container(render(bin_dir, values))
     env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
     assert read <= set(env), f"not set by the chart: {sorted(read - set(env))}"
     cfg = OperatorConfig.from_env(env)
-    assert (cfg.namespace, cfg.max_concurrent, cfg.progress_interval) == ("ml", 7, 2.5)
+    assert (cfg.namespaces, cfg.max_concurrent, cfg.progress_interval) == (("ml", "ops"), 7, 2.5)
     assert (cfg.unschedulable_timeout, cfg.resync_interval, cfg.log_level) == (90.0, 30.0, "DEBUG")
     assert (cfg.metrics_port, cfg.health_port) == (9090, 9091)
     assert cfg.trainer_image == "registry.local/trainer:dev"
+    assert cfg.storage_endpoints == ("https://minio.storage.svc:9000", "http://ceph:7480")
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports == {"metrics": 9090, "health": 9091}
     default = OperatorConfig.from_env(
@@ -245,50 +249,7 @@ def test_operator_env_sets_every_setting_the_operator_reads(bin_dir: Path) -> No
 
 
 # ----------------------------------------------------------------------------- RBAC
-
-
-def test_rbac_rules_file_is_generated_from_rbac_py() -> None:
-    from kubetune_operator import rbac
-
-    text = (CHART / "files/rbac-rules.yaml").read_text()
-    assert text == rbac.chart_rules_yaml(), (
-        "charts/kubetune/files/rbac-rules.yaml drifted from operator/kubetune_operator/rbac.py: "
-        "run `make generate`"
-    )
-
-
-def test_cluster_wide_install_binds_a_cluster_role_with_the_rbac_py_rules(bin_dir: Path) -> None:
-    from kubetune_operator import rbac
-
-    docs = render(bin_dir)
-    role = _one(docs, "ClusterRole")
-    assert role["rules"] == rbac.RULES + rbac.CLUSTER_RULES
-    binding = _one(docs, "ClusterRoleBinding")
-    assert binding["roleRef"]["name"] == role["metadata"]["name"]
-    assert binding["subjects"] == [
-        {
-            "kind": "ServiceAccount",
-            "name": _one(docs, "ServiceAccount")["metadata"]["name"],
-            "namespace": NAMESPACE,
-        }
-    ]
-    assert "Role" not in _kinds(docs)
-
-
-def test_watch_namespace_install_uses_a_role_in_that_namespace(bin_dir: Path) -> None:
-    from kubetune_operator import rbac
-
-    docs = render(bin_dir, {"watchNamespace": "ml"})
-    role = _one(docs, "Role")
-    assert role["metadata"]["namespace"] == "ml"
-    assert role["rules"] == rbac.RULES
-    binding = _one(docs, "RoleBinding")
-    assert binding["metadata"]["namespace"] == "ml"
-    assert binding["subjects"][0]["namespace"] == NAMESPACE
-    # No cluster-scoped rules today, so nothing cluster-wide is granted.
-    assert ("ClusterRole" in _kinds(docs)) == bool(rbac.CLUSTER_RULES)
-    env = {e["name"]: e.get("value") for e in _container(docs)["env"]}
-    assert env["KUBETUNE_NAMESPACE"] == "ml"
+# The (Cluster)Roles per watched namespace: test_chart_rbac.py.
 
 
 def test_rbac_and_service_account_can_be_left_to_the_user(bin_dir: Path) -> None:
@@ -370,8 +331,13 @@ def _kubeconform(
 
 @pytest.mark.parametrize(
     "values",
-    [{}, {"watchNamespace": "ml"}, {"metrics.podMonitor.namespaces[0]": "a"}],
-    ids=["default", "watch-namespace", "podmonitor-namespaces"],
+    [
+        {},
+        {"watchNamespace": "ml"},
+        {"watchNamespaces": "{team-a,team-b}"},
+        {"metrics.podMonitor.namespaces[0]": "a"},
+    ],
+    ids=["default", "watch-namespace", "watch-namespaces", "podmonitor-namespaces"],
 )
 def test_kubeconform_accepts_every_rendered_object(
     bin_dir: Path, schema_location: str, tmp_path: Path, values: dict[str, str]

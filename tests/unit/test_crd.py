@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import yaml
-from cel_cases import CEL_CASES, CelCase
+from cel_cases import CEL_CASES, FIELD_CASES, CelCase, FieldCase
 
 from kubetune import crd, schema
 
@@ -36,6 +36,42 @@ def _walk(node: dict[str, Any], path: str = "") -> list[tuple[str, dict[str, Any
 def _root() -> dict[str, Any]:
     doc = yaml.safe_load((ROOT / crd.CRD_PATH).read_text())
     return doc["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+
+
+def _node_at(api_path: str) -> dict[str, Any]:
+    """The CRD schema node of an API field path (``spec.a.b[0].c``; map keys by name)."""
+    node = _root()
+    for part in api_path.split("."):
+        name, _, index = part.partition("[")
+        if "properties" in node and name in node["properties"]:
+            node = node["properties"][name]
+        else:  # a key of a map
+            node = node["additionalProperties"]
+        if index:
+            node = node["items"]
+    return node
+
+
+def _value_at(manifest: dict[str, Any], api_path: str) -> Any:
+    value: Any = manifest
+    for part in api_path.split("."):
+        name, _, index = part.partition("[")
+        value = value[name]
+        if index:
+            value = value[int(index.rstrip("]"))]
+    return value
+
+
+def _schema_allows(node: dict[str, Any], value: Any) -> bool:
+    """The single-field checks the API server makes (pattern, enum, lengths) on a string."""
+    if node["type"] != "string" or not isinstance(value, str):
+        return False
+    if "enum" in node and value not in node["enum"]:
+        return False
+    if len(value) > node.get("maxLength", len(value)) or len(value) < node.get("minLength", 0):
+        return False
+    # Go's regexp (RE2) and Python agree on these patterns: no lookaround, no backslashes.
+    return "pattern" not in node or re.search(node["pattern"], value) is not None
 
 
 def test_schema_is_structural() -> None:
@@ -97,13 +133,48 @@ def test_crd_carries_each_cross_field_case_rule_where_the_api_server_names_it(
     case: CelCase,
 ) -> None:
     # tests/cluster/test_operator.py expects case.field in the API server's answer.
-    node = _root()
-    for name in case.object_path.split("."):
-        node = node["properties"][name]
+    node = _node_at(case.object_path)
     rule = {"rule": case.rule.expression, "message": case.rule.message}
     if case.rule.field:
         rule["fieldPath"] = case.rule.field
     assert rule in node["x-kubernetes-validations"]
+
+
+@pytest.mark.parametrize("case", FIELD_CASES, ids=lambda c: c.id)
+def test_crd_refuses_each_malformed_field_value_and_allows_its_valid_counterpart(
+    case: FieldCase,
+) -> None:
+    # tests/cluster/test_spec_validation.py sends the same cases to a real API server.
+    node = _node_at(case.field)
+    assert not _schema_allows(node, _value_at(case.manifest(), case.field))
+    assert _schema_allows(node, _value_at(case.valid_manifest(), case.field))
+
+
+def test_crd_patterns_have_no_backslashes_or_lookaround() -> None:
+    # The same text is a Go regexp for the API server, a Python one for parse_job, and
+    # a CEL string literal in the nodeSelector rule.
+    patterns = [n["pattern"] for _, n in _walk(_root()) if "pattern" in n]
+    assert len(patterns) > 10
+    for pattern in patterns:
+        assert "\\" not in pattern and "(?=" not in pattern and "(?!" not in pattern, pattern
+        assert pattern.startswith("^"), pattern
+
+
+def test_job_api_formats_reach_the_crd() -> None:
+    resources = _root()["properties"]["spec"]["properties"]["resources"]
+    props = resources["properties"]
+    assert props["cpu"]["pattern"] == props["memory"]["pattern"] == schema.QUANTITY_PATTERN
+    assert props["serviceAccountName"]["pattern"] == schema.DNS_SUBDOMAIN_PATTERN
+    assert props["nodeSelector"]["additionalProperties"]["pattern"] == schema.LABEL_VALUE_PATTERN
+    assert props["nodeSelector"]["maxProperties"] == 64
+    assert props["tolerations"]["maxItems"] == 64
+    toleration = props["tolerations"]["items"]["properties"]
+    assert toleration["operator"]["enum"] == ["Exists", "Equal"]
+    assert toleration["effect"]["enum"] == ["", "NoSchedule", "PreferNoSchedule", "NoExecute"]
+    storage = _root()["properties"]["spec"]["properties"]["storage"]["properties"]
+    assert storage["credentialsSecret"]["pattern"] == schema.DNS_SUBDOMAIN_PATTERN
+    assert storage["output"]["pattern"] == schema.URI_PATTERN
+    assert "system-" in props["priorityClassName"]["description"]
 
 
 def test_bounds_and_enums_reach_the_crd() -> None:

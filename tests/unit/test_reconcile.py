@@ -49,6 +49,7 @@ CFG = OperatorConfig(
     progress_interval=15.0,
     unschedulable_timeout=300.0,
     resync_interval=60.0,
+    file_outputs=True,  # the runs write to file:// under tmp_path, which this process reads
 )
 T0 = "2025-01-01T00:00:00Z"
 
@@ -89,7 +90,7 @@ class World:
         self.clock = ["2025-01-01T00:00:00Z"]  # what the reconciler's utcnow() says
         self._pod_numbers = itertools.count()
         monkeypatch.setattr(reconcile, "utcnow", lambda: self.clock[0])
-        self.reconciler = Reconciler(self.kube, CFG)
+        self.reconciler = self.new_reconciler()
         self.add_ftj(NS, NAME, self.output)
 
     def add_ftj(self, ns: str, name: str, output: str, created: str = T0, **spec: Any) -> Obj:
@@ -116,7 +117,10 @@ class World:
 
     def restart_operator(self) -> None:
         """A new process: nothing remembered but what is in the cluster."""
-        self.reconciler = Reconciler(self.kube, CFG)
+        self.reconciler = self.new_reconciler()
+
+    def new_reconciler(self) -> Reconciler:
+        return Reconciler(self.kube, CFG)
 
     def edit_spec(self, **changes: Any) -> None:
         """``kubectl patch --type=merge`` of the spec (bumps metadata.generation)."""
@@ -225,8 +229,8 @@ def run_to_success(world: World) -> None:
 def test_a_run_goes_through_its_stages_with_one_job_each_and_one_config_map(
     world: World,
 ) -> None:
-    # A Pending stage is looked at again in time to notice an unschedulable pod.
-    assert world.reconcile() == min(CFG.resync_interval, CFG.unschedulable_timeout / 4)
+    # A Pending stage needs no early look: its pod's events wake the operator.
+    assert world.reconcile() == CFG.resync_interval
     assert [j["metadata"]["name"] for j in world.jobs()] == ["tldr-g1-prepare"]
     assert world.status()["phase"] == "Pending" and world.status()["run"] == "g1"
     assert world.condition("Reconciling")["status"] == "True"
@@ -332,32 +336,93 @@ def test_an_oom_killed_stage_is_given_up_for_good_and_survives_a_restart(world: 
     assert world.events().count(("Warning", "OOMKilled")) == 1
 
 
-def test_an_unschedulable_pod_fails_the_stage_only_after_the_timeout(world: World) -> None:
-    world.reconcile()
-    world.job("prepare")["status"] = {"startTime": T0, "active": 1}
+def _unschedulable_pod(world: World, stage: str, cpu: str, message: str, since: str) -> Obj:
+    """A stage pod the scheduler could not place since ``since``, requesting ``cpu``."""
+    world.job(stage)["status"] = {"startTime": T0, "active": 1}
     unschedulable = {
         "type": "PodScheduled",
         "status": "False",
         "reason": "Unschedulable",
-        "message": "0/1 nodes are available: 1 Insufficient nvidia.com/gpu.",
+        "message": message,
+        "lastTransitionTime": since,
     }
-    just_now = datetime.fromtimestamp(time.time() - 10, timezone.utc)
-    pod = world.add_pod(
-        "prepare",
-        created=just_now.strftime("%Y-%m-%dT%H:%M:%SZ"),
-        conditions=[unschedulable],
-    )
-    world.reconcile()
-    assert world.status()["phase"] == "Pending"
-    assert "Insufficient nvidia.com/gpu" in world.status()["message"]
+    pod = world.add_pod(stage, created=since, conditions=[unschedulable])
+    pod["spec"] = {"containers": [{"name": stage, "resources": {"requests": {"cpu": cpu}}}]}
+    return pod
 
-    pod["metadata"]["creationTimestamp"] = T0  # long ago: past the timeout
+
+def _add_node(world: World, name: str, cpu: str) -> None:
+    world.kube.add(
+        "/api/v1/nodes",
+        {
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {"name": name},
+            "status": {"allocatable": {"cpu": cpu, "memory": "32Gi", "pods": "110"}},
+        },
+    )
+
+
+def test_a_pod_waiting_for_free_cpu_waits_with_the_schedulers_message(world: World) -> None:
+    world.reconcile()
+    _add_node(world, "n1", "8")
+    busy = "0/1 nodes are available: 1 Insufficient cpu."
+    _unschedulable_pod(world, "prepare", "4", busy, since=T0)  # hours ago: no timeout applies
+    assert world.reconcile() == CFG.resync_interval
+    assert world.status()["phase"] == "Pending"
+    reconciling = world.condition("Reconciling")
+    assert (reconciling["status"], reconciling["reason"]) == ("True", "Waiting")
+    assert busy in reconciling["message"]
+    stage = world.condition("DatasetReady")
+    assert stage["reason"] == "Waiting" and busy in stage["message"]
+    assert world.condition("Stalled")["status"] == "False"
+    assert not world.job("prepare")["metadata"].get("annotations", {}).get(ANNOTATION_FAILED_REASON)
+    assert ("LIST", "/api/v1/nodes") in world.kube.calls
+
+
+def test_a_pod_no_node_can_hold_fails_after_the_timeout_naming_the_field(world: World) -> None:
+    world.reconcile()
+    _add_node(world, "n1", "8")
+    too_big = "0/1 nodes are available: 1 Insufficient cpu."
+    recently = time.time() - (CFG.unschedulable_timeout - 30)  # 30 s left to wait
+    since = datetime.fromtimestamp(recently, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    pod = _unschedulable_pod(world, "prepare", "64", too_big, since=since)
+    # Waiting for a node that fits (an autoscaler may add one); looked at again when time is up.
+    requeue = world.reconcile()
+    assert requeue is not None and 25 < requeue < 35
+    waiting = world.condition("Reconciling")
+    assert (waiting["status"], waiting["reason"]) == ("True", "Waiting")
+    assert "spec.resources.cpu" in waiting["message"] and "the run fails at" in waiting["message"]
+    patches = world.kube.calls.count(("PATCH", ftj_path(NS, NAME) + "/status"))
+    world.reconcile()  # nothing changed: the status is not written again
+    assert world.kube.calls.count(("PATCH", ftj_path(NS, NAME) + "/status")) == patches
+
+    pod["status"]["conditions"][0]["lastTransitionTime"] = T0  # long ago: past the timeout
     world.reconcile()
     stalled = world.condition("Stalled")
-    assert stalled["reason"] == "Unschedulable" and "Insufficient" in stalled["message"]
+    assert (stalled["status"], stalled["reason"]) == ("True", "Unschedulable")
+    assert "cpu 64 (spec.resources.cpu)" in stalled["message"]
+    assert "the most any node has is 8 (node n1)" in stalled["message"]
     assert world.job("prepare")["metadata"]["annotations"][ANNOTATION_FAILED_REASON] == (
         "Unschedulable"
     )
+    assert world.status()["phase"] == "Failed"
+
+
+def test_without_the_right_to_list_nodes_an_unschedulable_pod_only_waits(world: World) -> None:
+    world.kube.forbidden.add("/api/v1/nodes")
+    world.reconcile()
+    _unschedulable_pod(world, "prepare", "64", "0/1 nodes are available: 1 Insufficient cpu.", T0)
+    for _ in range(2):
+        world.reconcile()
+        assert world.status()["phase"] == "Pending"
+        assert world.condition("Reconciling")["reason"] == "Waiting"
+    assert world.kube.calls.count(("LIST", "/api/v1/nodes")) == 1  # asked once, then not again
+
+
+def test_nodes_are_listed_only_while_a_pod_cannot_be_scheduled(world: World) -> None:
+    run_to_success(world)
+    assert ("LIST", "/api/v1/nodes") not in world.kube.calls
 
 
 # --------------------------------------------------------------------------- 409
@@ -505,7 +570,9 @@ def test_a_job_deleted_while_running_is_created_again(world: World) -> None:
     assert world.kube.objects(core_path(NS, "pods")) == []
     world.reconcile()
     assert [j["metadata"]["name"] for j in world.jobs()] == ["tldr-g1-prepare"]
-    assert world.status()["phase"] == "Pending" and world.status()["run"] == "g1"
+    # Same run: the phase does not go back; the reason says the new Job's pod is pending.
+    assert world.status()["phase"] == "Preparing" and world.status()["run"] == "g1"
+    assert world.status()["reason"] == "StagePending"
     assert world.events().count(("Normal", "Created")) == 2
 
 
@@ -703,6 +770,21 @@ def test_without_a_cluster_wide_list_right_outputs_are_checked_in_the_namespace(
     assert ("LIST", ftj_path(NS)) in world.kube.calls
 
 
+def test_watching_named_namespaces_outputs_are_checked_across_all_of_them(
+    world: World,
+) -> None:
+    # Namespace-scoped install: Roles in ml and team-b only, no cluster-wide list.
+    world.kube.forbidden.add(all_ftjs_path())
+    cfg = OperatorConfig(namespaces=(NS, "team-b"), file_outputs=True)
+    world.reconciler = Reconciler(world.kube, cfg)
+    world.reconcile()  # ml/tldr, the older job, runs
+    world.add_ftj("team-b", "copy", world.output, created="2025-01-01T00:05:00Z")
+    world.reconciler.reconcile("team-b", "copy")
+    copy = world.kube.edit(ftj_path("team-b", "copy"))["status"]
+    assert next(c for c in copy["conditions"] if c["type"] == "Stalled")["reason"] == "OutputInUse"
+    assert ("LIST", all_ftjs_path()) not in world.kube.calls  # no doomed cluster-wide list
+
+
 # --------------------------------------------------------------------------- controller
 
 
@@ -734,3 +816,35 @@ def test_a_missing_endpoint_key_secret_is_named_before_any_job(world: World) -> 
     assert stalled["reason"] == "InvalidSpec"
     assert "spec.evaluation.compareWith[0].apiKeySecret" in stalled["message"]
     assert f"Secret {NS}/vk" in stalled["message"]
+
+
+def test_a_child_the_api_server_refuses_stalls_the_run_with_its_message(world: World) -> None:
+    message = (
+        'Job.batch "tldr-g1-prepare" is invalid: spec.template.spec.containers[0].resources'
+        '.requests: Invalid value: "lots": quantities must match the regular expression'
+    )
+    world.kube.refuse_create[jobs_path(NS)] = (422, message)
+    assert world.reconcile() is None  # nothing to retry until the spec changes
+    status = world.status()
+    assert status["phase"] == "Failed" and status["reason"] == "InvalidSpec"
+    stalled = world.condition("Stalled")
+    assert stalled["status"] == "True" and stalled["reason"] == "InvalidSpec"
+    assert 'Invalid value: "lots"' in stalled["message"]
+    assert ("Warning", "InvalidSpec") in world.events()
+    # Once the spec is fixed (a new generation), the stage Job is created.
+    del world.kube.refuse_create[jobs_path(NS)]
+    world.edit_spec(suspend=False, training={"maxSteps": 3})
+    world.reconcile()
+    assert [j["metadata"]["name"] for j in world.jobs()] == ["tldr-g2-prepare"]
+    assert world.status()["phase"] == "Pending"
+
+
+def test_a_file_output_stalls_on_a_cluster_whose_pods_share_no_file_system(
+    world: World,
+) -> None:
+    world.reconciler = Reconciler(world.kube, OperatorConfig(file_outputs=False))
+    world.reconcile()
+    assert world.jobs() == []
+    stalled = world.condition("Stalled")
+    assert stalled["status"] == "True" and stalled["reason"] == "InvalidSpec"
+    assert "spec.storage.output" in stalled["message"] and "s3://" in stalled["message"]

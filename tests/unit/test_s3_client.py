@@ -89,3 +89,18 @@ def test_the_operator_keeps_short_timeouts_and_few_retries(
     assert ours.read_timeout < theirs.read_timeout
     assert ours.connect_timeout < theirs.connect_timeout
     assert ours.retries["total_max_attempts"] < theirs.retries["total_max_attempts"]
+    # ...and no retry budget of its own: a failed read waits for the next pass.
+    assert operator.retry.seconds == 0 < pods.retry.seconds
+
+
+def test_stage_pods_keep_botocores_retries_few_so_the_storage_retry_budget_governs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://b:9000")
+    monkeypatch.setenv(Env.STORAGE_RETRY_SECONDS, "120")
+    pods = storage_for_job(OUTPUT, job_with().spec.storage)
+    assert isinstance(pods, S3Storage)
+    # botocore's standard mode retries one request a few times within seconds; minutes of
+    # outage are S3Storage's RetryPolicy, with a warning per retry.
+    assert pods.client.meta.config.retries["total_max_attempts"] <= 4
+    assert pods.retry.seconds == 120

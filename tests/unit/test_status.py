@@ -148,7 +148,8 @@ def test_missing_secret_key_is_an_invalid_spec() -> None:
     assert obs.reason == "InvalidSpec" and 'secret "s3" not found' in obs.message
 
 
-def test_unschedulable_pod_fails_only_after_the_timeout_and_quotes_the_scheduler() -> None:
+def test_unschedulable_pod_waits_and_quotes_the_scheduler() -> None:
+    # Failing only when no node could ever hold the pod: tests/unit/test_observe.py.
     sched = [
         {
             "type": "PodScheduled",
@@ -157,11 +158,9 @@ def test_unschedulable_pod_fails_only_after_the_timeout_and_quotes_the_scheduler
             "message": "0/1 nodes are available: 1 Insufficient nvidia.com/gpu.",
         }
     ]
-    early = observe(job(), [pod("Pending", conditions=sched)], timeout=3600)
-    assert early.state == "Pending" and "Insufficient nvidia.com/gpu" in early.message
-    late = observe(job(), [pod("Pending", conditions=sched)], timeout=300)
-    assert (late.state, late.reason) == ("Failed", "Unschedulable")
-    assert "Insufficient nvidia.com/gpu" in late.message
+    obs = observe(job(), [pod("Pending", conditions=sched)], timeout=300)
+    assert (obs.state, obs.reason) == ("Pending", "Waiting")
+    assert "Insufficient nvidia.com/gpu" in obs.message
 
 
 def test_a_job_the_operator_gave_up_on_stays_failed() -> None:
@@ -302,6 +301,56 @@ def test_training_in_progress_is_reconciling_with_progress() -> None:
     view.progress = None
     again, _ = compute(status, view, T1)
     assert again["progress"]["step"] == 12
+
+
+def test_the_phase_of_a_working_run_never_goes_back() -> None:
+    # Preparing, then the prepare pod is retried (or finished before its Job is Complete):
+    # the stage looks Pending again, and the phase stays Preparing.
+    running = StageObservation(state="Running", reason="StageRunning", message="1 pod(s) running")
+    between = StageObservation(
+        state="Pending", reason="StagePending", message="waiting for the stage pod to start"
+    )
+    seen = []
+    status: dict[str, Any] = {}
+    for obs in (between, running, between, running):
+        status, _ = compute(status, RunView(run=RUN1, generation=1, stages={"prepare": obs}), T0)
+        seen.append(status["phase"])
+    assert seen == ["Pending", "Preparing", "Preparing", "Preparing"]
+    between_status, _ = compute(
+        status, RunView(run=RUN1, generation=1, stages={"prepare": between}), T1
+    )
+    assert between_status["phase"] == "Preparing"
+    assert "waiting for the stage pod to start" in between_status["message"]
+    # A new run starts from Pending again.
+    fresh, _ = compute(status, RunView(run=RUN2, generation=2, stages={"prepare": between}), T1)
+    assert fresh["phase"] == "Pending"
+
+
+def test_each_lost_attempt_of_a_retrying_stage_is_one_warning_event() -> None:
+    message = json.dumps({"error": "storage unreachable for 300 s", "reason": "StageFailed"})
+    lost = pod("Failed", terminated={"exitCode": 1, "reason": "Error", "message": message})
+    retrying = job(backoffLimit=2)
+    retrying["status"]["failed"] = 1
+    obs = observe(retrying, [lost, pod("Running", created=T1)])
+    assert (obs.state, obs.failed_attempts, obs.attempts) == ("Running", 1, 3)
+    view = RunView(run=RUN1, generation=1, stages={"prepare": done("prepare"), "train": obs})
+    status, events = compute({}, view, T0)
+    warnings = [e for e in events if e.reason == "StageRetrying"]
+    assert len(warnings) == 1 and warnings[0].type == "Warning"
+    assert "train: attempt 1 of 3 failed" in warnings[0].message
+    assert "storage unreachable for 300 s" in warnings[0].message
+    assert "2 left" in warnings[0].message
+    assert status["stages"]["train"]["failedAttempts"] == 1
+    # The next pass sees the same attempt: no second Event (a restarted operator neither).
+    _, again = compute(status, view, T1)
+    assert not [e for e in again if e.reason == "StageRetrying"]
+    # Another attempt lost: one more Event.
+    retrying["status"]["failed"] = 2
+    view.stages["train"] = observe(retrying, [lost, pod("Running", created=T1)])
+    status, third = compute(status, view, T1)
+    retried = [e for e in third if e.reason == "StageRetrying"]
+    assert len(retried) == 1 and "attempt 2 of 3" in retried[0].message
+    assert status["stages"]["train"]["failedAttempts"] == 2
 
 
 def test_last_transition_time_changes_only_when_the_status_flips() -> None:

@@ -19,7 +19,13 @@ from kubetune.layout import RunLayout
 from kubetune.preflight import probe_write
 from kubetune.results import RunIdentity
 from kubetune.schema import FineTuneJob, Reason
-from kubetune.storage import Storage, StorageError, is_permanent, storage_for_job
+from kubetune.storage import (
+    Storage,
+    StorageError,
+    is_permanent,
+    storage_failure_reason,
+    storage_for_job,
+)
 
 
 @dataclass
@@ -62,7 +68,8 @@ class StageContext:
             raise StageError(
                 f"storage.output {self.output}: cannot write there ({exc}); point "
                 "storage.output at a writable location (and check its credentials)",
-                reason=Reason.INVALID_SPEC if is_permanent(exc) else Reason.STAGE_FAILED,
+                reason=storage_failure_reason(exc)
+                or (Reason.INVALID_SPEC if is_permanent(exc) else Reason.STAGE_FAILED),
             ) from None
 
     def close(self) -> None:

@@ -18,6 +18,7 @@ from kubetune.contract import (
     STAGE_ORDER,
     ExitCode,
     Stage,
+    StageError,
     exit_code_for,
     failure_payload,
     write_termination_message,
@@ -29,6 +30,7 @@ from kubetune.results import (
     TrainResult,
 )
 from kubetune.schema import FineTuneJob
+from kubetune.storage import storage_failure_reason
 from kubetune_trainer.context import StageContext, make_context
 
 _MODULES = {stage.value: f"kubetune_trainer.{stage.value}" for stage in Stage}
@@ -37,11 +39,23 @@ StageResult = PrepareResult | TrainResult | EvaluateResult | ReportResult
 
 
 def run_stage(name: str, ctx: StageContext) -> StageResult:
-    """Run one stage in this process and return its result."""
+    """Run one stage in this process and return its result.
+
+    A stage that fails on refused credentials or on storage unreachable for its whole
+    retry budget raises :class:`StageError` with the reason storage decides
+    (:func:`kubetune.storage.storage_failure_reason`), whatever the stage was reading
+    when it happened.
+    """
     if name not in _MODULES:
         raise ValueError(f"unknown stage {name!r}; expected one of {', '.join(STAGE_ORDER)}")
     module = importlib.import_module(_MODULES[name])
-    result: StageResult = module.run(ctx)
+    try:
+        result: StageResult = module.run(ctx)
+    except Exception as exc:
+        reason = storage_failure_reason(exc)
+        if reason is None or (isinstance(exc, StageError) and exc.reason == reason.value):
+            raise
+        raise StageError(str(exc), reason) from exc
     return result
 
 

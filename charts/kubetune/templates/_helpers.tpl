@@ -60,3 +60,10 @@ PrometheusRule). `helm template --api-versions monitoring.coreos.com/v1` turns i
 {{- define "kubetune.hasMonitoringAPI" -}}
 {{- if .Capabilities.APIVersions.Has "monitoring.coreos.com/v1" }}true{{ end }}
 {{- end }}
+
+{{- /* The namespaces the operator watches, as a JSON list (include ... | fromJsonArray):
+watchNamespaces plus the deprecated watchNamespace, without repeats; [] means every namespace.
+The Deployment's KUBETUNE_NAMESPACE is the same list, comma-separated. */ -}}
+{{- define "kubetune.watchNamespaces" -}}
+{{- concat (.Values.watchNamespaces | default list) (compact (list .Values.watchNamespace)) | uniq | toJson }}
+{{- end }}

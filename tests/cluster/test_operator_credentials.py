@@ -1,0 +1,129 @@
+"""The operator never uses its own storage credentials on a tenant's behalf (issue 12, item 2).
+
+Two stand-in "S3 endpoints" on loopback record every request. The operator runs with storage
+keys of its own in its environment and one endpoint on its allow-list. Each FineTuneJob names
+its own credentials Secret and is applied suspended, so no stage pod talks to the endpoints:
+every request they see comes from the operator looking for an earlier result.
+
+    pytest -m cluster tests/cluster/test_operator_credentials.py
+"""
+
+from __future__ import annotations
+
+import http.server
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from operator_helpers import (
+    REPO,
+    OperatorProcess,
+    get_ftj,
+    kubectl,
+    tiny_job,
+    wait_for,
+)
+
+pytestmark = pytest.mark.cluster
+
+OPERATOR_KEY = "AKIAOPERATORSOWNKEY0"
+TENANT_KEY = "AKIATENANTSOWNKEY000"
+
+
+class Recorder(http.server.ThreadingHTTPServer):
+    """Answers 404 to everything and keeps the headers of each request."""
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.requests: list[dict[str, str]] = []
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    server: Recorder
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def _answer(self) -> None:
+        self.server.requests.append({"path": self.path, **dict(self.headers.items())})
+        self.send_response(404)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_GET = do_HEAD = _answer
+
+
+@pytest.fixture
+def recorders() -> Iterator[tuple[Recorder, Recorder]]:
+    pair = (Recorder(), Recorder())
+    threads = [threading.Thread(target=r.serve_forever, daemon=True) for r in pair]
+    for thread in threads:
+        thread.start()
+    yield pair
+    for r in pair:
+        r.shutdown()
+        r.server_close()
+
+
+def test_the_operator_reads_allowed_endpoints_with_the_jobs_keys_only(
+    k8s_cluster: Any,
+    k8s_namespace: str,
+    recorders: tuple[Recorder, Recorder],
+    tmp_path: Path,
+) -> None:
+    kc, ns = k8s_cluster.kubeconfig, k8s_namespace
+    allowed, elsewhere = recorders
+    k8s_cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds"))
+    k8s_cluster.kubectl(
+        "wait", "--for=condition=Established", "crd/finetunejobs.kubetune.io", "--timeout=60s"
+    )
+    kubectl(
+        kc,
+        "-n",
+        ns,
+        "create",
+        "secret",
+        "generic",
+        "tenant-s3",
+        f"--from-literal=AWS_ACCESS_KEY_ID={TENANT_KEY}",
+        "--from-literal=AWS_SECRET_ACCESS_KEY=tenant-secret",
+    )
+    op = OperatorProcess.start(
+        kc,
+        ns,
+        {"AWS_ACCESS_KEY_ID": OPERATOR_KEY, "AWS_SECRET_ACCESS_KEY": "operator-secret"},
+        tmp_path / "operator.log",
+        KUBETUNE_STORAGE_ENDPOINTS=allowed.url,
+    )
+    try:
+        for name, endpoint in (("on-list", allowed.url), ("off-list", elsewhere.url)):
+            job = tiny_job(
+                name,
+                data_uri="s3://data/tldr/",
+                output=f"s3://runs/{name}/",
+                endpoint=endpoint,
+                secret="tenant-s3",
+            )
+            job["spec"]["suspend"] = True  # no pods: only the operator may call the endpoints
+            kubectl(kc, "apply", "-n", ns, "-f", "-", stdin=yaml.safe_dump(job))
+
+        def suspended(name: str) -> bool:
+            return (get_ftj(kc, ns, name).get("status") or {}).get("phase") == "Suspended"
+
+        wait_for(lambda: suspended("on-list") and suspended("off-list"), 90, "both suspended")
+        wait_for(lambda: allowed.requests, 30, "the operator to look for an earlier result")
+    finally:
+        op.stop()
+    for request in allowed.requests:
+        assert f"Credential={TENANT_KEY}/" in request.get("Authorization", ""), request
+    seen = str(allowed.requests + elsewhere.requests)
+    assert OPERATOR_KEY not in seen, "the operator sent its own key to a tenant's endpoint"
+    assert elsewhere.requests == [], "the operator called an endpoint off its allow-list"
+    assert "not on the operator's allow-list" in op.log_text()

@@ -1,0 +1,221 @@
+"""Waiting is not failing: FineTuneJobs that the node cannot run all at once wait their turn.
+
+On the real control plane and the process node (8 allocatable CPUs, 2 ``nvidia.com/gpu``):
+
+* many tiny FineTuneJobs applied at once, whose stage pods each request 3 CPUs (so two run
+  at a time), all end ``Succeeded``; none fails for waiting, and the waiting ones show reason
+  ``Waiting`` with the scheduler's message;
+* a FineTuneJob whose pod requests more CPUs than any node has fails with ``Unschedulable``
+  and a message naming ``spec.resources.cpu`` and the node's 8 CPUs, as soon as the
+  operator's ``KUBETUNE_UNSCHEDULABLE_TIMEOUT`` (5 s here) has passed.
+
+Run: ``pytest tests/cluster/test_waiting.py -q``; ``KUBETUNE_WAITING_JOBS`` sets how many
+jobs the first test applies (8 by default; the issue's 20 took 670 s on two cores).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from datapaths import tldr_files
+from operator_helpers import (
+    REPO,
+    OperatorProcess,
+    apply,
+    diagnose,
+    get_ftj,
+    get_json,
+    kubectl,
+    service_account_kubeconfig,
+    tiny_job,
+    upload_files,
+    wait_for,
+)
+
+pytestmark = pytest.mark.cluster
+
+# Three times what the node holds at once. The issue's 20 (KUBETUNE_WAITING_JOBS=20) pass
+# too but take about 11 minutes on two cores: 60 stage pods, two at a time.
+JOBS = int(os.environ.get("KUBETUNE_WAITING_JOBS", "8"))
+CPU_PER_POD = "3"  # two stage pods fit the process node's 8 CPUs at once
+ALL_TIMEOUT = 900.0  # seconds for every job to succeed on a loaded 2-core machine
+UNSCHEDULABLE_TIMEOUT = "5"  # seconds a pod no node can hold may wait (default 300)
+
+
+@pytest.fixture(scope="module")
+def crd_installed(k8s_cluster: Any) -> None:
+    k8s_cluster.kubectl("apply", "-f", str(REPO / "crds" / "finetunejob.yaml"))
+    wait_for(
+        lambda: (
+            k8s_cluster.kubectl(
+                "get",
+                "crd",
+                "finetunejobs.kubetune.io",
+                "-o",
+                "jsonpath={.status.conditions[?(@.type=='Established')].status}",
+                check=False,  # a CRD just created has no conditions yet: jsonpath fails
+            ).stdout
+            == "True"
+        ),
+        60,
+        "the FineTuneJob CRD to be established",
+    )
+
+
+@pytest.fixture
+def env(
+    k8s_cluster: Any, k8s_namespace: str, s3_server: Any, crd_installed: None, tmp_path: Path
+) -> Iterator[dict[str, Any]]:
+    """A small tldr slice in S3, a credentials Secret, the operator with the rules of rbac.py."""
+    client = s3_server.client()
+    suffix = k8s_namespace.removeprefix("test-")
+    data_bucket = s3_server.make_bucket(f"data-{suffix}")
+    out_bucket = s3_server.make_bucket(f"runs-{suffix}")
+    upload_files(client, data_bucket, "tldr/common", tldr_files("common")[:40])
+    kubectl(
+        k8s_cluster.kubeconfig,
+        "-n",
+        k8s_namespace,
+        "create",
+        "secret",
+        "generic",
+        "kubetune-s3",
+        f"--from-literal=AWS_ACCESS_KEY_ID={s3_server.access_key}",
+        f"--from-literal=AWS_SECRET_ACCESS_KEY={s3_server.secret_key}",
+    )
+    from kubetune_operator import rbac
+
+    sa = f"kubetune-operator-{k8s_namespace}"
+    for obj in rbac.manifests(k8s_namespace, sa):
+        apply(k8s_cluster.kubeconfig, k8s_namespace, obj)
+    op = OperatorProcess.start(
+        service_account_kubeconfig(
+            k8s_cluster.kubeconfig, k8s_namespace, sa, tmp_path / "operator.kubeconfig"
+        ),
+        k8s_namespace,
+        s3_server.env(),
+        tmp_path / "operator.log",
+        KUBETUNE_UNSCHEDULABLE_TIMEOUT=UNSCHEDULABLE_TIMEOUT,
+    )
+    ctx = {
+        "kubeconfig": k8s_cluster.kubeconfig,
+        "ns": k8s_namespace,
+        "s3": s3_server,
+        "data_uri": f"s3://{data_bucket}/tldr/common/",
+        "out_bucket": out_bucket,
+        "op": op,
+    }
+    yield ctx
+    op.stop()
+    log = op.log_text()
+    assert "Forbidden" not in log and " 403 " not in log, "the operator lacked an RBAC right"
+    kubectl(k8s_cluster.kubeconfig, "delete", "clusterrole,clusterrolebinding", sa, check=False)
+
+
+def minimal_job(env: dict[str, Any], name: str, cpu: str) -> dict[str, Any]:
+    """The tiny cluster example cut to the bone: 2 steps, perplexity on 8 lines, no baseline."""
+    job = tiny_job(
+        name,
+        data_uri=env["data_uri"],
+        output=f"s3://{env['out_bucket']}/{name}/",
+        endpoint=env["s3"].endpoint_url,
+        secret="kubetune-s3",
+        maxSteps=2,
+        checkpointEverySteps=2,
+        logEverySteps=1,
+    )
+    job["spec"]["evaluation"] = {
+        "perplexity": True,
+        "baseline": False,
+        "maxSamples": 8,
+        "bleu": {"enabled": False},
+    }
+    job["spec"]["resources"] = {**job["spec"]["resources"], "cpu": cpu, "memory": "1Gi"}
+    return job
+
+
+def condition(ftj: dict[str, Any], ctype: str) -> dict[str, Any]:
+    conditions = (ftj.get("status") or {}).get("conditions") or []
+    return next((c for c in conditions if c["type"] == ctype), {})
+
+
+def test_jobs_beyond_the_nodes_cpus_wait_their_turn_and_all_succeed(
+    env: dict[str, Any],
+) -> None:
+    kc, ns = env["kubeconfig"], env["ns"]
+    names = [f"wait-{i:02d}" for i in range(JOBS)]
+    batch = {
+        "apiVersion": "v1",
+        "kind": "List",
+        "items": [minimal_job(env, n, CPU_PER_POD) for n in names],
+    }
+    started = time.monotonic()
+    apply(kc, ns, batch)  # all at once: 3 CPUs each, 8 on the node
+
+    waited: dict[str, str] = {}  # job -> a Waiting message it showed
+    phases: dict[str, str] = {}
+
+    def all_succeeded() -> bool:
+        for ftj in get_json(kc, ns, "finetunejobs")["items"]:
+            name = ftj["metadata"]["name"]
+            status = ftj.get("status") or {}
+            phases[name] = str(status.get("phase") or "")
+            reconciling = condition(ftj, "Reconciling")
+            if reconciling.get("reason") == "Waiting" and "Insufficient cpu" in str(
+                reconciling.get("message")
+            ):
+                waited.setdefault(name, str(reconciling["message"]))
+            if phases[name] == "Failed":
+                raise AssertionError(
+                    f"{name} failed while waiting its turn: {status.get('message')}\n"
+                    + diagnose(kc, ns, name, env["op"])
+                )
+        return len(phases) == JOBS and all(p == "Succeeded" for p in phases.values())
+
+    wait_for(
+        all_succeeded,
+        ALL_TIMEOUT,
+        f"all {JOBS} FineTuneJobs to succeed",
+        dump=lambda: f"phases: {phases}\n" + diagnose(kc, ns, names[-1], env["op"]),
+        interval=2.0,
+    )
+    took = time.monotonic() - started
+    print(
+        f"\n{JOBS} FineTuneJobs applied at once: all Succeeded in {took:.0f}s; "
+        f"{len(waited)} showed reason Waiting"
+    )
+    assert waited, "no job showed the Waiting condition although the node fits two pods at once"
+    message = next(iter(waited.values()))
+    assert "waiting for a node with room for the stage pod" in message
+    assert "0/1 nodes are available" in message  # the scheduler's own words
+    # Waiting never stopped a Job: none was given up on and suspended.
+    for job in get_json(kc, ns, "jobs")["items"]:
+        assert not job["spec"].get("suspend"), job["metadata"]["name"]
+
+
+def test_a_job_no_node_can_hold_fails_quickly_naming_the_field(env: dict[str, Any]) -> None:
+    kc, ns = env["kubeconfig"], env["ns"]
+    apply(kc, ns, minimal_job(env, "too-big", cpu="64"))
+    started = time.monotonic()
+
+    def failed() -> dict[str, Any] | None:
+        ftj = get_ftj(kc, ns, "too-big")
+        return ftj if (ftj.get("status") or {}).get("phase") == "Failed" else None
+
+    ftj = wait_for(
+        failed, 120, "too-big to fail", dump=lambda: diagnose(kc, ns, "too-big", env["op"])
+    )
+    took = time.monotonic() - started
+    stalled = condition(ftj, "Stalled")
+    assert (stalled["status"], stalled["reason"]) == ("True", "Unschedulable")
+    message = stalled["message"]
+    assert "cpu 64 (spec.resources.cpu): the most any node has is 8 (node process-node)" in message
+    assert "Insufficient cpu" in message  # and the scheduler's words
+    assert took < 60, f"took {took:.0f}s to fail a pod that no node can ever hold"
+    (job,) = get_json(kc, ns, "jobs")["items"]
+    assert job["spec"]["suspend"] is True  # given up on: its pod is gone, nothing retries
