@@ -512,13 +512,9 @@ class Reconciler:
     def _finetunejobs(self, namespace: str) -> list[Obj]:
         """The FineTuneJobs whose outputs a new run must not overlap.
 
-        Watching named namespaces (Roles there only), those namespaces' jobs; watching every
-        namespace, every job of the cluster, or ``namespace``'s alone when listing all of
-        them is forbidden (a hand-made Role).
+        Every FineTuneJob of the cluster when the operator may list them all; else (Roles in
+        the watched namespaces only) those of the watched namespaces and ``namespace``.
         """
-        if self.cfg.namespaces:
-            watched = dict.fromkeys([*self.cfg.namespaces, namespace])
-            return [obj for ns in watched for obj in self.kube.list(ftj_path(ns))]
         if self._list_all_namespaces:
             try:
                 return self.kube.list(all_ftjs_path())
@@ -528,9 +524,10 @@ class Reconciler:
                 self._list_all_namespaces = False
                 log.warning(
                     "cannot list FineTuneJobs of every namespace (no cluster-wide list right); "
-                    "checking storage.output against FineTuneJobs of the same namespace only"
+                    "checking storage.output against FineTuneJobs of the watched namespaces"
                 )
-        return self.kube.list(ftj_path(namespace))
+        watched = dict.fromkeys([*self.cfg.namespaces, namespace])
+        return [obj for ns in watched for obj in self.kube.list(ftj_path(ns))]
 
     # ------------------------------------------------------------------ results
 

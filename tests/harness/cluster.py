@@ -87,6 +87,24 @@ class ControlPlane:
         self._start_apiserver(port=self.api_port)
         self.processes.insert(index, self.processes.pop())  # its place in the stop order
         self._wait_api_ready()
+        self._wait_controllers_watching()
+
+    def _wait_controllers_watching(self, timeout: float = 180.0) -> None:
+        """Until the controller manager acts on new objects again (its watches back off).
+
+        The next test's namespace needs its ``default`` ServiceAccount within seconds.
+        """
+        probe = f"probe-{os.urandom(4).hex()}"
+        self.kubectl("create", "namespace", probe)
+        try:
+            wait_until(
+                lambda: self.get(f"/api/v1/namespaces/{probe}/serviceaccounts/default")[0] == 200,
+                timeout=timeout,
+                what="the controller manager to act again after the API server restart",
+                interval=0.5,
+            )
+        finally:
+            self.kubectl("delete", "namespace", probe, "--wait=false", check=False)
 
     def pids(self) -> dict[str, int]:
         return {proc.name: proc.pid for proc in self.processes}

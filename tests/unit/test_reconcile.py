@@ -782,7 +782,7 @@ def test_watching_named_namespaces_outputs_are_checked_across_all_of_them(
     world.reconciler.reconcile("team-b", "copy")
     copy = world.kube.edit(ftj_path("team-b", "copy"))["status"]
     assert next(c for c in copy["conditions"] if c["type"] == "Stalled")["reason"] == "OutputInUse"
-    assert ("LIST", all_ftjs_path()) not in world.kube.calls  # no doomed cluster-wide list
+    assert ("LIST", ftj_path(NS)) in world.kube.calls  # each watched namespace, after one 403
 
 
 # --------------------------------------------------------------------------- controller
