@@ -46,6 +46,7 @@ OPERATOR_METRICS = {
     "kubetune_operator_stage_duration_seconds_count",
     "kubetune_operator_reconcile_errors_total",
     "kubetune_operator_runs_total",
+    "kubetune_operator_api_requests_total",
     "kubetune_finetunejob_perplexity",
     "kubetune_finetunejob_bleu",
 }

@@ -19,6 +19,7 @@ missing object is a no-op; every other error status raises :class:`ApiError`
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any, Protocol
 from urllib.parse import quote, urlencode
 
@@ -26,6 +27,8 @@ from kubetune.schema import GROUP, PLURAL, VERSION
 
 Obj = dict[str, Any]
 METADATA_ONLY = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"
+# The Kubernetes verb of each HTTP method (a GET of a collection is "list": Kube.list says so).
+VERBS = {"GET": "get", "POST": "create", "PATCH": "patch", "PUT": "update", "DELETE": "delete"}
 
 
 class ApiError(RuntimeError):
@@ -117,11 +120,14 @@ class KubeClient(Protocol):
 class Kube:
     """:class:`KubeClient` over HTTP: requests against one API server with one identity."""
 
-    def __init__(self, api_client: Any) -> None:
+    def __init__(self, api_client: Any, on_request: Callable[[str], None] | None = None) -> None:
         self.api = api_client
+        # Called with the verb (get, list, create, patch, delete) of each request sent:
+        # the operator counts them (kubetune_operator_api_requests_total{verb}).
+        self.on_request = on_request
 
     @classmethod
-    def from_environment(cls) -> Kube:
+    def from_environment(cls, on_request: Callable[[str], None] | None = None) -> Kube:
         from kubernetes import client, config
 
         configuration = client.Configuration()
@@ -129,7 +135,7 @@ class Kube:
             config.load_incluster_config(client_configuration=configuration)
         except config.ConfigException:
             config.load_kube_config(client_configuration=configuration)
-        return cls(client.ApiClient(configuration))
+        return cls(client.ApiClient(configuration), on_request)
 
     def request(
         self,
@@ -141,8 +147,14 @@ class Kube:
         content_type: str = "application/json",
         accept: str = "application/json",
         timeout: float = 30.0,
+        verb: str = "",
     ) -> Obj | None:
-        """The decoded JSON answer; None for 404 on GET; raises :class:`ApiError` otherwise."""
+        """The decoded JSON answer; None for 404 on GET; raises :class:`ApiError` otherwise.
+
+        ``verb``: the Kubernetes verb for ``on_request`` (default: the method's, see VERBS).
+        """
+        if self.on_request is not None:
+            self.on_request(verb or VERBS.get(method, method.lower()))
         headers = {"Accept": accept}
         if body is not None:
             headers["Content-Type"] = content_type
@@ -177,7 +189,7 @@ class Kube:
     def list(self, path: str, label_selector: str = "") -> list[Obj]:
         """Items of a collection, each with its ``kind`` and ``apiVersion`` (lists omit them)."""
         query = {"labelSelector": label_selector} if label_selector else None
-        answer = self.request("GET", path, query=query) or {}
+        answer = self.request("GET", path, query=query, verb="list") or {}
         kind = str(answer.get("kind") or "").removesuffix("List")
         items = list(answer.get("items") or [])
         for item in items:

@@ -7,6 +7,8 @@
 * ``kubetune_operator_stage_duration_seconds{stage,outcome}``: stage Job durations;
 * ``kubetune_operator_reconcile_errors_total{reason}``;
 * ``kubetune_operator_runs_total{outcome}``: finished runs;
+* ``kubetune_operator_api_requests_total{verb}``: requests the reconciler sent to the API
+  server (``get``, ``list``, ``create``, ``patch``, ``delete``; kopf's watches not included);
 * ``kubetune_finetunejob_perplexity{finetunejob,namespace,model}`` and
   ``kubetune_finetunejob_bleu{...}`` with ``model`` = ``fine_tuned`` or ``baseline``.
 
@@ -54,6 +56,12 @@ class OperatorMetrics:
         self.runs = Counter(
             "kubetune_operator_runs_total", "Finished runs.", ["outcome"], registry=self.registry
         )
+        self.api_requests = Counter(
+            "kubetune_operator_api_requests_total",
+            "Requests the reconciler sent to the API server, by verb (kopf's watches excluded).",
+            ["verb"],
+            registry=self.registry,
+        )
         self.perplexity = Gauge(
             "kubetune_finetunejob_perplexity",
             "Test perplexity of a FineTuneJob's models.",
@@ -70,9 +78,11 @@ class OperatorMetrics:
         self._lock = threading.Lock()
         for phase in Phase:
             self.finetunejobs.labels(phase=phase.value).set(0)
-        # Export the outcome series at 0 from the start: increase()/rate() cannot see the
-        # first event of a series that appears already at 1, so the chart's failed-run alert
-        # and stage-duration panels would miss the first failure after an operator start.
+        # Export the request and outcome series at 0 from the start: increase()/rate() cannot
+        # see the first event of a series that appears already at 1, so the chart's failed-run
+        # alert and stage-duration panels would miss the first failure after an operator start.
+        for verb in ("get", "list", "create", "patch", "delete"):
+            self.api_requests.labels(verb=verb)
         for outcome in ("succeeded", "failed"):
             self.runs.labels(outcome=outcome)
             for stage in JOB_STAGES:
@@ -100,6 +110,10 @@ class OperatorMetrics:
             for model in ("fine_tuned", "baseline"):
                 with contextlib.suppress(KeyError):
                     gauge.remove(name, namespace, model)
+
+    def api_request(self, verb: str) -> None:
+        """Count one API request (``Kube(on_request=metrics.api_request)``)."""
+        self.api_requests.labels(verb=verb).inc()
 
     def reconcile_error(self, reason: str) -> None:
         self.reconcile_errors.labels(reason=reason).inc()

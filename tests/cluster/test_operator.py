@@ -10,8 +10,10 @@ tiny (a fresh 1-layer model, 20-40 steps on ~150 tldr pages) to keep the file in
 from __future__ import annotations
 
 import copy
+import http.server
 import json
 import subprocess
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,6 +38,7 @@ from operator_helpers import (
     wait_for,
 )
 
+from harness.s3 import OutageProxy
 from kubetune.layout import RunLayout
 from kubetune.schema import job_manifest
 
@@ -141,12 +144,16 @@ def wait_phase(
     name: str,
     want: set[str],
     timeout: float = RUN_TIMEOUT,
+    seen: list[str] | None = None,
 ) -> dict[str, Any]:
+    """Poll until the phase is in ``want``; ``seen`` collects each new phase on the way."""
     kc, ns = env["kubeconfig"], env["ns"]
 
     def reached() -> dict[str, Any] | None:
         ftj = get_ftj(kc, ns, name)
         current = (ftj.get("status") or {}).get("phase")
+        if seen is not None and current and (not seen or seen[-1] != current):
+            seen.append(current)
         if current in want:
             return ftj
         if current == "Failed" and "Failed" not in want:
@@ -271,7 +278,11 @@ def test_finetunejob_succeeds_with_results_and_a_spec_edit_starts_a_second_run(
 ) -> None:
     kc, ns, name = env["kubeconfig"], env["ns"], "tldr-tiny"
     apply(kc, ns, job_for(env, name, maxSteps=20, checkpointEverySteps=10))
-    ftj = wait_phase(env, name, {"Succeeded"})
+    phases: list[str] = []
+    ftj = wait_phase(env, name, {"Succeeded"}, seen=phases, timeout=RUN_TIMEOUT)
+    # The phase only moves forward within a run (polled once a second: some may be missed).
+    order = ["Pending", "Preparing", "Training", "Evaluating", "Succeeded"]
+    assert phases == sorted(phases, key=order.index) and phases[-1] == "Succeeded", phases
     status = ftj["status"]
     results = status["results"]
     for key in ("perplexity", "baselinePerplexity", "bleu", "baselineBleu"):
@@ -443,6 +454,116 @@ def test_a_spec_string_cannot_read_the_pods_secrets_through_variable_expansion(
     for value in env["secret_values"]:
         assert not any(value in k for k in keys), "a Secret value reached an S3 key"
     assert_no_secret_leaks(env, name)
+
+
+class FakeCompletions(http.server.ThreadingHTTPServer):
+    """An OpenAI-compatible completions endpoint on loopback that records who called it."""
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _CompletionsHandler)
+        self.calls: list[tuple[str, str]] = []  # (path, Authorization header)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class _CompletionsHandler(http.server.BaseHTTPRequestHandler):
+    server: FakeCompletions
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.server.calls.append((self.path, self.headers.get("Authorization") or ""))
+        body = json.dumps({"choices": [{"text": " the end"}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def test_compare_endpoints_get_the_key_of_their_own_secret_and_never_the_pods_credentials(
+    env: dict[str, Any],
+) -> None:
+    # Pods run on the host network of the process node, so loopback reaches this endpoint.
+    kc, ns, name = env["kubeconfig"], env["ns"], "compare-keys"
+    api_key = f"sk-endpoint-{uuid.uuid4().hex}"
+    kubectl(
+        kc,
+        "-n",
+        ns,
+        "create",
+        "secret",
+        "generic",
+        "endpoint-key",
+        f"--from-literal=apiKey={api_key}",
+    )
+    endpoint = FakeCompletions()
+    threading.Thread(target=endpoint.serve_forever, daemon=True).start()
+    try:
+        job = job_for(env, name, maxSteps=2)
+        job["spec"]["evaluation"]["compareWith"] = [
+            # Names the pod's own S3 secret: in a pod the operator drops apiKeyEnv.
+            {
+                "name": "borrower",
+                "baseUrl": f"{endpoint.url}/borrower/v1",
+                "model": "m",
+                "apiKeyEnv": "AWS_SECRET_ACCESS_KEY",
+            },
+            {
+                "name": "keyed",
+                "baseUrl": f"{endpoint.url}/keyed/v1",
+                "model": "m",
+                "apiKeySecret": "endpoint-key",
+            },
+        ]
+        apply(kc, ns, job)
+        ftj = wait_phase(env, name, {"Succeeded"})
+    finally:
+        endpoint.shutdown()
+        endpoint.server_close()
+    compared = {c["name"]: c for c in ftj["status"]["results"]["comparisons"]}
+    assert set(compared) == {"borrower", "keyed"}, compared
+    borrower = [auth for path, auth in endpoint.calls if path.startswith("/borrower/")]
+    keyed = [auth for path, auth in endpoint.calls if path.startswith("/keyed/")]
+    assert borrower and keyed, endpoint.calls
+    assert set(borrower) == {""}, "the pod sent a key to an endpoint that names no Secret"
+    assert set(keyed) == {f"Bearer {api_key}"}
+    for secret in env["secret_values"]:
+        assert all(secret not in auth for _, auth in endpoint.calls)
+
+
+def test_a_storage_outage_during_a_stage_costs_no_attempt(env: dict[str, Any]) -> None:
+    # The job reaches S3 through a line the test cuts for 15 s when the prepare pod starts
+    # downloading its source: the stage rides through on its retry budget.
+    kc, ns, name = env["kubeconfig"], env["ns"], "outage"
+    proxy = OutageProxy.start(env["s3"].endpoint_url)
+    try:
+        job = job_for(env, name, maxSteps=2)
+        job["spec"]["storage"]["endpoint"] = proxy.endpoint_url
+        job["spec"]["evaluation"] = {"bleu": {"enabled": False}, "baseline": False}
+        source = env["data_uri"].removeprefix("s3://")
+        proxy.cut_on(f"GET /{source}".encode(), restore_after=15)
+        apply(kc, ns, job)
+        ftj = wait_phase(env, name, {"Succeeded"})
+        outages = list(proxy.outages)
+    finally:
+        proxy.close()
+    assert len(outages) == 1 and outages[0][1] is not None, outages
+    cut, back = outages[0]
+    assert back - cut >= 15
+    assert all(not stage.get("failedAttempts") for stage in ftj["status"]["stages"].values())
+    retrying = get_json(
+        kc,
+        ns,
+        "events",
+        "--field-selector",
+        f"involvedObject.kind=FineTuneJob,involvedObject.name={name},reason=StageRetrying",
+    )["items"]
+    assert retrying == [], [e["message"] for e in retrying]
 
 
 def test_killed_training_pod_resumes_from_the_last_checkpoint(env: dict[str, Any]) -> None:
