@@ -285,3 +285,84 @@ def service_account_kubeconfig(
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
     path.chmod(0o600)
     return path
+
+
+def install_crd(kubeconfig: Path) -> None:
+    """Apply the generated CRD (server-side) and wait until the API server serves it."""
+    kubectl(
+        kubeconfig,
+        "apply",
+        "--server-side",
+        "--force-conflicts",
+        "-f",
+        str(REPO / "crds" / "finetunejob.yaml"),
+    )
+    kubectl(
+        kubeconfig,
+        "wait",
+        "--for=condition=Established",
+        "crd/finetunejobs.kubetune.io",
+        "--timeout=60s",
+        timeout=90,
+    )
+
+
+def create_s3_secret(
+    kubeconfig: Path, namespace: str, key_id: str, secret: str, name: str = "kubetune-s3"
+) -> None:
+    """The Secret a FineTuneJob's ``storage.credentialsSecret`` names."""
+    kubectl(
+        kubeconfig,
+        "-n",
+        namespace,
+        "create",
+        "secret",
+        "generic",
+        name,
+        f"--from-literal=AWS_ACCESS_KEY_ID={key_id}",
+        f"--from-literal=AWS_SECRET_ACCESS_KEY={secret}",
+    )
+
+
+def operator_service_account(admin_kubeconfig: Path, namespace: str, path: Path) -> Path:
+    """ServiceAccount ``kubetune-operator-<namespace>`` bound to exactly the rules of rbac.py,
+    and a kubeconfig (written to ``path``) that acts as it."""
+    from kubetune_operator import rbac
+
+    name = f"kubetune-operator-{namespace}"
+    for obj in rbac.manifests(namespace, name):
+        apply(admin_kubeconfig, namespace, obj)
+    return service_account_kubeconfig(admin_kubeconfig, namespace, name, path)
+
+
+def dry_run(
+    kubeconfig: Path, namespace: str, obj: dict[str, Any]
+) -> subprocess.CompletedProcess[str]:
+    """``kubectl apply --dry-run=server``: the API server's verdict, nothing stored."""
+    return apply(kubeconfig, namespace, obj, "--dry-run=server", check=False)
+
+
+def refusal_failures(kubeconfig: Path, namespace: str, cases: list[Any]) -> list[str]:
+    """Each case (``manifest()``, ``valid_manifest()``, ``field``, optionally ``rule``) whose
+    bad manifest the API server accepts or refuses without naming the field (and the rule's
+    message), or whose valid counterpart it refuses; [] when all hold."""
+    failures = []
+    for case in cases:
+        bad = dry_run(kubeconfig, namespace, case.manifest())
+        rule = getattr(case, "rule", None)
+        named = case.field in bad.stderr and (rule is None or rule.message in bad.stderr)
+        if bad.returncode == 0 or not named:
+            failures.append(f"{case.id}: rc={bad.returncode} stderr={bad.stderr!r}")
+        good = dry_run(kubeconfig, namespace, case.valid_manifest())
+        if good.returncode != 0:
+            failures.append(f"{case.id} (valid counterpart): stderr={good.stderr!r}")
+    return failures
+
+
+def ftj_events(kubeconfig: Path, namespace: str, name: str, reason: str) -> list[dict[str, Any]]:
+    """The Events about FineTuneJob ``name`` with ``reason``."""
+    selector = f"involvedObject.kind=FineTuneJob,involvedObject.name={name},reason={reason}"
+    items: list[dict[str, Any]] = get_json(
+        kubeconfig, namespace, "events", "--field-selector", selector
+    )["items"]
+    return items

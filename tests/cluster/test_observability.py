@@ -37,10 +37,11 @@ from observability_contract import (
     metric_names,
 )
 from operator_helpers import (
-    REPO,
     OperatorProcess,
+    create_s3_secret,
     diagnose,
     get_ftj,
+    install_crd,
     kubectl,
     tiny_job,
     upload_files,
@@ -127,12 +128,7 @@ def observed_run(
 ) -> Iterator[dict[str, Any]]:
     """One tiny job run end to end with Prometheus scraping the operator and the trainer."""
     kc = k8s_cluster.kubeconfig
-    k8s_cluster.kubectl(
-        "apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds/finetunejob.yaml")
-    )
-    k8s_cluster.kubectl(
-        "wait", "--for=condition=Established", "crd/finetunejobs.kubetune.io", "--timeout=60s"
-    )
+    install_crd(kc)
     ns = f"obs-{os.urandom(3).hex()}"
     k8s_cluster.kubectl("create", "namespace", ns)
     wait_for(
@@ -144,17 +140,7 @@ def observed_run(
     data_bucket = s3_server.make_bucket(f"{ns}-data")
     out_bucket = s3_server.make_bucket(f"{ns}-runs")
     upload_files(client, data_bucket, "tldr/common", tldr_files("common")[:150])
-    kubectl(
-        kc,
-        "-n",
-        ns,
-        "create",
-        "secret",
-        "generic",
-        "kubetune-s3",
-        f"--from-literal=AWS_ACCESS_KEY_ID={s3_server.access_key}",
-        f"--from-literal=AWS_SECRET_ACCESS_KEY={s3_server.secret_key}",
-    )
+    create_s3_secret(kc, ns, s3_server.access_key, s3_server.secret_key)
     workdir = tmp_path_factory.mktemp("observability")
     scraper = TrainScraper()
     op: OperatorProcess | None = None

@@ -10,10 +10,7 @@ tiny (a fresh 1-layer model, 20-40 steps on ~150 tldr pages) to keep the file in
 from __future__ import annotations
 
 import copy
-import http.server
 import json
-import subprocess
-import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,20 +20,24 @@ import pytest
 from cel_cases import CEL_CASES
 from datapaths import tldr_files
 from operator_helpers import (
-    REPO,
     OperatorProcess,
     apply,
     child_jobs,
+    create_s3_secret,
     diagnose,
+    dry_run,
+    ftj_events,
     get_ftj,
     get_json,
     kubectl,
-    service_account_kubeconfig,
+    operator_service_account,
+    refusal_failures,
     tiny_job,
     upload_files,
     upload_text,
     wait_for,
 )
+from recording_http import RecordingServer
 
 from harness.s3 import OutageProxy
 from kubetune.layout import RunLayout
@@ -45,26 +46,6 @@ from kubetune.schema import job_manifest
 pytestmark = pytest.mark.cluster
 
 RUN_TIMEOUT = 420.0  # seconds for a whole tiny run on a loaded 2-core machine
-
-
-@pytest.fixture(scope="module")
-def crd_installed(k8s_cluster: Any) -> None:
-    k8s_cluster.kubectl("apply", "-f", str(REPO / "crds" / "finetunejob.yaml"))
-    wait_for(
-        lambda: (
-            k8s_cluster.kubectl(
-                "get",
-                "crd",
-                "finetunejobs.kubetune.io",
-                "-o",
-                "jsonpath={.status.conditions[?(@.type=='Established')].status}",
-                check=False,  # right after creation the CRD may have no conditions yet
-            ).stdout
-            == "True"
-        ),
-        60,
-        "the FineTuneJob CRD to be established",
-    )
 
 
 @pytest.fixture
@@ -83,25 +64,11 @@ def env(
     key_id = f"AK{uuid.uuid4().hex[:16].upper()}"
     secret_value = f"sk-{uuid.uuid4().hex}"
     s3.add_credentials(key_id, secret_value)
-    kubectl(
-        k8s_cluster.kubeconfig,
-        "-n",
-        k8s_namespace,
-        "create",
-        "secret",
-        "generic",
-        "kubetune-s3",
-        f"--from-literal=AWS_ACCESS_KEY_ID={key_id}",
-        f"--from-literal=AWS_SECRET_ACCESS_KEY={secret_value}",
-    )
+    create_s3_secret(k8s_cluster.kubeconfig, k8s_namespace, key_id, secret_value)
     # The operator runs as its own ServiceAccount with exactly the rules of rbac.py.
-    from kubetune_operator import rbac
-
     sa = f"kubetune-operator-{k8s_namespace}"
-    for obj in rbac.manifests(k8s_namespace, sa):
-        apply(k8s_cluster.kubeconfig, k8s_namespace, obj)
-    op_kubeconfig = service_account_kubeconfig(
-        k8s_cluster.kubeconfig, k8s_namespace, sa, tmp_path / "operator.kubeconfig"
+    op_kubeconfig = operator_service_account(
+        k8s_cluster.kubeconfig, k8s_namespace, tmp_path / "operator.kubeconfig"
     )
     op_secret = f"op-{uuid.uuid4().hex}"
     op = OperatorProcess.start(
@@ -236,20 +203,14 @@ MALFORMED = [
 ]
 
 
-def _dry_run(
-    k8s_cluster: Any, namespace: str, obj: dict[str, Any]
-) -> subprocess.CompletedProcess[str]:
-    return apply(k8s_cluster.kubeconfig, namespace, obj, "--dry-run=server", check=False)
-
-
 def test_api_server_rejects_malformed_manifests_naming_the_field(
     k8s_cluster: Any, k8s_namespace: str, crd_installed: None
 ) -> None:
-    ok = _dry_run(k8s_cluster, k8s_namespace, VALID)
+    ok = dry_run(k8s_cluster.kubeconfig, k8s_namespace, VALID)
     assert ok.returncode == 0, ok.stderr
     failures = []
     for path, value, expected in MALFORMED:
-        result = _dry_run(k8s_cluster, k8s_namespace, _set(path, value))
+        result = dry_run(k8s_cluster.kubeconfig, k8s_namespace, _set(path, value))
         if result.returncode == 0 or expected not in result.stderr:
             failures.append(f"{path}={value!r}: rc={result.returncode} stderr={result.stderr!r}")
     assert not failures, "\n".join(failures)
@@ -258,15 +219,7 @@ def test_api_server_rejects_malformed_manifests_naming_the_field(
 def test_api_server_applies_each_cel_rule_to_its_cases_naming_the_field(
     k8s_cluster: Any, k8s_namespace: str, crd_installed: None
 ) -> None:
-    failures = []
-    for case in CEL_CASES:
-        bad = _dry_run(k8s_cluster, k8s_namespace, case.manifest())
-        named = case.field in bad.stderr and case.rule.message in bad.stderr
-        if bad.returncode == 0 or not named:
-            failures.append(f"{case.id}: rc={bad.returncode} stderr={bad.stderr!r}")
-        good = _dry_run(k8s_cluster, k8s_namespace, case.valid_manifest())
-        if good.returncode != 0:
-            failures.append(f"{case.id} (valid counterpart): stderr={good.stderr!r}")
+    failures = refusal_failures(k8s_cluster.kubeconfig, k8s_namespace, CEL_CASES)
     assert not failures, "\n".join(failures)
 
 
@@ -456,35 +409,6 @@ def test_a_spec_string_cannot_read_the_pods_secrets_through_variable_expansion(
     assert_no_secret_leaks(env, name)
 
 
-class FakeCompletions(http.server.ThreadingHTTPServer):
-    """An OpenAI-compatible completions endpoint on loopback that records who called it."""
-
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), _CompletionsHandler)
-        self.calls: list[tuple[str, str]] = []  # (path, Authorization header)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
-
-
-class _CompletionsHandler(http.server.BaseHTTPRequestHandler):
-    server: FakeCompletions
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-    def do_POST(self) -> None:
-        self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        self.server.calls.append((self.path, self.headers.get("Authorization") or ""))
-        body = json.dumps({"choices": [{"text": " the end"}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-
 def test_compare_endpoints_get_the_key_of_their_own_secret_and_never_the_pods_credentials(
     env: dict[str, Any],
 ) -> None:
@@ -501,9 +425,8 @@ def test_compare_endpoints_get_the_key_of_their_own_secret_and_never_the_pods_cr
         "endpoint-key",
         f"--from-literal=apiKey={api_key}",
     )
-    endpoint = FakeCompletions()
-    threading.Thread(target=endpoint.serve_forever, daemon=True).start()
-    try:
+    # An OpenAI-style completions endpoint that records who called it.
+    with RecordingServer(body={"choices": [{"text": " the end"}]}) as endpoint:
         job = job_for(env, name, maxSteps=2)
         job["spec"]["evaluation"]["compareWith"] = [
             # Names the pod's own S3 secret: in a pod the operator drops apiKeyEnv.
@@ -522,18 +445,14 @@ def test_compare_endpoints_get_the_key_of_their_own_secret_and_never_the_pods_cr
         ]
         apply(kc, ns, job)
         ftj = wait_phase(env, name, {"Succeeded"})
-    finally:
-        endpoint.shutdown()
-        endpoint.server_close()
     compared = {c["name"]: c for c in ftj["status"]["results"]["comparisons"]}
     assert set(compared) == {"borrower", "keyed"}, compared
-    borrower = [auth for path, auth in endpoint.calls if path.startswith("/borrower/")]
-    keyed = [auth for path, auth in endpoint.calls if path.startswith("/keyed/")]
-    assert borrower and keyed, endpoint.calls
+    borrower, keyed = endpoint.authorizations("/borrower/"), endpoint.authorizations("/keyed/")
+    assert borrower and keyed, endpoint.requests
     assert set(borrower) == {""}, "the pod sent a key to an endpoint that names no Secret"
     assert set(keyed) == {f"Bearer {api_key}"}
     for secret in env["secret_values"]:
-        assert all(secret not in auth for _, auth in endpoint.calls)
+        assert all(secret not in auth for auth in endpoint.authorizations())
 
 
 def test_a_storage_outage_during_a_stage_costs_no_attempt(env: dict[str, Any]) -> None:
@@ -556,13 +475,7 @@ def test_a_storage_outage_during_a_stage_costs_no_attempt(env: dict[str, Any]) -
     cut, back = outages[0]
     assert back - cut >= 15
     assert all(not stage.get("failedAttempts") for stage in ftj["status"]["stages"].values())
-    retrying = get_json(
-        kc,
-        ns,
-        "events",
-        "--field-selector",
-        f"involvedObject.kind=FineTuneJob,involvedObject.name={name},reason=StageRetrying",
-    )["items"]
+    retrying = ftj_events(kc, ns, name, "StageRetrying")
     assert retrying == [], [e["message"] for e in retrying]
 
 
@@ -600,13 +513,7 @@ def test_killed_training_pod_resumes_from_the_last_checkpoint(env: dict[str, Any
     assert train["steps"] == 40
     assert len(child_jobs(kc, ns, name)) == 3
     # The lost attempt was announced: a Warning naming the stage and what is left.
-    events = get_json(
-        kc,
-        ns,
-        "events",
-        "--field-selector",
-        f"involvedObject.kind=FineTuneJob,involvedObject.name={name},reason=StageRetrying",
-    )["items"]
+    events = ftj_events(kc, ns, name, "StageRetrying")
     assert [e["type"] for e in events] == ["Warning"], events
     assert events[0]["message"].startswith("train: attempt 1 of 3 failed"), events[0]["message"]
     status = get_ftj(kc, ns, name)["status"]

@@ -10,8 +10,6 @@ every request they see comes from the operator looking for an earlier result.
 
 from __future__ import annotations
 
-import http.server
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,13 +17,15 @@ from typing import Any
 import pytest
 import yaml
 from operator_helpers import (
-    REPO,
     OperatorProcess,
+    create_s3_secret,
     get_ftj,
+    install_crd,
     kubectl,
     tiny_job,
     wait_for,
 )
+from recording_http import RecordingServer
 
 pytestmark = pytest.mark.cluster
 
@@ -33,68 +33,22 @@ OPERATOR_KEY = "AKIAOPERATORSOWNKEY0"
 TENANT_KEY = "AKIATENANTSOWNKEY000"
 
 
-class Recorder(http.server.ThreadingHTTPServer):
-    """Answers 404 to everything and keeps the headers of each request."""
-
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), _Handler)
-        self.requests: list[dict[str, str]] = []
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
-
-
-class _Handler(http.server.BaseHTTPRequestHandler):
-    server: Recorder
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-    def _answer(self) -> None:
-        self.server.requests.append({"path": self.path, **dict(self.headers.items())})
-        self.send_response(404)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    do_GET = do_HEAD = _answer
-
-
 @pytest.fixture
-def recorders() -> Iterator[tuple[Recorder, Recorder]]:
-    pair = (Recorder(), Recorder())
-    threads = [threading.Thread(target=r.serve_forever, daemon=True) for r in pair]
-    for thread in threads:
-        thread.start()
-    yield pair
-    for r in pair:
-        r.shutdown()
-        r.server_close()
+def recorders() -> Iterator[tuple[RecordingServer, RecordingServer]]:
+    with RecordingServer(status=404) as allowed, RecordingServer(status=404) as elsewhere:
+        yield allowed, elsewhere
 
 
 def test_the_operator_reads_allowed_endpoints_with_the_jobs_keys_only(
     k8s_cluster: Any,
     k8s_namespace: str,
-    recorders: tuple[Recorder, Recorder],
+    recorders: tuple[RecordingServer, RecordingServer],
     tmp_path: Path,
 ) -> None:
     kc, ns = k8s_cluster.kubeconfig, k8s_namespace
     allowed, elsewhere = recorders
-    k8s_cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds"))
-    k8s_cluster.kubectl(
-        "wait", "--for=condition=Established", "crd/finetunejobs.kubetune.io", "--timeout=60s"
-    )
-    kubectl(
-        kc,
-        "-n",
-        ns,
-        "create",
-        "secret",
-        "generic",
-        "tenant-s3",
-        f"--from-literal=AWS_ACCESS_KEY_ID={TENANT_KEY}",
-        "--from-literal=AWS_SECRET_ACCESS_KEY=tenant-secret",
-    )
+    install_crd(kc)
+    create_s3_secret(kc, ns, TENANT_KEY, "tenant-secret", name="tenant-s3")
     op = OperatorProcess.start(
         kc,
         ns,

@@ -19,9 +19,9 @@ from typing import Any
 import pytest
 import yaml
 from operator_helpers import (
-    REPO,
     OperatorProcess,
     get_ftj,
+    install_crd,
     kubectl,
     tiny_job,
     wait_for,
@@ -117,10 +117,7 @@ def test_a_job_the_cluster_refuses_stalls_with_the_policy_message_until_the_spec
     k8s_cluster: Any, k8s_namespace: str, registry_policy: str, tmp_path: Path
 ) -> None:
     kc, ns, name = k8s_cluster.kubeconfig, k8s_namespace, "off-registry"
-    k8s_cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds"))
-    k8s_cluster.kubectl(
-        "wait", "--for=condition=Established", "crd/finetunejobs.kubetune.io", "--timeout=60s"
-    )
+    install_crd(kc)
     kubectl(kc, "-n", ns, "create", "secret", "generic", "s3", "--from-literal=AWS_ACCESS_KEY_ID=a")
     op = OperatorProcess.start(kc, ns, {}, tmp_path / "operator.log")
     try:

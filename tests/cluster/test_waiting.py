@@ -24,14 +24,14 @@ from typing import Any
 import pytest
 from datapaths import tldr_files
 from operator_helpers import (
-    REPO,
     OperatorProcess,
     apply,
+    create_s3_secret,
     diagnose,
     get_ftj,
     get_json,
     kubectl,
-    service_account_kubeconfig,
+    operator_service_account,
     tiny_job,
     upload_files,
     wait_for,
@@ -47,26 +47,6 @@ ALL_TIMEOUT = 900.0  # seconds for every job to succeed on a loaded 2-core machi
 UNSCHEDULABLE_TIMEOUT = "5"  # seconds a pod no node can hold may wait (default 300)
 
 
-@pytest.fixture(scope="module")
-def crd_installed(k8s_cluster: Any) -> None:
-    k8s_cluster.kubectl("apply", "-f", str(REPO / "crds" / "finetunejob.yaml"))
-    wait_for(
-        lambda: (
-            k8s_cluster.kubectl(
-                "get",
-                "crd",
-                "finetunejobs.kubetune.io",
-                "-o",
-                "jsonpath={.status.conditions[?(@.type=='Established')].status}",
-                check=False,  # a CRD just created has no conditions yet: jsonpath fails
-            ).stdout
-            == "True"
-        ),
-        60,
-        "the FineTuneJob CRD to be established",
-    )
-
-
 @pytest.fixture
 def env(
     k8s_cluster: Any, k8s_namespace: str, s3_server: Any, crd_installed: None, tmp_path: Path
@@ -77,25 +57,12 @@ def env(
     data_bucket = s3_server.make_bucket(f"data-{suffix}")
     out_bucket = s3_server.make_bucket(f"runs-{suffix}")
     upload_files(client, data_bucket, "tldr/common", tldr_files("common")[:40])
-    kubectl(
-        k8s_cluster.kubeconfig,
-        "-n",
-        k8s_namespace,
-        "create",
-        "secret",
-        "generic",
-        "kubetune-s3",
-        f"--from-literal=AWS_ACCESS_KEY_ID={s3_server.access_key}",
-        f"--from-literal=AWS_SECRET_ACCESS_KEY={s3_server.secret_key}",
+    create_s3_secret(
+        k8s_cluster.kubeconfig, k8s_namespace, s3_server.access_key, s3_server.secret_key
     )
-    from kubetune_operator import rbac
-
-    sa = f"kubetune-operator-{k8s_namespace}"
-    for obj in rbac.manifests(k8s_namespace, sa):
-        apply(k8s_cluster.kubeconfig, k8s_namespace, obj)
     op = OperatorProcess.start(
-        service_account_kubeconfig(
-            k8s_cluster.kubeconfig, k8s_namespace, sa, tmp_path / "operator.kubeconfig"
+        operator_service_account(
+            k8s_cluster.kubeconfig, k8s_namespace, tmp_path / "operator.kubeconfig"
         ),
         k8s_namespace,
         s3_server.env(),
@@ -114,6 +81,7 @@ def env(
     op.stop()
     log = op.log_text()
     assert "Forbidden" not in log and " 403 " not in log, "the operator lacked an RBAC right"
+    sa = f"kubetune-operator-{k8s_namespace}"
     kubectl(k8s_cluster.kubeconfig, "delete", "clusterrole,clusterrolebinding", sa, check=False)
 
 

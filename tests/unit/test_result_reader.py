@@ -9,13 +9,12 @@ Run: ``python -m pytest tests/unit/test_result_reader.py -q``
 from __future__ import annotations
 
 import base64
-import http.server
-import threading
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from fake_kube import FakeKube
+from recording_http import RecordingServer
 
 from kubetune.schema import API_VERSION, KIND, FineTuneJob, parse_job
 from kubetune_operator.config import OperatorConfig, normalize_endpoint, parse_endpoints
@@ -27,33 +26,8 @@ OPERATOR_KEY = "AKIAOPERATOROWNKEY00"
 TENANT_KEY = "AKIATENANTKEY0000000"
 
 
-class Recorder(http.server.ThreadingHTTPServer):
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), _Handler)
-        self.requests: list[dict[str, str]] = []
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
-
-
-class _Handler(http.server.BaseHTTPRequestHandler):
-    server: Recorder
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-    def _answer(self) -> None:
-        self.server.requests.append({"path": self.path, **dict(self.headers.items())})
-        self.send_response(404)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    do_GET = do_HEAD = _answer
-
-
 @pytest.fixture
-def endpoint(monkeypatch: pytest.MonkeyPatch) -> Iterator[Recorder]:
+def endpoint(monkeypatch: pytest.MonkeyPatch) -> Iterator[RecordingServer]:
     for name, value in {
         "AWS_ACCESS_KEY_ID": OPERATOR_KEY,
         "AWS_SECRET_ACCESS_KEY": "operator-secret",
@@ -62,12 +36,8 @@ def endpoint(monkeypatch: pytest.MonkeyPatch) -> Iterator[Recorder]:
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
     monkeypatch.delenv("KUBETUNE_S3_ENDPOINT", raising=False)
-    server = Recorder()
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
+    with RecordingServer(status=404) as server:  # an S3 that has nothing yet
+        yield server
 
 
 def job(endpoint: str | None, secret: str | None = "team-a-s3") -> FineTuneJob:
@@ -104,7 +74,7 @@ def read(reader: ResultReader, j: FineTuneJob) -> dict[str, Any] | None:
     return reader.read_json(j, "s3://runs/tldr/runs/abc-g1", "train/progress.json")
 
 
-def test_an_endpoint_off_the_allow_list_is_never_contacted(endpoint: Recorder) -> None:
+def test_an_endpoint_off_the_allow_list_is_never_contacted(endpoint: RecordingServer) -> None:
     kube = kube_with_secret(AWS_ACCESS_KEY_ID=TENANT_KEY, AWS_SECRET_ACCESS_KEY="tenant")
     reader = ResultReader(kube, allowed_endpoints=["http://minio.storage.svc:9000"])
     assert reader.refusal(job(endpoint.url)) is not None
@@ -113,7 +83,7 @@ def test_an_endpoint_off_the_allow_list_is_never_contacted(endpoint: Recorder) -
 
 
 def test_an_allowed_endpoint_is_read_with_the_jobs_own_keys_never_the_operators(
-    endpoint: Recorder,
+    endpoint: RecordingServer,
 ) -> None:
     kube = kube_with_secret(AWS_ACCESS_KEY_ID=TENANT_KEY, AWS_SECRET_ACCESS_KEY="tenant")
     reader = ResultReader(kube, allowed_endpoints=[endpoint.url + "/"])
@@ -135,7 +105,7 @@ def test_an_allowed_endpoint_is_read_with_the_jobs_own_keys_never_the_operators(
     ids=["no-secret-named", "secret-without-keys", "secret-missing"],
 )
 def test_without_the_jobs_own_keys_nothing_is_read(
-    endpoint: Recorder, secret: str | None, keys: dict[str, str]
+    endpoint: RecordingServer, secret: str | None, keys: dict[str, str]
 ) -> None:
     reader = ResultReader(kube_with_secret(**keys), allowed_endpoints=[endpoint.url])
     assert read(reader, job(endpoint.url, secret=secret)) is None
@@ -143,7 +113,7 @@ def test_without_the_jobs_own_keys_nothing_is_read(
 
 
 def test_a_job_without_an_endpoint_uses_the_operators_configured_s3(
-    endpoint: Recorder, monkeypatch: pytest.MonkeyPatch
+    endpoint: RecordingServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The platform's S3 (the operator's AWS_ENDPOINT_URL) needs no allow-list entry, but the
     # job's keys are still the ones used.

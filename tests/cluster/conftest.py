@@ -1,0 +1,14 @@
+"""Fixtures shared by the cluster tests (the harness's own are in tests/harness/fixtures.py)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from operator_helpers import install_crd
+
+
+@pytest.fixture(scope="session")
+def crd_installed(k8s_cluster: Any) -> None:
+    """The FineTuneJob CRD, generated from the schema, served by the test cluster."""
+    install_crd(k8s_cluster.kubeconfig)
