@@ -46,7 +46,6 @@ from operator_helpers import (
     upload_files,
     wait_for,
 )
-from test_operator import crd_installed  # noqa: F401 (fixture)
 
 from kubetune_operator import rbac
 from kubetune_operator.kube import all_ftjs_path
@@ -113,7 +112,7 @@ def _create_namespace(cluster: Any, name: str) -> None:
 def install(
     k8s_cluster: Any,
     s3_server: Any,
-    crd_installed: None,  # noqa: F811 (the fixture)
+    crd_installed: None,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Install]:
     suffix = uuid.uuid4().hex[:6]

@@ -33,7 +33,7 @@ from operator_helpers import (
     upload_text,
     wait_for,
 )
-from test_operator import crd_installed, env, job_for, wait_phase  # noqa: F401 (fixtures)
+from test_operator import env, job_for, wait_phase  # noqa: F401 (fixtures)
 
 from kubetune.layout import RunLayout
 from kubetune.results import (
