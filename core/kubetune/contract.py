@@ -123,6 +123,7 @@ S3_KEY_ID = "AWS_ACCESS_KEY_ID"
 S3_SECRET_KEY = "AWS_SECRET_ACCESS_KEY"
 S3_SESSION_TOKEN = "AWS_SESSION_TOKEN"
 S3_CREDENTIAL_KEYS = (S3_KEY_ID, S3_SECRET_KEY)
+S3_CREDENTIAL_KEYS_TEXT = f"{S3_KEY_ID} and {S3_SECRET_KEY}"  # for messages
 """The keys ``spec.storage.credentialsSecret`` must hold; pods get them as env vars of those names
 (``S3_SESSION_TOKEN`` is optional and read by the operator only)."""
 

@@ -43,7 +43,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from kubetune.contract import S3_KEY_ID, S3_SECRET_KEY, S3_SESSION_TOKEN, Env
+from kubetune.contract import (
+    S3_CREDENTIAL_KEYS_TEXT,
+    S3_KEY_ID,
+    S3_SECRET_KEY,
+    S3_SESSION_TOKEN,
+    Env,
+)
 from kubetune.layout import join_uri
 from kubetune.schema import Reason
 
@@ -599,14 +605,14 @@ class S3Storage(Storage):
             if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
                 return StorageAccessDenied(
                     f"{where}: access denied ({code}) while {action}; check the credentials "
-                    "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, storage.credentialsSecret) and the "
+                    f"({S3_KEY_ID}/{S3_SECRET_KEY}, storage.credentialsSecret) and the "
                     f"bucket policy of {self.bucket!r}"
                 )
             return StorageError(f"{where}: S3 error {code} while {action}: {exc}")
         if isinstance(exc, NoCredentialsError):
             return StorageAccessDenied(
-                f"{where}: no S3 credentials found; set AWS_ACCESS_KEY_ID and "
-                "AWS_SECRET_ACCESS_KEY (storage.credentialsSecret in a cluster)"
+                f"{where}: no S3 credentials found; set {S3_CREDENTIAL_KEYS_TEXT} "
+                "(storage.credentialsSecret in a cluster)"
             )
         if isinstance(exc, EndpointConnectionError):
             return StorageError(

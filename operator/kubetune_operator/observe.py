@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+from kubetune.contract import S3_CREDENTIAL_KEYS_TEXT
 from kubetune.schema import Reason
 from kubetune_operator.builders import ANNOTATION_FAILED_MESSAGE, ANNOTATION_FAILED_REASON
 from kubetune_operator.fit import never_fits
@@ -169,8 +170,7 @@ def _stuck_pod(pods: list[Obj]) -> tuple[str, str] | None:
             if why in CONFIG_REASONS:
                 return Reason.INVALID_SPEC.value, (
                     f"the stage pod cannot start: {detail or why}; check "
-                    "spec.storage.credentialsSecret (it needs the keys AWS_ACCESS_KEY_ID and "
-                    "AWS_SECRET_ACCESS_KEY)"
+                    f"spec.storage.credentialsSecret (it needs the keys {S3_CREDENTIAL_KEYS_TEXT})"
                 )
     return None
 

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from kubetune.contract import JOB_STAGES, STAGE_CONDITION, Stage
+from kubetune.contract import JOB_STAGES, S3_CREDENTIAL_KEYS_TEXT, STAGE_CONDITION, Stage
 from kubetune.layout import RunLayout
 from kubetune.results import EvaluateResult, PrepareResult, RunIdentity, TrainResult
 from kubetune.schema import (
@@ -136,7 +136,7 @@ def _secrets_named(job: FineTuneJob) -> list[tuple[str, str, str]]:
             (
                 job.spec.storage.credentials_secret,
                 "spec.storage.credentialsSecret",
-                "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY",
+                S3_CREDENTIAL_KEYS_TEXT,
             )
         )
     for i, entry in enumerate(job.spec.evaluation.compare_with):
