@@ -126,6 +126,45 @@ CEL_CASES: list[CelCase] = [
         {"dataset": {"source": "s3://corpora/tldr/", "clean": {"minChars": 50, "maxChars": 50}}},
     ),
     CelCase(
+        "instruction-kind-on-text-files",
+        _rule(schema.DatasetSpec, ".format"),
+        "spec.dataset.format",
+        {"dataset": {"source": "s3://corpora/tldr/", "kind": "chat", "format": "markdown"}},
+        {"dataset": {"source": "s3://corpora/tldr/", "kind": "chat", "format": "jsonl"}},
+    ),
+    CelCase(
+        "instruction-kind-with-near-dedup",
+        _rule(schema.DatasetSpec, ".clean.dedup"),
+        "spec.dataset.clean.dedup",
+        {
+            "dataset": {
+                "source": "s3://corpora/tldr/",
+                "kind": "promptCompletion",
+                "clean": {"dedup": "near"},
+            }
+        },
+        {
+            "dataset": {
+                "source": "s3://corpora/tldr/",
+                "kind": "promptCompletion",
+                "clean": {"dedup": "normalized"},
+            }
+        },
+    ),
+    CelCase(
+        "group-by-on-text",
+        _rule(schema.DatasetSpec, ".split.groupBy"),
+        "spec.dataset.split.groupBy",
+        {"dataset": {"source": "s3://corpora/tldr/", "split": {"groupBy": "command"}}},
+        {
+            "dataset": {
+                "source": "s3://corpora/tldr/",
+                "kind": "chat",
+                "split": {"groupBy": "command"},
+            }
+        },
+    ),
+    CelCase(
         "evaluation-measures-nothing",
         _rule(schema.EvaluationSpec),
         "spec.evaluation",

@@ -14,9 +14,22 @@ else spells these files, their dtypes or their invariants. Per split (``train``,
                             line, concatenated in jsonl order, no special tokens (no bos/eos)
       {split}.offsets.npy   1-D little-endian int64 (OFFSET_DTYPE), lines + 1 values:
                             line i is tokens[offsets[i]:offsets[i + 1]]
+      {split}.loss_mask.npy promptCompletion and chat only: 1-D uint8 (MASK_DTYPE), one value
+                            per token: 1 where the token belongs to an answer (it is trained
+                            and scored), 0 for prompt, system, user and template tokens
       tokenizer/            the tokenizer that made the ids (save_pretrained)
       prepare.json          kubetune.results.PrepareResult, written last: it vouches
                             for the files above
+
+Examples (``dataset.kind`` promptCompletion or chat) are one row each. The row also has
+``"prompt"`` (the last user turn or the prompt, as cleaned), ``"answer"`` (the answer to
+it: the reference evaluation scores against) and, for chat, ``"messages"`` (the
+conversation before that answer, for chat endpoints); ``text`` is the whole rendered
+example and ``doc`` its split group. Its token ids are the rendered segments tokenized one
+by one and concatenated (no bos/eos: training appends eos after the example, trained as
+the end of the last answer). The example ends with its last answer: the trailing run of
+1s in the loss mask; the tokens before it are the prompt generation starts from
+(:meth:`TokenSplit.prompt_ids`).
 
 Invariants, checked by the readers (a violation raises
 :class:`~kubetune.contract.StageError` with reason ``DatasetUnusable``, naming the file
@@ -26,7 +39,9 @@ and what to do, usually "re-run the prepare stage"):
 * the number of lines (``len(offsets) - 1``) is at least 1 and, where the jsonl is read
   too, equals its number of rows;
 * every id is below the model's vocabulary where the reader is told its size;
-* every jsonl row is an object with a string ``text``.
+* every jsonl row is an object with a string ``text``;
+* a loss mask, where there is one, has one 0/1 value per token and every example ends
+  with at least one answer token.
 
 Prepare also guarantees that no text is in both splits (``overlap: 0``); the readers
 do not re-check that.
@@ -65,7 +80,7 @@ from dataclasses import dataclass
 from itertools import chain
 from json.encoder import encode_basestring
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -78,6 +93,8 @@ TOKEN_DTYPE = np.dtype("<u4")
 """Token ids: little-endian uint32."""
 OFFSET_DTYPE = np.dtype("<i8")
 """Line offsets into the token array: little-endian int64, lines + 1 values."""
+MASK_DTYPE = np.dtype("u1")
+"""Loss mask: one uint8 per token, 1 for answer tokens (promptCompletion and chat)."""
 
 TRAIN = "train"
 TEST = "test"
@@ -94,6 +111,7 @@ class SplitFiles:
     text: str
     tokens: str
     offsets: str
+    loss_mask: str
 
     def all_keys(self) -> tuple[str, str, str]:
         return self.text, self.tokens, self.offsets
@@ -111,10 +129,26 @@ class SplitFiles:
     def offsets_name(self) -> str:
         return posixpath.basename(self.offsets)
 
+    @property
+    def loss_mask_name(self) -> str:
+        return posixpath.basename(self.loss_mask)
+
 
 SPLIT_FILES = {
-    TRAIN: SplitFiles(TRAIN, RunLayout.TRAIN_TEXT, RunLayout.TRAIN_TOKENS, RunLayout.TRAIN_OFFSETS),
-    TEST: SplitFiles(TEST, RunLayout.TEST_TEXT, RunLayout.TEST_TOKENS, RunLayout.TEST_OFFSETS),
+    TRAIN: SplitFiles(
+        TRAIN,
+        RunLayout.TRAIN_TEXT,
+        RunLayout.TRAIN_TOKENS,
+        RunLayout.TRAIN_OFFSETS,
+        RunLayout.TRAIN_LOSS_MASK,
+    ),
+    TEST: SplitFiles(
+        TEST,
+        RunLayout.TEST_TEXT,
+        RunLayout.TEST_TOKENS,
+        RunLayout.TEST_OFFSETS,
+        RunLayout.TEST_LOSS_MASK,
+    ),
 }
 
 
@@ -148,10 +182,50 @@ class JsonlWriter:
         self._sha.update(data)
         self.count += 1
 
+    def write_example(self, example: ExampleRow) -> None:
+        """Append one promptCompletion/chat example (see the module docstring)."""
+        data = (json.dumps(example.to_row(), ensure_ascii=False) + "\n").encode()
+        self._fh.write(data)
+        self._sha.update(data)
+        self.count += 1
+
     def close(self) -> str:
         """Close the file; returns the sha256 of its bytes."""
         self._fh.close()
         return self._sha.hexdigest()
+
+
+@dataclass(frozen=True)
+class ExampleRow:
+    """One promptCompletion/chat row of ``{split}.jsonl``."""
+
+    text: str  # the whole rendered example
+    doc: str  # its split group (split.groupBy value) or record id
+    prompt: str  # the last prompt / user turn
+    answer: str  # the last answer: the reference
+    messages: tuple[dict[str, str], ...] | None = None  # chat: the turns before the answer
+
+    def to_row(self) -> dict[str, Any]:
+        row: dict[str, Any] = {
+            "text": self.text,
+            "doc": self.doc,
+            "prompt": self.prompt,
+            "answer": self.answer,
+        }
+        if self.messages is not None:
+            row["messages"] = [dict(m) for m in self.messages]
+        return row
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> ExampleRow:
+        messages = row.get("messages")
+        return cls(
+            text=row["text"],
+            doc=row["doc"],
+            prompt=row["prompt"],
+            answer=row["answer"],
+            messages=tuple(messages) if messages is not None else None,
+        )
 
 
 _DECODER = json.JSONDecoder()
@@ -185,30 +259,46 @@ class TokenWriter:
     (prepare writes its test candidates as ``test.candidates``).
     """
 
-    def __init__(self, out_dir: Path, split: str) -> None:
+    def __init__(self, out_dir: Path, split: str, *, masked: bool = False) -> None:
         self.tokens_path = out_dir / f"{split}.tokens.npy"
         self.offsets_path = out_dir / f"{split}.offsets.npy"
+        self.mask_path = out_dir / f"{split}.loss_mask.npy"
         self._tokens_raw = out_dir / f".{split}.tokens.raw"
         self._offsets_raw = out_dir / f".{split}.offsets.raw"
+        self._mask_raw = out_dir / f".{split}.loss_mask.raw"
         self._tokens: BinaryIO = open(self._tokens_raw, "wb")  # noqa: SIM115
         self._offsets: BinaryIO = open(self._offsets_raw, "wb")  # noqa: SIM115
+        self._mask: BinaryIO | None = open(self._mask_raw, "wb") if masked else None  # noqa: SIM115
         self._offsets.write(np.zeros(1, dtype=OFFSET_DTYPE).tobytes())
         self.tokens = 0
         self.lines = 0
 
-    def add(self, ids: Sequence[Sequence[int]]) -> None:
-        """Append lines given as one id list each."""
+    @property
+    def masked(self) -> bool:
+        return self._mask is not None
+
+    def add(
+        self, ids: Sequence[Sequence[int]], masks: Sequence[Sequence[int]] | None = None
+    ) -> None:
+        """Append lines given as one id list each (and, when masked, one 0/1 list each)."""
         lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
         total = int(lengths.sum())
         flat = np.fromiter(chain.from_iterable(ids), dtype=TOKEN_DTYPE, count=total)
-        self._tokens.write(flat.tobytes())
-        ends = np.cumsum(lengths) + self.tokens
-        self._offsets.write(ends.astype(OFFSET_DTYPE).tobytes())
-        self.tokens += total
-        self.lines += len(ids)
+        mask = None
+        if masks is not None:
+            mask = np.fromiter(chain.from_iterable(masks), dtype=MASK_DTYPE, count=total)
+        self.add_flat(flat, lengths, mask)
 
-    def add_flat(self, flat: np.ndarray, lengths: np.ndarray) -> None:
-        """Append lines given as their concatenated ids and per-line lengths."""
+    def add_flat(
+        self, flat: np.ndarray, lengths: np.ndarray, mask: np.ndarray | None = None
+    ) -> None:
+        """Append lines given as their concatenated ids (and loss mask) and per-line lengths."""
+        if (mask is None) != (self._mask is None):
+            raise ValueError("a masked TokenWriter takes a loss mask with every add, others none")
+        if mask is not None and self._mask is not None:
+            if mask.shape != flat.shape:
+                raise ValueError(f"loss mask of {mask.shape[0]} values for {flat.shape[0]} ids")
+            self._mask.write(mask.astype(MASK_DTYPE, copy=False).tobytes())
         self._tokens.write(flat.astype(TOKEN_DTYPE, copy=False).tobytes())
         ends = np.cumsum(lengths, dtype=np.int64) + self.tokens
         self._offsets.write(ends.astype(OFFSET_DTYPE, copy=False).tobytes())
@@ -220,6 +310,9 @@ class TokenWriter:
         self._offsets.close()
         _write_npy_from_raw(self._tokens_raw, self.tokens_path, TOKEN_DTYPE, self.tokens)
         _write_npy_from_raw(self._offsets_raw, self.offsets_path, OFFSET_DTYPE, self.lines + 1)
+        if self._mask is not None:
+            self._mask.close()
+            _write_npy_from_raw(self._mask_raw, self.mask_path, MASK_DTYPE, self.tokens)
 
 
 @dataclass(frozen=True)
@@ -256,10 +349,16 @@ def write_split(
 
 
 def upload_splits(storage: Storage, out_dir: Path, splits: Sequence[str] = SPLITS) -> None:
-    """Upload each split's three files from ``out_dir`` to their :class:`RunLayout` keys."""
+    """Upload each split's files (and loss mask, if written) to their :class:`RunLayout` keys."""
     for split in splits:
-        for key in split_files(split).all_keys():
+        files = split_files(split)
+        for key in files.all_keys():
             storage.upload_file(out_dir / posixpath.basename(key), key)
+        mask = out_dir / files.loss_mask_name
+        if mask.exists():
+            storage.upload_file(mask, files.loss_mask)
+        else:  # a text dataset: no mask may be left from an earlier instruction run
+            storage.delete(files.loss_mask)
 
 
 # --------------------------------------------------------------------------- reading
@@ -276,6 +375,13 @@ class TokenSplit:
     @property
     def lines(self) -> int:
         return int(self.offsets.shape[0]) - 1
+
+    def line_mask(self, mask: np.ndarray, limit: int | None = None) -> list[list[int]]:
+        """The loss mask of each line (the first ``limit`` lines), as 0/1 Python ints."""
+        n = self.lines if limit is None else min(limit, self.lines)
+        bounds = self.offsets[: n + 1]
+        flat = np.asarray(mask[: int(bounds[-1])], dtype=np.int64)
+        return [flat[bounds[i] : bounds[i + 1]].tolist() for i in range(n)]
 
     def line_ids(self, limit: int | None = None) -> list[list[int]]:
         """The ids of each line (the first ``limit`` lines), as Python ints."""
@@ -397,3 +503,60 @@ def read_tokens(
                 "prepare"
             )
     return TokenSplit(split, tokens, offsets)
+
+
+def answer_start(mask: Sequence[int]) -> int:
+    """Where an example's last answer starts: the start of its trailing run of 1s.
+
+    The tokens before it are the prompt evaluation generates the answer from.
+    """
+    i = len(mask)
+    while i > 0 and mask[i - 1]:
+        i -= 1
+    return i
+
+
+def read_loss_mask(
+    storage: Storage, split: TokenSplit, *, local_dir: Path | None = None
+) -> np.ndarray:
+    """``split``'s loss mask (promptCompletion/chat datasets), checked against its tokens."""
+    files = split_files(split.split)
+    mask = _load_npy(storage, files.loss_mask, split.split, local_dir)
+    at = storage.uri(files.loss_mask)
+    if mask.ndim != 1 or mask.dtype != MASK_DTYPE or len(mask) != len(split.tokens):
+        raise _unusable(
+            f"{at}: expected one uint8 per token ({len(split.tokens)}), found {mask.dtype} of "
+            f"shape {mask.shape}; re-run the prepare stage"
+        )
+    ends = np.asarray(split.offsets[1:]) - 1
+    empty = np.asarray(split.offsets[1:]) == np.asarray(split.offsets[:-1])
+    if len(mask) and (empty.any() or not np.asarray(mask)[ends].all()):
+        bad = int(np.flatnonzero(empty | (np.asarray(mask)[np.maximum(ends, 0)] == 0))[0])
+        raise _unusable(
+            f"{at}: example {bad} does not end with an answer token; re-run the prepare stage"
+        )
+    return mask
+
+
+def read_examples(storage: Storage, split: str) -> list[ExampleRow]:
+    """The rows of ``{split}.jsonl`` of a promptCompletion/chat dataset; at least one."""
+    key = split_files(split).text
+    try:
+        raw = storage.read_text(key)
+    except StorageError as exc:
+        raise _unusable(f"{exc}; run the prepare stage first") from None
+    rows = []
+    for number, line in enumerate(raw.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(ExampleRow.from_row(json.loads(line)))
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise _unusable(
+                f"{storage.uri(key)} line {number}: expected an example with 'text', 'doc', "
+                "'prompt' and 'answer' (dataset.kind promptCompletion or chat); re-run the "
+                "prepare stage"
+            ) from None
+    if not rows:
+        raise _unusable(f"{storage.uri(key)} is empty: the {split} split has no examples")
+    return rows

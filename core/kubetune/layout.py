@@ -6,6 +6,7 @@ the tests agree::
     <output>/
       dataset/   train.jsonl test.jsonl  train.tokens.npy train.offsets.npy
                  test.tokens.npy test.offsets.npy  tokenizer/  prepare.json
+                 {train,test}.loss_mask.npy (promptCompletion and chat only)
       training/<training fingerprint>/checkpoints/step-00000200/ ... COMPLETE
                  (resumable Accelerate state of one dataset + settings; kubetune.fingerprint)
       model/     save_pretrained() model + tokenizer (the fine_tuned_model)
@@ -50,6 +51,8 @@ class RunLayout:
     TRAIN_OFFSETS = "dataset/train.offsets.npy"
     TEST_TOKENS = "dataset/test.tokens.npy"
     TEST_OFFSETS = "dataset/test.offsets.npy"
+    TRAIN_LOSS_MASK = "dataset/train.loss_mask.npy"
+    TEST_LOSS_MASK = "dataset/test.loss_mask.npy"
     TOKENIZER = "dataset/tokenizer"
     PREPARE_RESULT = "dataset/prepare.json"
     CHECKPOINTS = "checkpoints"

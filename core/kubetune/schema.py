@@ -200,6 +200,12 @@ class DatasetFormat(str, enum.Enum):
     PARQUET = "parquet"
 
 
+class DatasetKind(str, enum.Enum):
+    TEXT = "text"
+    PROMPT_COMPLETION = "promptCompletion"
+    CHAT = "chat"
+
+
 class DedupMode(str, enum.Enum):
     EXACT = "exact"
     NORMALIZED = "normalized"
@@ -416,7 +422,17 @@ class SplitSpec(_Model):
     )
     unit: SplitUnit = Field(
         SplitUnit.LINE,
-        description="line: each cleaned line goes to one split; document: whole documents do.",
+        description="line: each cleaned line goes to one split; document: whole documents do. "
+        "Text datasets only.",
+    )
+    group_by: str | None = Field(
+        None,
+        min_length=1,
+        max_length=256,
+        description="promptCompletion and chat: a record field (e.g. command) whose value keeps "
+        "records together: all records with the same value land in the same split, so "
+        "near-identical variants of one example cannot be on both sides. Without it each "
+        "record is split on its own.",
     )
 
 
@@ -445,6 +461,92 @@ class DatasetSpec(_Model):
     )
     clean: CleanSpec = Field(default_factory=CleanSpec, description="Cleaning rules.")
     split: SplitSpec = Field(default_factory=SplitSpec, description="Train/test split.")
+    kind: DatasetKind = Field(
+        DatasetKind.TEXT,
+        description="text: lines of text, every token trained. promptCompletion: records with "
+        "a prompt and the completion the model should answer (promptField, completionField). "
+        "chat: records with a list of messages (messagesField; roles system, user, assistant), "
+        "rendered with chatTemplate. For promptCompletion and chat the loss and the perplexity "
+        "count the answer tokens only, and evaluation generates an answer to each held-out "
+        "prompt (BLEU, chrF, exact match). Needs jsonl, csv or parquet records.",
+    )
+    prompt_field: str = Field(
+        "prompt", min_length=1, description="promptCompletion: the field holding the prompt."
+    )
+    completion_field: str = Field(
+        "completion",
+        min_length=1,
+        description="promptCompletion: the field holding the answer to learn.",
+    )
+    prompt_separator: str = Field(
+        "\n",
+        max_length=64,
+        description="promptCompletion: text put between the prompt and the completion (the model "
+        "learns to answer after it).",
+    )
+    messages_field: str = Field(
+        "messages",
+        min_length=1,
+        description="chat: the field holding the messages, a list of {role, content} (in csv, "
+        "a JSON string).",
+    )
+    chat_template: str | None = Field(
+        None,
+        min_length=1,
+        max_length=65536,
+        description="chat: a Jinja chat template (as in tokenizer_config.json) to render the "
+        "messages with. Default: the tokenizer's own template if it has one, else kubetune's "
+        "(each message as '<|role|>' and its content on their own lines; docs/datasets.md).",
+    )
+    max_bad_fraction: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="promptCompletion and chat: fail prepare when more than this share of the "
+        "records is bad (missing field, wrong role order, empty answer, over-long, ...). Bad "
+        "records are skipped and counted per cause in status.dataset.badRecords.",
+    )
+
+    cel_rules = (
+        CelRule(
+            "!has(self.kind) || self.kind == 'text' || !has(self.format) "
+            "|| self.format in ['auto', 'jsonl', 'csv', 'parquet']",
+            "dataset.kind promptCompletion and chat need records: dataset.format must be auto, "
+            "jsonl, csv or parquet",
+            lambda d: (
+                d.kind == DatasetKind.TEXT
+                or d.format
+                in (
+                    DatasetFormat.AUTO,
+                    DatasetFormat.JSONL,
+                    DatasetFormat.CSV,
+                    DatasetFormat.PARQUET,
+                )
+            ),
+            field=".format",
+        ),
+        CelRule(
+            "!has(self.kind) || self.kind == 'text' || !has(self.clean) "
+            "|| !has(self.clean.dedup) || self.clean.dedup != 'near'",
+            "dataset.clean.dedup: near is for text datasets; use exact or normalized with "
+            "promptCompletion and chat (and split.groupBy to keep variants together)",
+            lambda d: d.kind == DatasetKind.TEXT or d.clean.dedup != DedupMode.NEAR,
+            field=".clean.dedup",
+        ),
+        CelRule(
+            "!has(self.split) || !has(self.split.groupBy) "
+            "|| (has(self.kind) && self.kind != 'text')",
+            "dataset.split.groupBy is for promptCompletion and chat datasets; for text use "
+            "dataset.split.unit: document",
+            lambda d: d.split.group_by is None or d.kind != DatasetKind.TEXT,
+            field=".split.groupBy",
+        ),
+    )
+
+    @property
+    def is_instruction(self) -> bool:
+        """True for promptCompletion and chat: answers are trained and scored, prompts are not."""
+        return self.kind != DatasetKind.TEXT
 
 
 class LoraSpec(_Model):
@@ -840,6 +942,27 @@ class DatasetStats(_Model):
     train_tokens: int = Field(0, description="Tokens in the training split.")
     test_tokens: int = Field(0, description="Tokens in the test split.")
     overlap: int = Field(0, description="Normalised texts found in both splits (always 0).")
+    kind: str | None = Field(None, description="dataset.kind the statistics are about.")
+    records: int | None = Field(
+        None, description="promptCompletion/chat: records read (lines counts them too)."
+    )
+    bad_records: dict[str, int] | None = Field(
+        None,
+        description="promptCompletion/chat: records skipped, per cause (missingField, notText, "
+        "wrongRoleOrder, emptyPrompt, emptyAnswer, tooShort, tooLong, overLong, missingGroup).",
+    )
+    train_groups: int | None = Field(None, description="split.groupBy: groups in training.")
+    test_groups: int | None = Field(None, description="split.groupBy: groups in the test split.")
+    prompt_overlap: int | None = Field(
+        None,
+        description="promptCompletion/chat: test prompts also in training, exactly or ignoring "
+        "case and spacing (always 0: such examples are removed from the test split).",
+    )
+    answer_overlap: int | None = Field(None, description="The same for answers (always 0).")
+    overlap_removed: int | None = Field(
+        None,
+        description="Test examples removed because their prompt or answer was in training.",
+    )
     test_twins: TwinCounts | None = Field(
         None,
         description="Test lines with a twin in the training split, under each measure "
@@ -868,6 +991,10 @@ class Comparison(_Model):
     perplexity: float | None = Field(
         None, description="Perplexity, if the endpoint gives logprobs."
     )
+    chrf: float | None = Field(None, description="chrF of the endpoint's answers.")
+    exact_match: float | None = Field(
+        None, description="Percent of answers equal to the reference (whitespace normalised)."
+    )
     note: str | None = Field(None, description="Why a metric is missing.")
 
 
@@ -881,6 +1008,17 @@ class Results(_Model):
     baseline_bleu: float | None = Field(None, description="Test BLEU of the base model.")
     bleu_delta: float | None = Field(None, description="bleu - baselineBleu.")
     bleu_signature: str | None = Field(None, description="sacrebleu signature.")
+    chrf: float | None = Field(
+        None, description="promptCompletion/chat: chrF of the fine-tuned model's answers."
+    )
+    baseline_chrf: float | None = Field(None, description="chrF of the base model's answers.")
+    exact_match: float | None = Field(
+        None,
+        description="promptCompletion/chat: percent of held-out prompts the fine-tuned model "
+        "answers exactly (after whitespace normalisation).",
+    )
+    baseline_exact_match: float | None = Field(None, description="The same for the base model.")
+    chrf_signature: str | None = Field(None, description="sacrebleu chrF signature.")
     comparisons: list[Comparison] = Field(default_factory=list, description="compareWith results.")
 
 
