@@ -15,6 +15,9 @@ import pytest
 SHARED_DATA = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data").resolve()
 TINY_SHAKESPEARE = SHARED_DATA / "tinyshakespeare.txt"
 TLDR_PAGES = SHARED_DATA / "tldr-pages" / "pages"
+TLDR_INSTRUCT = SHARED_DATA / "tldr-instruct"
+TLDR_CHAT = TLDR_INSTRUCT / "chat.jsonl"
+TLDR_PROMPT_COMPLETION = TLDR_INSTRUCT / "prompt-completion.jsonl"
 
 
 def require(path: Path) -> Path:

@@ -68,6 +68,11 @@ class PrepareResult(_Result):
         None, description="what decided the splits: source files, dataset spec, tokenizer"
     )
     config: dict[str, Any] = Field(default_factory=dict, description="dataset spec used")
+    answer_end: str | None = Field(
+        None,
+        description="promptCompletion/chat: the text the chat template puts after an answer "
+        "(e.g. an end-of-turn marker); evaluation cuts generated answers there",
+    )
     seconds: float = 0.0
 
 
@@ -108,14 +113,26 @@ class TrainingRecord(_Result):
 
 
 class ModelScores(_Result):
-    """The metrics of one model on the test split."""
+    """The metrics of one model on the test split.
+
+    For promptCompletion and chat datasets (:attr:`EvaluateResult.kind`) perplexity is
+    over the answer tokens (and the eos after each example) given their prompts,
+    ``perplexity_lines`` counts examples, and BLEU, chrF and exact match score the
+    greedy answers to the first ``bleu_samples`` held-out prompts.
+    """
 
     perplexity: float | None = None
     nll_sum: float | None = None
     predicted_tokens: int | None = None
     perplexity_lines: int | None = Field(None, description="test lines perplexity scored")
     bleu: float | None = None
-    bleu_samples: int | None = None
+    bleu_samples: int | None = Field(None, description="generations BLEU (and chrF, EM) scored")
+    chrf: float | None = Field(None, description="promptCompletion/chat: chrF of the answers")
+    exact_match: float | None = Field(
+        None,
+        description="promptCompletion/chat: percent of answers equal to the reference "
+        "(whitespace normalised)",
+    )
     tokens_per_second: float | None = None
 
 
@@ -127,6 +144,12 @@ class EvaluateResult(_Result):
     fine_tuned: ModelScores
     baseline: ModelScores | None = None
     bleu_signature: str | None = None
+    chrf_signature: str | None = Field(None, description="sacrebleu chrF signature")
+    kind: str | None = Field(
+        None,
+        description="dataset.kind scored (None: written before kinds, text); for "
+        "promptCompletion and chat, perplexity is over answer tokens only",
+    )
     comparisons: list[Comparison] = Field(default_factory=list)
     test_lines: int | None = Field(None, description="lines in the test split")
     dataset_fingerprint: str | None = Field(None, description="of the test split's prepare")
@@ -138,6 +161,11 @@ class EvaluateResult(_Result):
         None, description="every generation BLEU scored: prompt, reference, each model's text"
     )
     seconds: float = 0.0
+
+    @property
+    def is_instruction(self) -> bool:
+        """promptCompletion or chat: answer-only perplexity and answers scored."""
+        return self.kind not in (None, "text")
 
 
 class ReportResult(_Result):

@@ -239,6 +239,11 @@ def results_from(evaluate: EvaluateResult) -> Results:
         baseline_bleu=base.bleu if base else None,
         bleu_delta=delta(ft.bleu, base.bleu if base else None),
         bleu_signature=evaluate.bleu_signature,
+        chrf=ft.chrf,
+        baseline_chrf=base.chrf if base else None,
+        exact_match=ft.exact_match,
+        baseline_exact_match=base.exact_match if base else None,
+        chrf_signature=evaluate.chrf_signature,
         comparisons=list(evaluate.comparisons),
     )
 
@@ -281,6 +286,14 @@ def _results_summary(results: Results) -> str:
         )
     if results.bleu is not None:
         parts.append(f"BLEU {_fmt(results.bleu)} (baseline {_fmt(results.baseline_bleu)})")
+    if results.chrf is not None:
+        parts.append(f"chrF {_fmt(results.chrf)} (baseline {_fmt(results.baseline_chrf)})")
+    if results.exact_match is not None:
+        parts.append(
+            f"exact match {_fmt(results.exact_match)}% "
+            f"(baseline {_fmt(results.baseline_exact_match)}"
+            f"{'%' if results.baseline_exact_match is not None else ''})"
+        )
     return ", ".join(parts) or "no metrics"
 
 

@@ -16,6 +16,7 @@ from kubetune_trainer.packing import (
     collate,
     count_targets,
     model_inputs,
+    token_nll_sum,
 )
 
 EOS = 0
@@ -225,3 +226,200 @@ def test_lines_start_with_the_evaluation_context_token() -> None:
     # bos positions are context only; every real token and each eos is a target.
     assert labels == [-100, 5, 6, 7, 1, -100, 8, 9, 1]
     assert batch["position_ids"][0][:9].tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 3]
+
+
+# --------------------------------------------------------------------------- answers only
+
+BOS = 2
+
+
+def _examples(
+    turns: list[list[tuple[int, int]]], seed: int = 1
+) -> tuple[list[list[int]], list[list[int]]]:
+    """Random examples and their loss masks from (prompt length, answer length) turns."""
+    rng = np.random.default_rng(seed)
+    lines, masks = [], []
+    for example in turns:
+        mask = [m for n_prompt, n_answer in example for m in [0] * n_prompt + [1] * n_answer]
+        lines.append(rng.integers(3, 300, len(mask)).tolist())
+        masks.append(mask)
+    return lines, masks
+
+
+def _mask_array(masks: list[list[int]]) -> np.ndarray:
+    return np.array([m for x in masks for m in x], dtype=np.uint8)
+
+
+# Single-turn examples with prompts and answers of different lengths, and two
+# multi-turn (chat-like) ones whose earlier answers are trained too.
+TURNS = [
+    [(6, 3)],
+    [(1, 12)],
+    [(15, 1)],
+    [(4, 2), (3, 5)],
+    [(5, 4)],
+    [(2, 1), (5, 2), (3, 4)],
+    [(3, 3)],
+    [(14, 4)],
+]
+
+
+def _answer_nll_alone(
+    model: torch.nn.Module, line: list[int], mask: list[int]
+) -> tuple[float, int]:
+    """NLL of an example's answer tokens and eos with the example run alone as bos+line+eos."""
+    ids = torch.tensor([[BOS, *line, EOS]])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids, use_cache=False).logits[0].double(), -1)
+    nll, n = 0.0, 0
+    for t, trained in enumerate([*mask, 1]):  # target ids[t + 1], predicted at t
+        if trained:
+            nll -= float(logp[t, ids[0, t + 1]])
+            n += 1
+    return nll, n
+
+
+@pytest.mark.parametrize("packing", [True, False])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-9), (torch.float32, 1e-5)])
+def test_answer_only_loss_equals_the_answers_of_each_example_alone(
+    packing: bool, dtype: torch.dtype, tol: float
+) -> None:
+    lines, masks = _examples(TURNS)
+    tokens, offsets = _arrays(lines)
+    rows = build_rows(
+        tokens,
+        offsets,
+        block_size=32,
+        eos_id=EOS,
+        bos_id=BOS,
+        packing=packing,
+        loss_mask=_mask_array(masks),
+    )
+    # rows of 11+15 | 18 | 16+11 | 19+8 | 20 tokens (bos and eos included), padded to 32
+    assert len(rows) == (5 if packing else len(lines))
+    model = _tiny_model(dtype, "sdpa")
+    batch_np = collate(rows, list(range(len(rows))), pad_id=EOS)
+    batch = {k: torch.from_numpy(v) for k, v in batch_np.items()}
+    with torch.no_grad():
+        logits = model(
+            **model_inputs(batch, packed=packing, attn_implementation="sdpa", mask_dtype=dtype)
+        ).logits
+        nll_sum = float(token_nll_sum(logits, batch["labels"]))  # in fp32, as training
+        exact = float(
+            torch.nn.functional.cross_entropy(
+                logits[:, :-1].double().transpose(1, 2),
+                batch["labels"][:, 1:],
+                ignore_index=IGNORE_INDEX,
+                reduction="sum",
+            )
+        )
+    n = count_targets(batch_np["labels"])
+    # The reference: every example alone, its answer tokens and eos scored by log-softmax.
+    alone = [_answer_nll_alone(model, line, mask) for line, mask in zip(lines, masks, strict=True)]
+    ref_sum = sum(a for a, _ in alone)
+    ref_n = sum(k for _, k in alone)
+    assert n == ref_n == sum(map(sum, masks)) + len(lines) == int(rows.row_targets().sum())
+    np.testing.assert_allclose(exact, ref_sum, rtol=tol)
+    np.testing.assert_allclose(nll_sum, ref_sum, rtol=1e-5)  # fp32 sums: ~1e-7 apart
+    # the token-weighted mean (the train stage's loss) too
+    np.testing.assert_allclose(exact / n, ref_sum / ref_n, rtol=tol)
+    np.testing.assert_allclose(nll_sum / n, ref_sum / ref_n, rtol=1e-5)
+
+
+def test_answer_only_labels_skip_prompts_bos_and_padding() -> None:
+    lines = [[5, 6, 7, 8], [9, 10, 11], [12, 13, 14, 15]]
+    masks = [[0, 0, 1, 1], [0, 1, 1], [0, 1, 0, 1]]  # the last: two turns
+    tokens, offsets = _arrays(lines)
+    rows = build_rows(
+        tokens, offsets, block_size=24, eos_id=1, bos_id=BOS, loss_mask=_mask_array(masks)
+    )
+    assert len(rows) == 1
+    b = collate(rows, [0], pad_id=1)
+    assert b["input_ids"][0, :17].tolist() == [
+        *[2, 5, 6, 7, 8, 1],
+        *[2, 9, 10, 11, 1],
+        *[2, 12, 13, 14, 15, 1],
+    ]
+    # bos, prompt tokens and padding are -100; answer tokens and each example's eos are targets.
+    assert b["labels"][0].tolist() == [
+        *[-100, -100, -100, 7, 8, 1],
+        *[-100, -100, 10, 11, 1],
+        *[-100, -100, 13, -100, 15, 1],
+        *[-100] * 7,
+    ]
+    # Attention and positions are those of packing without a mask.
+    plain = collate(build_rows(tokens, offsets, block_size=24, eos_id=1, bos_id=BOS), [0], 1)
+    for key in ("input_ids", "position_ids", "segment_ids", "attention_mask"):
+        assert (b[key] == plain[key]).all(), key
+    assert count_targets(b["labels"]) == 3 + 3 + 3 == rows.targets
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_row_targets_count_the_answer_targets_of_each_collated_row(packing: bool) -> None:
+    # Random examples, one (70 tokens) longer than the 32-token block: it is cut into chunks.
+    turns = [[(4, 7)], [(10, 3), (2, 8)], [(30, 40)], [(1, 1)], [(12, 5)], [(3, 20)]]
+    lines, masks = _examples(turns, seed=3)
+    tokens, offsets = _arrays(lines)
+    rows = build_rows(
+        tokens,
+        offsets,
+        block_size=32,
+        eos_id=EOS,
+        bos_id=BOS,
+        packing=packing,
+        loss_mask=_mask_array(masks),
+    )
+    targets = rows.row_targets()
+    for i in range(len(rows)):
+        assert targets[i] == count_targets(collate(rows, [i], pad_id=EOS)["labels"])
+    everything = list(range(len(rows)))[::-1]
+    assert rows.targets == count_targets(collate(rows, everything, pad_id=EOS)["labels"])
+
+
+def test_chunks_of_a_long_example_keep_their_slice_of_the_mask() -> None:
+    lines, masks = _examples([[(25, 20), (5, 20)]], seed=4)  # 70 tokens: bos+70+eos = 72
+    tokens, offsets = _arrays(lines)
+    rows = build_rows(
+        tokens, offsets, block_size=32, eos_id=EOS, bos_id=BOS, loss_mask=_mask_array(masks)
+    )
+    assert rows.row_lengths().tolist() == [32, 32, 8]
+    stream = [BOS, *lines[0], EOS]
+    trained = [0, *masks[0], 1]
+    for r in range(3):
+        b = collate(rows, [r], pad_id=EOS)
+        start = 32 * r
+        expected = [
+            stream[start + j] if j > 0 and trained[start + j] else IGNORE_INDEX
+            for j in range(rows.row_lengths()[r])
+        ]
+        assert b["labels"][0, : len(expected)].tolist() == expected
+
+
+def test_a_mask_of_ones_trains_like_no_mask() -> None:
+    lines = _random_lines([5, 0, 12, 40, 3])  # an empty line and one longer than a block
+    tokens, offsets = _arrays(lines)
+    ones = np.ones(len(tokens), dtype=np.uint8)
+    for bos in (None, BOS):
+        for packing in (True, False):
+            plain = build_rows(
+                tokens, offsets, block_size=16, eos_id=EOS, bos_id=bos, packing=packing
+            )
+            masked = build_rows(
+                tokens,
+                offsets,
+                block_size=16,
+                eos_id=EOS,
+                bos_id=bos,
+                packing=packing,
+                loss_mask=ones,
+            )
+            assert (plain.row_targets() == masked.row_targets()).all()
+            idx = list(range(len(plain)))
+            a, b = collate(plain, idx, EOS), collate(masked, idx, EOS)
+            assert all((a[k] == b[k]).all() for k in a)
+
+
+def test_a_loss_mask_needs_one_value_per_token() -> None:
+    tokens, offsets = _arrays([[1, 2, 3]])
+    with pytest.raises(ValueError, match="one per token"):
+        build_rows(tokens, offsets, block_size=8, eos_id=EOS, loss_mask=np.ones(2, np.uint8))

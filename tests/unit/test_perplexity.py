@@ -165,3 +165,124 @@ def test_perplexity_from_nll_edge_cases() -> None:
     assert perplexity_from_nll(10 * math.log(7), 10) == pytest.approx(7.0)
     assert math.isnan(perplexity_from_nll(1.0, 0))
     assert perplexity_from_nll(1e6, 1) == math.inf
+
+
+# --------------------------------------------------------------------------- answer-only
+
+
+def _masks(lines: list[list[int]], seed: int = 7) -> list[list[int]]:
+    """Per line: a prompt run of 0s, then answer 1s (sometimes two answers, like a chat)."""
+    rng = random.Random(seed)
+    masks = []
+    for ids in lines:
+        n = len(ids)
+        start = rng.randrange(0, n)  # at least one answer token at the end
+        mask = [0] * start + [1] * (n - start)
+        if start > 3 and rng.random() < 0.5:  # an earlier answer turn
+            mask[1:3] = [1, 1]
+        masks.append(mask)
+    return masks
+
+
+@torch.no_grad()
+def _reference_masked_nll(
+    model: torch.nn.Module, lines: list[list[int]], masks: list[list[int]]
+) -> tuple[float, int]:
+    """Each example on its own, [EOS] + ids + [EOS], summing the NLL where the mask (+ eos) is 1."""
+    nll, count = 0.0, 0
+    for ids, mask in zip(lines, masks, strict=True):
+        x = torch.tensor([[EOS, *ids, EOS]])
+        logp = torch.log_softmax(model(input_ids=x).logits[0, :-1].double(), dim=-1)
+        picked = logp.gather(1, x[0, 1:, None]).squeeze(1)
+        keep = torch.tensor([*mask, 1], dtype=torch.bool)
+        nll -= picked[keep].sum().item()
+        count += int(keep.sum())
+    return nll, count
+
+
+@pytest.mark.parametrize("split_head", [True, False])
+def test_answer_only_perplexity_matches_per_example_reference(
+    model: torch.nn.Module, split_head: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import kubetune_trainer.perplexity as ppl
+
+    if not split_head:  # the model(...).logits path (peft wrappers, soft-capped models)
+        monkeypatch.setattr(ppl, "_split_head", lambda model: None)
+    lines = _lines([1, 2, 5, 9, 30, 14, 3, 22, 7, 12], seed=8)
+    masks = _masks(lines)
+    sequences = [[*ids, EOS] for ids in lines]
+    targets = [[*m, 1] for m in masks]
+    nll, count = _reference_masked_nll(model, lines, masks)
+    for batch_size in (1, 4, 64):
+        result = score_sequences(
+            model,
+            sequences,
+            context_token=EOS,
+            max_length=32,
+            batch_size=batch_size,
+            target_masks=targets,
+        )
+        assert result.predicted_tokens == count == sum(map(sum, targets))
+        assert result.nll_sum == pytest.approx(nll, rel=1e-5)
+        assert result.perplexity == pytest.approx(math.exp(nll / count), rel=1e-5)
+
+
+def test_all_ones_target_mask_equals_unmasked_scoring(model: torch.nn.Module) -> None:
+    lines = _lines([4, 17, 31, 2], seed=9)
+    plain = score_sequences(model, lines, context_token=EOS, max_length=32)
+    masked = score_sequences(
+        model,
+        lines,
+        context_token=EOS,
+        max_length=32,
+        target_masks=[[1] * len(ids) for ids in lines],
+    )
+    assert masked.predicted_tokens == plain.predicted_tokens
+    assert masked.nll_sum == pytest.approx(plain.nll_sum, rel=1e-9)
+
+
+@pytest.mark.parametrize(("length", "max_length", "stride"), [(40, 8, 4), (41, 8, 3), (9, 4, 10)])
+def test_masked_rolling_windows_predict_each_marked_token_once(
+    length: int, max_length: int, stride: int
+) -> None:
+    ids = list(range(1, length + 1))
+    rng = random.Random(length)
+    mask = [int(rng.random() < 0.4) for _ in ids]
+    mask[-1] = 1
+    windows = rolling_windows(ids, EOS, max_length, stride, target_mask=mask)
+    predicted = [w.tokens[i] for w in windows for i in w.predicted()]
+    assert predicted == [t for t, m in zip(ids, mask, strict=True) if m]
+    for w in windows:
+        assert len(w.tokens) <= max_length and w.targets == len(w.predicted()) >= 1
+        assert 0 not in w.predicted()  # the first token of a window is context only
+
+
+def test_long_masked_example_matches_masked_rolling_reference(model: torch.nn.Module) -> None:
+    # Longer than the context: rolling windows, and only marked tokens count.
+    lines = _lines([60], seed=10)
+    mask = [0] * 20 + [1] * 40
+    full = [*lines[0], EOS]
+    result = score_sequences(
+        model, [full], context_token=EOS, max_length=16, stride=8, target_masks=[[*mask, 1]]
+    )
+    unmasked = rolling_windows(full, EOS, 16, 8)
+    # Each token's NLL in its window, from the unmasked windows, summed where marked.
+    expected = 0.0
+    position = 0
+    with torch.no_grad():
+        for w in unmasked:
+            x = torch.tensor([w.tokens])
+            logp = torch.log_softmax(model(input_ids=x).logits[0, :-1].double(), dim=-1)
+            for i in w.predicted():
+                if ([*mask, 1])[position]:
+                    expected -= logp[i - 1, w.tokens[i]].item()
+                position += 1
+    assert result.predicted_tokens == 41
+    assert result.nll_sum == pytest.approx(expected, rel=1e-5)
+
+
+def test_target_masks_must_match_the_sequences(model: torch.nn.Module) -> None:
+    with pytest.raises(ValueError, match="target mask"):
+        score_sequences(model, [[1, 2, 3]], context_token=EOS, max_length=8, target_masks=[[1]])
+    with pytest.raises(ValueError, match="target masks"):
+        score_sequences(model, [[1, 2]], context_token=EOS, max_length=8, target_masks=[])

@@ -18,6 +18,12 @@ Generation is greedy with the KV cache, in batches of prompts sorted by length
 and left-padded, each prompt starting with the same context token as
 perplexity (eos/bos). A continuation ends at the first newline or eos, because
 a reference never runs past its line.
+
+promptCompletion and chat datasets (:func:`generate_answers`): the prompt is an
+example's token ids before its answer, the reference is the answer; generation
+stops at eos only (or at the chat template's one-token end-of-turn marker), and
+the answers are scored with BLEU, chrF (:func:`corpus_chrf`) and exact match
+(:func:`exact_match`). Both modes share the decoding loop (:func:`generate_ids`).
 """
 
 from __future__ import annotations
@@ -70,6 +76,33 @@ def corpus_bleu(hypotheses: Sequence[str], references: Sequence[str]) -> tuple[f
     metric = BLEU()
     score = metric.corpus_score(list(hypotheses), [list(references)])
     return float(score.score), str(metric.get_signature())
+
+
+def corpus_chrf(hypotheses: Sequence[str], references: Sequence[str]) -> tuple[float, str]:
+    """sacrebleu corpus chrF (character 6-grams, beta 2, default settings) and its signature."""
+    from sacrebleu.metrics import CHRF
+
+    metric = CHRF()
+    score = metric.corpus_score(list(hypotheses), [list(references)])
+    return float(score.score), str(metric.get_signature())
+
+
+def normalize_answer(text: str) -> str:
+    """Whitespace-normalised text: what exact match compares."""
+    return " ".join(text.split())
+
+
+def exact_match(hypotheses: Sequence[str], references: Sequence[str]) -> float:
+    """Percent of hypotheses equal to their reference after whitespace normalisation."""
+    if len(hypotheses) != len(references):
+        raise ValueError(f"{len(hypotheses)} hypotheses for {len(references)} references")
+    if not references:
+        return 0.0
+    hits = sum(
+        normalize_answer(h) == normalize_answer(r)
+        for h, r in zip(hypotheses, references, strict=True)
+    )
+    return 100.0 * hits / len(references)
 
 
 def stop_token_mask(tokenizer: Any, vocab_size: int) -> torch.Tensor:
@@ -191,45 +224,40 @@ def _greedy_generate(
     return [list(row) for row in out[:, input_ids.size(1) :].tolist()]
 
 
-def generate_continuations(
+def generate_ids(
     model: Any,
-    tokenizer: Any,
-    prompts: Sequence[str],
+    prompts: Sequence[Sequence[int]],
+    stop_mask: torch.Tensor,
     *,
     max_new_tokens: int,
     batch_size: int = 16,
     max_length: int | None = None,
+    pad_token_id: int | None = None,
+    eos_token_id: int | None = None,
     autocast_dtype: torch.dtype | None = None,
     use_generate: bool = False,
-) -> tuple[list[str], float]:
-    """Greedy continuations of ``prompts`` (cut at the first newline), and generated tokens/s.
+) -> tuple[list[list[int]], float]:
+    """Greedy new token ids for each already-encoded prompt, and generated tokens/s.
 
-    Prompts longer than ``max_length - max_new_tokens`` tokens keep their last
-    tokens. ``use_generate`` decodes with ``model.generate`` instead of the
-    compacting loop (the two give the same tokens; the loop is faster).
+    ``stop_mask`` is a boolean ``[vocab_size]``: a row ends at its first token marked
+    True, which is kept as its last id (a row that never stops has ``max_new_tokens``
+    ids). Prompts are batched by length and left-padded with ``pad_token_id`` (else
+    eos, else 0); those longer than ``max_length - max_new_tokens`` keep their last
+    tokens. ``use_generate`` decodes with ``model.generate`` instead of the compacting
+    loop (the two give the same tokens; the loop is faster).
     """
     import torch
 
     device = next(model.parameters()).device
-    vocab_size = int(model.config.vocab_size)
-    context = context_token_id(tokenizer)
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    pad = pad_token_id if pad_token_id is not None else eos_token_id
     if pad is None:
         pad = 0
-    stop_mask = stop_token_mask(tokenizer, vocab_size)
-    if eos is not None and eos < vocab_size:
-        stop_mask[eos] = True
     stop = stop_mask.to(device)
     is_stop = stop_mask.tolist()  # host copy: no device sync per token below
     limit = max((max_length or 1 << 30) - max_new_tokens, 1)
-    encoded = []
-    for prompt in prompts:
-        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        ids = ([context] if context is not None else []) + list(ids)
-        encoded.append(ids[-limit:])
-    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
-    outputs: list[str] = [""] * len(prompts)
+    encoded = [list(ids)[-limit:] for ids in prompts]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    outputs: list[list[int]] = [[] for _ in encoded]
     generated = 0
     was_training = model.training
     model.eval()
@@ -254,17 +282,126 @@ def generate_continuations(
             ):
                 args = (model, input_ids.to(device), attention.to(device), max_new_tokens, stop)
                 if use_generate:
-                    new = _greedy_generate(*args, pad=pad, eos=eos)
+                    new = _greedy_generate(*args, pad=pad, eos=eos_token_id)
                 else:
                     new = _greedy_compacting(*args)
             for r, i in enumerate(rows):
                 ids = new[r]
                 end = next((k for k, t in enumerate(ids) if is_stop[t]), len(ids))
-                generated += min(end + 1, len(ids))  # the stop token was generated too
-                # Keep the stop token's text before its newline (e.g. "." of ".\n").
-                text = tokenizer.decode(ids[: end + 1], skip_special_tokens=True)
-                outputs[i] = _cut(text)
+                outputs[i] = ids[: end + 1]  # the stop token was generated too
+                generated += len(outputs[i])
     finally:
         model.train(was_training)
     seconds = max(time.perf_counter() - start, 1e-9)
     return outputs, generated / seconds
+
+
+def generate_continuations(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int,
+    batch_size: int = 16,
+    max_length: int | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    use_generate: bool = False,
+) -> tuple[list[str], float]:
+    """Greedy continuations of ``prompts`` (cut at the first newline), and generated tokens/s.
+
+    Each prompt starts with the context token; generation stops at a token whose text
+    has a newline, or at eos (see :func:`generate_ids`).
+    """
+    vocab_size = int(model.config.vocab_size)
+    context = context_token_id(tokenizer)
+    eos = tokenizer.eos_token_id
+    stop_mask = stop_token_mask(tokenizer, vocab_size)
+    if eos is not None and eos < vocab_size:
+        stop_mask[eos] = True
+    encoded = []
+    for prompt in prompts:
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        encoded.append(([context] if context is not None else []) + list(ids))
+    new, tokens_per_second = generate_ids(
+        model,
+        encoded,
+        stop_mask,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        max_length=max_length,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=eos,
+        autocast_dtype=autocast_dtype,
+        use_generate=use_generate,
+    )
+    # Keep the stop token's text before its newline (e.g. "." of ".\n").
+    outputs = [_cut(tokenizer.decode(ids, skip_special_tokens=True)) for ids in new]
+    return outputs, tokens_per_second
+
+
+def _single_token(tokenizer: Any, text: str) -> int | None:
+    """The id of ``text`` when the tokenizer reads it as one token (e.g. ``<|im_end|>``)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return int(ids[0]) if len(ids) == 1 else None
+
+
+def cut_answer(text: str, answer_end: str | None = None) -> str:
+    """An answer's text before the first ``answer_end`` (stripped, unless blank), stripped."""
+    if answer_end:
+        marker = answer_end.strip() or answer_end
+        text = text.split(marker, 1)[0]
+    return text.strip()
+
+
+def generate_answers(
+    model: Any,
+    tokenizer: Any,
+    prompt_ids: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    batch_size: int = 16,
+    max_length: int | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    answer_end: str | None = None,
+    use_generate: bool = False,
+) -> tuple[list[str], float]:
+    """Greedy answers to the prompts of promptCompletion/chat examples, and generated tokens/s.
+
+    ``prompt_ids``: each example's token ids before its answer (the rendered prompt,
+    without the context token, which is prepended here as in training). Generation
+    stops at eos only (answers may span lines), or at ``answer_end`` when the chat
+    template ends an answer with it and it is one token. The answer is decoded without
+    special tokens, cut at the first ``answer_end`` (see :func:`cut_answer`) and stripped.
+    """
+    import torch
+
+    vocab_size = int(model.config.vocab_size)
+    context = context_token_id(tokenizer)
+    eos = tokenizer.eos_token_id
+    stop_mask = torch.zeros(vocab_size, dtype=torch.bool)
+    stops = [eos]
+    if answer_end and answer_end.strip():
+        stops.append(_single_token(tokenizer, answer_end.strip()))
+    for token in stops:
+        if token is not None and 0 <= token < vocab_size:
+            stop_mask[token] = True
+    encoded = [([context] if context is not None else []) + list(ids) for ids in prompt_ids]
+    new, tokens_per_second = generate_ids(
+        model,
+        encoded,
+        stop_mask,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        max_length=max_length,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=eos,
+        autocast_dtype=autocast_dtype,
+        use_generate=use_generate,
+    )
+    is_stop = stop_mask.tolist()
+    outputs = []
+    for ids in new:
+        if ids and is_stop[ids[-1]]:
+            ids = ids[:-1]
+        outputs.append(cut_answer(tokenizer.decode(ids, skip_special_tokens=True), answer_end))
+    return outputs, tokens_per_second

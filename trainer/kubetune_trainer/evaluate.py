@@ -26,6 +26,19 @@ the number of test lines whose text is in the model's training split (0).
 * ``spec.evaluation.compareWith`` endpoints are scored on the same prompts
   (see :mod:`.remote`).
 
+promptCompletion and chat datasets (``spec.dataset.kind``) are scored as the
+model is trained on them, from ``dataset/test.jsonl``'s example rows and
+``dataset/test.loss_mask.npy``:
+
+* perplexity over the answer tokens given their prompts: each example is
+  ``[context token] + its tokens + [eos]``, and only the answer tokens (loss mask 1)
+  and the eos are predicted (at most ``evaluation.maxSamples`` examples);
+* generation: greedy answers to the first ``bleu.maxSamples`` examples from their
+  tokens before the last answer (``answer_start``), stopped at eos, cut at the
+  template's end-of-turn text (``answer_end``), scored against the reference answer
+  with BLEU, chrF and exact match (see :mod:`.bleu`);
+* endpoints answer the same examples through their chat API (see :mod:`.remote`).
+
 Runs on CUDA when available (bf16 autocast), else on the CPU in float32.
 """
 
@@ -43,22 +56,34 @@ from typing import Any
 import torch
 
 from kubetune.contract import StageError
-from kubetune.dataset_format import TEST, TRAIN, read_texts, read_tokens
+from kubetune.dataset_format import (
+    TEST,
+    TRAIN,
+    ExampleRow,
+    answer_start,
+    read_examples,
+    read_loss_mask,
+    read_texts,
+    read_tokens,
+)
 from kubetune.fingerprint import changed
 from kubetune.layout import RunLayout
 from kubetune.results import EvaluateResult, ModelScores, PrepareResult, TrainingRecord
-from kubetune.schema import Comparison, Reason
+from kubetune.schema import Comparison, DatasetKind, Reason
 from kubetune.storage import Storage, StorageError
 from kubetune_trainer.bleu import (
     BleuSample,
     context_token_id,
     corpus_bleu,
+    corpus_chrf,
+    exact_match,
+    generate_answers,
     generate_continuations,
     select_samples,
 )
 from kubetune_trainer.context import StageContext
 from kubetune_trainer.perplexity import score_sequences
-from kubetune_trainer.remote import Endpoint, score_endpoint
+from kubetune_trainer.remote import Endpoint, score_endpoint, score_endpoint_answers
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +97,29 @@ class _Scored:
     scores: ModelScores
     continuations: list[str]
     signature: str | None = None
+    chrf_signature: str | None = None
+
+
+@dataclass
+class _TestSet:
+    """What every model is scored on: perplexity sequences and generation prompts.
+
+    Text: ``token_lists`` are test lines, ``samples`` split lines into prompt and
+    reference. promptCompletion/chat: ``token_lists`` are examples and
+    ``target_masks`` their loss masks (1 = answer token); ``samples`` hold each
+    generated example's prompt text and reference answer, ``prompt_ids`` its tokens
+    before the answer and ``examples`` its row (for endpoints).
+    """
+
+    token_lists: list[list[int]]
+    samples: list[BleuSample]
+    target_masks: list[list[int]] | None = None
+    prompt_ids: list[list[int]] | None = None
+    examples: list[ExampleRow] | None = None
+
+    @property
+    def instruction(self) -> bool:
+        return self.target_masks is not None
 
 
 # --------------------------------------------------------------------------- models
@@ -202,8 +250,8 @@ def _score_model(
     label: str,
     model: Any,
     tokenizer: Any,
-    token_lists: list[list[int]],
-    samples: list[BleuSample],
+    test: _TestSet,
+    answer_end: str | None = None,
 ) -> _Scored:
     spec = ctx.job.spec.evaluation
     device, autocast = _device()
@@ -211,63 +259,113 @@ def _score_model(
     context = _context_length(model, tokenizer)
     scores = ModelScores()
     if spec.perplexity:
-        vocab = int(model.config.vocab_size)
-        top = max((max(ids) for ids in token_lists if ids), default=0)
-        if top >= vocab:
-            raise StageError(
-                f"dataset/test.tokens.npy holds token id {top} but the {label} model has a "
-                f"vocabulary of {vocab}: the dataset was tokenized with another tokenizer; set "
-                "model.tokenizer to the model's tokenizer and re-run prepare",
-                Reason.INVALID_SPEC,
-            )
-        result = score_sequences(
-            model,
-            token_lists,
-            context_token=context_token_id(tokenizer),
-            max_length=context,
-            stride=spec.stride,
-            batch_size=spec.batch_size,
-            autocast_dtype=autocast,
-        )
-        if result.predicted_tokens == 0:
-            raise StageError(
-                "dataset/test.tokens.npy holds no tokens to score; re-run prepare "
-                "or disable evaluation.perplexity",
-                Reason.DATASET_UNUSABLE,
-            )
-        scores.perplexity, scores.nll_sum = result.perplexity, result.nll_sum
-        scores.predicted_tokens = result.predicted_tokens
-        scores.perplexity_lines = len(token_lists)
-        scores.tokens_per_second = result.tokens_per_second
-        log.info(
-            "%s: perplexity %.3f over %d tokens (%.0f tokens/s)",
-            label,
-            result.perplexity,
-            result.predicted_tokens,
-            result.tokens_per_second,
-        )
+        _perplexity(spec, label, model, tokenizer, test, context, autocast, scores)
     continuations: list[str] = []
-    signature = None
-    if spec.bleu.enabled and samples:
-        continuations, gen_tps = generate_continuations(
-            model,
-            tokenizer,
-            [s.prompt for s in samples],
-            max_new_tokens=spec.bleu.max_new_tokens,
-            batch_size=spec.bleu.batch_size,
-            max_length=context,
-            autocast_dtype=autocast,
+    signature = chrf_signature = None
+    if spec.bleu.enabled and test.samples:
+        references = [s.reference for s in test.samples]
+        if test.prompt_ids is not None:
+            continuations, gen_tps = generate_answers(
+                model,
+                tokenizer,
+                test.prompt_ids,
+                max_new_tokens=spec.bleu.max_new_tokens,
+                batch_size=spec.bleu.batch_size,
+                max_length=context,
+                autocast_dtype=autocast,
+                answer_end=answer_end,
+            )
+            scores.chrf, chrf_signature = corpus_chrf(continuations, references)
+            scores.exact_match = exact_match(continuations, references)
+        else:
+            continuations, gen_tps = generate_continuations(
+                model,
+                tokenizer,
+                [s.prompt for s in test.samples],
+                max_new_tokens=spec.bleu.max_new_tokens,
+                batch_size=spec.bleu.batch_size,
+                max_length=context,
+                autocast_dtype=autocast,
+            )
+        scores.bleu, signature = corpus_bleu(continuations, references)
+        scores.bleu_samples = len(test.samples)
+        if test.instruction:
+            log.info(
+                "%s: BLEU %.2f, chrF %.2f, exact match %.1f%% on %d answers "
+                "(%.0f generated tokens/s)",
+                label,
+                scores.bleu,
+                scores.chrf or 0.0,
+                scores.exact_match or 0.0,
+                len(test.samples),
+                gen_tps,
+            )
+        else:
+            log.info(
+                "%s: BLEU %.2f on %d lines (%.0f generated tokens/s)",
+                label,
+                scores.bleu,
+                len(test.samples),
+                gen_tps,
+            )
+    return _Scored(scores, continuations, signature, chrf_signature)
+
+
+def _perplexity(
+    spec: Any,
+    label: str,
+    model: Any,
+    tokenizer: Any,
+    test: _TestSet,
+    context: int,
+    autocast: torch.dtype | None,
+    scores: ModelScores,
+) -> None:
+    """Score ``test``'s token lists into ``scores`` (answers only for instruction data)."""
+    vocab = int(model.config.vocab_size)
+    top = max((max(ids) for ids in test.token_lists if ids), default=0)
+    if top >= vocab:
+        raise StageError(
+            f"dataset/test.tokens.npy holds token id {top} but the {label} model has a "
+            f"vocabulary of {vocab}: the dataset was tokenized with another tokenizer; set "
+            "model.tokenizer to the model's tokenizer and re-run prepare",
+            Reason.INVALID_SPEC,
         )
-        scores.bleu, signature = corpus_bleu(continuations, [s.reference for s in samples])
-        scores.bleu_samples = len(samples)
-        log.info(
-            "%s: BLEU %.2f on %d lines (%.0f generated tokens/s)",
-            label,
-            scores.bleu,
-            len(samples),
-            gen_tps,
+    sequences, masks = test.token_lists, test.target_masks
+    if masks is not None:
+        # As trained: eos after each example, predicted as the end of its last answer.
+        eos = tokenizer.eos_token_id
+        if isinstance(eos, int) and eos < vocab:
+            sequences = [[*ids, eos] for ids in sequences]
+            masks = [[*m, 1] for m in masks]
+    result = score_sequences(
+        model,
+        sequences,
+        context_token=context_token_id(tokenizer),
+        max_length=context,
+        stride=spec.stride,
+        batch_size=spec.batch_size,
+        autocast_dtype=autocast,
+        target_masks=masks,
+    )
+    if result.predicted_tokens == 0:
+        raise StageError(
+            "dataset/test.tokens.npy holds no tokens to score; re-run prepare "
+            "or disable evaluation.perplexity",
+            Reason.DATASET_UNUSABLE,
         )
-    return _Scored(scores, continuations, signature)
+    scores.perplexity, scores.nll_sum = result.perplexity, result.nll_sum
+    scores.predicted_tokens = result.predicted_tokens
+    scores.perplexity_lines = len(test.token_lists)
+    scores.tokens_per_second = result.tokens_per_second
+    log.info(
+        "%s: %s %.3f over %d tokens (%.0f tokens/s)",
+        label,
+        "answer perplexity" if masks is not None else "perplexity",
+        result.perplexity,
+        result.predicted_tokens,
+        result.tokens_per_second,
+    )
 
 
 def _free(model: Any) -> None:
@@ -278,20 +376,8 @@ def _free(model: Any) -> None:
         torch.cuda.empty_cache()
 
 
-def run(ctx: StageContext) -> EvaluateResult:
-    """Evaluate the fine-tuned model (and baseline, endpoints); write samples then the result."""
-    start = time.perf_counter()
+def _text_test_set(ctx: StageContext, texts: list[str]) -> _TestSet:
     spec = ctx.job.spec.evaluation
-    # The test split, checked against kubetune.dataset_format (DatasetUnusable if not).
-    texts = read_texts(ctx.storage, TEST)
-    prepare, record = check_model_trained_on_dataset(ctx)
-    overlap = _train_test_overlap(ctx, texts)
-    if overlap:
-        raise StageError(
-            f"{overlap} test lines of {ctx.storage.uri(RunLayout.TEST_TEXT)} are in the "
-            "model's training split; run the prepare stage again",
-            Reason.DATASET_UNUSABLE,
-        )
     token_lists: list[list[int]] = []
     if spec.perplexity:
         test_tokens = read_tokens(ctx.storage, TEST, lines=len(texts))
@@ -306,46 +392,113 @@ def run(ctx: StageContext) -> EvaluateResult:
                 "longer lines",
                 Reason.DATASET_UNUSABLE,
             )
+    return _TestSet(token_lists, samples)
+
+
+def _instruction_test_set(ctx: StageContext, examples: list[ExampleRow]) -> _TestSet:
+    """The examples' tokens and answer masks, and the first bleu.maxSamples prompts."""
+    spec = ctx.job.spec.evaluation
+    tokens = read_tokens(ctx.storage, TEST, lines=len(examples))
+    mask = read_loss_mask(ctx.storage, tokens)
+    n_ppl = min(spec.max_samples or tokens.lines, tokens.lines) if spec.perplexity else 0
+    n_gen = min(spec.bleu.max_samples, tokens.lines) if spec.bleu.enabled else 0
+    n = max(n_ppl, n_gen)
+    ids, masks = tokens.line_ids(n), tokens.line_mask(mask, n)
+    prompt_ids = [ids[i][: answer_start(masks[i])] for i in range(n_gen)]
+    return _TestSet(
+        token_lists=ids[:n_ppl],
+        target_masks=masks[:n_ppl],
+        samples=[BleuSample(e.prompt, e.answer) for e in examples[:n_gen]],
+        prompt_ids=prompt_ids,
+        examples=examples[:n_gen],
+    )
+
+
+def _sample_rows(
+    test: _TestSet,
+    fine_tuned: _Scored,
+    baseline: _Scored | None,
+    remote_texts: dict[str, list[str]],
+) -> list[str]:
+    """eval/samples.jsonl: each scored generation next to its prompt and reference."""
+    rows = []
+    for i, sample in enumerate(test.samples):
+        row: dict[str, Any] = {
+            "prompt": sample.prompt,
+            "reference": sample.reference,
+            "fine_tuned": fine_tuned.continuations[i],
+        }
+        if baseline is not None:
+            row["baseline"] = baseline.continuations[i]
+        others = {k: v[i] for k, v in remote_texts.items() if i < len(v)}
+        if others:
+            row["comparisons"] = others
+        rows.append(json.dumps(row, ensure_ascii=False))
+    return rows
+
+
+def run(ctx: StageContext, *, answer_end: str | None = None) -> EvaluateResult:
+    """Evaluate the fine-tuned model (and baseline, endpoints); write samples then the result.
+
+    ``answer_end``: promptCompletion/chat only, the text the chat template puts after
+    an answer (e.g. ``<|im_end|>``); generated answers are cut there. Default: the one
+    the prepare stage recorded (``PrepareResult.answer_end``).
+    """
+    start = time.perf_counter()
+    spec = ctx.job.spec.evaluation
+    instruction = ctx.job.spec.dataset.is_instruction
+    # The test split, checked against kubetune.dataset_format (DatasetUnusable if not).
+    examples = read_examples(ctx.storage, TEST) if instruction else None
+    texts = [e.text for e in examples] if examples is not None else read_texts(ctx.storage, TEST)
+    prepare, record = check_model_trained_on_dataset(ctx)
+    overlap = _train_test_overlap(ctx, texts)
+    if overlap:
+        raise StageError(
+            f"{overlap} test lines of {ctx.storage.uri(RunLayout.TEST_TEXT)} are in the "
+            "model's training split; run the prepare stage again",
+            Reason.DATASET_UNUSABLE,
+        )
+    if answer_end is None:
+        answer_end = prepare.answer_end
+    test = (
+        _instruction_test_set(ctx, examples) if examples is not None else _text_test_set(ctx, texts)
+    )
 
     model, tokenizer = _load_fine_tuned(ctx)
-    fine_tuned = _score_model(ctx, "fine-tuned", model, tokenizer, token_lists, samples)
+    fine_tuned = _score_model(ctx, "fine-tuned", model, tokenizer, test, answer_end)
     _free(model)
 
     baseline: _Scored | None = None
     if spec.baseline:
         base_model = _load_baseline(ctx, tokenizer)
-        baseline = _score_model(ctx, "baseline", base_model, tokenizer, token_lists, samples)
+        baseline = _score_model(ctx, "baseline", base_model, tokenizer, test, answer_end)
         _free(base_model)
 
     comparisons: list[Comparison] = []
     remote_texts: dict[str, list[str]] = {}
     for entry in spec.compare_with:
-        comparison, continuations = score_endpoint(
-            Endpoint.from_spec(entry),
-            samples,
-            texts[: len(samples) or spec.bleu.max_samples],
-            max_new_tokens=spec.bleu.max_new_tokens,
-            bleu=spec.bleu.enabled,
-            perplexity=spec.perplexity,
-        )
+        if test.examples is not None:
+            comparison, continuations = score_endpoint_answers(
+                Endpoint.from_spec(entry),
+                test.examples,
+                max_new_tokens=spec.bleu.max_new_tokens,
+                perplexity=spec.perplexity,
+            )
+        else:
+            comparison, continuations = score_endpoint(
+                Endpoint.from_spec(entry),
+                test.samples,
+                texts[: len(test.samples) or spec.bleu.max_samples],
+                max_new_tokens=spec.bleu.max_new_tokens,
+                bleu=spec.bleu.enabled,
+                perplexity=spec.perplexity,
+            )
         comparisons.append(comparison)
         remote_texts[entry.name] = continuations
 
     samples_uri = None
-    if samples:
-        rows = []
-        for i, sample in enumerate(samples):
-            row: dict[str, Any] = {
-                "prompt": sample.prompt,
-                "reference": sample.reference,
-                "fine_tuned": fine_tuned.continuations[i],
-            }
-            if baseline is not None:
-                row["baseline"] = baseline.continuations[i]
-            others = {k: v[i] for k, v in remote_texts.items() if i < len(v)}
-            if others:
-                row["comparisons"] = others
-            rows.append(json.dumps(row, ensure_ascii=False))
+    if test.samples:
+        rows = _sample_rows(test, fine_tuned, baseline, remote_texts)
         ctx.storage.write_text(RunLayout.EVAL_SAMPLES, "\n".join(rows) + "\n")
         samples_uri = ctx.storage.uri(RunLayout.EVAL_SAMPLES)
 
@@ -354,6 +507,8 @@ def run(ctx: StageContext) -> EvaluateResult:
         fine_tuned=fine_tuned.scores,
         baseline=baseline.scores if baseline else None,
         bleu_signature=fine_tuned.signature,
+        chrf_signature=fine_tuned.chrf_signature,
+        kind=DatasetKind(ctx.job.spec.dataset.kind).value,
         comparisons=comparisons,
         test_lines=len(texts),
         dataset_fingerprint=prepare.fingerprint,

@@ -85,14 +85,34 @@ def summary_table(run: LocalRun) -> str:
     prep = run.results.get("prepare")
     if isinstance(prep, PrepareResult):
         s = prep.stats
+        unit = "examples" if s.records is not None else "lines"
+        if s.records is not None:
+            bad = ", ".join(f"{n:,} {cause}" for cause, n in (s.bad_records or {}).items())
+            rows += [
+                ("records read / kept", f"{_fmt(s.records)} / {_fmt(s.kept_lines)}"),
+                ("bad records", bad or "0"),
+            ]
+        else:
+            rows += [
+                ("documents", _fmt(s.documents)),
+                ("lines read / kept", f"{_fmt(s.lines)} / {_fmt(s.kept_lines)}"),
+            ]
         rows += [
-            ("documents", _fmt(s.documents)),
-            ("lines read / kept", f"{_fmt(s.lines)} / {_fmt(s.kept_lines)}"),
             ("duplicates removed", _fmt(s.duplicates_removed)),
-            ("train / test lines", f"{_fmt(s.train_lines)} / {_fmt(s.test_lines)}"),
+            (f"train / test {unit}", f"{_fmt(s.train_lines)} / {_fmt(s.test_lines)}"),
             ("train / test tokens", f"{_fmt(s.train_tokens)} / {_fmt(s.test_tokens)}"),
             ("train/test overlap", _fmt(s.overlap)),
         ]
+        if s.train_groups is not None:
+            rows.append(("train / test groups", f"{_fmt(s.train_groups)} / {_fmt(s.test_groups)}"))
+        if s.overlap_removed is not None:
+            rows.append(
+                (
+                    "test prompts / answers in train",
+                    f"{_fmt(s.prompt_overlap)} / {_fmt(s.answer_overlap)} "
+                    f"({_fmt(s.overlap_removed)} examples removed)",
+                )
+            )
         if s.test_twins is not None:
             t = s.test_twins
             rows.append(
@@ -123,6 +143,14 @@ def summary_table(run: LocalRun) -> str:
             ("BLEU (fine-tuned)", _fmt(ev.fine_tuned.bleu, 2)),
             ("BLEU (baseline)", _fmt(base.bleu if base else None, 2)),
         ]
+        chrf = getattr(ev.fine_tuned, "chrf", None)
+        if chrf is not None:
+            rows += [
+                ("chrF (fine-tuned)", _fmt(chrf, 2)),
+                ("chrF (baseline)", _fmt(getattr(base, "chrf", None), 2)),
+                ("exact match % (fine-tuned)", _fmt(getattr(ev.fine_tuned, "exact_match", None), 1)),
+                ("exact match % (baseline)", _fmt(getattr(base, "exact_match", None), 1)),
+            ]
         for comp in ev.comparisons:
             rows.append((f"BLEU ({comp.name})", _fmt(comp.bleu, 2)))
     rep = run.results.get("report")

@@ -45,6 +45,23 @@ given; the explicit mask does not depend on that, so it is the default.
 **No packing** (``packing=False``): one line (or chunk of a long line) per row,
 padded to the longest row of the batch (not to ``block_size``), with a 2D padding
 mask; labels are ``-100`` on padding.
+
+**Answers only** (``loss_mask``, instruction datasets: ``dataset.kind``
+promptCompletion or chat). Each line is then one example (prompt and answer, no
+special tokens) and the prepare stage's loss mask has one 0/1 per token, 1 on
+answer tokens. The rows carry a per-token *trained* flag next to the stream:
+bos is never trained, an example's tokens are trained where the mask is 1, and
+the eos appended after it is trained (it ends the last answer: the model learns
+to stop). ``collate`` sets ``labels`` to ``-100`` wherever a token is not trained,
+on top of the rules above (segment starts, padding), so a prompt token is context
+only while the answer token after it is predicted from it. Packing, attention and
+positions are exactly as without the mask, and a chunk of an over-long example
+keeps its slice of the mask. :meth:`Rows.row_targets` and :func:`count_targets`
+count only trained targets, so the token-weighted loss of the train stage is the
+summed NLL of the answer tokens (and their eos) divided by their number: the
+summed loss of a packed row equals the sum over its examples, run one by one, of
+the NLL of their answer tokens and eos (``tests/unit/test_packing.py``). Without
+a mask every token is trained (text datasets), as described above.
 """
 
 from __future__ import annotations
@@ -66,6 +83,9 @@ class Rows:
 
     ``stream`` holds every line followed by eos; ``seg_start`` is True where a
     segment (line or chunk) starts; row ``i`` is ``stream[row_offsets[i]:row_offsets[i+1]]``.
+    ``trained`` (answers-only training, built from a loss mask) is True where a
+    token is a target: an answer token or the eos after an example, never a segment
+    start; ``None`` when every token but the segment starts is one.
     """
 
     stream: np.ndarray  # int32 [n_tokens]
@@ -73,6 +93,7 @@ class Rows:
     row_offsets: np.ndarray  # int64 [n_rows + 1]
     block_size: int
     packed: bool
+    trained: np.ndarray | None = None  # bool [n_tokens], or None: all but segment starts
 
     def __len__(self) -> int:
         return len(self.row_offsets) - 1
@@ -99,18 +120,32 @@ class Rows:
         """Predicted tokens of each row: what :func:`count_targets` counts once it is collated.
 
         A row's tokens less the first of each of its segments (rows start at a
-        segment start, and padding is never predicted).
+        segment start, and padding is never predicted); with a loss mask, the row's
+        trained tokens (answer tokens and eos).
         """
+        if self.trained is not None:
+            return np.add.reduceat(self.trained, self.row_offsets[:-1], dtype=np.int64)
         segments = np.add.reduceat(self.seg_start, self.row_offsets[:-1], dtype=np.int64)
         return self.row_lengths() - segments
 
+    @property
+    def targets(self) -> int:
+        """Predicted tokens over all rows (with a loss mask: answer tokens and their eos)."""
+        return int(self.row_targets().sum())
+
 
 def _stream_with_eos(
-    tokens: np.ndarray, offsets: np.ndarray, eos_id: int, bos_id: int | None = None
-) -> np.ndarray:
+    tokens: np.ndarray,
+    offsets: np.ndarray,
+    eos_id: int,
+    bos_id: int | None = None,
+    loss_mask: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray | None]:
     """Lines as ``[bos] tokens eos``, concatenated (vectorised: no per-line Python).
 
-    Without ``bos_id`` a line is ``tokens eos``.
+    Without ``bos_id`` a line is ``tokens eos``. With ``loss_mask`` (aligned with
+    ``tokens``) also the trained flag of every stream token: the mask on the
+    line's tokens, False on bos, True on eos; else ``None``.
     """
     n_lines = len(offsets) - 1
     extra = 2 if bos_id is not None else 1
@@ -125,7 +160,12 @@ def _stream_with_eos(
         special[bos_at] = True
         out[bos_at] = bos_id
     out[~special] = tokens[: int(offsets[-1])]
-    return out
+    if loss_mask is None:
+        return out, None
+    trained = np.zeros(out.shape[0], dtype=bool)
+    trained[eos_at] = True
+    trained[~special] = np.asarray(loss_mask[: int(offsets[-1])]) != 0
+    return out, trained
 
 
 def _segment_lengths(line_lengths: np.ndarray, block_size: int) -> np.ndarray:
@@ -162,28 +202,40 @@ def build_rows(
     eos_id: int,
     bos_id: int | None = None,
     packing: bool = True,
+    loss_mask: np.ndarray | None = None,
 ) -> Rows:
-    """Rows of packed blocks (``packing``) or of single lines, from prepare's arrays."""
+    """Rows of packed blocks (``packing``) or of single lines, from prepare's arrays.
+
+    ``loss_mask``: one 0/1 per token of ``tokens`` (instruction datasets): train on
+    the tokens where it is 1 and on each line's eos only (see the module docstring).
+    """
     if block_size < 2:
         raise ValueError(f"block_size must be >= 2, got {block_size}")
     offsets = np.asarray(offsets, dtype=np.int64)
     if len(offsets) < 2 or offsets[-1] <= 0:
         raise ValueError("no tokens to build training rows from")
+    if loss_mask is not None and len(loss_mask) != len(tokens):
+        raise ValueError(
+            f"loss_mask has {len(loss_mask)} values for {len(tokens)} tokens (one per token)"
+        )
     lengths = np.diff(offsets)
     if (lengths == 0).any():
         # An empty line would be a lone eos; it holds no tokens, so dropping it is
         # only a matter of dropping its offset.
         offsets = np.concatenate([[0], np.cumsum(lengths[lengths > 0])]).astype(np.int64)
-    stream = _stream_with_eos(np.asarray(tokens), offsets, eos_id, bos_id)
+    stream, trained = _stream_with_eos(np.asarray(tokens), offsets, eos_id, bos_id, loss_mask)
     line_lengths = np.diff(offsets) + (2 if bos_id is not None else 1)
     seg_lengths = _segment_lengths(line_lengths, block_size)
     seg_start = np.zeros(stream.shape[0], dtype=bool)
     seg_start[np.cumsum(seg_lengths) - seg_lengths] = True
+    if trained is not None:
+        # A segment's first token is never predicted (a chunk's start of an answer either).
+        trained &= ~seg_start
     if packing:
         row_offsets = _greedy_rows(seg_lengths, block_size)
     else:
         row_offsets = np.concatenate([[0], np.cumsum(seg_lengths)]).astype(np.int64)
-    return Rows(stream, seg_start, row_offsets, block_size, packing)
+    return Rows(stream, seg_start, row_offsets, block_size, packing, trained)
 
 
 def collate(rows: Rows, indices: np.ndarray | list[int], pad_id: int) -> dict[str, np.ndarray]:
@@ -191,7 +243,8 @@ def collate(rows: Rows, indices: np.ndarray | list[int], pad_id: int) -> dict[st
 
     Packed rows are padded to ``block_size`` (fixed shapes); unpacked rows to the
     longest row in the batch. ``segment_ids`` are 0, 1, ... per segment inside a
-    row, and padding gets the next id (its own segment).
+    row, and padding gets the next id (its own segment). ``labels`` are ``-100`` on
+    segment starts, padding and (with a loss mask) every token that is not trained.
     """
     starts = rows.row_offsets[np.asarray(indices)]
     ends = rows.row_offsets[np.asarray(indices) + 1]
@@ -201,11 +254,15 @@ def collate(rows: Rows, indices: np.ndarray | list[int], pad_id: int) -> dict[st
     input_ids = np.full((b, width), pad_id, dtype=np.int64)
     seg_start = np.zeros((b, width), dtype=bool)
     real = np.zeros((b, width), dtype=bool)
+    row_trained = rows.trained
+    trained = None if row_trained is None else np.zeros((b, width), dtype=bool)
     for i, (s, e) in enumerate(zip(starts.tolist(), ends.tolist(), strict=True)):
         n = e - s
         input_ids[i, :n] = rows.stream[s:e]
         seg_start[i, :n] = rows.seg_start[s:e]
         real[i, :n] = True
+        if trained is not None and row_trained is not None:
+            trained[i, :n] = row_trained[s:e]
     # Padding starts a segment of its own (rows that are full have no padding).
     pad_first = np.minimum(lengths, width - 1)
     has_pad = lengths < width
@@ -215,7 +272,10 @@ def collate(rows: Rows, indices: np.ndarray | list[int], pad_id: int) -> dict[st
     col = np.broadcast_to(np.arange(width, dtype=np.int64), (b, width))
     last_start = np.maximum.accumulate(np.where(seg_start, col, 0), axis=1)
     position_ids = col - last_start
-    labels = np.where(seg_start | ~real, IGNORE_INDEX, input_ids)
+    ignored = seg_start | ~real
+    if trained is not None:  # answers only: prompt (and bos) tokens are context
+        ignored |= ~trained
+    labels = np.where(ignored, IGNORE_INDEX, input_ids)
     return {
         "input_ids": input_ids,
         "position_ids": position_ids,
@@ -226,7 +286,7 @@ def collate(rows: Rows, indices: np.ndarray | list[int], pad_id: int) -> dict[st
 
 
 def count_targets(labels: np.ndarray) -> int:
-    """Tokens that are predicted (after the model's one-token shift)."""
+    """Tokens that are predicted (after the model's one-token shift): labels not ``-100``."""
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 

@@ -24,6 +24,11 @@ Conventions (the numbers in the report mean exactly this):
   them in the window as context. Every token is predicted exactly once.
 * Windows are sorted by length and batched with right padding (attention mask
   0 and no target on pads), so many short lines share one forward pass.
+* ``target_masks`` (promptCompletion and chat: one 0/1 list per sequence) restricts
+  the predicted tokens to those marked 1; the others are context only. The evaluate
+  stage scores each example as ``[context token] + prompt and answer + [eos]`` with
+  the answer tokens and the eos marked: perplexity over the answers given their
+  prompts. Rolling windows, batching and the float64 sum are the same.
 
 Speed (why the code looks the way it does): on a CPU a batch is capped at
 ``CPU_BATCH_TOKENS`` padded positions (small batches stay in cache and sorted
@@ -71,10 +76,22 @@ class PerplexityResult(NamedTuple):
 
 @dataclass(frozen=True)
 class Window:
-    """One forward pass worth of tokens; the last ``targets`` tokens are predicted."""
+    """One forward pass worth of tokens; the last ``targets`` tokens are predicted.
+
+    With ``mask`` (one flag per token), exactly the flagged tokens are predicted
+    (``targets`` of them); the first token never is.
+    """
 
     tokens: tuple[int, ...]
     targets: int
+    mask: tuple[bool, ...] | None = None
+
+    def predicted(self) -> list[int]:
+        """Indices into ``tokens`` of the predicted tokens."""
+        n = len(self.tokens)
+        if self.mask is None:
+            return list(range(n - self.targets, n))
+        return [i for i, flag in enumerate(self.mask) if flag]
 
 
 def perplexity_from_nll(nll_sum: float, predicted_tokens: int) -> float:
@@ -88,18 +105,29 @@ def perplexity_from_nll(nll_sum: float, predicted_tokens: int) -> float:
 
 
 def rolling_windows(
-    ids: Sequence[int], context_token: int | None, max_length: int, stride: int | None = None
+    ids: Sequence[int],
+    context_token: int | None,
+    max_length: int,
+    stride: int | None = None,
+    target_mask: Sequence[int] | None = None,
 ) -> list[Window]:
     """Split one text into windows of at most ``max_length`` tokens.
 
     The windows together predict each token of ``ids`` exactly once (all of
-    them with a context token; all but the first without one).
+    them with a context token; all but the first without one). With
+    ``target_mask`` (one 0/1 value per id) only the ids marked 1 are predicted,
+    each exactly once, and windows that would predict none are left out.
     """
     if max_length < 2:
         raise ValueError(f"max_length must be >= 2 tokens, got {max_length}")
+    if target_mask is not None and len(target_mask) != len(ids):
+        raise ValueError(f"target mask of {len(target_mask)} values for {len(ids)} ids")
     tokens = ([context_token] if context_token is not None else []) + list(ids)
     if len(tokens) < 2:
         return []
+    if target_mask is not None:
+        flags = ([False] if context_token is not None else []) + [bool(m) for m in target_mask]
+        return _masked_windows(tokens, flags, max_length, stride)
     stride = stride or max_length // 2
     # A stride of the whole window would leave a window's first token without context.
     stride = max(1, min(stride, max_length - 1))
@@ -109,6 +137,26 @@ def rolling_windows(
     while True:
         end = min(begin + max_length, len(tokens))
         windows.append(Window(tuple(tokens[begin:end]), end - predicted_until))
+        predicted_until = end
+        if end == len(tokens):
+            return windows
+        begin += stride
+
+
+def _masked_windows(
+    tokens: list[int], flags: list[bool], max_length: int, stride: int | None
+) -> list[Window]:
+    """:func:`rolling_windows` predicting only the flagged tokens (never ``tokens[0]``)."""
+    stride = max(1, min(stride or max_length // 2, max_length - 1))
+    windows = []
+    predicted_until = 1
+    begin = 0
+    while True:
+        end = min(begin + max_length, len(tokens))
+        mask = tuple(begin + i >= predicted_until and flags[begin + i] for i in range(end - begin))
+        targets = sum(mask)
+        if targets:
+            windows.append(Window(tuple(tokens[begin:end]), targets, mask))
         predicted_until = end
         if end == len(tokens):
             return windows
@@ -183,7 +231,11 @@ def _batch_nll(
         ids = torch.tensor(window.tokens, dtype=torch.long)
         input_ids[row, :n] = ids
         attention[row, :n] = 1
-        labels[row, n - window.targets : n] = ids[n - window.targets :]
+        if window.mask is None:
+            labels[row, n - window.targets : n] = ids[n - window.targets :]
+        else:
+            flags = torch.tensor(window.mask, dtype=torch.bool)
+            labels[row, :n][flags] = ids[flags]
     input_ids, attention, labels = (t.to(device) for t in (input_ids, attention, labels))
     # Position t predicts token t+1; keep only target positions before the softmax.
     shift_labels = labels[:, 1:]
@@ -214,16 +266,30 @@ def score_sequences(
     stride: int | None = None,
     batch_size: int = 8,
     autocast_dtype: torch.dtype | None = None,
+    target_masks: Sequence[Sequence[int]] | None = None,
 ) -> PerplexityResult:
     """Perplexity of ``model`` over all ``sequences`` (token ids of one test line each).
+
+    ``target_masks``: one 0/1 list per sequence, as long as it; only the tokens
+    marked 1 are predicted (and counted), the others are context.
 
     ``batch_size`` is in full-context sequences: a batch holds up to
     ``batch_size * max_length`` tokens, so short lines are batched many at a
     time (at most 1024 rows). ``autocast_dtype`` (e.g. ``torch.bfloat16`` on a
     GPU) runs the forward pass in mixed precision; the NLL is summed in float64.
     """
+    if target_masks is not None and len(target_masks) != len(sequences):
+        raise ValueError(f"{len(target_masks)} target masks for {len(sequences)} sequences")
     windows = [
-        w for ids in sequences for w in rolling_windows(ids, context_token, max_length, stride)
+        w
+        for i, ids in enumerate(sequences)
+        for w in rolling_windows(
+            ids,
+            context_token,
+            max_length,
+            stride,
+            target_masks[i] if target_masks is not None else None,
+        )
     ]
     device = _model_device(model)
     vocab = int(getattr(getattr(model, "config", None), "vocab_size", 0) or 50_000)

@@ -73,6 +73,7 @@ from kubetune_trainer.near_dup import (
     near_twin_mask,
     normalize_for_match,
 )
+from kubetune_trainer.prepare_examples import prepare_examples
 from kubetune_trainer.sources import UNUSABLE, open_source
 from kubetune_trainer.tokenizer_build import (
     FastEncoder,
@@ -720,10 +721,27 @@ def run(ctx: StageContext) -> PrepareResult:
             source_name, ctx.open, work, revision=None if model.tokenizer else model.revision
         )
 
-    prepared = prepare_lines(
-        source.lines(), spec.clean, spec.split, tokenizer, out_dir, source=source.uri
-    )
-    stats = prepared.stats.model_copy(update={"documents": source.documents})
+    answer_end = None
+    if spec.is_instruction:
+        examples = prepare_examples(
+            source.records(),
+            spec,
+            tokenizer,
+            out_dir,
+            # A training row holds the example between its start and end tokens.
+            max_tokens=job.spec.training.max_seq_length - 2,
+            source=source.uri,
+        )
+        stats = examples.stats
+        answer_end = examples.answer_end
+        tokenizer = examples.tokenizer
+        train_sha256, test_sha256 = examples.train_sha256, examples.test_sha256
+    else:
+        prepared = prepare_lines(
+            source.lines(), spec.clean, spec.split, tokenizer, out_dir, source=source.uri
+        )
+        stats = prepared.stats.model_copy(update={"documents": source.documents})
+        train_sha256, test_sha256 = prepared.train_sha256, prepared.test_sha256
 
     # Upload: drop the old result first, so a crash mid-upload never leaves a
     # prepare.json that vouches for files it did not write; the result goes last.
@@ -735,8 +753,9 @@ def run(ctx: StageContext) -> PrepareResult:
     result = PrepareResult(
         run=ctx.run_identity,
         stats=stats,
-        train_sha256=prepared.train_sha256,
-        test_sha256=prepared.test_sha256,
+        train_sha256=train_sha256,
+        test_sha256=test_sha256,
+        answer_end=answer_end,
         tokenizer=tokenizer_name(model),
         dataset_uri=ctx.storage.uri(layout.DATASET),
         fingerprint=fingerprint(inputs),

@@ -15,6 +15,12 @@ Usage (what the evaluate stage does for each ``spec.evaluation.compareWith`` ent
   tokens (``echo: true, logprobs: 1, max_tokens: 0``). It is computed over the
   endpoint's own tokens, so it is comparable in trend, not token for token,
   with the local models. Otherwise the comparison says why it is missing.
+* promptCompletion and chat datasets (:func:`score_endpoint_answers`): each held-out
+  example's conversation goes to ``POST {baseUrl}/chat/completions`` (chat: the
+  turns before the answer, ending with the user's; promptCompletion: the prompt as
+  one user message), greedy, and the answers are scored against the references with
+  BLEU, chrF and exact match like the local models. Answer perplexity is not
+  computed: a chat API gives no log-probabilities of a given answer.
 * The API key comes from the variable named by ``apiKeyEnv``, else from
   ``KUBETUNE_COMPARE_<NAME>_API_KEY`` (the operator injects it from
   ``apiKeySecret`` and drops ``apiKeyEnv`` from the spec its pods read). It is only
@@ -38,12 +44,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kubetune.contract import Env
+from kubetune.dataset_format import ExampleRow
 from kubetune.schema import CompareWithSpec, Comparison
-from kubetune_trainer.bleu import BleuSample, corpus_bleu
+from kubetune_trainer.bleu import BleuSample, corpus_bleu, corpus_chrf, exact_match
 
 log = logging.getLogger(__name__)
 
 NO_LOGPROBS_NOTE = "endpoint returns no prompt log-probabilities; perplexity not computed"
+NO_ANSWER_PERPLEXITY_NOTE = (
+    "answer perplexity not computed: a chat endpoint gives no log-probabilities of the "
+    "reference answers"
+)
 CHAT_INSTRUCTION = (
     "Continue the following text. Reply with the continuation only, on one line, "
     "without repeating the text."
@@ -165,6 +176,25 @@ class _Client:
         )
         return str(data["choices"][0]["message"].get("content") or "")
 
+    def answer(self, messages: Sequence[Mapping[str, str]], max_new_tokens: int) -> str:
+        """The endpoint's greedy chat answer to ``messages``."""
+        ep = self.endpoint
+        data = ep.post(
+            "chat/completions",
+            {
+                "model": ep.model,
+                "max_tokens": max_new_tokens,
+                "temperature": 0,
+                "messages": [dict(m) for m in messages],
+            },
+        )
+        try:
+            return str(data["choices"][0]["message"].get("content") or "")
+        except (KeyError, IndexError, TypeError, AttributeError):
+            raise RemoteError(
+                f"{ep.name}: {ep.base_url}/chat/completions answered without choices[0].message"
+            ) from None
+
     def prompt_logprobs(self, text: str) -> list[float] | None:
         """Log-probabilities of the tokens of ``text`` (the first has none), or None."""
         ep = self.endpoint
@@ -239,3 +269,46 @@ def score_endpoint(
                 notes.append(f"{NO_LOGPROBS_NOTE} ({exc})")
     comparison.note = "; ".join(notes) or None
     return comparison, continuations
+
+
+def example_messages(example: ExampleRow) -> list[dict[str, str]]:
+    """The chat messages an endpoint answers: chat turns before the answer, or the prompt."""
+    if example.messages is not None:
+        return [dict(m) for m in example.messages]
+    return [{"role": "user", "content": example.prompt}]
+
+
+def score_endpoint_answers(
+    endpoint: Endpoint,
+    examples: Sequence[ExampleRow],
+    *,
+    max_new_tokens: int,
+    perplexity: bool = True,
+) -> tuple[Comparison, list[str]]:
+    """BLEU, chrF and exact match of the endpoint's chat answers to held-out ``examples``.
+
+    ``perplexity``: whether the job asked for it; the note then says why an endpoint
+    has none. Never raises for an endpoint failure: the note says what went wrong.
+    """
+    client = _Client(endpoint)
+    comparison = Comparison(name=endpoint.name)
+    answers: list[str] = []
+    notes = []
+    if examples:
+        try:
+            with ThreadPoolExecutor(max_workers=endpoint.concurrency) as pool:
+                raw = list(
+                    pool.map(lambda e: client.answer(example_messages(e), max_new_tokens), examples)
+                )
+            answers = [r.strip() for r in raw]
+            references = [e.answer for e in examples]
+            comparison.bleu, _ = corpus_bleu(answers, references)
+            comparison.chrf, _ = corpus_chrf(answers, references)
+            comparison.exact_match = exact_match(answers, references)
+        except RemoteError as exc:
+            answers = []
+            notes.append(f"answers not scored: {exc}")
+    if perplexity:
+        notes.append(NO_ANSWER_PERPLEXITY_NOTE)
+    comparison.note = "; ".join(notes) or None
+    return comparison, answers

@@ -13,6 +13,11 @@ Reads ``eval/evaluate.json`` (required), ``eval/samples.jsonl``,
 Both documents are rendered from the same list of blocks, so they always say
 the same thing; every piece of text from data (test lines, generations) is
 escaped for Markdown or HTML. The HTML embeds the loss curve, so it is one file.
+
+For promptCompletion and chat datasets (``EvaluateResult.kind``) the results are
+answer perplexity, BLEU, chrF and exact match of the answers to held-out prompts,
+for the fine-tuned model, the baseline and the compareWith endpoints, and the
+samples show prompts, reference answers and each model's answer.
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ from kubetune.storage import StorageError
 from kubetune_trainer.context import StageContext
 
 SAMPLES_SHOWN = 8
+# promptCompletion/chat answers can run for paragraphs: a sample cell shows this many characters.
+ANSWER_CHARS = 400
 
 
 # --------------------------------------------------------------------------- blocks
@@ -251,7 +258,92 @@ def _header(ctx: StageContext) -> list[Block]:
     return blocks
 
 
+def _metric_row(
+    name: str, ft: float | None, base: float | None, lower_is_better: bool, digits: int
+) -> list[str]:
+    return [
+        name,
+        _num(ft, digits),
+        _num(base, digits),
+        *_change(ft, base, lower_is_better, digits),
+    ]
+
+
+def _instruction_results(ctx: StageContext, result: EvaluateResult) -> list[Block]:
+    """promptCompletion/chat: answer perplexity, BLEU, chrF and exact match of the answers."""
+    ft, base = result.fine_tuned, result.baseline
+    blocks: list[Block] = [Heading(2, "Results")]
+    metrics = [
+        ("Answer perplexity (lower is better)", "perplexity", True, 3),
+        ("BLEU (higher is better)", "bleu", False, 2),
+        ("chrF (higher is better)", "chrf", False, 2),
+        ("Exact match, % (higher is better)", "exact_match", False, 1),
+    ]
+    rows = []
+    for name, attr, lower, digits in metrics:
+        value = getattr(ft, attr)
+        base_value = getattr(base, attr) if base else None
+        if value is not None or base_value is not None:
+            rows.append(_metric_row(name, value, base_value, lower, digits))
+    blocks.append(Table(["Metric", "Fine-tuned", "Baseline", "Change", "Verdict"], rows))
+    if base is None:
+        blocks.append(Para("No baseline was evaluated (evaluation.baseline is false)."))
+    if ft.perplexity is not None:
+        blocks.append(
+            Para(
+                "Answer perplexity is exp(total NLL / predicted tokens) over the answers of "
+                f"{_scored_lines(result, 'examples')} ({ft.predicted_tokens or 0:,} tokens): each "
+                "example is scored as the context token, its prompt and answer and an eos, and "
+                "only the answer tokens and the eos are predicted; the prompt (system, user and "
+                "template tokens) is context only. It is not comparable with the perplexity of "
+                "a text dataset."
+            )
+        )
+    if ft.bleu is not None:
+        spec = ctx.job.spec.evaluation.bleu
+        blocks.append(
+            Para(
+                f"BLEU, chrF and exact match: greedy answers to the first "
+                f"{_of_total(ft.bleu_samples, result.test_lines)} held-out prompts (all in "
+                f"{RunLayout.EVAL_SAMPLES}, to recompute with sacrebleu), at most "
+                f"{spec.max_new_tokens} new tokens, stopped at the end of the answer, each "
+                "compared with the reference answer. Exact match is the percent of answers "
+                "equal to their reference after whitespace normalisation. sacrebleu signatures "
+                "(BLEU, chrF):"
+            )
+        )
+        blocks.append(Code(result.bleu_signature or "n/a"))
+        blocks.append(Code(result.chrf_signature or "n/a"))
+    if result.comparisons:
+        blocks.append(Heading(3, "Other endpoints (compareWith)"))
+        blocks.append(
+            Table(
+                ["Endpoint", "BLEU", "chrF", "Exact match, %", "Answer perplexity", "Note"],
+                [
+                    [
+                        c.name,
+                        _num(c.bleu, 2),
+                        _num(c.chrf, 2),
+                        _num(c.exact_match, 1),
+                        _num(c.perplexity),
+                        c.note or "",
+                    ]
+                    for c in result.comparisons
+                ],
+            )
+        )
+        blocks.append(
+            Para(
+                "Endpoints answer the same prompts through their chat API (their own chat "
+                "template), greedily, with the same token budget."
+            )
+        )
+    return blocks
+
+
 def _results(ctx: StageContext, result: EvaluateResult) -> list[Block]:
+    if result.is_instruction:
+        return _instruction_results(ctx, result)
     ft, base = result.fine_tuned, result.baseline
     blocks: list[Block] = [Heading(2, "Results")]
     rows = []
@@ -396,14 +488,50 @@ def _of_total(count: int | None, total: int | None) -> str:
     return f"{count:,} of {total:,}"
 
 
-def _scored_lines(result: EvaluateResult) -> str:
+def _scored_lines(result: EvaluateResult, unit: str = "lines") -> str:
     """ "all 4,596 test lines", or "500 of 4,596 test lines" when evaluation.maxSamples caps it."""
     scored, total = result.fine_tuned.perplexity_lines, result.test_lines
     if scored is None or total is None:
         return "the test split"
     if scored >= total:
-        return f"all {total:,} test lines"
-    return f"{scored:,} of {total:,} test lines (evaluation.maxSamples)"
+        return f"all {total:,} test {unit}"
+    return f"{scored:,} of {total:,} test {unit} (evaluation.maxSamples)"
+
+
+def _clip(text: str, limit: int = ANSWER_CHARS) -> str:
+    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
+
+
+def _answer_samples(rows: list[dict[str, Any]], result: EvaluateResult) -> list[Block]:
+    """promptCompletion/chat: prompts, reference answers and each model's answer."""
+    if not rows:
+        return []
+    has_baseline = result.baseline is not None
+    endpoints = [c.name for c in result.comparisons]
+    header = ["Prompt", "Reference", "Fine-tuned"] + (["Baseline"] if has_baseline else [])
+    header += endpoints
+    table = []
+    for r in rows[:SAMPLES_SHOWN]:
+        others = r.get("comparisons")
+        others = others if isinstance(others, dict) else {}
+        cells = [
+            str(r.get("prompt", "")),
+            str(r.get("reference", "")),
+            str(r.get("fine_tuned", "")),
+        ]
+        if has_baseline:
+            cells.append(str(r.get("baseline", "")))
+        cells += [str(others.get(name, "")) for name in endpoints]
+        table.append([_clip(c) for c in cells])
+    return [
+        Heading(2, "Sample answers"),
+        Para(
+            f"The first {len(table)} held-out prompts (the last user turn), their reference "
+            f"answers and each model's answer; longer texts are cut at {ANSWER_CHARS} "
+            "characters here, not in the scoring."
+        ),
+        Table(header, table),
+    ]
 
 
 def _samples(rows: list[dict[str, Any]], has_baseline: bool) -> list[Block]:
@@ -439,7 +567,11 @@ def build_blocks(
     return [
         *_header(ctx),
         *_results(ctx, result),
-        *_samples(samples, result.baseline is not None),
+        *(
+            _answer_samples(samples, result)
+            if result.is_instruction
+            else _samples(samples, result.baseline is not None)
+        ),
         *_dataset(prepare),
         *_training(train, png),
         *_timings(prepare, train, result),

@@ -41,7 +41,7 @@ from typing import Any
 from kubetune.contract import StageError
 from kubetune.layout import join_uri
 from kubetune.preflight import missing_path
-from kubetune.schema import DatasetFormat, DatasetSpec, Reason
+from kubetune.schema import DatasetFormat, DatasetKind, DatasetSpec, Reason
 from kubetune.storage import FileStorage, Storage, StorageError
 from kubetune_trainer.rst import rst_to_text
 
@@ -175,6 +175,114 @@ class Source:
             yield doc_id, lines
             if limit is not None and self.documents >= limit:
                 return
+
+    def records(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        """``(record id, record)`` of every jsonl, csv or parquet record, in order.
+
+        For ``dataset.kind`` promptCompletion and chat. Counts ``documents`` (one per
+        record, up to ``maxDocuments``); text files are refused with a clear error.
+        """
+        limit = self.spec.max_documents
+        for record_id, record in self._all_records():
+            if limit is not None and self.documents >= limit:
+                return
+            self.documents += 1
+            self.lines_read += 1
+            yield record_id, record
+
+    def _all_records(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        if self.storage is None:
+            yield from self._hf_records()
+            return
+        keys = self.keys()
+        single = keys == [""]
+        declared = DatasetFormat(self.spec.format)
+        readable = []
+        for key in keys:
+            fmt = format_for(key or self.uri, declared, single_file=single)
+            if fmt in RECORD_FORMATS:
+                readable.append((key, fmt))
+            else:
+                self.skipped_files.append(key)
+        if self.skipped_files:
+            log.warning(
+                "%s: skipping %d file(s) that are not jsonl, csv or parquet records (e.g. %s)",
+                self.uri,
+                len(self.skipped_files),
+                self.skipped_files[0] or self.uri,
+            )
+        if not readable:
+            raise unusable(
+                f"dataset.source {self.uri}: no .jsonl, .csv or .parquet files; dataset.kind "
+                f"{DatasetKind(self.spec.kind).value} reads records with "
+                f"{_record_fields(self.spec)}"
+            )
+        for key, fmt in readable:
+            name = self.storage.uri(key) if key else self.uri
+            doc_base = key or Path(self.uri.split("://", 1)[1]).name
+            with self._local_copy(key) as path:
+                if fmt == DatasetFormat.JSONL:
+                    rows: Iterator[dict[str, Any]] = self._jsonl_records(path, name)
+                elif fmt == DatasetFormat.CSV:
+                    rows = self._csv_records(path, name)
+                else:
+                    rows = self._parquet_records(path, name)
+                for index, record in enumerate(rows):
+                    yield f"{doc_base}:{index}", record
+
+    @staticmethod
+    def _jsonl_records(path: Path, name: str) -> Iterator[dict[str, Any]]:
+        with open(path, "rb") as fh:
+            for number, line in enumerate(iter_text_lines(fh, name), start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise unusable(
+                        f"{name}: line {number} is not JSON ({exc.msg}); each line of a .jsonl "
+                        "file must be one JSON object"
+                    ) from None
+                if not isinstance(record, dict):
+                    raise unusable(
+                        f"{name}: line {number} is a JSON {type(record).__name__}, not an object"
+                    )
+                yield record
+
+    @staticmethod
+    def _csv_records(path: Path, name: str) -> Iterator[dict[str, Any]]:
+        with open(path, "rb") as fh:
+            decoded = (line + "\n" for line in iter_text_lines(fh, name))
+            yield from csv.DictReader(decoded)
+
+    @staticmethod
+    def _parquet_records(path: Path, name: str) -> Iterator[dict[str, Any]]:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            parquet = pq.ParquetFile(path)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise unusable(
+                f"{name}: not a readable Parquet file ({exc}); convert it or remove it"
+            ) from None
+        with parquet:
+            for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS):
+                yield from batch.to_pylist()
+
+    def _hf_records(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        dataset, config, split = parse_hf_uri(self.uri)
+        try:
+            import datasets
+
+            stream = datasets.load_dataset(dataset, config, split=split, streaming=True)
+        except Exception as exc:
+            raise unusable(
+                f"dataset.source {self.uri}: cannot load hub dataset {dataset!r}: "
+                f"{type(exc).__name__}: {exc}. Mirror it to S3 as .jsonl or .parquet files"
+            ) from None
+        for index, record in enumerate(stream):
+            yield f"{dataset}:{index}", dict(record)
 
     def _all_documents(self) -> Iterator[tuple[str, Iterable[str]]]:
         if self.storage is None:
@@ -366,6 +474,15 @@ class Source:
         for index, record in enumerate(_chain_first(first, records)):
             text = _field_text(record.get(text_field), self.uri, text_field, index)
             yield f"{dataset}:{index}", split_lines(text) if text else ()
+
+
+def _record_fields(spec: DatasetSpec) -> str:
+    if spec.kind == DatasetKind.CHAT:
+        return f"a {spec.messages_field!r} field (dataset.messagesField)"
+    return (
+        f"{spec.prompt_field!r} and {spec.completion_field!r} fields "
+        "(dataset.promptField, dataset.completionField)"
+    )
 
 
 def _chain_first(first: Any, rest: Iterator[Any]) -> Iterator[Any]:

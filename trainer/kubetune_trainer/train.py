@@ -17,7 +17,9 @@ The loop is the Accelerate examples' (``prepare``, ``accumulate``,
 ``clip_grad_norm_``, ``save_state``/``load_state``) with these choices:
 
 * data: prepare's lines, each + eos, packed greedily into ``maxSeqLength`` blocks
-  with no attention across lines (:mod:`kubetune_trainer.packing`); one seeded
+  with no attention across lines (:mod:`kubetune_trainer.packing`); for
+  instruction datasets (``dataset.kind`` promptCompletion or chat) each line is an
+  example and only its answer tokens and eos are trained (prepare's loss mask); one seeded
   shuffle per epoch. Optimizer step ``s`` consumes global micro-batches
   ``s*GA .. s*GA+GA-1`` of the endless sequence of epochs, so the position in the
   data is a pure function of the step and a resume continues the same order;
@@ -25,9 +27,10 @@ The loop is the Accelerate examples' (``prepare``, ``accumulate``,
   ``r`` takes slice ``r``; the last partial batch of an epoch wraps around when
   there are several processes (as ``DistributedSampler`` pads) so all ranks step
   together;
-* loss: summed token NLL of the micro-batch divided by the predicted tokens of
-  the whole optimizer step, over every process and micro-batch (token-weighted,
-  not a mean of micro-batch or per-process means); the BatchSource knows every
+* loss: summed token NLL of the micro-batch divided by the predicted tokens
+  (instruction datasets: answer tokens and their eos) of the whole optimizer step,
+  over every process and micro-batch (token-weighted, not a mean of micro-batch
+  or per-process means); the BatchSource knows every
   process's rows, so each counts the step's targets without a collective, and
   scales by the processes because DDP averages gradients (:func:`loss_scale`);
 * no host sync per step: the loss stays on the device until a log step;
@@ -49,7 +52,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from kubetune.contract import StageError
-from kubetune.dataset_format import TRAIN, read_tokens
+from kubetune.dataset_format import TRAIN, read_loss_mask, read_tokens
 from kubetune.fingerprint import changed, fingerprint, training_inputs
 from kubetune.layout import RunLayout
 from kubetune.results import PrepareResult, TrainingRecord, TrainResult
@@ -113,7 +116,9 @@ class MicroBatch:
 
     arrays: dict[str, np.ndarray]  # this process's rows, collated (packing.collate)
     tokens: int  # real tokens of the global micro-batch (every process's rows)
-    targets: int  # predicted tokens of the global micro-batch (every process's rows)
+    # predicted tokens of the global micro-batch (every process's rows): with a loss mask
+    # (instruction datasets) the answer tokens and their eos only
+    targets: int
 
 
 class BatchSource:
@@ -185,12 +190,15 @@ def resolve_precision(requested: str, cuda: bool) -> str:
 def load_training_rows(
     ctx: StageContext, eos_id: int, vocab_size: int, bos_id: int | None = None
 ) -> Rows:
-    """Prepare's train token arrays (:mod:`kubetune.dataset_format`) -> training rows."""
+    """Prepare's train token arrays (:mod:`kubetune.dataset_format`) -> training rows.
+
+    Instruction datasets (``dataset.kind`` promptCompletion or chat) come with a loss
+    mask: the rows then train on the answer tokens (and each example's eos) only.
+    """
     t = ctx.job.spec.training
     # Downloaded once per node into scratch and memory-mapped; checked against the format.
-    split = read_tokens(
-        ctx.storage, TRAIN, vocab_size=vocab_size, local_dir=ctx.scratch_dir("dataset")
-    )
+    local_dir = ctx.scratch_dir("dataset")
+    split = read_tokens(ctx.storage, TRAIN, vocab_size=vocab_size, local_dir=local_dir)
     tokens, offsets = split.tokens, split.offsets
     if len(tokens) == 0:
         raise StageError(
@@ -198,6 +206,9 @@ def load_training_rows(
             "tokens; check dataset.source and dataset.clean",
             reason=Reason.DATASET_UNUSABLE,
         )
+    loss_mask = None
+    if ctx.job.spec.dataset.is_instruction:
+        loss_mask = read_loss_mask(ctx.storage, split, local_dir=local_dir)
     # Lines start with the token evaluation scores from (bos, else eos): see packing.py.
     return build_rows(
         tokens,
@@ -206,6 +217,7 @@ def load_training_rows(
         eos_id=eos_id,
         bos_id=bos_id if bos_id is not None else eos_id,
         packing=t.packing,
+        loss_mask=loss_mask,
     )
 
 
@@ -500,11 +512,14 @@ class _Trainer:
         )
         if accelerator.is_main_process:
             log.info(
-                "training %s: %d rows (%d tokens, packing %s, efficiency %.1f%%), %d steps "
-                "of %d rows, %s, precision %s, attention %s, %d/%d trainable parameters",
+                "training %s: %d rows (%d tokens, %d trained on%s, packing %s, efficiency "
+                "%.1f%%), %d steps of %d rows, %s, precision %s, attention %s, %d/%d trainable "
+                "parameters",
                 ctx.job.spec.model.display_name,
                 len(rows),
                 rows.tokens,
+                rows.targets,
+                ": answers only" if rows.trained is not None else "",
                 t.packing,
                 100 * rows.efficiency,
                 plan.total_steps,
@@ -540,7 +555,12 @@ class _Trainer:
             "attnImplementation": attn,
             "numProcesses": plan.num_processes,
             "rows": plan.rows,
+            # Real tokens (what tokens/s and trainTokens count, bos/eos and prompts included)
+            # and, of those, the targets the loss averages over: for text every token but a
+            # segment's first (bos), for instruction datasets the answer tokens and their eos.
             "trainTokensPerEpoch": rows.tokens,
+            "trainTargetsPerEpoch": rows.targets,
+            "lossOn": "answers" if rows.trained is not None else "allTokens",
             "packingEfficiency": round(rows.efficiency, 4),
             "microBatchesPerEpoch": plan.micro_per_epoch,
             "sequencesPerStep": plan.global_batch * plan.grad_accum,
