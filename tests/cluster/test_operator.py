@@ -13,12 +13,13 @@ import copy
 import json
 import uuid
 from collections.abc import Iterator
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
 import pytest
 from cel_cases import CEL_CASES
-from datapaths import tldr_files
+from datapaths import TLDR_CHAT, require, tldr_files
 from operator_helpers import (
     OperatorProcess,
     apply,
@@ -323,6 +324,41 @@ def test_finetunejob_succeeds_with_results_and_a_spec_edit_starts_a_second_run(
     runs = {j["metadata"]["labels"]["kubetune.io/run"] for j in child_jobs(kc, ns, name)}
     assert runs == {"g2"}  # the earlier run's Jobs were deleted
     assert_no_secret_leaks(env, name)
+
+
+def test_a_chat_job_trains_on_answers_and_reports_answer_metrics_in_status(
+    env: dict[str, Any],
+) -> None:
+    kc, ns, name = env["kubeconfig"], env["ns"], "tldr-chat"
+    with open(require(TLDR_CHAT), encoding="utf-8") as fh:
+        head = "".join(islice(fh, 1200))
+    upload_text(env["client"], env["data_bucket"], "tldr-instruct/chat.jsonl", head)
+    job = job_for(env, name, maxSteps=20, maxSeqLength=128)
+    job["spec"]["model"]["fresh"]["nPositions"] = 128
+    job["spec"]["dataset"] = {
+        "source": f"s3://{env['data_bucket']}/tldr-instruct/chat.jsonl",
+        "kind": "chat",
+        "clean": {"stripMarkup": False, "minChars": 8},
+        "split": {"testFraction": 0.2, "seed": 42, "groupBy": "command"},
+    }
+    apply(kc, ns, job)
+    ftj = wait_phase(env, name, {"Succeeded"})
+    status = ftj["status"]
+    dataset = status["dataset"]
+    assert dataset["kind"] == "chat" and dataset["records"] == 1200
+    assert dataset["trainGroups"] > 0 and dataset["testGroups"] > 0
+    assert dataset["promptOverlap"] == 0 and dataset["answerOverlap"] == 0
+    results = status["results"]
+    for key in ("perplexity", "baselinePerplexity", "bleu", "chrf", "baselineChrf"):
+        assert isinstance(results.get(key), (int, float)), f"status.results.{key}: {results}"
+    assert 0 <= results["exactMatch"] <= 100 and 0 <= results["baselineExactMatch"] <= 100
+    assert results["perplexity"] < results["baselinePerplexity"]  # answers got likelier
+    assert results["chrfSignature"].startswith("chrF")
+    # The API server documents the new fields (generated from the schema).
+    explained = kubectl(kc, "explain", "ftj.spec.dataset").stdout
+    for field in ("kind", "promptField", "completionField", "messagesField", "chatTemplate"):
+        assert field in explained, explained
+    assert "groupBy" in kubectl(kc, "explain", "ftj.spec.dataset.split").stdout
 
 
 def test_dataset_that_cleans_to_nothing_fails_with_dataset_unusable(env: dict[str, Any]) -> None:
