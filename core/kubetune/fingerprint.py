@@ -49,6 +49,9 @@ def dataset_inputs(
     for a hub dataset, which is identified by its URI alone).
     """
     dataset = spec.dataset.to_wire()
+    if spec.dataset.is_instruction:
+        # Examples that do not fit a training row are dropped, so the row size decides the split.
+        dataset["maxSeqLength"] = spec.training.max_seq_length
     model = spec.model
     return {
         "dataset": dataset,

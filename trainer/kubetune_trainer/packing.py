@@ -67,6 +67,7 @@ a mask every token is trained (text datasets), as described above.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -128,7 +129,7 @@ class Rows:
         segments = np.add.reduceat(self.seg_start, self.row_offsets[:-1], dtype=np.int64)
         return self.row_lengths() - segments
 
-    @property
+    @cached_property
     def targets(self) -> int:
         """Predicted tokens over all rows (with a loss mask: answer tokens and their eos)."""
         return int(self.row_targets().sum())
