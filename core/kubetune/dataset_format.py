@@ -3,7 +3,7 @@
 The prepare stage writes it under ``<output>/dataset/`` (the :class:`RunLayout` keys);
 train and evaluate read it; test fixtures and benchmarks write small ones. Nothing
 else spells these files, their dtypes or their invariants. Per split (``train``,
-``test``)::
+``test``, and ``validation`` when ``training.validation`` carves one out of train)::
 
     dataset/
       {split}.jsonl         one JSON object per line, {"text": str, "doc": str}, UTF-8,
@@ -98,7 +98,9 @@ MASK_DTYPE = np.dtype("u1")
 
 TRAIN = "train"
 TEST = "test"
+VALIDATION = "validation"
 SPLITS = (TRAIN, TEST)
+"""The splits every prepared dataset has; ``validation`` only with ``training.validation``."""
 
 _COPY_CHUNK = 16 * 1024 * 1024
 
@@ -149,6 +151,13 @@ SPLIT_FILES = {
         RunLayout.TEST_OFFSETS,
         RunLayout.TEST_LOSS_MASK,
     ),
+    VALIDATION: SplitFiles(
+        VALIDATION,
+        RunLayout.VALIDATION_TEXT,
+        RunLayout.VALIDATION_TOKENS,
+        RunLayout.VALIDATION_OFFSETS,
+        RunLayout.VALIDATION_LOSS_MASK,
+    ),
 }
 
 
@@ -156,7 +165,7 @@ def split_files(split: str) -> SplitFiles:
     try:
         return SPLIT_FILES[split]
     except KeyError:
-        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}") from None
+        raise ValueError(f"unknown split {split!r}; expected one of {tuple(SPLIT_FILES)}") from None
 
 
 # --------------------------------------------------------------------------- writing
@@ -348,8 +357,19 @@ def write_split(
     return WrittenSplit(lines=len(texts), tokens=tokens.tokens, sha256=sha)
 
 
-def upload_splits(storage: Storage, out_dir: Path, splits: Sequence[str] = SPLITS) -> None:
-    """Upload each split's files (and loss mask, if written) to their :class:`RunLayout` keys."""
+def upload_splits(storage: Storage, out_dir: Path, splits: Sequence[str] | None = None) -> None:
+    """Upload each split's files (and loss mask, if written) to their :class:`RunLayout` keys.
+
+    By default train, test and, when ``out_dir`` has one, validation; a validation split
+    left by an earlier run is deleted when this one has none.
+    """
+    if splits is None:
+        if (out_dir / split_files(VALIDATION).text_name).exists():
+            splits = (*SPLITS, VALIDATION)
+        else:
+            splits = SPLITS
+            for key in (*split_files(VALIDATION).all_keys(), split_files(VALIDATION).loss_mask):
+                storage.delete(key)
     for split in splits:
         files = split_files(split)
         for key in files.all_keys():

@@ -49,6 +49,10 @@ def dataset_inputs(
     for a hub dataset, which is identified by its URI alone).
     """
     dataset = spec.dataset.to_wire()
+    validation = spec.training.validation
+    if validation is not None:
+        # The validation split is carved out of training by prepare.
+        dataset["validation"] = {"fraction": validation.fraction}
     if spec.dataset.is_instruction:
         # Examples that do not fit a training row are dropped, so the row size decides the split.
         dataset["maxSeqLength"] = spec.training.max_seq_length

@@ -7,6 +7,7 @@ the tests agree::
       dataset/   train.jsonl test.jsonl  train.tokens.npy train.offsets.npy
                  test.tokens.npy test.offsets.npy  tokenizer/  prepare.json
                  {train,test}.loss_mask.npy (promptCompletion and chat only)
+                 validation.* (training.validation only: the same files)
       training/<training fingerprint>/checkpoints/step-00000200/ ... COMPLETE
                  (resumable Accelerate state of one dataset + settings; kubetune.fingerprint)
       model/     save_pretrained() model + tokenizer (the fine_tuned_model)
@@ -53,6 +54,10 @@ class RunLayout:
     TEST_OFFSETS = "dataset/test.offsets.npy"
     TRAIN_LOSS_MASK = "dataset/train.loss_mask.npy"
     TEST_LOSS_MASK = "dataset/test.loss_mask.npy"
+    VALIDATION_TEXT = "dataset/validation.jsonl"
+    VALIDATION_TOKENS = "dataset/validation.tokens.npy"
+    VALIDATION_OFFSETS = "dataset/validation.offsets.npy"
+    VALIDATION_LOSS_MASK = "dataset/validation.loss_mask.npy"
     TOKENIZER = "dataset/tokenizer"
     PREPARE_RESULT = "dataset/prepare.json"
     CHECKPOINTS = "checkpoints"

@@ -560,6 +560,42 @@ class LoraSpec(_Model):
     )
 
 
+class ValidationSpec(_Model):
+    """A validation split carved from the training data, scored while training runs."""
+
+    fraction: float = Field(
+        0.05,
+        gt=0.0,
+        le=0.5,
+        description="Share of the training data (lines, documents or split.groupBy groups, as "
+        "the test split) held out for validation. Never taken from the test split, which stays "
+        "untouched for the final evaluation; no text is in two splits.",
+    )
+    every_steps: int = Field(
+        50, ge=1, description="Score the validation split every N optimizer steps (and at the end)."
+    )
+    max_samples: int | None = Field(
+        None,
+        ge=1,
+        description="Score at most this many validation lines or examples (the first ones); "
+        "default all.",
+    )
+    early_stopping_patience: int | None = Field(
+        None,
+        ge=1,
+        description="Stop training after this many validations in a row without an improvement "
+        "of at least minDelta in validation loss. Default: never stop early.",
+    )
+    min_delta: float = Field(
+        0.0, ge=0.0, description="The smallest drop in validation loss that counts as better."
+    )
+    keep_best: bool = Field(
+        True,
+        description="Keep the weights with the lowest validation loss as the model, not the "
+        "last ones.",
+    )
+
+
 class TrainingSpec(_Model):
     """Hyperparameters of the fine-tune."""
 
@@ -596,6 +632,12 @@ class TrainingSpec(_Model):
     keep_checkpoints: int = Field(2, ge=1, le=100, description="Complete checkpoints to keep.")
     log_every_steps: int = Field(10, ge=1, description="Log and export metrics every N steps.")
     seed: int = Field(42, ge=0, description="Seed for initialisation and data order.")
+    validation: ValidationSpec | None = Field(
+        None,
+        description="Hold out a validation split of the training data and score it every "
+        "everySteps (loss, perplexity), with optional early stopping and best-checkpoint "
+        "selection. Default: none.",
+    )
 
 
 class BleuSpec(_Model):
@@ -941,6 +983,12 @@ class DatasetStats(_Model):
     test_lines: int = Field(0, description="Lines in the test split.")
     train_tokens: int = Field(0, description="Tokens in the training split.")
     test_tokens: int = Field(0, description="Tokens in the test split.")
+    validation_lines: int | None = Field(
+        None, description="training.validation: lines (or examples) in the validation split."
+    )
+    validation_tokens: int | None = Field(
+        None, description="training.validation: tokens in the validation split."
+    )
     overlap: int = Field(0, description="Normalised texts found in both splits (always 0).")
     kind: str | None = Field(None, description="dataset.kind the statistics are about.")
     records: int | None = Field(
@@ -981,6 +1029,25 @@ class Progress(_Model):
     tokens_per_second: float | None = Field(None, description="Recent training throughput.")
     eta_seconds: float | None = Field(None, description="Estimated seconds left.")
     updated_at: str | None = Field(None, description="When the trainer last reported.")
+    validation_loss: float | None = Field(
+        None, description="Latest validation loss (training.validation)."
+    )
+    validation_perplexity: float | None = Field(None, description="exp(validationLoss).")
+    best_validation_loss: float | None = Field(None, description="Lowest validation loss so far.")
+    best_step: int | None = Field(None, description="The step of bestValidationLoss.")
+    stopped_early: bool | None = Field(
+        None, description="Training stopped early: validation loss stopped improving."
+    )
+
+
+class CheckpointRecord(_Model):
+    """One complete checkpoint of the current run, as the trainer listed it."""
+
+    step: int = Field(..., description="Optimizer step.")
+    loss: float | None = Field(None, description="Training loss at that step.")
+    validation_loss: float | None = Field(None, description="Validation loss at that step.")
+    uri: str = Field(..., description="Where it is (resumable Accelerate state and weights).")
+    best: bool | None = Field(None, description="The lowest validation loss so far.")
 
 
 class Comparison(_Model):
@@ -1073,6 +1140,12 @@ class FineTuneJobStatus(_Model):
     )
     dataset: DatasetStats | None = Field(None, description="Dataset statistics after prepare.")
     progress: Progress | None = Field(None, description="Training progress.")
+    checkpoints: list[CheckpointRecord] = Field(
+        default_factory=list,
+        description="Complete checkpoints of the current run, oldest first (at most "
+        "training.keepCheckpoints, plus the best by validation loss): pick one to evaluate or "
+        "export with `kubetune evaluate --checkpoint` / `kubetune export`.",
+    )
     results: Results | None = Field(None, description="Evaluation results.")
     artifacts: Artifacts | None = Field(None, description="Artifact URIs.")
     history: list[RunRecord] = Field(

@@ -148,7 +148,10 @@ def summary_table(run: LocalRun) -> str:
             rows += [
                 ("chrF (fine-tuned)", _fmt(chrf, 2)),
                 ("chrF (baseline)", _fmt(getattr(base, "chrf", None), 2)),
-                ("exact match % (fine-tuned)", _fmt(getattr(ev.fine_tuned, "exact_match", None), 1)),
+                (
+                    "exact match % (fine-tuned)",
+                    _fmt(getattr(ev.fine_tuned, "exact_match", None), 1),
+                ),
                 ("exact match % (baseline)", _fmt(getattr(base, "exact_match", None), 1)),
             ]
         for comp in ev.comparisons:

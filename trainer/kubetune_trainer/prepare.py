@@ -83,6 +83,7 @@ from kubetune_trainer.tokenizer_build import (
     tokenizer_name,
     train_bpe_tokenizer,
 )
+from kubetune_trainer.validation_split import carve_validation
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -742,6 +743,32 @@ def run(ctx: StageContext) -> PrepareResult:
         )
         stats = prepared.stats.model_copy(update={"documents": source.documents})
         train_sha256, test_sha256 = prepared.train_sha256, prepared.test_sha256
+
+    validation = job.spec.training.validation
+    if validation is not None:
+        carved = carve_validation(
+            out_dir,
+            fraction=validation.fraction,
+            seed=spec.split.seed,
+            by_doc=spec.is_instruction or spec.split.unit == SplitUnit.DOCUMENT,
+            instruction=spec.is_instruction,
+        )
+        stats = stats.model_copy(
+            update={
+                "train_lines": carved.train_lines,
+                "train_tokens": carved.train_tokens,
+                "validation_lines": carved.validation_lines,
+                "validation_tokens": carved.validation_tokens,
+                "kept_lines": stats.kept_lines - carved.removed,
+                "duplicates_removed": stats.duplicates_removed + carved.removed,
+            }
+        )
+        train_sha256 = carved.train_sha256
+        log.info(
+            "prepare: validation split of %d rows carved from training (%d dropped: also in train)",
+            carved.validation_lines,
+            carved.removed,
+        )
 
     # Upload: drop the old result first, so a crash mid-upload never leaves a
     # prepare.json that vouches for files it did not write; the result goes last.
