@@ -165,6 +165,19 @@ CEL_CASES: list[CelCase] = [
         },
     ),
     CelCase(
+        "promotion-on-bleu-without-bleu",
+        _rule(schema.FineTuneJobSpec, ".promotion.minBleuImprovement"),
+        "spec.promotion.minBleuImprovement",
+        {
+            "promotion": {"target": "s3://serving/tldr/", "minBleuImprovement": 1.0},
+            "evaluation": {"bleu": {"enabled": False}},
+        },
+        {
+            "promotion": {"target": "s3://serving/tldr/", "minBleuImprovement": 1.0},
+            "evaluation": {"bleu": {"enabled": True}},
+        },
+    ),
+    CelCase(
         "evaluation-measures-nothing",
         _rule(schema.EvaluationSpec),
         "spec.evaluation",

@@ -259,6 +259,7 @@ class ConditionType(str, enum.Enum):
     DATASET_READY = "DatasetReady"
     TRAINED = "Trained"
     EVALUATED = "Evaluated"
+    PROMOTED = "Promoted"
 
 
 class Reason(str, enum.Enum):
@@ -284,6 +285,9 @@ class Reason(str, enum.Enum):
     NEW_GENERATION = "NewGeneration"
     WAITING = "Waiting"
     STAGE_RETRYING = "StageRetrying"  # an attempt failed; the stage Job runs another
+    PROMOTED = "Promoted"  # the run's model is the serving version now
+    NOT_BETTER = "NotBetter"  # it did not beat the baseline or the champion by the margin
+    PROMOTION_FAILED = "PromotionFailed"  # the target could not be read or written
 
 
 # --------------------------------------------------------------------------- spec
@@ -906,6 +910,32 @@ class StorageSpec(_Model):
     )
 
 
+class PromotionSpec(_Model):
+    """Where the serving model lives, and what a new model must beat to replace it."""
+
+    target: Annotated[str, Matching(URI_PATTERN, f"{_S3_RULES} or file://<path>")] = Field(
+        ...,
+        description="Prefix serving reads the model from (same endpoint and credentials as "
+        "storage). Each promoted model is a version under <target>/versions/<version>/; "
+        "<target>/current.json, written last, names the one in use (readers never see a "
+        "half-written model) and the previous one (for rollback).",
+    )
+    min_improvement: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="The new model's test perplexity must be lower than the baseline's and the "
+        "current champion's by at least this share (0.01: 1% lower). Both are scored on this "
+        "run's test split, so the comparison is fair when the data changed.",
+    )
+    min_bleu_improvement: float | None = Field(
+        None,
+        ge=0.0,
+        description="If set, BLEU must also beat the baseline's and the champion's by at least "
+        "this many points (needs evaluation.bleu).",
+    )
+
+
 class FineTuneJobSpec(_Model):
     """The desired fine-tune: model, data, hyperparameters, evaluation, placement, storage."""
 
@@ -919,6 +949,11 @@ class FineTuneJobSpec(_Model):
         default_factory=ResourcesSpec, description="Pods (cluster mode only)."
     )
     storage: StorageSpec = Field(..., description="Artifact storage.")
+    promotion: PromotionSpec | None = Field(
+        None,
+        description="Promote the fine-tuned model to a serving prefix when it beats the "
+        "baseline and the current champion (scored in the evaluate stage).",
+    )
     suspend: bool = Field(False, description="Pause: stop running stage pods; resume later.")
     ttl_seconds_after_finished: int | None = Field(
         None, ge=0, description="Delete finished child Jobs after this long; results stay."
@@ -934,6 +969,18 @@ class FineTuneJobSpec(_Model):
                 s.model.fresh is None or s.training.max_seq_length <= s.model.fresh.n_positions
             ),
             field=".training.maxSeqLength",
+        ),
+        CelRule(
+            "!has(self.promotion) || !has(self.promotion.minBleuImprovement) "
+            "|| !has(self.evaluation) || !has(self.evaluation.bleu) "
+            "|| !has(self.evaluation.bleu.enabled) || self.evaluation.bleu.enabled",
+            "promotion.minBleuImprovement needs evaluation.bleu.enabled",
+            lambda s: (
+                s.promotion is None
+                or s.promotion.min_bleu_improvement is None
+                or s.evaluation.bleu.enabled
+            ),
+            field=".promotion.minBleuImprovement",
         ),
         CelRule(
             "!has(self.training) || !has(self.training.lora) || !has(self.model.fresh)",
@@ -1037,6 +1084,20 @@ class Progress(_Model):
     best_step: int | None = Field(None, description="The step of bestValidationLoss.")
     stopped_early: bool | None = Field(
         None, description="Training stopped early: validation loss stopped improving."
+    )
+
+
+class PromotionStatus(_Model):
+    """The promotion decision of the current run (spec.promotion)."""
+
+    promoted: bool = Field(..., description="The run's model is now the serving version.")
+    reason: str = Field(..., description="Promoted, NotBetter or PromotionFailed.")
+    message: str | None = Field(None, description="The numbers behind the decision.")
+    version: str | None = Field(None, description="The version now in use under the target.")
+    previous: str | None = Field(None, description="The version it replaced (for rollback).")
+    model_uri: str | None = Field(None, description="Where the version in use is.")
+    champion_perplexity: float | None = Field(
+        None, description="The replaced champion's perplexity on this run's test split."
     )
 
 
@@ -1147,6 +1208,9 @@ class FineTuneJobStatus(_Model):
         "export with `kubetune evaluate --checkpoint` / `kubetune export`.",
     )
     results: Results | None = Field(None, description="Evaluation results.")
+    promotion: PromotionStatus | None = Field(
+        None, description="spec.promotion: whether this run's model was promoted, and why."
+    )
     artifacts: Artifacts | None = Field(None, description="Artifact URIs.")
     history: list[RunRecord] = Field(
         default_factory=list, description="Earlier runs, newest first."
