@@ -29,7 +29,7 @@ example and ``doc`` its split group. Its token ids are the rendered segments tok
 by one and concatenated (no bos/eos: training appends eos after the example, trained as
 the end of the last answer). The example ends with its last answer: the trailing run of
 1s in the loss mask; the tokens before it are the prompt generation starts from
-(:meth:`TokenSplit.prompt_ids`).
+(:func:`answer_start` of the example's mask, :meth:`TokenSplit.line_mask`).
 
 Invariants, checked by the readers (a violation raises
 :class:`~kubetune.contract.StageError` with reason ``DatasetUnusable``, naming the file

@@ -14,13 +14,16 @@ from typing import Any
 import pytest
 
 from kubetune.contract import Env
+from kubetune.dataset_format import ExampleRow
 from kubetune.schema import CompareWithSpec
 from kubetune_trainer.bleu import BleuSample
 from kubetune_trainer.remote import (
+    NO_ANSWER_PERPLEXITY_NOTE,
     NO_LOGPROBS_NOTE,
     Endpoint,
     RemoteError,
     score_endpoint,
+    score_endpoint_answers,
 )
 
 KEY = "sk-test-secret-value-123"
@@ -247,3 +250,50 @@ def test_api_key_comes_from_named_variable_then_operator_variable() -> None:
         ).api_key
         == "a"
     )
+
+
+def test_endpoint_answers_examples_through_chat_and_keeps_multiline_answers(
+    server: tuple[str, Behaviour],
+) -> None:
+    url, state = server
+    examples = [
+        ExampleRow(text="t", doc="d", prompt=s.prompt, answer=s.reference + "\nmore")
+        for s in SAMPLES
+    ]
+    chat = ExampleRow(
+        text="t",
+        doc="d",
+        prompt="show the",
+        answer="wrong",
+        messages=({"role": "system", "content": "short"}, {"role": "user", "content": "show the"}),
+    )
+    comparison, answers = score_endpoint_answers(
+        _endpoint(url), [*examples, chat], max_new_tokens=32, perplexity=False
+    )
+    # Answers are not cut at a newline (they may span lines), only stripped.
+    assert answers == [s.reference + "\nmore" for s in SAMPLES] + ["manual page\nmore"]
+    assert comparison.exact_match == pytest.approx(75.0)
+    assert comparison.chrf is not None and comparison.bleu is not None
+    assert comparison.perplexity is None and comparison.note is None
+    assert {r["path"] for r in state.requests} == {"/v1/chat/completions"}
+    messages = sorted((r["messages"] for r in state.requests), key=len)
+    assert messages[-1] == [dict(m) for m in chat.messages or ()]
+    assert [{"role": "user", "content": SAMPLES[0].prompt}] in messages
+    assert all(r["max_tokens"] == 32 and r["temperature"] == 0 for r in state.requests)
+    assert set(state.auth) == {f"Bearer {KEY}"}
+
+
+def test_endpoint_answers_note_why_perplexity_is_missing_and_failures(
+    server: tuple[str, Behaviour],
+) -> None:
+    url, state = server
+    example = ExampleRow(text="t", doc="d", prompt="list all files", answer="x")
+    comparison, _ = score_endpoint_answers(_endpoint(url), [example], max_new_tokens=4)
+    assert comparison.note == NO_ANSWER_PERPLEXITY_NOTE and comparison.exact_match == 0.0
+    state.always_status = 500
+    comparison, answers = score_endpoint_answers(
+        _endpoint(url, retries=1), [example], max_new_tokens=4
+    )
+    assert answers == [] and comparison.chrf is None and comparison.exact_match is None
+    assert comparison.note and "HTTP 500" in comparison.note
+    assert NO_ANSWER_PERPLEXITY_NOTE in comparison.note and KEY not in comparison.note

@@ -13,7 +13,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from kubetune.results import EvaluateResult, ModelScores, PrepareResult, TrainResult
-from kubetune.schema import DatasetStats, Progress
+from kubetune.schema import Comparison, DatasetStats, Progress
 from kubetune_operator.builders import ANNOTATION_FAILED_MESSAGE, ANNOTATION_FAILED_REASON, RunRef
 from kubetune_operator.metrics import OperatorMetrics
 from kubetune_operator.observe import StageObservation, observe_stage
@@ -537,3 +537,30 @@ def test_work_queue_wakes_a_waiting_worker() -> None:
     queue.add(("ml", "x"))
     worker.join(5)
     assert got == [("ml", "x")]
+
+
+def test_instruction_results_carry_chrf_and_exact_match_into_status_and_message() -> None:
+    view = succeeded_view()
+    view.evaluate = EvaluateResult(
+        fine_tuned=ModelScores(perplexity=3.5, bleu=41.0, chrf=62.5, exact_match=37.5),
+        baseline=ModelScores(perplexity=80.0, bleu=2.0, chrf=12.25, exact_match=0.0),
+        bleu_signature="nrefs:1|case:mixed|tok:13a",
+        chrf_signature="nrefs:1|case:mixed|eff:yes|nc:6|nw:0|space:no|version:2.4.2",
+        kind="chat",
+        comparisons=[Comparison(name="ollama", bleu=30.0, chrf=55.0, exact_match=25.0)],
+    )
+    status, _ = compute({}, view, T1)
+    results = status["results"]
+    assert results["chrf"] == 62.5 and results["baselineChrf"] == 12.25
+    assert results["exactMatch"] == 37.5 and results["baselineExactMatch"] == 0.0
+    assert results["chrfSignature"].startswith("nrefs:1|") and "nc:6" in results["chrfSignature"]
+    assert results["comparisons"] == [
+        {"name": "ollama", "bleu": 30.0, "chrf": 55.0, "exactMatch": 25.0}
+    ]
+    message = cond_of(status, "Evaluated")["message"]
+    assert "chrF 62.5 (baseline 12.25)" in message
+    assert "exact match 37.5% (baseline 0%)" in message
+    # A text run's status has none of them.
+    text_status, _ = compute({}, succeeded_view(), T1)
+    assert not {"chrf", "exactMatch", "chrfSignature"} & set(text_status["results"])
+    assert "chrF" not in cond_of(text_status, "Evaluated")["message"]

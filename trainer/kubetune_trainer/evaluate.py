@@ -265,6 +265,7 @@ def _score_model(
     if spec.bleu.enabled and test.samples:
         references = [s.reference for s in test.samples]
         if test.prompt_ids is not None:
+            _check_vocab(label, int(model.config.vocab_size), test.prompt_ids)
             continuations, gen_tps = generate_answers(
                 model,
                 tokenizer,
@@ -311,6 +312,17 @@ def _score_model(
     return _Scored(scores, continuations, signature, chrf_signature)
 
 
+def _check_vocab(label: str, vocab: int, token_lists: list[list[int]]) -> None:
+    top = max((max(ids) for ids in token_lists if ids), default=0)
+    if top >= vocab:
+        raise StageError(
+            f"dataset/test.tokens.npy holds token id {top} but the {label} model has a "
+            f"vocabulary of {vocab}: the dataset was tokenized with another tokenizer; set "
+            "model.tokenizer to the model's tokenizer and re-run prepare",
+            Reason.INVALID_SPEC,
+        )
+
+
 def _perplexity(
     spec: Any,
     label: str,
@@ -323,14 +335,7 @@ def _perplexity(
 ) -> None:
     """Score ``test``'s token lists into ``scores`` (answers only for instruction data)."""
     vocab = int(model.config.vocab_size)
-    top = max((max(ids) for ids in test.token_lists if ids), default=0)
-    if top >= vocab:
-        raise StageError(
-            f"dataset/test.tokens.npy holds token id {top} but the {label} model has a "
-            f"vocabulary of {vocab}: the dataset was tokenized with another tokenizer; set "
-            "model.tokenizer to the model's tokenizer and re-run prepare",
-            Reason.INVALID_SPEC,
-        )
+    _check_vocab(label, vocab, test.token_lists)
     sequences, masks = test.token_lists, test.target_masks
     if masks is not None:
         # As trained: eos after each example, predicted as the end of its last answer.

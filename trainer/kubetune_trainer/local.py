@@ -143,19 +143,18 @@ def summary_table(run: LocalRun) -> str:
             ("BLEU (fine-tuned)", _fmt(ev.fine_tuned.bleu, 2)),
             ("BLEU (baseline)", _fmt(base.bleu if base else None, 2)),
         ]
-        chrf = getattr(ev.fine_tuned, "chrf", None)
-        if chrf is not None:
+        if ev.is_instruction:
             rows += [
-                ("chrF (fine-tuned)", _fmt(chrf, 2)),
-                ("chrF (baseline)", _fmt(getattr(base, "chrf", None), 2)),
-                (
-                    "exact match % (fine-tuned)",
-                    _fmt(getattr(ev.fine_tuned, "exact_match", None), 1),
-                ),
-                ("exact match % (baseline)", _fmt(getattr(base, "exact_match", None), 1)),
+                ("chrF (fine-tuned)", _fmt(ev.fine_tuned.chrf, 2)),
+                ("chrF (baseline)", _fmt(base.chrf if base else None, 2)),
+                ("exact match % (fine-tuned)", _fmt(ev.fine_tuned.exact_match, 1)),
+                ("exact match % (baseline)", _fmt(base.exact_match if base else None, 1)),
             ]
         for comp in ev.comparisons:
             rows.append((f"BLEU ({comp.name})", _fmt(comp.bleu, 2)))
+            if ev.is_instruction:
+                rows.append((f"chrF ({comp.name})", _fmt(comp.chrf, 2)))
+                rows.append((f"exact match % ({comp.name})", _fmt(comp.exact_match, 1)))
     rep = run.results.get("report")
     if isinstance(rep, ReportResult):
         rows.append(("report", rep.markdown_uri))
