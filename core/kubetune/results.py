@@ -20,7 +20,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
 from kubetune.contract import RunAnnotation, Stage
-from kubetune.schema import Comparison, DatasetStats, FineTuneJob
+from kubetune.schema import (
+    CheckpointRecord,
+    Comparison,
+    DatasetStats,
+    FineTuneJob,
+    PromotionStatus,
+)
 
 
 class _Result(BaseModel):
@@ -95,6 +101,23 @@ class TrainResult(_Result):
     seconds: float = 0.0
     device: str = "cpu"
     config: dict[str, Any] = Field(default_factory=dict, description="resolved hyperparameters")
+    validation_loss: float | None = Field(
+        None, description="training.validation: the last validation loss"
+    )
+    best_validation_loss: float | None = Field(None, description="the lowest validation loss")
+    best_step: int | None = Field(None, description="the step of bestValidationLoss")
+    stopped_early: bool = Field(
+        False, description="training stopped before totalSteps: validation loss stopped improving"
+    )
+    model_step: int | None = Field(
+        None,
+        description="the step whose weights model/ holds: bestStep with "
+        "training.validation.keepBest, else steps",
+    )
+    checkpoints: list[CheckpointRecord] = Field(
+        default_factory=list,
+        description="complete checkpoints kept, oldest first (keepCheckpoints newest + the best)",
+    )
 
 
 class TrainingRecord(_Result):
@@ -110,6 +133,12 @@ class TrainingRecord(_Result):
     dataset_inputs: dict[str, Any] | None = None
     training_inputs: dict[str, Any] = Field(default_factory=dict)
     steps: int = 0
+    model_step: int | None = Field(
+        None,
+        description="the optimizer step these weights come from (the best validation step "
+        "with training.validation.keepBest, a chosen checkpoint for an export; None: steps)",
+    )
+    validation_loss: float | None = Field(None, description="validation loss at model_step")
 
 
 class ModelScores(_Result):
@@ -160,6 +189,10 @@ class EvaluateResult(_Result):
     samples_uri: str | None = Field(
         None, description="every generation BLEU scored: prompt, reference, each model's text"
     )
+    champion: ModelScores | None = Field(
+        None, description="spec.promotion: the serving model's scores on this test split"
+    )
+    promotion: PromotionStatus | None = Field(None, description="spec.promotion's decision")
     seconds: float = 0.0
 
     @property

@@ -39,6 +39,7 @@ import tempfile
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -362,20 +363,31 @@ class FileStorage(Storage):
         except PermissionError:
             raise StorageAccessDenied(f"{self.uri(key)}: permission denied") from None
 
+    @contextmanager
+    def _writing(self, key: str) -> Iterator[None]:
+        """File-system errors of a write as StorageError naming the URI (not a bare OSError)."""
+        try:
+            yield
+        except PermissionError:
+            raise StorageAccessDenied(f"{self.uri(key)}: permission denied") from None
+        except OSError as exc:
+            raise StorageError(f"{self.uri(key)}: cannot write ({exc.strerror or exc})") from None
+
     def write_bytes(self, key: str, data: bytes) -> None:
         target = self.path(key)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        # Write then rename: a crash never leaves a half-written file behind.
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-        try:
-            # mkstemp makes 0600 files; give them the mode every other file here gets.
-            os.fchmod(fd, _file_mode())
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with self._writing(key):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            # Write then rename: a crash never leaves a half-written file behind.
+            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+            try:
+                # mkstemp makes 0600 files; give them the mode every other file here gets.
+                os.fchmod(fd, _file_mode())
+                with os.fdopen(fd, "wb") as fh:
+                    fh.write(data)
+                os.replace(tmp, target)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
 
     def exists(self, key: str) -> bool:
         return self.path(key).exists()
@@ -408,12 +420,13 @@ class FileStorage(Storage):
 
     def upload_file(self, local: Path, key: str) -> None:
         target = self.path(key)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if local.resolve() == target.resolve():
-            return
-        tmp = target.with_name(f".{target.name}.part")
-        shutil.copyfile(local, tmp)
-        os.replace(tmp, target)
+        with self._writing(key):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if local.resolve() == target.resolve():
+                return
+            tmp = target.with_name(f".{target.name}.part")
+            shutil.copyfile(local, tmp)
+            os.replace(tmp, target)
 
     def download_file(self, key: str, local: Path) -> None:
         source = self.path(key)

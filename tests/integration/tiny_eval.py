@@ -189,6 +189,7 @@ def write_run(root: Path, n_train: int = 1500, n_test: int = 60) -> dict[str, An
         "model": model,
         "test": test,
         "test_ids": test_ids,
+        "train_ids": train_ids,
         "store": store,
     }
 

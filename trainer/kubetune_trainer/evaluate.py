@@ -69,8 +69,9 @@ from kubetune.dataset_format import (
 from kubetune.fingerprint import changed
 from kubetune.layout import RunLayout
 from kubetune.results import EvaluateResult, ModelScores, PrepareResult, TrainingRecord
-from kubetune.schema import Comparison, DatasetKind, Reason
+from kubetune.schema import Comparison, DatasetKind, PromotionStatus, Reason
 from kubetune.storage import Storage, StorageError
+from kubetune_trainer import promotion
 from kubetune_trainer.bleu import (
     BleuSample,
     context_token_id,
@@ -442,6 +443,85 @@ def _sample_rows(
     return rows
 
 
+def _publish_dir(ctx: StageContext) -> Path:
+    """The fine-tuned model as it is promoted: its files and, if it lacks them, the tokenizer's."""
+    model_dir = ctx.scratch / "eval-model"
+    if not any((model_dir / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
+        tokenizer_dir = ctx.scratch / "eval-tokenizer"
+        if not tokenizer_dir.exists():
+            _download(ctx.storage, RunLayout.TOKENIZER, tokenizer_dir)
+        for path in tokenizer_dir.iterdir():
+            if path.is_file():
+                shutil.copy2(path, model_dir / path.name)
+    return model_dir
+
+
+def _same_vocabulary(a: Any, b: Any) -> bool:
+    return bool(a.get_vocab() == b.get_vocab())
+
+
+def _promote(
+    ctx: StageContext,
+    fine_tuned: _Scored,
+    baseline: _Scored | None,
+    tokenizer: Any,
+    test: _TestSet,
+    answer_end: str | None,
+) -> tuple[PromotionStatus, ModelScores | None]:
+    """spec.promotion: score the champion on this test split, decide, publish if better.
+
+    A target that cannot be read or written gives a ``PromotionFailed`` decision, never
+    a failed stage: the evaluation stands, and the version in use is unchanged.
+    """
+    spec = ctx.job.spec.promotion
+    assert spec is not None
+    new = promotion.Scores(fine_tuned.scores.perplexity, fine_tuned.scores.bleu)
+    base = promotion.Scores(baseline.scores.perplexity, baseline.scores.bleu) if baseline else None
+    current: promotion.VersionRecord | None = None
+    try:
+        target = ctx.open(spec.target)
+        current = promotion.read_current(target)
+        champion: _Scored | None = None
+        if current is not None:
+            champion_dir = _download(ctx.open(current.model_uri), "", ctx.scratch / "eval-champion")
+            champion_tokenizer = _load_tokenizer(champion_dir)
+            if not _same_vocabulary(champion_tokenizer, tokenizer):
+                decision = promotion.Decision(
+                    False,
+                    Reason.NOT_BETTER,
+                    f"not promoted: champion {current.version} uses another tokenizer, so "
+                    "perplexities are not comparable; promote by hand if this model is "
+                    "better (kubetune promote --force)",
+                )
+                return promotion.status_of(decision, None, current, None), None
+            champion_model = _load_model_dir(champion_dir)
+            champion = _score_model(
+                ctx, f"champion {current.version}", champion_model, tokenizer, test, answer_end
+            )
+            _free(champion_model)
+        rival = (
+            promotion.Scores(champion.scores.perplexity, champion.scores.bleu) if champion else None
+        )
+        decision = promotion.decide(new, base, current, rival, spec)
+        record = None
+        if decision.promote:
+            record = promotion.publish(
+                target,
+                _publish_dir(ctx),
+                new,
+                run=ctx.run_identity.to_wire(),
+                source=ctx.storage.uri(RunLayout.MODEL),
+            )
+        log.info("promotion: %s", decision.message)
+        status = promotion.status_of(decision, record, current, rival)
+        return status, champion.scores if champion else None
+    except (StageError, StorageError) as exc:
+        message = f"promotion to {spec.target} failed: {exc}"
+        log.warning("%s", message)
+        failed = promotion.Decision(False, Reason.PROMOTION_FAILED, message)
+        return promotion.status_of(failed, None, current, None), None
+
+
 def run(ctx: StageContext, *, answer_end: str | None = None) -> EvaluateResult:
     """Evaluate the fine-tuned model (and baseline, endpoints); write samples then the result.
 
@@ -478,6 +558,11 @@ def run(ctx: StageContext, *, answer_end: str | None = None) -> EvaluateResult:
         base_model = _load_baseline(ctx, tokenizer)
         baseline = _score_model(ctx, "baseline", base_model, tokenizer, test, answer_end)
         _free(base_model)
+
+    promoted: PromotionStatus | None = None
+    champion_scores: ModelScores | None = None
+    if ctx.job.spec.promotion is not None:
+        promoted, champion_scores = _promote(ctx, fine_tuned, baseline, tokenizer, test, answer_end)
 
     comparisons: list[Comparison] = []
     remote_texts: dict[str, list[str]] = {}
@@ -520,6 +605,8 @@ def run(ctx: StageContext, *, answer_end: str | None = None) -> EvaluateResult:
         training_fingerprint=record.training_fingerprint,
         train_test_overlap=overlap,
         samples_uri=samples_uri,
+        champion=champion_scores,
+        promotion=promoted,
         seconds=time.perf_counter() - start,
     )
     ctx.storage.write_text(RunLayout.EVAL_RESULT, result.to_json())
