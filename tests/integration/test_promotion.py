@@ -20,7 +20,7 @@ from kubetune.layout import RunLayout
 from kubetune.results import EvaluateResult
 from kubetune.schema import job_manifest, parse_job
 from kubetune.storage import open_storage
-from kubetune_trainer import evaluate
+from kubetune_trainer import evaluate, report
 from kubetune_trainer.context import make_context
 from kubetune_trainer.promotion import read_current
 
@@ -85,6 +85,12 @@ def test_promote_only_a_better_model_and_keep_the_previous_version(
     assert better.promotion.champion_perplexity == pytest.approx(first.fine_tuned.perplexity)
     pointer = json.loads((tmp_path / "serving/current.json").read_text())
     assert pointer["version"] == "v0002" and pointer["previous"] == "v0001"
+
+    # The report says what was decided and against which champion.
+    job = make_job(f"file://{out}", bleu={"enabled": False})
+    report.run(make_context(job, scratch=tmp_path / "s4"))
+    markdown = (out / RunLayout.REPORT_MD).read_text()
+    assert "## Promotion" in markdown and "v0002" in markdown and "v0001" in markdown
 
 
 def test_an_unwritable_target_fails_the_promotion_not_the_evaluation(

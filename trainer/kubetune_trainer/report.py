@@ -410,6 +410,24 @@ def _results(ctx: StageContext, result: EvaluateResult) -> list[Block]:
     return blocks
 
 
+def _promotion(result: EvaluateResult | None) -> list[Block]:
+    """spec.promotion's decision: promoted or not, against what, and where it lives."""
+    if result is None or result.promotion is None:
+        return []
+    p = result.promotion
+    verdict = "promoted" if p.promoted else f"not promoted ({p.reason})"
+    rows = [
+        ["Decision", verdict],
+        ["Why", p.message or ""],
+        ["Version in use", p.version or "none"],
+        ["Previous version", p.previous or "none"],
+        ["Serving model", p.model_uri or ""],
+    ]
+    if result.champion is not None:
+        rows.append(["Champion perplexity on this test split", _num(result.champion.perplexity)])
+    return [Heading(2, "Promotion"), Table(["", ""], rows)]
+
+
 def _dataset(prepare: PrepareResult | None) -> list[Block]:
     blocks: list[Block] = [Heading(2, "Dataset")]
     if prepare is None:
@@ -427,6 +445,20 @@ def _dataset(prepare: PrepareResult | None) -> list[Block]:
         ("Test tokens", s.test_tokens),
         ("Train/test overlap", s.overlap),
     ]
+    if s.validation_lines is not None:
+        rows += [
+            ("Validation lines (carved from train)", s.validation_lines),
+            ("Validation tokens", s.validation_tokens or 0),
+        ]
+    if s.records is not None:
+        rows += [(f"Bad records: {cause}", n) for cause, n in (s.bad_records or {}).items()]
+        if s.train_groups is not None:
+            rows += [("Train groups", s.train_groups), ("Test groups", s.test_groups or 0)]
+        rows += [
+            ("Test prompts also in train", s.prompt_overlap or 0),
+            ("Test answers also in train", s.answer_overlap or 0),
+            ("Test examples removed for a shared prompt or answer", s.overlap_removed or 0),
+        ]
     twins = s.test_twins
     if twins is not None:
         threshold = prepare.config.get("clean", {}).get("nearDuplicateThreshold", 0.8)
@@ -567,6 +599,7 @@ def build_blocks(
     return [
         *_header(ctx),
         *_results(ctx, result),
+        *_promotion(result),
         *(
             _answer_samples(samples, result)
             if result.is_instruction
