@@ -936,6 +936,34 @@ class PromotionSpec(_Model):
     )
 
 
+class MlflowSpec(_Model):
+    """An MLflow tracking server that records each run."""
+
+    tracking_uri: str = Field(
+        ...,
+        pattern=r"^https?://.+",
+        description="The MLflow tracking server, e.g. http://mlflow.mlflow.svc:5000 (REST API; "
+        "artifacts go through its proxied artifact store, mlflow server --serve-artifacts).",
+    )
+    experiment: str = Field(
+        "kubetune",
+        min_length=1,
+        max_length=256,
+        description="Experiment name; created if it does not exist.",
+    )
+    credentials_secret: SecretName | None = Field(
+        None,
+        description="Secret with MLFLOW_TRACKING_TOKEN, or MLFLOW_TRACKING_USERNAME and "
+        "MLFLOW_TRACKING_PASSWORD, in the FineTuneJob's namespace.",
+    )
+
+
+class TrackingSpec(_Model):
+    """Experiment tracking. Tracking failures never fail a stage: they are reported."""
+
+    mlflow: MlflowSpec | None = Field(None, description="Record runs in MLflow.")
+
+
 class FineTuneJobSpec(_Model):
     """The desired fine-tune: model, data, hyperparameters, evaluation, placement, storage."""
 
@@ -953,6 +981,11 @@ class FineTuneJobSpec(_Model):
         None,
         description="Promote the fine-tuned model to a serving prefix when it beats the "
         "baseline and the current champion (scored in the evaluate stage).",
+    )
+    tracking: TrackingSpec | None = Field(
+        None,
+        description="Experiment tracking: parameters, per-step metrics, final metrics of the "
+        "model and its baseline, the report and the dataset card (MLflow).",
     )
     suspend: bool = Field(False, description="Pause: stop running stage pods; resume later.")
     ttl_seconds_after_finished: int | None = Field(
@@ -1101,6 +1134,14 @@ class PromotionStatus(_Model):
     )
 
 
+class TrackingStatus(_Model):
+    """Where the run is tracked (spec.tracking)."""
+
+    run_id: str | None = Field(None, description="The MLflow run id.")
+    url: str | None = Field(None, description="The run's page on the tracking server.")
+    error: str | None = Field(None, description="The last tracking failure, if any.")
+
+
 class CheckpointRecord(_Model):
     """One complete checkpoint of the current run, as the trainer listed it."""
 
@@ -1210,6 +1251,9 @@ class FineTuneJobStatus(_Model):
     results: Results | None = Field(None, description="Evaluation results.")
     promotion: PromotionStatus | None = Field(
         None, description="spec.promotion: whether this run's model was promoted, and why."
+    )
+    tracking: TrackingStatus | None = Field(
+        None, description="spec.tracking: the experiment tracker's run."
     )
     artifacts: Artifacts | None = Field(None, description="Artifact URIs.")
     history: list[RunRecord] = Field(
