@@ -127,6 +127,13 @@ S3_CREDENTIAL_KEYS_TEXT = f"{S3_KEY_ID} and {S3_SECRET_KEY}"  # for messages
 """The keys ``spec.storage.credentialsSecret`` must hold; pods get them as env vars of those names
 (``S3_SESSION_TOKEN`` is optional and read by the operator only)."""
 
+MLFLOW_TOKEN = "MLFLOW_TRACKING_TOKEN"
+MLFLOW_USERNAME = "MLFLOW_TRACKING_USERNAME"
+MLFLOW_PASSWORD = "MLFLOW_TRACKING_PASSWORD"
+MLFLOW_CREDENTIAL_KEYS = (MLFLOW_TOKEN, MLFLOW_USERNAME, MLFLOW_PASSWORD)
+"""The keys ``spec.tracking.mlflow.credentialsSecret`` may hold (a token, or a user name and a
+password); pods get those present as env vars of the same names (optional secretKeyRefs)."""
+
 METRICS_PORT = 9400
 RENDEZVOUS_PORT = 29500
 

@@ -31,6 +31,7 @@ from typing import Any
 from kubetune.contract import (
     JOB_STAGES,
     METRICS_PORT,
+    MLFLOW_CREDENTIAL_KEYS,
     NOT_RETRIABLE_EXIT_CODES,
     RENDEZVOUS_PORT,
     S3_CREDENTIAL_KEYS,
@@ -114,9 +115,12 @@ def spec_hash(job: FineTuneJob) -> str:
     """Hash of the parts of the spec that change a run's outputs.
 
     ``suspend`` and ``ttlSecondsAfterFinished`` are left out: toggling them bumps
-    ``metadata.generation`` but must pause/resume or clean up the SAME run.
+    ``metadata.generation`` but must pause/resume or clean up the SAME run. Values equal
+    to their default are left out too, so a release that adds a field with a default
+    does not change the hash of every job already running (their results would no
+    longer count as the current run's).
     """
-    wire = job.spec.to_wire()
+    wire = job.spec.model_dump(by_alias=True, exclude_none=True, exclude_defaults=True, mode="json")
     for key in ("suspend", "ttlSecondsAfterFinished"):
         wire.pop(key, None)
     data = json.dumps(wire, sort_keys=True, separators=(",", ":")).encode()
@@ -345,6 +349,11 @@ def stage_env(job: FineTuneJob, stage: str) -> list[dict[str, Any]]:
     if storage.credentials_secret:
         for key in S3_CREDENTIAL_KEYS:
             ref = {"name": storage.credentials_secret, "key": key}
+            env.append({"name": key, "valueFrom": {"secretKeyRef": ref}})
+    mlflow = job.spec.tracking.mlflow if job.spec.tracking else None
+    if mlflow is not None and mlflow.credentials_secret:
+        for key in MLFLOW_CREDENTIAL_KEYS:  # a token, or user and password: each may be absent
+            ref = {"name": mlflow.credentials_secret, "key": key, "optional": True}
             env.append({"name": key, "valueFrom": {"secretKeyRef": ref}})
     if storage.endpoint:
         env.append({"name": "AWS_ENDPOINT_URL", "value": literal(storage.endpoint)})

@@ -21,7 +21,7 @@ import yaml
 from harness.pod_spec import expand_vars
 from kubetune.contract import JOB_STAGES, Env, Stage
 from kubetune.results import RunIdentity
-from kubetune.schema import FineTuneJob, load_job, parse_job
+from kubetune.schema import FineTuneJob, job_manifest, load_job, parse_job
 from kubetune_operator import builders, rbac
 from kubetune_operator.builders import RunRef
 from kubetune_operator.config import OperatorConfig
@@ -374,3 +374,38 @@ def test_endpoint_keys_come_only_from_their_secret_never_from_a_named_variable()
     }
     train_env = {e["name"] for e in builders.stage_env(job, Stage.TRAIN)}
     assert Env.compare_api_key("ollama") not in train_env
+
+
+def test_mlflow_credentials_reach_every_stage_only_as_optional_secret_refs() -> None:
+    from kubetune.contract import MLFLOW_CREDENTIAL_KEYS
+
+    manifest = job_manifest(
+        "tracked",
+        model={"name": "gpt2"},
+        dataset={"source": "s3://corpora/tldr/"},
+        storage={"output": "s3://runs/tracked/"},
+    )
+    manifest["spec"]["tracking"] = {
+        "mlflow": {"trackingUri": "http://mlflow:5000", "credentialsSecret": "mlflow-creds"}
+    }
+    job = parse_job(manifest)
+    for stage in ("prepare", "train", "evaluate"):
+        env = {e["name"]: e for e in builders.stage_env(job, stage)}
+        for key in MLFLOW_CREDENTIAL_KEYS:
+            ref = env[key]["valueFrom"]["secretKeyRef"]
+            assert ref == {"name": "mlflow-creds", "key": key, "optional": True}
+            assert "value" not in env[key]
+
+
+def test_a_new_field_at_its_default_does_not_change_the_spec_hash() -> None:
+    manifest = job_manifest(
+        "h",
+        model={"name": "gpt2"},
+        dataset={"source": "s3://corpora/tldr/"},
+        storage={"output": "s3://runs/h/"},
+    )
+    before = builders.spec_hash(parse_job(manifest))
+    manifest["spec"]["dataset"]["kind"] = "text"  # written out, equal to the default
+    assert builders.spec_hash(parse_job(manifest)) == before
+    manifest["spec"]["dataset"]["kind"] = "chat"
+    assert builders.spec_hash(parse_job(manifest)) != before
