@@ -36,6 +36,8 @@ TRAINER_METRICS = {
     "kubetune_train_eta_seconds",
     "kubetune_train_tokens_total",
     "kubetune_train_nonfinite_loss_total",
+    "kubetune_train_validation_loss",
+    "kubetune_train_best_validation_loss",
     "kubetune_gpu_memory_used_bytes",
     "kubetune_gpu_utilization_ratio",
 }

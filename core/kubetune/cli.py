@@ -5,7 +5,8 @@
     kubetune validate job.yaml --check-uris   # ... and that its sources, model, output exist
     kubetune prepare  --job job.json --output s3://runs/x/g1   # one stage (what pods run)
     kubetune train    --job job.json --output ...
-    kubetune evaluate --job job.json --output ... [--report]
+    kubetune evaluate --job job.json --output ... [--report] [--checkpoint STEP|URI]
+    kubetune export   --job job.yaml --checkpoint STEP|URI --to s3://models/x/
     kubetune report   --job job.json --output ...
     kubetune crd [--check]                # regenerate crds/ from the schema
     kubetune operator                     # run the kopf operator (needs the [operator] extra)
@@ -92,7 +93,45 @@ def _cmd_stage(args: argparse.Namespace) -> int:
         output=args.output,
         scratch=Path(args.scratch) if args.scratch else None,
         with_report=bool(getattr(args, "report", False)),
+        checkpoint=getattr(args, "checkpoint", None),
     )
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    job = _load(args.job)
+    try:
+        from kubetune_trainer.stages import run_export
+    except ImportError as exc:
+        return _trainer_missing("export", exc)
+    return run_export(
+        job,
+        args.checkpoint,
+        args.to,
+        output=args.output,
+        scratch=Path(args.scratch) if args.scratch else None,
+    )
+
+
+def _cmd_promote(args: argparse.Namespace) -> int:
+    job = _load(args.job)
+    try:
+        from kubetune_trainer.stages import run_promote
+    except ImportError as exc:
+        return _trainer_missing("promote", exc)
+    return run_promote(job, output=args.output, force=args.force)
+
+
+def _cmd_rollback(args: argparse.Namespace) -> int:
+    job = _load(args.job) if args.job else None
+    try:
+        from kubetune_trainer.stages import run_rollback
+    except ImportError as exc:
+        return _trainer_missing("rollback", exc)
+    target = args.target or (job.spec.promotion.target if job and job.spec.promotion else None)
+    if not target:
+        print("kubetune rollback: give --target, or --job with spec.promotion", file=sys.stderr)
+        return ExitCode.USAGE
+    return run_rollback(target, job=job)
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
@@ -160,7 +199,53 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--scratch", help="working directory (default $KUBETUNE_SCRATCH or temp)")
         if name == Stage.EVALUATE:
             p.add_argument("--report", action="store_true", help="also write the report")
+            p.add_argument(
+                "--checkpoint",
+                metavar="STEP|URI",
+                help="score this training checkpoint instead of model/: a step listed in "
+                "status.checkpoints / train/train.json, or a checkpoint URI "
+                "(.../checkpoints/step-XXXXXXXX); it is exported to <output>/exports/ first",
+            )
         p.set_defaults(func=_cmd_stage)
+
+    exp = sub.add_parser(
+        "export",
+        help="write a training checkpoint as a standalone model (save_pretrained + tokenizer)",
+        description="Write a training checkpoint as a standalone model: save_pretrained "
+        "weights (LoRA adapters merged), the dataset's tokenizer and kubetune-training.json, "
+        "loadable with AutoModelForCausalLM.from_pretrained or usable as model.uri.",
+    )
+    exp.add_argument("--job", required=True, help="FineTuneJob YAML/JSON of the run")
+    exp.add_argument("--output", help="output prefix of the run (default spec.storage.output)")
+    exp.add_argument(
+        "--checkpoint",
+        required=True,
+        metavar="STEP|URI",
+        help="a step listed in status.checkpoints / train/train.json, or a checkpoint URI "
+        "(.../checkpoints/step-XXXXXXXX)",
+    )
+    exp.add_argument(
+        "--to", required=True, metavar="URI", help="where to write the model (s3:// or file://)"
+    )
+    exp.add_argument("--scratch", help="working directory (default $KUBETUNE_SCRATCH or temp)")
+    exp.set_defaults(func=_cmd_export)
+
+    pro = sub.add_parser(
+        "promote",
+        help="promote the run's model to spec.promotion.target if it beats the baseline and "
+        "the champion it was evaluated against",
+    )
+    pro.add_argument("--job", required=True, help="FineTuneJob YAML/JSON with spec.promotion")
+    pro.add_argument("--output", help="output prefix of the run (default spec.storage.output)")
+    pro.add_argument("--force", action="store_true", help="promote whatever the numbers say")
+    pro.set_defaults(func=_cmd_promote)
+
+    rb = sub.add_parser(
+        "rollback", help="point the serving prefix's current.json back at the previous version"
+    )
+    rb.add_argument("--target", help="the promotion target (s3:// or file://)")
+    rb.add_argument("--job", help="a FineTuneJob whose spec.promotion.target (and storage) to use")
+    rb.set_defaults(func=_cmd_rollback)
 
     val = sub.add_parser("validate", help="check a manifest")
     val.add_argument("manifest")

@@ -26,6 +26,7 @@ from kubetune.schema import (
     DatasetStats,
     FineTuneJob,
     PromotionStatus,
+    TrackingStatus,
 )
 
 
@@ -62,6 +63,7 @@ class PrepareResult(_Result):
 
     stage: str = Stage.PREPARE.value
     run: RunIdentity | None = Field(None, description="the run that wrote it")
+    tracking: TrackingStatus | None = Field(None, description="spec.tracking's run, if any")
     stats: DatasetStats
     train_sha256: str = Field(..., description="sha256 of dataset/train.jsonl")
     test_sha256: str = Field(..., description="sha256 of dataset/test.jsonl")
@@ -87,6 +89,7 @@ class TrainResult(_Result):
 
     stage: str = Stage.TRAIN.value
     run: RunIdentity | None = Field(None, description="the run that wrote it")
+    tracking: TrackingStatus | None = Field(None, description="spec.tracking's run, if any")
     steps: int
     total_steps: int
     epochs: float
@@ -170,6 +173,7 @@ class EvaluateResult(_Result):
 
     stage: str = Stage.EVALUATE.value
     run: RunIdentity | None = Field(None, description="the run that wrote it")
+    tracking: TrackingStatus | None = Field(None, description="spec.tracking's run, if any")
     fine_tuned: ModelScores
     baseline: ModelScores | None = None
     bleu_signature: str | None = None
@@ -206,6 +210,7 @@ class ReportResult(_Result):
 
     stage: str = Stage.REPORT.value
     run: RunIdentity | None = Field(None, description="the run that wrote it")
+    tracking: TrackingStatus | None = Field(None, description="spec.tracking's run, if any")
     markdown_uri: str
     html_uri: str | None = None
     loss_curve_uri: str | None = None

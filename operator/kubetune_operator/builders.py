@@ -353,8 +353,8 @@ def stage_env(job: FineTuneJob, stage: str) -> list[dict[str, Any]]:
     mlflow = job.spec.tracking.mlflow if job.spec.tracking else None
     if mlflow is not None and mlflow.credentials_secret:
         for key in MLFLOW_CREDENTIAL_KEYS:  # a token, or user and password: each may be absent
-            ref = {"name": mlflow.credentials_secret, "key": key, "optional": True}
-            env.append({"name": key, "valueFrom": {"secretKeyRef": ref}})
+            optional = {"name": mlflow.credentials_secret, "key": key, "optional": True}
+            env.append({"name": key, "valueFrom": {"secretKeyRef": optional}})
     if storage.endpoint:
         env.append({"name": "AWS_ENDPOINT_URL", "value": literal(storage.endpoint)})
     if storage.region:

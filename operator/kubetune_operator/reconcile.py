@@ -85,6 +85,7 @@ from kubetune_operator.result_reader import ResultReader
 from kubetune_operator.status import (
     Event,
     RunView,
+    checkpoints_from,
     compute_status,
     get_condition,
     parse_status,
@@ -349,7 +350,7 @@ class Reconciler:
             elif child["spec"].get("suspend"):
                 self._patch_job(child, {"spec": {"suspend": False}})  # unsuspended
             if stage == Stage.TRAIN:
-                view.progress = self._progress(job, run)
+                self._progress(job, run, view)
             view.stages[stage] = obs
             requeue = (
                 self.cfg.progress_interval if stage == Stage.TRAIN else self.cfg.resync_interval
@@ -576,13 +577,16 @@ class Reconciler:
         else:
             view.evaluate = result
 
-    def _progress(self, job: FineTuneJob, run: RunRef) -> Progress | None:
+    def _progress(self, job: FineTuneJob, run: RunRef, view: RunView) -> None:
+        """The trainer's progress.json into ``view``: progress and the checkpoint list."""
         key = (job.metadata.namespace or "", job.metadata.name, run.id)
         last = self._progress_at.get(key)
         if last is not None and time.monotonic() - last < self.cfg.progress_interval:
-            return None  # keep the status' progress; bounded read rate
+            return  # keep the status' progress; bounded read rate
         self._progress_at[key] = time.monotonic()
-        return parse_progress(self.reader.read_json(job, run.output, RunLayout.PROGRESS))
+        data = self.reader.read_json(job, run.output, RunLayout.PROGRESS)
+        view.progress = parse_progress(data)
+        view.checkpoints = checkpoints_from(data)
 
     # ------------------------------------------------------------------ status and events
 

@@ -28,6 +28,7 @@ to date posts nothing twice).
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,6 +40,7 @@ from kubetune.layout import RunLayout
 from kubetune.results import EvaluateResult, PrepareResult, TrainResult
 from kubetune.schema import (
     Artifacts,
+    CheckpointRecord,
     Condition,
     ConditionType,
     DatasetStats,
@@ -49,6 +51,7 @@ from kubetune.schema import (
     Results,
     RunRecord,
     StageStatus,
+    TrackingStatus,
 )
 from kubetune_operator.builders import RunRef
 from kubetune_operator.observe import (
@@ -99,6 +102,8 @@ class RunView:
     train: TrainResult | None = None
     evaluate: EvaluateResult | None = None
     progress: Progress | None = None
+    # The trainer's checkpoint list from progress.json while train runs (checkpoints_from)
+    checkpoints: list[CheckpointRecord] | None = None
     invalid: tuple[str, str] | None = None  # (reason, message): the spec cannot work
 
     @classmethod
@@ -248,7 +253,16 @@ def results_from(evaluate: EvaluateResult) -> Results:
     )
 
 
+def tracking_from(view: RunView) -> TrackingStatus | None:
+    """The newest stage result's experiment-tracking status (spec.tracking)."""
+    for result in (view.evaluate, view.train, view.prepare):
+        if result is not None and result.tracking is not None:
+            return result.tracking
+    return None
+
+
 def progress_from(train: TrainResult) -> Progress:
+    validated = train.best_step is not None or train.validation_loss is not None
     return Progress(
         step=train.steps,
         total_steps=train.total_steps,
@@ -257,7 +271,34 @@ def progress_from(train: TrainResult) -> Progress:
         loss=train.final_loss,
         tokens_per_second=train.tokens_per_second,
         eta_seconds=0.0,
+        validation_loss=train.validation_loss,
+        validation_perplexity=_perplexity(train.validation_loss),
+        best_validation_loss=train.best_validation_loss,
+        best_step=train.best_step,
+        stopped_early=train.stopped_early if validated or train.stopped_early else None,
     )
+
+
+def _perplexity(loss: float | None) -> float | None:
+    if loss is None or not math.isfinite(loss) or loss > 700:
+        return None
+    return round(math.exp(loss), 4)
+
+
+def checkpoints_from(data: Mapping[str, Any] | None) -> list[CheckpointRecord] | None:
+    """The trainer's checkpoint list from progress.json (``checkpoints``); None if absent.
+
+    Lenient like the rest of the status: a record that does not validate is dropped.
+    """
+    if not data or not isinstance(data.get("checkpoints"), list):
+        return None
+    records = []
+    for raw in data["checkpoints"]:
+        try:
+            records.append(CheckpointRecord.model_validate(raw))
+        except ValidationError:
+            continue
+    return records
 
 
 def artifacts_for(run: RunRef, view: RunView, old: Artifacts | None) -> Artifacts | None:
@@ -523,9 +564,26 @@ def compute_status(
             new.dataset = prev.dataset
         if view.train is not None:
             new.progress = progress_from(view.train)
+            new.checkpoints = list(view.train.checkpoints)
         else:
             new.progress = view.progress or prev.progress
+            new.checkpoints = (
+                view.checkpoints if view.checkpoints is not None else list(prev.checkpoints)
+            )
         new.results = results_from(view.evaluate) if view.evaluate is not None else prev.results
+        new.promotion = view.evaluate.promotion if view.evaluate is not None else prev.promotion
+        if new.promotion is not None:
+            p = new.promotion
+            new.conditions = set_condition(
+                new.conditions,
+                ConditionType.PROMOTED,
+                p.promoted,
+                p.reason,
+                p.message or "",
+                now,
+                view.generation,
+            )
+        new.tracking = tracking_from(view) or prev.tracking
         new.artifacts = artifacts_for(run, view, prev.artifacts)
         new.start_time = prev.start_time or now
         if phase in (Phase.SUCCEEDED, Phase.FAILED):
@@ -536,6 +594,9 @@ def compute_status(
             )
     events += _retry_events(prev, view) if run is not None else []
     events += _events(prev, assessment, run)
+    if new.promotion is not None and prev.promotion is None:
+        severity = "Warning" if new.promotion.reason == Reason.PROMOTION_FAILED.value else "Normal"
+        events.append(Event(severity, new.promotion.reason, new.promotion.message or ""))
     return new, events
 
 

@@ -106,3 +106,33 @@ def test_an_unwritable_target_fails_the_promotion_not_the_evaluation(
     assert result.fine_tuned.perplexity is not None
     saved = EvaluateResult.model_validate_json((out / RunLayout.EVAL_RESULT).read_text())
     assert saved.promotion == result.promotion
+
+
+def test_promote_and_rollback_by_hand(built: dict[str, Any], tmp_path: Path) -> None:
+    import yaml
+
+    from kubetune.cli import main
+
+    out = copy_run(built, tmp_path / "r")
+    target = f"file://{tmp_path}/serving"
+    job = make_job(f"file://{out}", bleu={"enabled": False})
+    manifest = job_manifest("tiny-eval", job.spec.to_wire())
+    manifest["spec"]["promotion"] = {"target": target, "minImprovement": 0.01}
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(yaml.safe_dump(manifest))
+    # Evaluated without promotion first: nothing was in use, so the rule needs no champion.
+    evaluate.run(
+        make_context(make_job(f"file://{out}", bleu={"enabled": False}), scratch=tmp_path / "s")
+    )
+    assert main(["promote", "--job", str(job_file)]) == 0
+    assert main(["promote", "--job", str(job_file), "--force"]) == 0
+    serving = open_storage(target)
+    current = read_current(serving)
+    assert current is not None and (current.version, current.previous) == ("v0002", "v0001")
+    # Without --force, a run compared with no champion is not judged against v0002.
+    assert main(["promote", "--job", str(job_file)]) == 3
+    assert main(["rollback", "--target", target]) == 0
+    current = read_current(serving)
+    assert current is not None and current.version == "v0001"
+    assert current.rolled_back_from == "v0002"
+    assert main(["rollback", "--job", str(job_file)]) != 0  # v0001 has no previous version

@@ -72,6 +72,7 @@ def test_endpoint_serves_every_contract_metric_with_job_labels() -> None:
             new_tokens=4096,
         )
         metrics.count_nonfinite()
+        metrics.update_validation(3.4, best=3.3)  # training.validation
         samples = _scrape(port)
     finally:
         metrics.close(final_scrape_limit_s=0)
@@ -85,6 +86,8 @@ def test_endpoint_serves_every_contract_metric_with_job_labels() -> None:
     assert value["kubetune_train_loss"] == 3.0
     assert value["kubetune_train_tokens_total"] == 8192
     assert value["kubetune_train_nonfinite_loss_total"] == 1
+    assert value["kubetune_train_validation_loss"] == 3.4
+    assert value["kubetune_train_best_validation_loss"] == 3.3
     assert samples["kubetune_train_tokens_total"][0][0] == "counter"
     assert samples["kubetune_train_eta_seconds"][0][0] == "gauge"
 

@@ -564,3 +564,39 @@ def test_instruction_results_carry_chrf_and_exact_match_into_status_and_message(
     text_status, _ = compute({}, succeeded_view(), T1)
     assert not {"chrf", "exactMatch", "chrfSignature"} & set(text_status["results"])
     assert "chrF" not in cond_of(text_status, "Evaluated")["message"]
+
+
+def test_a_promotion_decision_is_a_condition_an_event_and_status_promotion() -> None:
+    from kubetune.schema import PromotionStatus, TrackingStatus
+
+    for promoted, reason, severity in (
+        (True, "Promoted", "Normal"),
+        (False, "NotBetter", "Normal"),
+        (False, "PromotionFailed", "Warning"),
+    ):
+        view = succeeded_view()
+        assert view.evaluate is not None
+        decision = PromotionStatus(
+            promoted=promoted, reason=reason, message=f"{reason}: numbers", version="v0002"
+        )
+        tracking = TrackingStatus(run_id="abc", url="http://mlflow/#/experiments/1/runs/abc")
+        view.evaluate = view.evaluate.model_copy(
+            update={"promotion": decision, "tracking": tracking}
+        )
+        status, events = compute({}, view, T1)
+        assert status["promotion"]["reason"] == reason and status["promotion"]["version"] == "v0002"
+        condition = cond_of(status, "Promoted")
+        assert condition["status"] == ("True" if promoted else "False")
+        assert condition["reason"] == reason and condition["message"] == f"{reason}: numbers"
+        assert [(e.type, e.reason) for e in events if e.reason == reason] == [(severity, reason)]
+        assert status["tracking"]["url"].endswith("/runs/abc")
+        # The decision is news once: the next pass of the same run emits no second Event.
+        again, later = compute(status, view, T1)
+        assert not [e for e in later if e.reason == reason]
+        assert cond_of(again, "Promoted")["status"] == condition["status"]
+
+
+def test_a_run_without_promotion_has_no_promoted_condition() -> None:
+    status, _ = compute({}, succeeded_view(), T1)
+    assert "promotion" not in status
+    assert all(c["type"] != "Promoted" for c in status["conditions"])

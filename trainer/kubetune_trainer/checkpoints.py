@@ -7,27 +7,40 @@ Usage (inside the train loop; only the main process writes)::
     ...
     accelerator.save_state(local)
     save_checkpoint(ctx.storage, local, TrainerState(...))     # files, state, COMPLETE last
-    prune_checkpoints(ctx.storage, keep=2)
+    prune_checkpoints(ctx.storage, keep=2, protect={best_step})   # newest 2, and the best
+    checkpoint_records(ctx.storage, best_step=120)         # what progress.json and the status list
+    load_weights(model, local)                             # a checkpoint's weights into a model
 
 Why a kill never loses the last complete checkpoint: a checkpoint counts only
 once its ``COMPLETE`` marker exists, and the marker is written after every other
 file; older checkpoints are deleted only after the new marker is written; a
 directory without a marker (an upload cut short) is ignored at resume and
 removed by the next prune.
+
+A checkpoint also holds the model's weights as Accelerate saved them
+(``model.safetensors``: the full state dict of the trained module, a peft model's
+included), so it can become a standalone model (:mod:`kubetune_trainer.export`), and
+the trainer state carries the training and validation loss at its step and the
+early-stopping state (``validation``), so a resumed run makes the same decisions.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from kubetune.layout import RunLayout, join_uri
-from kubetune.storage import Storage
+from kubetune.schema import CheckpointRecord
+from kubetune.storage import Storage, StorageError, StorageNotFound
 
 STATE_FILE = "trainer_state.json"
+# The model's weights in a checkpoint, as ``Accelerator.save_state`` names them
+# (safetensors by default; the pickle form only if a caller turned safetensors off).
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 _STEP_DIR = re.compile(r"^step-(\d{8,})$")
 
 
@@ -42,6 +55,11 @@ class TrainerState:
     tokens_seen: int  # real (non-padding) training tokens consumed, all processes
     elapsed_seconds: float = 0.0  # training seconds before this checkpoint (for the result)
     config: dict[str, Any] = field(default_factory=dict)  # resolved hyperparameters
+    loss: float | None = None  # training loss of the log window ending at this step
+    validation_loss: float | None = None  # validation loss at this step (if scored here)
+    # training.validation: the early-stopping state (validation.EarlyStopping.to_state)
+    validation: dict[str, Any] = field(default_factory=dict)
+    stopped_early: bool = False  # training ended here: validation loss stopped improving
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -130,8 +148,9 @@ def save_checkpoint(storage: Storage, local_dir: Path, state: TrainerState) -> s
     return finish_checkpoint(storage, state)
 
 
-def prune_checkpoints(storage: Storage, keep: int) -> list[int]:
-    """Keep the newest ``keep`` complete checkpoints; drop older ones and stale partial ones.
+def prune_checkpoints(storage: Storage, keep: int, protect: Iterable[int | None] = ()) -> list[int]:
+    """Keep the newest ``keep`` complete checkpoints (and those in ``protect``, e.g. the best
+    by validation loss); drop older ones and stale partial ones.
 
     Partial directories newer than the newest complete checkpoint are left alone:
     another writer may be uploading there right now.
@@ -140,7 +159,8 @@ def prune_checkpoints(storage: Storage, keep: int) -> list[int]:
     if not complete:
         return []
     newest = complete[-1]
-    doomed = complete[:-keep] if keep > 0 else complete
+    kept = {s for s in protect if s is not None}
+    doomed = [s for s in (complete[:-keep] if keep > 0 else complete) if s not in kept]
     doomed += [s for s in incomplete if s < newest]
     for step in sorted(doomed):
         key = RunLayout.checkpoint_key(step)
@@ -148,3 +168,73 @@ def prune_checkpoints(storage: Storage, keep: int) -> list[int]:
         storage.delete(join_uri(key, RunLayout.CHECKPOINT_MARKER))
         storage.delete(key)
     return sorted(doomed)
+
+
+def checkpoint_records(storage: Storage, best_step: int | None = None) -> list[CheckpointRecord]:
+    """The complete checkpoints in ``storage``, oldest first, with their losses.
+
+    Reads each checkpoint's trainer state (a few small files: pruning bounds them);
+    ``best`` marks ``best_step`` (the lowest validation loss), None when there is no
+    validation.
+    """
+    records = []
+    for step in list_checkpoints(storage)[0]:
+        key = RunLayout.checkpoint_key(step)
+        try:
+            state = TrainerState.from_json(storage.read_text(join_uri(key, STATE_FILE)))
+        except (StorageError, ValueError, TypeError):
+            continue  # pruned (or being pruned) by another writer since the listing
+        records.append(
+            CheckpointRecord(
+                step=step,
+                loss=_rounded(state.loss),
+                validation_loss=_rounded(state.validation_loss),
+                uri=storage.uri(key),
+                best=(step == best_step) if best_step is not None else None,
+            )
+        )
+    return records
+
+
+def _rounded(x: float | None) -> float | None:
+    return None if x is None else round(x, 6)
+
+
+def download_weights(storage: Storage, key: str, local_dir: Path) -> Path:
+    """Download only the model weights file of checkpoint ``key``; its local path."""
+    for name in WEIGHT_FILES:
+        if storage.exists(join_uri(key, name)):
+            local_dir.mkdir(parents=True, exist_ok=True)
+            target = local_dir / name
+            storage.download_file(join_uri(key, name), target)
+            return target
+    raise StorageNotFound(
+        f"{storage.uri(key)}: no model weights ({' or '.join(WEIGHT_FILES)}) in this checkpoint"
+    )
+
+
+def weights_file(local_dir: Path) -> Path:
+    """The weights file of a downloaded checkpoint directory."""
+    for name in WEIGHT_FILES:
+        if (local_dir / name).is_file():
+            return local_dir / name
+    raise FileNotFoundError(f"{local_dir}: no {' or '.join(WEIGHT_FILES)} in this checkpoint")
+
+
+def load_weights(model: Any, path: Path) -> None:
+    """Load a checkpoint's weights (a file, or a directory holding one) into ``model``.
+
+    ``model`` must be the module that was trained (the peft model for LoRA), unwrapped.
+    Loaded as ``Accelerator.load_state`` does: safetensors' ``load_model`` knows that
+    weights tied to another (GPT-2's ``lm_head``) were saved once.
+    """
+    import torch
+
+    file = weights_file(path) if path.is_dir() else path
+    if file.suffix == ".safetensors":
+        from safetensors.torch import load_model
+
+        device = next(model.parameters()).device
+        load_model(model, str(file), strict=True, device=str(device))
+    else:
+        model.load_state_dict(torch.load(file, map_location="cpu", weights_only=True))

@@ -35,6 +35,8 @@ class StageContext:
     scratch: Path
     show_progress: bool = False
     owns_scratch: bool = False  # a temporary directory this context made, removed by close()
+    # The model evaluate scores: model/, or a checkpoint exported by `evaluate --checkpoint`.
+    model_key: str = RunLayout.MODEL
     storage: Storage = field(init=False)
     layout: RunLayout = field(init=False)
 

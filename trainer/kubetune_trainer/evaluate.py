@@ -47,6 +47,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import posixpath
 import shutil
 import time
 from dataclasses import dataclass
@@ -67,7 +68,7 @@ from kubetune.dataset_format import (
     read_tokens,
 )
 from kubetune.fingerprint import changed
-from kubetune.layout import RunLayout
+from kubetune.layout import RunLayout, join_uri
 from kubetune.results import EvaluateResult, ModelScores, PrepareResult, TrainingRecord
 from kubetune.schema import Comparison, DatasetKind, PromotionStatus, Reason
 from kubetune.storage import Storage, StorageError
@@ -150,7 +151,7 @@ def _load_tokenizer(path: Path) -> Any:
 
 
 def _load_fine_tuned(ctx: StageContext) -> tuple[Any, Any]:
-    model_dir = _download(ctx.storage, RunLayout.MODEL, ctx.scratch / "eval-model")
+    model_dir = _download(ctx.storage, ctx.model_key, ctx.scratch / "eval-model")
     has_tokenizer = any(
         (model_dir / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")
     )
@@ -193,16 +194,17 @@ def _read_model(storage: Storage, key: str, model: type[Any], what: str) -> Any:
 def check_model_trained_on_dataset(ctx: StageContext) -> tuple[PrepareResult, TrainingRecord]:
     """Refuse to score a model that was not trained on this output's train split."""
     rerun = "run the train stage again on this dataset"
-    if not ctx.storage.list(RunLayout.MODEL):
+    model = ctx.model_key
+    if not ctx.storage.list(model):
         raise StageError(
-            f"{ctx.storage.uri(RunLayout.MODEL)}: no fine-tuned model; run the train stage first"
+            f"{ctx.storage.uri(model)}: no fine-tuned model; run the train stage first"
         )
     prepare = _read_model(
         ctx.storage, RunLayout.PREPARE_RESULT, PrepareResult, "run the prepare stage first"
     )
     record = _read_model(
         ctx.storage,
-        RunLayout.MODEL_RECORD,
+        join_uri(model, posixpath.basename(RunLayout.MODEL_RECORD)),
         TrainingRecord,
         f"the model has no training record; {rerun}",
     )
@@ -212,7 +214,7 @@ def check_model_trained_on_dataset(ctx: StageContext) -> tuple[PrepareResult, Tr
     if not same_data:
         what = changed(record.dataset_inputs or {}, prepare.fingerprint_inputs or {})
         raise StageError(
-            f"{ctx.storage.uri(RunLayout.MODEL)} was trained on another dataset than the test "
+            f"{ctx.storage.uri(model)} was trained on another dataset than the test "
             f"split in {ctx.storage.uri(RunLayout.DATASET)} (changed since training: "
             f"{'; '.join(what) or 'the prepared split'}); scoring it would count lines it "
             f"was trained on as test lines. {rerun.capitalize()}",
@@ -510,7 +512,7 @@ def _promote(
                 _publish_dir(ctx),
                 new,
                 run=ctx.run_identity.to_wire(),
-                source=ctx.storage.uri(RunLayout.MODEL),
+                source=ctx.storage.uri(ctx.model_key),
             )
         log.info("promotion: %s", decision.message)
         status = promotion.status_of(decision, record, current, rival)
@@ -520,6 +522,17 @@ def _promote(
         log.warning("%s", message)
         failed = promotion.Decision(False, Reason.PROMOTION_FAILED, message)
         return promotion.status_of(failed, None, current, None), None
+
+
+def eval_keys(model_key: str) -> tuple[str, str]:
+    """Where the evaluation of ``model_key`` goes: ``eval/`` for model/, else next to it.
+
+    So scoring a checkpoint by hand (``evaluate --checkpoint``) never replaces the run's
+    own evaluation, which the operator and the report read.
+    """
+    if model_key == RunLayout.MODEL:
+        return RunLayout.EVAL_RESULT, RunLayout.EVAL_SAMPLES
+    return join_uri(model_key, RunLayout.EVAL_RESULT), join_uri(model_key, RunLayout.EVAL_SAMPLES)
 
 
 def run(ctx: StageContext, *, answer_end: str | None = None) -> EvaluateResult:
@@ -561,7 +574,8 @@ def run(ctx: StageContext, *, answer_end: str | None = None) -> EvaluateResult:
 
     promoted: PromotionStatus | None = None
     champion_scores: ModelScores | None = None
-    if ctx.job.spec.promotion is not None:
+    # A checkpoint scored by hand (evaluate --checkpoint) is never promoted automatically.
+    if ctx.job.spec.promotion is not None and ctx.model_key == RunLayout.MODEL:
         promoted, champion_scores = _promote(ctx, fine_tuned, baseline, tokenizer, test, answer_end)
 
     comparisons: list[Comparison] = []
@@ -586,11 +600,12 @@ def run(ctx: StageContext, *, answer_end: str | None = None) -> EvaluateResult:
         comparisons.append(comparison)
         remote_texts[entry.name] = continuations
 
+    result_key, samples_key = eval_keys(ctx.model_key)
     samples_uri = None
     if test.samples:
         rows = _sample_rows(test, fine_tuned, baseline, remote_texts)
-        ctx.storage.write_text(RunLayout.EVAL_SAMPLES, "\n".join(rows) + "\n")
-        samples_uri = ctx.storage.uri(RunLayout.EVAL_SAMPLES)
+        ctx.storage.write_text(samples_key, "\n".join(rows) + "\n")
+        samples_uri = ctx.storage.uri(samples_key)
 
     result = EvaluateResult(
         run=ctx.run_identity,
@@ -609,5 +624,5 @@ def run(ctx: StageContext, *, answer_end: str | None = None) -> EvaluateResult:
         promotion=promoted,
         seconds=time.perf_counter() - start,
     )
-    ctx.storage.write_text(RunLayout.EVAL_RESULT, result.to_json())
+    ctx.storage.write_text(result_key, result.to_json())
     return result

@@ -10,6 +10,7 @@ Usage::
 
     progress = ProgressWriter(ctx.storage)
     progress.log({"step": 10, "epoch": 0.1, "loss": 3.2, ...}, Progress(...))  # throttled
+    progress.set_checkpoints(records)        # the complete checkpoints, into progress.json
     progress.flush()                                                       # at the end
 
 Every series carries ``finetunejob`` and ``namespace`` labels (GPU series also
@@ -40,7 +41,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_serv
 
 from kubetune.contract import METRICS_PORT, Env
 from kubetune.layout import RunLayout
-from kubetune.schema import Progress
+from kubetune.schema import CheckpointRecord, Progress
 from kubetune.storage import Storage, StorageError
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,8 @@ METRIC_NAMES = (
     "kubetune_train_eta_seconds",
     "kubetune_train_tokens_total",
     "kubetune_train_nonfinite_loss_total",
+    "kubetune_train_validation_loss",
+    "kubetune_train_best_validation_loss",
     "kubetune_gpu_memory_used_bytes",
     "kubetune_gpu_utilization_ratio",
 )
@@ -157,6 +160,15 @@ class TrainMetrics:
             "Times the training loss was NaN or infinite.",
             names,
             registry=r,
+        )
+        # training.validation only: exported from the first validation on (a job without
+        # validation shows none, rather than a 0 that reads as a perfect loss).
+        self.validation_loss = gauge(
+            "kubetune_train_validation_loss",
+            "Validation loss (token NLL over the validation split) at the latest validation.",
+        )
+        self.best_validation_loss = gauge(
+            "kubetune_train_best_validation_loss", "Lowest validation loss so far."
         )
         self.gpu_memory = Gauge(
             "kubetune_gpu_memory_used_bytes", "GPU memory in use.", [*names, "gpu"], registry=r
@@ -266,6 +278,12 @@ class TrainMetrics:
             self.tokens.labels(**lab).inc(new_tokens)
         self.update_gpus()
 
+    def update_validation(self, loss: float, best: float | None) -> None:
+        """The latest validation loss and the best so far (training.validation)."""
+        self.validation_loss.labels(**self.labels).set(loss)
+        if best is not None:
+            self.best_validation_loss.labels(**self.labels).set(best)
+
     def count_nonfinite(self) -> None:
         self.nonfinite.labels(**self.labels).inc()
 
@@ -317,6 +335,10 @@ class ProgressWriter:
 
     Storage has no append (S3), so the metrics file is rewritten whole; it holds
     one short line per log step. A write failure is logged, never fatal.
+
+    progress.json is the :class:`~kubetune.schema.Progress` (camelCase) plus
+    ``checkpoints``: the complete checkpoints (:class:`~kubetune.schema.CheckpointRecord`,
+    oldest first) once there are any.
     """
 
     def __init__(self, storage: Storage, interval_s: float = PROGRESS_INTERVAL_S) -> None:
@@ -324,6 +346,7 @@ class ProgressWriter:
         self.interval_s = interval_s
         self.lines: list[str] = []
         self._progress: Progress | None = None
+        self._checkpoints: list[CheckpointRecord] | None = None
         self._last_write = -math.inf  # the first record is written at once
         self._dirty = False
 
@@ -351,6 +374,20 @@ class ProgressWriter:
         self._progress = progress
         self._dirty = True
 
+    def set_checkpoints(self, records: list[CheckpointRecord]) -> None:
+        """The complete checkpoints, written into progress.json with the next flush."""
+        self._checkpoints = list(records)
+        self._dirty = True
+
+    def progress_document(self) -> dict[str, Any] | None:
+        """What progress.json holds: the progress and the checkpoint list."""
+        if self._progress is None:
+            return None
+        data = self._progress.to_wire()
+        if self._checkpoints:
+            data["checkpoints"] = [c.to_wire() for c in self._checkpoints]
+        return data
+
     def flush(self) -> None:
         if not self._dirty:
             return
@@ -359,10 +396,10 @@ class ProgressWriter:
         try:
             if self.lines:
                 self.storage.write_text(RunLayout.TRAIN_METRICS, "\n".join(self.lines) + "\n")
-            if self._progress is not None:
+            document = self.progress_document()
+            if document is not None:
                 self.storage.write_text(
-                    RunLayout.PROGRESS,
-                    json.dumps(self._progress.to_wire(), indent=2, sort_keys=True),
+                    RunLayout.PROGRESS, json.dumps(document, indent=2, sort_keys=True)
                 )
         except StorageError as exc:
             log.warning("could not write training progress: %s", exc)

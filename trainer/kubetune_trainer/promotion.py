@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
 from kubetune.contract import StageError
-from kubetune.layout import join_uri
+from kubetune.layout import RunLayout, join_uri
 from kubetune.schema import PromotionSpec, PromotionStatus, Reason
 from kubetune.storage import Storage, StorageError
 
@@ -230,3 +230,64 @@ def status_of(
 def champion_uri(target_uri: str, record: VersionRecord) -> str:
     """Where a champion's files are (its record's modelUri, else under the target)."""
     return record.model_uri or join_uri(target_uri, version_key(record.version))
+
+
+def promote_by_hand(ctx: Any, *, force: bool = False) -> tuple[Decision, VersionRecord | None]:
+    """``kubetune promote``: the run's model to ``spec.promotion.target``, by the same rule.
+
+    The rule uses the scores of the run's ``eval/evaluate.json``: its model, its baseline
+    and the champion it was compared with, which must still be the version in use (else the
+    run would be judged against a model it never met: evaluate again, or ``force``).
+    ``force`` publishes whatever the numbers say.
+    """
+    from kubetune.results import EvaluateResult
+
+    spec = ctx.job.spec.promotion
+    if spec is None:
+        raise StageError("the job has no spec.promotion.target to promote to", Reason.INVALID_SPEC)
+    try:
+        evaluated = EvaluateResult.model_validate_json(ctx.storage.read_text(RunLayout.EVAL_RESULT))
+    except StorageError as exc:
+        raise StageError(f"{exc}; run the evaluate stage first") from None
+    target = ctx.open(spec.target)
+    current = read_current(target)
+    new = Scores(evaluated.fine_tuned.perplexity, evaluated.fine_tuned.bleu)
+    if force:
+        decision = Decision(True, Reason.PROMOTED, "promoted by hand (--force)")
+    else:
+        base = evaluated.baseline
+        judged = evaluated.promotion.version if evaluated.promotion else None
+        if current is not None and (evaluated.champion is None or judged != current.version):
+            raise StageError(
+                f"the version in use is {current.version}, but this run was compared with "
+                f"{judged or 'no champion'}; run the evaluate stage again to score it against "
+                f"{current.version}, or promote with --force",
+                Reason.INVALID_SPEC,
+            )
+        champion_scores = (
+            Scores(evaluated.champion.perplexity, evaluated.champion.bleu)
+            if evaluated.champion is not None and current is not None
+            else None
+        )
+        decision = decide(
+            new,
+            Scores(base.perplexity, base.bleu) if base else None,
+            current,
+            champion_scores,
+            spec,
+        )
+        if not decision.promote:
+            return decision, None
+    model_dir = ctx.scratch / "promote-model"
+    model_dir.mkdir(parents=True, exist_ok=True)
+    ctx.storage.download_dir(RunLayout.MODEL, model_dir)
+    if not any((model_dir / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
+        ctx.storage.download_dir(RunLayout.TOKENIZER, model_dir)
+    record = publish(
+        target,
+        model_dir,
+        new,
+        run=ctx.run_identity.to_wire(),
+        source=ctx.storage.uri(RunLayout.MODEL),
+    )
+    return decision, record

@@ -36,6 +36,20 @@ The loop is the Accelerate examples' (``prepare``, ``accumulate``,
 * no host sync per step: the loss stays on the device until a log step;
 * the LR scheduler is stepped by us once per optimizer step (Accelerate's prepared
   scheduler would step once per process) and registered for checkpointing.
+
+With ``training.validation`` the validation split is scored every ``everySteps``
+optimizer steps and at the end (:mod:`kubetune_trainer.validation`: the token-weighted
+loss over its rows, eval mode, summed over every process's shard). Each score goes to
+the metrics row of its step (``validation_loss``), progress.json, the Prometheus gauges
+and the log. A new lowest loss with ``keepBest`` saves a checkpoint at that step (so the
+best weights are always in storage, also after a resume), kept by pruning next to the
+newest ``keepCheckpoints``; ``earlyStoppingPatience`` validations without an improvement
+of ``minDelta`` stop training there (a checkpoint, then the model, as at the planned
+end). With ``keepBest`` the model saved under ``model/`` has the best step's weights
+(``modelStep`` in train.json and ``kubetune-training.json``). The early-stopping state is
+in every checkpoint's trainer state, so a resumed run continues the same count. The
+complete checkpoints (step, losses, URI, best) are listed in progress.json and
+train.json (``checkpoints``) for the status.
 """
 
 from __future__ import annotations
@@ -56,13 +70,14 @@ from kubetune.dataset_format import TRAIN, read_loss_mask, read_tokens
 from kubetune.fingerprint import changed, fingerprint, training_inputs
 from kubetune.layout import RunLayout
 from kubetune.results import PrepareResult, TrainingRecord, TrainResult
-from kubetune.schema import Progress, Reason, TrainingSpec
+from kubetune.schema import LoraSpec, Progress, Reason, TrainingSpec
 from kubetune.storage import StorageError
 from kubetune_trainer import checkpoints as ckpt
 from kubetune_trainer.bleu import context_token_id
 from kubetune_trainer.context import StageContext
 from kubetune_trainer.exporter import ProgressWriter, TrainMetrics, rfc3339_now
 from kubetune_trainer.packing import Rows, build_rows, collate
+from kubetune_trainer.validation import EarlyStopping, load_validation_rows, validation_nll
 
 if TYPE_CHECKING:
     import torch
@@ -223,12 +238,17 @@ def load_training_rows(
 
 def apply_lora(model: Any, ctx: StageContext) -> Any:
     """Wrap ``model`` with peft LoRA adapters (spec.training.lora)."""
+    lora = ctx.job.spec.training.lora
+    assert lora is not None
+    return apply_lora_spec(model, lora)
+
+
+def apply_lora_spec(model: Any, lora: LoraSpec) -> Any:
+    """Wrap ``model`` with the peft LoRA adapters ``lora`` describes."""
     from peft import LoraConfig, get_peft_model
     from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
     from transformers.pytorch_utils import Conv1D
 
-    lora = ctx.job.spec.training.lora
-    assert lora is not None
     targets = lora.target_modules or TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(
         model.config.model_type
     )
@@ -383,6 +403,7 @@ class _Setup:
     config: dict[str, Any]  # resolved hyperparameters, saved with every checkpoint
     attn: str  # the model's attention implementation (decides the packed mask)
     mask_dtype: torch.dtype  # dtype of the packed attention mask (the autocast dtype)
+    validation: Rows | None = None  # training.validation: the rows scored every everySteps
 
 
 @dataclass
@@ -435,6 +456,10 @@ class _Trainer:
         self.loop_seconds = 0.0  # this attempt's loop, checkpoints included
         self.loop_tokens = 0  # real tokens this attempt trained on, all processes
         self.final_loss: float | None = None  # the loss of the last log line
+        # training.validation: best loss/step and patience (restored from the checkpoint)
+        v = self.t.validation
+        self.stopper: EarlyStopping | None = EarlyStopping.from_spec(v) if v else None
+        self.validated_at: int | None = None  # the step of the latest validation this attempt
 
     def run(self) -> TrainResult:
         accelerator = self.accelerator
@@ -479,6 +504,13 @@ class _Trainer:
             rows = load_training_rows(
                 ctx, eos, embedding_rows(model), bos_id=context_token_id(tokenizer)
             )
+            validation = (
+                load_validation_rows(
+                    ctx, eos, embedding_rows(model), bos_id=context_token_id(tokenizer)
+                )
+                if t.validation is not None
+                else None
+            )
         attn = str(getattr(model.config, "_attn_implementation", "eager"))
         if t.packing and t.max_seq_length > getattr(model.config, "n_positions", t.max_seq_length):
             raise StageError(
@@ -498,6 +530,9 @@ class _Trainer:
         config = self._resolved_config(
             plan, rows, attn, n_params, n_trainable, model_config_dict(model)
         )
+        if validation is not None:
+            config["validationRows"] = len(validation)
+            config["validationTargets"] = validation.targets
         optimizer = _optimizer(model, t)
         scheduler = get_scheduler(
             str(t.scheduler),
@@ -530,11 +565,32 @@ class _Trainer:
                 n_trainable,
                 n_params,
             )
+            if validation is not None and t.validation is not None:
+                log.info(
+                    "validation every %d steps on %d rows (%d targets)%s%s",
+                    t.validation.every_steps,
+                    len(validation),
+                    validation.targets,
+                    f", early stopping after {t.validation.early_stopping_patience} without an "
+                    f"improvement of {t.validation.min_delta}"
+                    if t.validation.early_stopping_patience
+                    else "",
+                    ", keeping the best weights" if t.validation.keep_best else "",
+                )
         mask_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
             accelerator.mixed_precision, torch.float32
         )
         return _Setup(
-            model, tokenizer, optimizer, scheduler, source, plan, config, attn, mask_dtype
+            model,
+            tokenizer,
+            optimizer,
+            scheduler,
+            source,
+            plan,
+            config,
+            attn,
+            mask_dtype,
+            validation,
         )
 
     def _resolved_config(
@@ -598,13 +654,17 @@ class _Trainer:
         _check_resume(state, self.identity, self.checkpoints.uri(key))
         accelerator.load_state(str(local))
         self.resumed_from = self.last_checkpoint = state.step
+        if self.t.validation is not None:
+            self.stopper = EarlyStopping.from_state(self.t.validation, state.validation)
         if accelerator.is_main_process:
             log.info(
-                "resumed from %s (step %d, epoch %.2f)",
+                "resumed from %s (step %d, epoch %.2f%s)",
                 self.checkpoints.uri(key),
                 step,
                 state.epoch,
+                self._validation_summary(),
             )
+            self._list_checkpoints()
         state.config = config
         return state
 
@@ -616,11 +676,13 @@ class _Trainer:
         self._start_observing(plan, state)
         setup.model.train()
         for step in range(state.step, plan.total_steps):
+            if state.stopped_early:  # early stopping (or resumed from where it stopped)
+                break
             micro = [source.batch(step * plan.grad_accum + j) for j in range(plan.grad_accum)]
             nlls = self._step(setup, micro)
             self._after_step(setup, state, micro, nlls)
         self._stop_observing()
-        if self.last_checkpoint != plan.total_steps:  # e.g. resumed exactly at the end
+        if self.last_checkpoint != state.step:  # e.g. resumed exactly at the end
             self._save(state)
 
     def _step(self, setup: _Setup, micro: list[MicroBatch]) -> list[torch.Tensor]:
@@ -711,8 +773,23 @@ class _Trainer:
         if self.bar is not None:
             self.bar.update(1)
 
-        is_checkpoint = done % t.checkpoint_every_steps == 0 or done == plan.total_steps
-        if done % t.log_every_steps == 0 or is_checkpoint or done == self.first_step + 1:
+        v = t.validation
+        is_validation = v is not None and (done % v.every_steps == 0 or done == plan.total_steps)
+        improved = self._validate(setup, state) if is_validation else False
+        state.validation_loss = self._last_validation_loss() if is_validation else None
+        is_checkpoint = (
+            done % t.checkpoint_every_steps == 0
+            or done == plan.total_steps
+            or state.stopped_early
+            # The best weights are kept in storage: model/ is made of them at the end.
+            or (improved and v is not None and v.keep_best)
+        )
+        if (
+            done % t.log_every_steps == 0
+            or is_checkpoint
+            or is_validation
+            or done == self.first_step + 1
+        ):
             self._log_window(setup, state)
         if is_checkpoint:
             state.elapsed_seconds = self.elapsed_before + time.perf_counter() - self.loop_start
@@ -736,7 +813,7 @@ class _Trainer:
                 reason=Reason.STAGE_FAILED,
             )
         loss = nll / max(window.targets, 1)
-        self.final_loss = loss
+        self.final_loss = state.loss = loss
         now = time.perf_counter()
         tps = window.tokens / max(now - window.started, 1e-9)
         elapsed = now - self.loop_start
@@ -754,7 +831,7 @@ class _Trainer:
                 new_tokens=window.tokens,
             )
         if accelerator.is_main_process:
-            record = {
+            record: dict[str, Any] = {
                 "step": done,
                 "epoch": round(state.epoch, 5),
                 "loss": loss,
@@ -762,27 +839,128 @@ class _Trainer:
                 "tokens_per_second": tps,
                 "elapsed": self.elapsed_before + elapsed,
             }
-            self.progress.log(
-                record,
-                Progress(
-                    step=done,
-                    total_steps=plan.total_steps,
-                    percent=int(100 * done / plan.total_steps),
-                    epoch=round(state.epoch, 4),
-                    loss=round(loss, 5),
-                    tokens_per_second=round(tps, 1),
-                    eta_seconds=round(eta, 1),
-                    updated_at=rfc3339_now(),
-                ),
+            if self.validated_at == done:
+                record["validation_loss"] = self._last_validation_loss()
+            progress = Progress(
+                step=done,
+                total_steps=plan.total_steps,
+                percent=int(100 * done / plan.total_steps),
+                epoch=round(state.epoch, 4),
+                loss=round(loss, 5),
+                tokens_per_second=round(tps, 1),
+                eta_seconds=round(eta, 1),
+                updated_at=rfc3339_now(),
             )
+            if state.stopped_early:  # the training is done: nothing is left to wait for
+                progress.percent, progress.eta_seconds = 100, 0.0
+            self.progress.log(record, self._with_validation(progress))
         if self.bar is not None:
-            self.bar.set_postfix(
-                loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}", refresh=False
-            )
+            postfix = {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}", "tok_s": f"{tps:,.0f}"}
+            if self.validated_at is not None and self._last_validation_loss() is not None:
+                postfix["val"] = f"{self._last_validation_loss():.4f}"
+            self.bar.set_postfix(postfix, refresh=False)
         window.nll.zero_()
         window.targets = 0
         window.tokens = 0
         window.started = now
+
+    # ---------------------------------------------------------------- validation
+
+    def _validate(self, setup: _Setup, state: ckpt.TrainerState) -> bool:
+        """Score the validation split now; True when it is the lowest loss so far.
+
+        Every process scores its shard of the rows (no collective until the sums are
+        added up, so shards of different sizes cannot hang); the model goes back to
+        train mode after.
+        """
+        import torch
+
+        accelerator, rows, stopper = self.accelerator, setup.validation, self.stopper
+        assert rows is not None and stopper is not None
+        started = time.perf_counter()
+        setup.model.eval()
+        try:
+            with torch.no_grad(), accelerator.autocast():
+                nll, targets = validation_nll(
+                    # The module itself: a DDP forward would sync buffers (a collective).
+                    accelerator.unwrap_model(setup.model),
+                    rows,
+                    batch_size=self.t.batch_size,
+                    pad_id=setup.source.pad_id,
+                    device=accelerator.device,
+                    attn_implementation=setup.attn,
+                    mask_dtype=setup.mask_dtype,
+                    rank=accelerator.process_index,
+                    world=accelerator.num_processes,
+                )
+        finally:
+            setup.model.train()
+        dtype = torch.float32 if accelerator.device.type == "mps" else torch.float64
+        sums = torch.tensor([nll, float(targets)], dtype=dtype, device=accelerator.device)
+        sums = accelerator.reduce(sums, reduction="sum")
+        total_nll, total_targets = float(sums[0].item()), float(sums[1].item())
+        loss = total_nll / max(total_targets, 1.0)
+        decision = stopper.update(state.step, loss)
+        self.validated_at = state.step
+        state.validation = stopper.to_state()
+        state.stopped_early = decision.stop
+        if accelerator.is_local_main_process:
+            self.metrics.update_validation(loss, stopper.best_loss)
+        if accelerator.is_main_process:
+            v = self.t.validation
+            log.info(
+                "step %d: validation loss %.4f (perplexity %s) in %.1fs%s%s",
+                state.step,
+                loss,
+                _perplexity(loss),
+                time.perf_counter() - started,
+                " (best so far)" if decision.improved else self._validation_summary(),
+                f"; stopping early: no improvement of {v.min_delta if v else 0} in "
+                f"{stopper.bad} validations (best {stopper.best_loss:.4f} at step "
+                f"{stopper.best_step})"
+                if decision.stop
+                else "",
+            )
+        return decision.improved
+
+    def _last_validation_loss(self) -> float | None:
+        """The latest validation loss, rounded; None before the first and when not finite."""
+        last = self.stopper.last_loss if self.stopper is not None else None
+        if last is None or not math.isfinite(last):
+            return None
+        return round(last, 6)
+
+    def _best_step(self) -> int | None:
+        return self.stopper.best_step if self.stopper is not None else None
+
+    def _validation_summary(self) -> str:
+        """``; best validation loss X at step N`` for log lines ('' without validation)."""
+        stopper = self.stopper
+        if stopper is None or stopper.best_loss is None:
+            return ""
+        return (
+            f"; best validation loss {stopper.best_loss:.4f} at step {stopper.best_step}, "
+            f"{stopper.bad} validation(s) since without an improvement"
+        )
+
+    def _with_validation(self, progress: Progress) -> Progress:
+        """``progress`` with the validation fields (training.validation only)."""
+        stopper = self.stopper
+        if stopper is None:
+            return progress
+        last = self._last_validation_loss()
+        progress.validation_loss = last
+        progress.validation_perplexity = _perplexity(last)
+        progress.best_validation_loss = (
+            round(stopper.best_loss, 6) if stopper.best_loss is not None else None
+        )
+        progress.best_step = stopper.best_step
+        progress.stopped_early = stopper.stopped
+        return progress
+
+    def _list_checkpoints(self) -> None:
+        """The complete checkpoints, from storage, into progress.json (main process)."""
+        self.progress.set_checkpoints(ckpt.checkpoint_records(self.checkpoints, self._best_step()))
 
     def _stop_observing(self) -> None:
         """Close the bar, stop the loop's clock, write the progress file."""
@@ -817,12 +995,15 @@ class _Trainer:
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             key = ckpt.finish_checkpoint(self.checkpoints, state)
-            pruned = ckpt.prune_checkpoints(self.checkpoints, self.t.keep_checkpoints)
+            pruned = ckpt.prune_checkpoints(
+                self.checkpoints, self.t.keep_checkpoints, protect=[self._best_step()]
+            )
             log.info(
                 "checkpoint %s%s",
                 self.checkpoints.uri(key),
                 f" (pruned steps {pruned})" if pruned else "",
             )
+            self._list_checkpoints()
         accelerator.wait_for_everyone()
         if accelerator.is_local_main_process:
             shutil.rmtree(local, ignore_errors=True)
@@ -836,6 +1017,8 @@ class _Trainer:
 
         ctx, accelerator = self.ctx, self.accelerator
         final_loss = self.final_loss if self.final_loss is not None else self._last_logged_loss()
+        stopper = self.stopper
+        model_step = self._model_step(state)
         result = TrainResult(
             run=ctx.run_identity,
             steps=state.step,
@@ -854,11 +1037,34 @@ class _Trainer:
             seconds=round(time.time() - self.started, 2),
             device=_device_name(accelerator),
             config=setup.config,
+            validation_loss=self._last_validation_loss(),
+            best_validation_loss=round(stopper.best_loss, 6)
+            if stopper is not None and stopper.best_loss is not None
+            else None,
+            best_step=self._best_step(),
+            stopped_early=state.stopped_early,
+            model_step=model_step,
+            checkpoints=ckpt.checkpoint_records(self.checkpoints, self._best_step()),
         )
         if accelerator.is_main_process:
             local = ctx.scratch / "model"
             shutil.rmtree(local, ignore_errors=True)
-            save_model(accelerator.unwrap_model(setup.model), setup.tokenizer, local)
+            model = accelerator.unwrap_model(setup.model)
+            if model_step != state.step:
+                # keepBest: the weights of the best step (its checkpoint is never pruned).
+                key = RunLayout.checkpoint_key(model_step)
+                weights = ckpt.download_weights(
+                    self.checkpoints, key, ctx.scratch / "best-checkpoint"
+                )
+                ckpt.load_weights(model, weights)
+                log.info(
+                    "model/ gets the weights of step %d (validation loss %.4f, the lowest; "
+                    "training.validation.keepBest) from %s",
+                    model_step,
+                    stopper.best_loss if stopper and stopper.best_loss is not None else math.nan,
+                    self.checkpoints.uri(key),
+                )
+            save_model(model, setup.tokenizer, local)
             # What the model was trained on: evaluate scores it only on this dataset's test split.
             record = TrainingRecord(
                 dataset_fingerprint=self.identity.prepared.fingerprint,
@@ -867,6 +1073,8 @@ class _Trainer:
                 dataset_inputs=self.identity.prepared.fingerprint_inputs,
                 training_inputs=self.identity.inputs,
                 steps=state.step,
+                model_step=model_step,
+                validation_loss=self._validation_loss_at(model_step),
             )
             (local / Path(RunLayout.MODEL_RECORD).name).write_text(record.to_json())
             ctx.storage.delete(RunLayout.MODEL)
@@ -879,6 +1087,35 @@ class _Trainer:
                 result.model_uri,
             )
         return result
+
+    def _validation_loss_at(self, step: int) -> float | None:
+        """The validation loss at ``step`` when it was the best or the latest validation."""
+        stopper = self.stopper
+        if stopper is None:
+            return None
+        for at, loss in (
+            (stopper.best_step, stopper.best_loss),
+            (stopper.last_step, stopper.last_loss),
+        ):
+            if at == step and loss is not None and math.isfinite(loss):
+                return round(loss, 6)
+        return None
+
+    def _model_step(self, state: ckpt.TrainerState) -> int:
+        """The step whose weights become model/: the best one with keepBest, else the last."""
+        v, best = self.t.validation, self._best_step()
+        if v is None or not v.keep_best or best is None or best == state.step:
+            return state.step
+        complete, _ = ckpt.list_checkpoints(self.checkpoints)
+        if best not in complete:
+            log.warning(
+                "the best validation step %d has no checkpoint (pruned by an older run?); "
+                "model/ gets the last weights (step %d)",
+                best,
+                state.step,
+            )
+            return state.step
+        return best
 
     def _explain_fresh_start(self) -> None:
         """Say why an earlier training run under this output is not continued."""
@@ -908,6 +1145,13 @@ class _Trainer:
             return None
         value = json.loads(self.progress.lines[-1]).get("loss")
         return float(value) if value is not None else None
+
+
+def _perplexity(loss: float | None) -> float | None:
+    """exp(loss), rounded; None when there is no loss or it overflows."""
+    if loss is None or not math.isfinite(loss) or loss > 700:
+        return None
+    return round(math.exp(loss), 4)
 
 
 def run(ctx: StageContext) -> TrainResult:
