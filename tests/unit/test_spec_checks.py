@@ -48,12 +48,21 @@ def test_a_harness_whose_pods_share_a_file_system_may_allow_file_outputs() -> No
     assert cluster_spec_problems(spec("file:///shared/runs"), allow_file_output=True) == []
 
 
-def test_cluster_examples_have_no_cluster_problem_and_quickstarts_are_local_only() -> None:
+# Examples for `kubetune run` on one machine: they write file:// outputs.
+LOCAL_EXAMPLES = {
+    "quickstart.yaml",
+    "quickstart-base.yaml",
+    "tldr-chat.yaml",
+    "tldr-prompt-completion.yaml",
+}
+
+
+def test_cluster_examples_have_no_cluster_problem_and_local_examples_are_local_only() -> None:
     for path in sorted((REPO / "examples").rglob("*.yaml")):
         if "kind: FineTuneJob" not in path.read_text():
             continue
         problems = cluster_spec_problems(load_job(path).spec)
-        if path.name.startswith("quickstart"):
+        if path.name in LOCAL_EXAMPLES:
             assert problems, f"{path.name} writes file:// (local mode): expected a problem"
         else:
             assert problems == [], f"{path.name}: {problems}"
