@@ -173,8 +173,19 @@ def _read_jsonl(ctx: StageContext, key: str) -> list[dict[str, Any]]:
     return rows
 
 
+def validation_points(metrics: Sequence[dict[str, Any]]) -> list[tuple[float, float]]:
+    """(step, validation loss) of the metrics rows that have one (training.validation)."""
+    return [
+        (m["step"], m["validation_loss"])
+        for m in metrics
+        if isinstance(m.get("step"), (int, float))
+        and isinstance(m.get("validation_loss"), (int, float))
+        and math.isfinite(m["validation_loss"])
+    ]
+
+
 def loss_curve_png(metrics: Sequence[dict[str, Any]]) -> bytes | None:
-    """PNG of training loss per step (and learning rate on a second axis); None without data."""
+    """PNG of training (and validation) loss per step, learning rate on a second axis."""
     points = [
         (m["step"], m["loss"])
         for m in metrics
@@ -191,9 +202,20 @@ def loss_curve_png(metrics: Sequence[dict[str, Any]]) -> bytes | None:
     fig = Figure(figsize=(7, 3.5), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
-    ax.plot([p[0] for p in points], [p[1] for p in points], color="tab:blue", label="loss")
+    ax.plot([p[0] for p in points], [p[1] for p in points], color="tab:blue", label="training")
+    validation = validation_points(metrics)
+    if validation:
+        ax.plot(
+            [p[0] for p in validation],
+            [p[1] for p in validation],
+            color="tab:green",
+            marker="o",
+            markersize=3,
+            label="validation",
+        )
+        ax.legend(loc="upper right")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss", color="tab:blue")
+    ax.set_ylabel("loss" if validation else "training loss", color="tab:blue")
     ax.grid(alpha=0.3)
     lrs = [
         (m["step"], m["lr"])
@@ -500,7 +522,34 @@ def _training(train: TrainResult | None, png: bytes | None) -> list[Block]:
     ]
     if train.resumed_from_step is not None:
         summary.append(["Resumed from step", str(train.resumed_from_step)])
+    if train.validation_loss is not None:
+        summary += [
+            ["Validation loss (last)", _num(train.validation_loss, 4)],
+            [
+                "Best validation loss",
+                f"{_num(train.best_validation_loss, 4)} at step {train.best_step}",
+            ],
+            ["Model saved from step", str(train.model_step or train.steps)],
+            ["Stopped early", "yes" if train.stopped_early else "no"],
+        ]
     blocks.append(Table(["", ""], summary))
+    if train.checkpoints:
+        blocks.append(Heading(3, "Checkpoints"))
+        blocks.append(
+            Table(
+                ["Step", "Training loss", "Validation loss", "Best", "URI"],
+                [
+                    [
+                        str(c.step),
+                        _num(c.loss, 4),
+                        _num(c.validation_loss, 4),
+                        "yes" if c.best else "",
+                        c.uri,
+                    ]
+                    for c in train.checkpoints
+                ],
+            )
+        )
     blocks.append(Heading(3, "Hyperparameters (resolved)"))
     if train.config:
         blocks.append(Table(["Setting", "Value"], _flatten(train.config)))
@@ -510,7 +559,7 @@ def _training(train: TrainResult | None, png: bytes | None) -> list[Block]:
     if png is None:
         blocks.append(Para("train/metrics.jsonl has no loss values to plot."))
     else:
-        blocks.append(Image("training loss per optimizer step", "loss.png", png))
+        blocks.append(Image("training and validation loss per optimizer step", "loss.png", png))
     return blocks
 
 
