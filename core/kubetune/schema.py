@@ -964,6 +964,27 @@ class TrackingSpec(_Model):
     mlflow: MlflowSpec | None = Field(None, description="Record runs in MLflow.")
 
 
+class RetrainSpec(_Model):
+    """When to train again without a spec change: on a schedule, or when the data changed."""
+
+    schedule: str | None = Field(
+        None,
+        min_length=9,
+        max_length=128,
+        description="A cron schedule (5 fields, UTC: minute hour day-of-month month "
+        "day-of-week, e.g. '0 3 * * 1' for 03:00 every Monday): a new run starts at each "
+        "time, once the current run has finished.",
+    )
+    on_dataset_change: bool = Field(
+        False,
+        description="Poll dataset.source (keys, sizes and ETags) every pollIntervalSeconds "
+        "and start a new run when it changed since the current run's prepare.",
+    )
+    poll_interval_seconds: int = Field(
+        300, ge=30, le=86400, description="How often onDatasetChange lists the source."
+    )
+
+
 class FineTuneJobSpec(_Model):
     """The desired fine-tune: model, data, hyperparameters, evaluation, placement, storage."""
 
@@ -981,6 +1002,11 @@ class FineTuneJobSpec(_Model):
         None,
         description="Promote the fine-tuned model to a serving prefix when it beats the "
         "baseline and the current champion (scored in the evaluate stage).",
+    )
+    retrain: RetrainSpec | None = Field(
+        None,
+        description="Retrain without a spec change: on a cron schedule or when the dataset "
+        "source changes. A spec change always starts a new run; suspend stops the triggers.",
     )
     tracking: TrackingSpec | None = Field(
         None,
@@ -1209,6 +1235,10 @@ class RunRecord(_Model):
     output: str | None = Field(None, description="Output prefix of that run.")
     results: Results | None = Field(None, description="Its results, if it got that far.")
     completion_time: str | None = Field(None, description="When it ended.")
+    trigger: str | None = Field(
+        None, description="Why it started: SpecChange, Schedule, DatasetChanged or Manual."
+    )
+    promoted: bool | None = Field(None, description="Its model was promoted (spec.promotion).")
 
 
 class StageStatus(_Model):
@@ -1234,7 +1264,21 @@ class FineTuneJobStatus(_Model):
         "the message has the details.",
     )
     observed_generation: int | None = Field(None, description="Generation the status is about.")
-    run: str | None = Field(None, description="Current run id (one per spec generation).")
+    run: str | None = Field(
+        None,
+        description="Current run id: g<generation>, and -r<n> for the n-th retrain of that "
+        "generation (spec.retrain or the kubetune.io/retrain annotation).",
+    )
+    trigger: str | None = Field(
+        None,
+        description="Why the current run started: SpecChange, Schedule, DatasetChanged or Manual.",
+    )
+    next_run_at: str | None = Field(
+        None, description="spec.retrain.schedule: when the next scheduled run starts (UTC)."
+    )
+    dataset_checked_at: str | None = Field(
+        None, description="spec.retrain.onDatasetChange: when the source was last listed."
+    )
     output: str | None = Field(None, description="Output prefix of the current run.")
     conditions: list[Condition] = Field(default_factory=list, description="Conditions.")
     stages: dict[str, StageStatus] = Field(
