@@ -6,10 +6,12 @@ and returns a plain dict ready for the Kubernetes API. Nothing here talks to a
 cluster; ``tests/unit/test_builders.py`` compares the output with golden YAML
 (``UPDATE_GOLDEN=1 pytest tests/unit/test_builders.py`` rewrites it).
 
-Objects of one run ``g<generation>`` of FineTuneJob ``<ftj>``:
+Objects of one run ``<run>`` of FineTuneJob ``<ftj>`` (``g<generation>``, or
+``g<generation>-r<n>`` for the n-th retrain of that spec, :mod:`kubetune_operator.triggers`):
 
 * ConfigMap ``<ftj>-<run>-job``: the resolved manifest as ``job.json`` (the stage CLI's
-  ``--job``), immutable, annotated with the run's spec hash;
+  ``--job``), immutable, annotated with the run's spec hash, its trigger and retrain index,
+  and the value of the FineTuneJob's ``kubetune.io/retrain`` annotation when it started;
 * Job ``<ftj>-<run>-prepare``, ``<ftj>-<run>-train``, ``<ftj>-<run>-evaluate``;
 * Service ``<ftj>-<run>-train`` (headless) when training uses several workers.
 
@@ -43,6 +45,8 @@ from kubetune.layout import join_uri
 from kubetune.results import RunIdentity
 from kubetune.schema import API_VERSION, KIND, FineTuneJob
 from kubetune_operator.config import OperatorConfig
+from kubetune_operator.triggers import ANNOTATION_RETRAIN as ANNOTATION_RETRAIN
+from kubetune_operator.triggers import Trigger, run_id
 
 # Label and annotation keys (the chart, the tests and kubectl selectors use these).
 LABEL_NAME = "app.kubernetes.io/name"
@@ -60,6 +64,13 @@ ANNOTATION_OUTPUT = "kubetune.io/output"
 # Job's own status cannot say so, and the operator must not retry it after a restart.
 ANNOTATION_FAILED_REASON = "kubetune.io/failed-reason"
 ANNOTATION_FAILED_MESSAGE = "kubetune.io/failed-message"
+# On a run's ConfigMap: why the run started (a Trigger), which retrain of its generation it
+# is (0 for g<generation>), and the FineTuneJob's ANNOTATION_RETRAIN ("kubetune.io/retrain",
+# set by users to ask for a retrain) when the run started: a later, different value asks
+# for the next run.
+ANNOTATION_TRIGGER = "kubetune.io/trigger"
+ANNOTATION_RETRAIN_INDEX = "kubetune.io/retrain-index"
+ANNOTATION_RETRAIN_VALUE = "kubetune.io/retrain-value"
 
 # Paths inside the stage containers.
 JOB_DIR = "/etc/kubetune"
@@ -77,25 +88,44 @@ _INVALID = re.compile(r"[^a-z0-9-]+")
 
 @dataclass(frozen=True)
 class RunRef:
-    """One run of a FineTuneJob: one spec generation, with its own output prefix."""
+    """One run of a FineTuneJob (a spec generation, or a retrain of it), with its own output."""
 
-    id: str  # "g<generation>"
+    id: str  # "g<generation>", or "g<generation>-r<retrain>"
     generation: int
     output: str  # <spec.storage.output>/runs/<uid[:8]>-<id>
     spec_hash: str
     job_uid: str = ""  # metadata.uid of the FineTuneJob
+    retrain: int = 0  # n of g<generation>-r<n>; 0 for the run a spec change started
+    trigger: str = Trigger.SPEC_CHANGE.value  # why it started
+    retrain_value: str = ""  # the FineTuneJob's kubetune.io/retrain when it started
 
     @classmethod
-    def for_generation(cls, job: FineTuneJob, generation: int) -> RunRef:
-        run_id = f"g{generation}"
+    def for_generation(
+        cls,
+        job: FineTuneJob,
+        generation: int,
+        retrain: int = 0,
+        trigger: str = Trigger.SPEC_CHANGE.value,
+        retrain_value: str | None = None,
+    ) -> RunRef:
+        rid = run_id(generation, retrain)
         uid = job.metadata.uid or ""
+        if retrain_value is None:
+            retrain_value = job.metadata.annotations.get(ANNOTATION_RETRAIN, "")
         return cls(
-            id=run_id,
+            id=rid,
             generation=generation,
-            output=run_output(job.spec.storage.output, run_id, uid),
+            output=run_output(job.spec.storage.output, rid, uid),
             spec_hash=spec_hash(job),
             job_uid=uid,
+            retrain=retrain,
+            trigger=trigger,
+            retrain_value=retrain_value,
         )
+
+    def next_retrain(self, job: FineTuneJob, trigger: str) -> RunRef:
+        """The run after this one for the same spec: ``g<generation>-r<n+1>``."""
+        return RunRef.for_generation(job, self.generation, self.retrain + 1, trigger)
 
     def identity(self) -> RunIdentity:
         """What a result of this run carries in its ``run`` field (see ``job.json``)."""
@@ -114,14 +144,15 @@ def run_output(output: str, run_id: str, uid: str) -> str:
 def spec_hash(job: FineTuneJob) -> str:
     """Hash of the parts of the spec that change a run's outputs.
 
-    ``suspend`` and ``ttlSecondsAfterFinished`` are left out: toggling them bumps
-    ``metadata.generation`` but must pause/resume or clean up the SAME run. Values equal
+    ``suspend``, ``ttlSecondsAfterFinished`` and ``retrain`` are left out: changing them
+    bumps ``metadata.generation`` but must pause/resume, clean up or schedule the SAME run
+    (adding a retrain schedule to a finished job does not train it again now). Values equal
     to their default are left out too, so a release that adds a field with a default
     does not change the hash of every job already running (their results would no
     longer count as the current run's).
     """
     wire = job.spec.model_dump(by_alias=True, exclude_none=True, exclude_defaults=True, mode="json")
-    for key in ("suspend", "ttlSecondsAfterFinished"):
+    for key in ("suspend", "ttlSecondsAfterFinished", "retrain"):
         wire.pop(key, None)
     data = json.dumps(wire, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(data).hexdigest()[:16]
@@ -249,10 +280,15 @@ def literal(value: str) -> str:
 def build_job_config_map(job: FineTuneJob, run: RunRef) -> dict[str, Any]:
     """ConfigMap ``<ftj>-<run>-job`` with the resolved manifest; immutable for the run."""
     manifest = resolved_manifest(job, run)
+    meta = _metadata(job, run, config_map_name(job.metadata.name, run.id), "config")
+    meta["annotations"][ANNOTATION_TRIGGER] = run.trigger
+    meta["annotations"][ANNOTATION_RETRAIN_INDEX] = str(run.retrain)
+    if run.retrain_value:
+        meta["annotations"][ANNOTATION_RETRAIN_VALUE] = run.retrain_value
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": _metadata(job, run, config_map_name(job.metadata.name, run.id), "config"),
+        "metadata": meta,
         "immutable": True,
         "data": {JOB_KEY: json.dumps(manifest, indent=2, sort_keys=True) + "\n"},
     }
