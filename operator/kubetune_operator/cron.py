@@ -167,8 +167,10 @@ def _field(index: int, text: str) -> frozenset[int]:
                 )
         elif slash:
             raise CronError(
-                name, text, f"a step needs '*' or a range before it ({item!r}: write '*/{step}' "
-                f"or '{body}-{high}/{step}')"
+                name,
+                text,
+                f"a step needs '*' or a range before it ({item!r}: write '*/{step}' "
+                f"or '{body}-{high}/{step}')",
             )
         else:
             first = last = _value(index, text, body)

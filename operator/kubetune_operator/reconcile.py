@@ -13,10 +13,14 @@ The reconciler talks to the cluster only through :class:`~kubetune_operator.kube
 :meth:`Reconciler._write_status`, which asks :func:`~kubetune_operator.status.compute_status`
 for the new status and Events, both for a run and for a spec that does not parse.
 
-Runs. Run ``g<N>`` starts when the spec (without ``suspend`` and
-``ttlSecondsAfterFinished``) differs from the current run's; it writes under
-``<spec.storage.output>/runs/<uid[:8]>-g<N>/``. Children of other runs are deleted; their
-results move into ``status.history``.
+Runs. Run ``g<N>`` starts when the spec (without ``suspend``, ``ttlSecondsAfterFinished``
+and ``retrain``) differs from the current run's; it writes under
+``<spec.storage.output>/runs/<uid[:8]>-g<N>/``. Once the current run has finished, a
+retraining trigger (:mod:`kubetune_operator.triggers`: ``spec.retrain.schedule``,
+``spec.retrain.onDatasetChange``, the ``kubetune.io/retrain`` annotation) starts
+``g<N>-r<n+1>`` of the same spec, under its own prefix. The current run is the newest by
+(generation, n). Children of other runs are deleted; their results move into
+``status.history``.
 
 Results belong to their run. A stage result, from storage or from a termination message,
 counts only when its ``run`` (:class:`~kubetune.results.RunIdentity`: the FineTuneJob's
@@ -48,13 +52,16 @@ from kubetune.schema import (
     Reason,
     parse_job,
 )
-from kubetune_operator import builders, outputs, spec_checks
+from kubetune_operator import builders, cron, outputs, spec_checks
 from kubetune_operator.builders import (
     ANNOTATION_FAILED_MESSAGE,
     ANNOTATION_FAILED_REASON,
     ANNOTATION_GENERATION,
     ANNOTATION_OUTPUT,
+    ANNOTATION_RETRAIN_INDEX,
+    ANNOTATION_RETRAIN_VALUE,
     ANNOTATION_SPEC_HASH,
+    ANNOTATION_TRIGGER,
     LABEL_JOB,
     LABEL_RUN,
     LABEL_STAGE,
@@ -81,7 +88,7 @@ from kubetune_operator.observe import (
     observe_stage,
     unschedulable_condition,
 )
-from kubetune_operator.result_reader import ResultReader
+from kubetune_operator.result_reader import ResultReader, SourceNotPollable
 from kubetune_operator.status import (
     Event,
     RunView,
@@ -89,8 +96,26 @@ from kubetune_operator.status import (
     compute_status,
     get_condition,
     parse_status,
+    run_finished,
     status_patch,
     status_to_wire,
+)
+from kubetune_operator.triggers import (
+    ANNOTATION_RETRAIN,
+    REASON_ARMED,
+    REASON_INVALID_SPEC,
+    REASON_NO_LISTING,
+    REASON_NOT_POLLABLE,
+    REASON_SOURCE_UNREADABLE,
+    REASON_SUSPENDED,
+    Listing,
+    Trigger,
+    format_time,
+    listing_changes,
+    normalize_listing,
+    parse_run_id,
+    parse_time,
+    recorded_listing,
 )
 
 log = logging.getLogger("kubetune.operator")
@@ -115,8 +140,34 @@ def utcnow() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def _run_order(cm: Obj) -> tuple[int, int] | None:
+    """(generation, retrain) of a run ConfigMap, the order of runs; None if it has none."""
+    annotations = cm["metadata"].get("annotations") or {}
+    try:
+        generation = int(annotations.get(ANNOTATION_GENERATION, ""))
+    except ValueError:
+        return None
+    retrain = 0
+    index = annotations.get(ANNOTATION_RETRAIN_INDEX)
+    if index is not None and index.isdigit():
+        retrain = int(index)
+    else:  # an older operator's ConfigMap: the run id says it (g<generation>)
+        parsed = parse_run_id((cm["metadata"].get("labels") or {}).get(LABEL_RUN, ""))
+        retrain = parsed[1] if parsed is not None else 0
+    return generation, retrain
+
+
 def _owned_by(obj: Obj, uid: str) -> bool:
     return any(ref.get("uid") == uid for ref in obj["metadata"].get("ownerReferences") or [])
+
+
+@dataclass
+class _DatasetPoll:
+    """The last listing of a job's dataset source (spec.retrain.onDatasetChange)."""
+
+    at: datetime  # when it was attempted
+    run: str  # the run whose prepare it was compared with
+    problem: tuple[str, str] | None  # (reason, message) when it could not be compared
 
 
 @dataclass
@@ -216,6 +267,10 @@ class Reconciler:
         self._results: dict[tuple[str, ...], Any] = {}  # (ns, name, uid, run, hash, stage)
         self._list_all_namespaces = True  # False after a 403 (a Role in one namespace)
         self._progress_at: dict[tuple[str, str, str], float] = {}
+        # spec.retrain.onDatasetChange: the last poll of each job's source, and the source
+        # listing each run's prepare recorded (read once from its dataset/prepare.json).
+        self._dataset_polls: dict[tuple[str, str], _DatasetPoll] = {}
+        self._listings: dict[tuple[str, ...], Listing] = {}
         self._instance = socket.gethostname()
         self._nodes = NodeCache(kube)  # listed only while a stage pod cannot be scheduled
 
@@ -258,12 +313,18 @@ class Reconciler:
             del self._results[key]
         for pkey in [k for k in self._progress_at if k[:2] == (namespace, name)]:
             del self._progress_at[pkey]
+        self._dataset_polls.pop((namespace, name), None)
+        for lkey in [k for k in self._listings if k[:2] == (namespace, name)]:
+            del self._listings[lkey]
         if self.metrics is not None:
             self.metrics.forget(namespace, name)
 
     # ------------------------------------------------------------------ the pass
 
-    def _reconcile(self, job: FineTuneJob, body: Obj) -> float | None:
+    def _reconcile(
+        self, job: FineTuneJob, body: Obj, trigger_detail: str | None = None
+    ) -> float | None:
+        """One pass; ``trigger_detail`` is set in the pass right after a trigger started a run."""
         ns, name, uid = (
             job.metadata.namespace or "default",
             job.metadata.name,
@@ -282,6 +343,7 @@ class Reconciler:
         pods = self.kube.list(core_path(ns, "pods"), f"{LABEL_JOB}={name},{LABEL_RUN}={run.id}")
         now = time.time()
         view = RunView(run=run, generation=generation, suspended=job.spec.suspend)
+        view.trigger_detail = trigger_detail or ""
         old = parse_status(body.get("status"))
         cached = old if old.run == run.id else FineTuneJobStatus()
         requeue: float | None = None
@@ -359,6 +421,14 @@ class Reconciler:
                 requeue = min(requeue, max(1.0, obs.recheck_after + 1.0))
             break
 
+        started, detail, delay = self._retrain(job, body, run, view, old)
+        if started is not None and trigger_detail is None:
+            # Persist the new run first (its ConfigMap), then take its first step at once.
+            self._ensure(builders.build_job_config_map(job, started))
+            log.info("%s/%s: run %s starts (%s: %s)", ns, name, started.id, started.trigger, detail)
+            return self._reconcile(job, body, trigger_detail=detail)
+        if delay is not None:
+            requeue = delay if requeue is None else min(requeue, delay)
         self._write_status(body, view, posted)
         return requeue
 
@@ -379,30 +449,32 @@ class Reconciler:
         )
 
     def _current_run(self, job: FineTuneJob, generation: int, children: _Children) -> RunRef:
-        """The run whose ConfigMap is newest, if its spec hash is the spec's; else a new run."""
+        """The run whose ConfigMap is newest by (generation, retrain), if its spec hash is
+        the spec's; else a new run ``g<generation>`` (trigger SpecChange)."""
         want = builders.spec_hash(job)
-        best: tuple[int, Obj] | None = None
+        best: tuple[tuple[int, int], Obj] | None = None
         for cm in children.config_maps:
             if cm["metadata"].get("deletionTimestamp"):
                 continue
-            try:
-                gen = int((cm["metadata"].get("annotations") or {}).get(ANNOTATION_GENERATION, ""))
-            except ValueError:
-                continue
-            if best is None or gen > best[0]:
-                best = (gen, cm)
+            order = _run_order(cm)
+            if order is not None and (best is None or order > best[0]):
+                best = (order, cm)
         if best is not None:
-            gen, cm = best
+            (gen, retrain), cm = best
             annotations = cm["metadata"].get("annotations") or {}
             if annotations.get(ANNOTATION_SPEC_HASH) == want:
                 uid = job.metadata.uid or ""
+                run_id = cm["metadata"]["labels"][LABEL_RUN]
                 return RunRef(
-                    id=cm["metadata"]["labels"][LABEL_RUN],
+                    id=run_id,
                     generation=gen,
                     output=annotations.get(ANNOTATION_OUTPUT)
-                    or builders.run_output(job.spec.storage.output, f"g{gen}", uid),
+                    or builders.run_output(job.spec.storage.output, run_id, uid),
                     spec_hash=want,
                     job_uid=uid,
+                    retrain=retrain,
+                    trigger=annotations.get(ANNOTATION_TRIGGER) or Trigger.SPEC_CHANGE.value,
+                    retrain_value=annotations.get(ANNOTATION_RETRAIN_VALUE, ""),
                 )
         return RunRef.for_generation(job, generation)
 
@@ -529,6 +601,159 @@ class Reconciler:
                 )
         watched = dict.fromkeys([*self.cfg.namespaces, namespace])
         return [obj for ns in watched for obj in self.kube.list(ftj_path(ns))]
+
+    # ------------------------------------------------------------------ retraining triggers
+
+    def _retrain(
+        self,
+        job: FineTuneJob,
+        body: Obj,
+        run: RunRef,
+        view: RunView,
+        old: FineTuneJobStatus,
+    ) -> tuple[RunRef | None, str, float | None]:
+        """The retraining triggers: (the run to start, why, or None; seconds to the next check).
+
+        Checked only when the current run has finished (Succeeded or Failed) and the job is
+        not suspended. Fills ``view``'s Retrain condition, nextRunAt and datasetCheckedAt.
+        """
+        spec = job.spec.retrain
+        schedule_text = spec.schedule if spec is not None else None
+        on_dataset = spec is not None and spec.on_dataset_change
+        wanted = (body["metadata"].get("annotations") or {}).get(ANNOTATION_RETRAIN, "")
+        suspended = job.spec.suspend
+        finished = run_finished(view) and not suspended
+        now_text = utcnow()
+        now = parse_time(now_text) or datetime.now(timezone.utc)
+        due: tuple[Trigger, str] | None = None
+        delay: float | None = None
+        problems: list[tuple[str, str]] = []
+        notes: list[str] = []
+
+        # A new value asks for a run; removing the annotation does not.
+        if finished and wanted and wanted != run.retrain_value:
+            due = Trigger.MANUAL, f"annotation {ANNOTATION_RETRAIN} is now {wanted!r}"
+
+        if schedule_text:
+            try:
+                schedule = cron.parse(schedule_text)
+            except cron.CronError as exc:
+                problems.append(
+                    (
+                        REASON_INVALID_SPEC,
+                        f"spec.retrain.schedule: {exc}; no scheduled runs until it is fixed "
+                        "(the current run and its results are not affected)",
+                    )
+                )
+            else:
+                if not suspended:
+                    # The run's status.startTime; a run new in this pass starts now.
+                    cached_start = old.start_time if old.run == run.id else None
+                    started = parse_time(cached_start) or now
+                    fire = schedule.next_after(started)
+                    view.next_run_at = format_time(fire)
+                    notes.append(f"next scheduled run at {view.next_run_at}")
+                    if finished and due is None:
+                        if now >= fire:
+                            due = (
+                                Trigger.SCHEDULE,
+                                (f"schedule {schedule_text!r} was due at {view.next_run_at}"),
+                            )
+                        else:
+                            delay = (fire - now).total_seconds()
+
+        if on_dataset and spec is not None:
+            view.dataset_checked_at = old.dataset_checked_at
+            refused = self.reader.source_refusal(job)
+            if refused is not None:
+                problems.append((REASON_NOT_POLLABLE, refused))
+            elif not suspended:
+                interval = float(spec.poll_interval_seconds)
+                notes.append(f"spec.dataset.source listed every {spec.poll_interval_seconds} s")
+                if finished and due is None:
+                    key = (job.metadata.namespace or "", job.metadata.name)
+                    poll = self._dataset_polls.get(key)
+                    elapsed = (now - poll.at).total_seconds() if poll is not None else None
+                    if poll is None or poll.run != run.id or elapsed is None or elapsed >= interval:
+                        changed, problem = self._dataset_changed(job, run, view)
+                        poll = _DatasetPoll(at=now, run=run.id, problem=problem)
+                        self._dataset_polls[key] = poll
+                        if problem is None:
+                            view.dataset_checked_at = now_text
+                        if changed is not None:
+                            due = Trigger.DATASET_CHANGED, changed
+                        wait = interval
+                    else:
+                        wait = interval - (elapsed or 0.0)
+                    if poll.problem is not None:
+                        problems.append(poll.problem)
+                    delay = wait if delay is None else min(delay, wait)
+
+        if schedule_text or on_dataset:
+            if problems:
+                reasons = [reason for reason, _ in problems]
+                view.retrain = False, reasons[0], "; ".join(message for _, message in problems)
+            elif suspended:
+                view.retrain = False, REASON_SUSPENDED, "spec.suspend stops the retraining triggers"
+            elif finished:
+                view.retrain = True, REASON_ARMED, "; ".join(notes) or "armed"
+            else:
+                view.retrain = (
+                    True,
+                    REASON_ARMED,
+                    (f"checked once run {run.id} has finished" + "".join(f"; {n}" for n in notes)),
+                )
+        if delay is not None:
+            delay = max(1.0, min(delay, self.cfg.resync_interval))
+        if due is None:
+            return None, "", delay
+        trigger, detail = due
+        return run.next_retrain(job, trigger.value), detail, None
+
+    def _dataset_changed(
+        self, job: FineTuneJob, run: RunRef, view: RunView
+    ) -> tuple[str | None, tuple[str, str] | None]:
+        """(what changed, or None; a problem, or None): the source now vs. the run's prepare."""
+        source = job.spec.dataset.source
+        key = _result_key(job, run, Stage.PREPARE.value)
+        recorded = self._listings.get(key)
+        if recorded is None and view.prepare is not None:
+            recorded = recorded_listing(view.prepare.fingerprint_inputs)
+        if recorded is None:  # termination messages leave the listing out: read prepare.json
+            data = self.reader.read_json(job, run.output, RunLayout.RESULT_KEYS[Stage.PREPARE])
+            prepare = parse_result(Stage.PREPARE.value, data, run.identity())
+            recorded = recorded_listing(prepare.fingerprint_inputs if prepare else None)
+        if recorded is None:
+            return None, (
+                REASON_NO_LISTING,
+                f"run {run.id} has no listing of spec.dataset.source to compare with (its "
+                "prepare did not finish, or its dataset/prepare.json cannot be read); "
+                f"annotate the FineTuneJob with {ANNOTATION_RETRAIN} to start a run",
+            )
+        self._listings[key] = recorded
+        try:
+            current = normalize_listing(self.reader.source_versions(job))
+        except SourceNotPollable as exc:
+            return None, (REASON_NOT_POLLABLE, str(exc))
+        except Exception as exc:  # storage is optional: say so, try again at the next poll
+            text = str(exc).splitlines()[0][:300] if str(exc) else ""
+            return None, (
+                REASON_SOURCE_UNREADABLE,
+                f"cannot list spec.dataset.source {source} ({type(exc).__name__}"
+                f"{': ' + text if text else ''}); trying again at the next poll",
+            )
+        if not current:
+            return None, (
+                REASON_SOURCE_UNREADABLE,
+                f"spec.dataset.source {source} lists no files; no run starts for an empty "
+                "source (trying again at the next poll)",
+            )
+        if current == recorded:
+            return None, None
+        return (
+            f"spec.dataset.source changed since run {run.id}'s prepare "
+            f"({listing_changes(recorded, current)})"
+        ), None
 
     # ------------------------------------------------------------------ results
 

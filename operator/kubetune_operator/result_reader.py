@@ -19,6 +19,9 @@ become a request the tenant could not make itself:
 
 A job the operator may not read still runs; its status then shows no training progress
 until the train stage ends (``kubectl logs`` and the trainer's metrics have it).
+
+``spec.retrain.onDatasetChange`` lists the job's ``spec.dataset.source`` by the same rules
+(:meth:`ResultReader.source_versions`): the job's own keys, allowed endpoints only.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from typing import Any
 
 from kubetune.contract import S3_KEY_ID, S3_SECRET_KEY, S3_SESSION_TOKEN
 from kubetune.schema import FineTuneJob
-from kubetune.storage import RetryPolicy, S3Storage, Storage, open_storage, s3_client
+from kubetune.storage import RetryPolicy, S3Storage, Storage, Versions, open_storage, s3_client
 from kubetune_operator.config import normalize_endpoint
 from kubetune_operator.kube import ApiError, KubeClient, core_path
 
@@ -58,6 +61,14 @@ def secret_credentials(secret: dict[str, Any]) -> dict[str, str] | None:
     if not keys.get(S3_KEY_ID) or not keys.get(S3_SECRET_KEY):
         return None
     return keys
+
+
+class SourceNotPollable(Exception):
+    """The operator may not, or cannot, list this job's dataset source (the message says why)."""
+
+
+class SourceUnreadable(Exception):
+    """Listing the source failed this time (keys missing, storage down); try again later."""
 
 
 class ResultReader:
@@ -90,6 +101,49 @@ class ResultReader:
         if not spec.credentials_secret:
             return "spec.storage.credentialsSecret is not set (the operator reads with it only)"
         return None
+
+    def source_refusal(self, job: FineTuneJob) -> str | None:
+        """Why the operator cannot poll ``spec.dataset.source``; None when it may list it."""
+        source = job.spec.dataset.source
+        if source.startswith("hf://"):
+            return (
+                f"spec.dataset.source {source} is a Hugging Face hub dataset, which has no "
+                "listing to poll; onDatasetChange needs an s3:// source (use "
+                "spec.retrain.schedule or the kubetune.io/retrain annotation instead)"
+            )
+        if source.startswith("file://"):
+            if self.local_files:
+                return None
+            return (
+                f"spec.dataset.source {source} is on the stage pods' nodes, not readable by "
+                "the operator; onDatasetChange needs an s3:// source"
+            )
+        if not source.startswith("s3://"):
+            return f"spec.dataset.source {source} cannot be listed by the operator"
+        refused = self.refusal(job)
+        return f"cannot list spec.dataset.source: {refused}" if refused is not None else None
+
+    def source_versions(self, job: FineTuneJob) -> Versions:
+        """``Storage.versions("")`` of ``spec.dataset.source``, as the prepare stage lists it.
+
+        With the job's own keys, at an allowed endpoint only (as :meth:`read_json`).
+        Raises :class:`SourceNotPollable` (lasting: hf://, an endpoint not allowed, no
+        credentials Secret named), :class:`SourceUnreadable` (the Secret is missing or
+        incomplete) or the storage's own error (unreachable, access denied).
+        """
+        refused = self.source_refusal(job)
+        if refused is not None:
+            raise SourceNotPollable(refused)
+        source = job.spec.dataset.source
+        if source.startswith("file://"):
+            return list(open_storage(source).versions(""))
+        credentials = self._job_credentials(job)
+        if credentials is None:  # never fall back to the operator's own credentials
+            raise SourceUnreadable(
+                f"cannot read the keys of Secret {job.spec.storage.credentials_secret} "
+                "(spec.storage.credentialsSecret) to list spec.dataset.source"
+            )
+        return list(self.storage_for(job, source, credentials).versions(""))
 
     def storage_for(
         self, job: FineTuneJob, output: str, credentials: dict[str, str] | None = None

@@ -17,7 +17,10 @@ The status follows the Kubernetes API conventions and kstatus:
 * ``Reconciling=True`` while a run is working (Pending, Preparing, Training, Evaluating);
 * ``Stalled=True`` when the run failed and retrying cannot help (typed reason, message);
 * ``Ready=True`` only when the run Succeeded;
-* ``DatasetReady``, ``Trained``, ``Evaluated``: one per stage.
+* ``DatasetReady``, ``Trained``, ``Evaluated``: one per stage;
+* ``Retrain`` (with ``spec.retrain``): True while its triggers can work, False with a
+  reason when they cannot (a schedule that does not parse, a source the operator cannot
+  list, ``spec.suspend``). It never changes the finished run's phase or results.
 
 ``lastTransitionTime`` changes only when a condition's status changes (conditions start
 afresh with each run). ``events`` are the Kubernetes Events the change deserves
@@ -62,6 +65,13 @@ from kubetune_operator.observe import (
     SUSPENDED,
     StageObservation,
 )
+from kubetune_operator.triggers import (
+    REASON_INVALID_SPEC,
+    REASON_SUSPENDED,
+    RETRAIN_CONDITION,
+    Trigger,
+    parse_run_id,
+)
 
 log = logging.getLogger("kubetune.operator")
 
@@ -105,6 +115,13 @@ class RunView:
     # The trainer's checkpoint list from progress.json while train runs (checkpoints_from)
     checkpoints: list[CheckpointRecord] | None = None
     invalid: tuple[str, str] | None = None  # (reason, message): the spec cannot work
+    # spec.retrain (kubetune_operator.triggers): the Retrain condition (status, reason,
+    # message; None without spec.retrain), status.nextRunAt and status.datasetCheckedAt, and
+    # what fired the current run when it started in this pass (for its Event).
+    retrain: tuple[bool, str, str] | None = None
+    next_run_at: str | None = None
+    dataset_checked_at: str | None = None
+    trigger_detail: str = ""
 
     @classmethod
     def for_invalid_spec(cls, generation: int, message: str) -> RunView:
@@ -157,7 +174,7 @@ def get_condition(status: FineTuneJobStatus, ctype: ConditionType) -> Condition 
 
 def set_condition(
     conditions: list[Condition],
-    ctype: ConditionType,
+    ctype: ConditionType | str,
     status: bool,
     reason: str,
     message: str,
@@ -166,17 +183,18 @@ def set_condition(
 ) -> list[Condition]:
     """Conditions with ``ctype`` set; lastTransitionTime kept unless the status flips."""
     value = "True" if status else "False"
-    old = next((c for c in conditions if c.type == ctype.value), None)
+    name = ctype.value if isinstance(ctype, ConditionType) else ctype
+    old = next((c for c in conditions if c.type == name), None)
     since = old.last_transition_time if old is not None and old.status == value else now
     new = Condition(
-        type=ctype.value,
+        type=name,
         status=value,
         reason=reason,
         message=message,
         last_transition_time=since,
         observed_generation=generation,
     )
-    return [*(c for c in conditions if c.type != ctype.value), new]
+    return [*(c for c in conditions if c.type != name), new]
 
 
 def _conditions(
@@ -404,6 +422,13 @@ def _assess(view: RunView) -> _Assessment:
     return _Assessment(phase=phase, reason=reason, message=message, stages=stages)
 
 
+def run_finished(view: RunView) -> bool:
+    """The run is over: Succeeded or Failed by its stages (not a spec it cannot start with)."""
+    if view.run is None or view.invalid is not None:
+        return False
+    return _assess(view).phase in (Phase.SUCCEEDED, Phase.FAILED)
+
+
 def _forward_only(assessment: _Assessment, prev: FineTuneJobStatus) -> _Assessment:
     """The phase of a working run never goes back (``prev`` is the same run's last status).
 
@@ -451,10 +476,8 @@ def _history(old: FineTuneJobStatus, run: RunRef | None, now: str) -> list[RunRe
     history = list(old.history)
     run_id = run.id if run is not None else None
     if old.run and old.run != run_id:
-        try:
-            generation = int(old.run.lstrip("g"))
-        except ValueError:
-            generation = old.observed_generation or 0
+        parsed = parse_run_id(old.run)
+        generation = parsed[0] if parsed is not None else old.observed_generation or 0
         record = RunRecord(
             run=old.run,
             generation=generation,
@@ -462,6 +485,8 @@ def _history(old: FineTuneJobStatus, run: RunRef | None, now: str) -> list[RunRe
             output=old.output,
             results=old.results,
             completion_time=old.completion_time or now,
+            trigger=old.trigger,
+            promoted=old.promotion.promoted if old.promotion is not None else None,
         )
         history = [record, *(h for h in history if h.run != old.run)]
     # The current run is never history (a spec that was invalid for a while, then restored).
@@ -537,13 +562,23 @@ def compute_status(
     prev = old if same_run else FineTuneJobStatus()
     events: list[Event] = []
     if not same_run and run is not None:
-        events.append(
-            Event(
-                "Normal",
-                Reason.NEW_GENERATION.value,
-                f"run {run.id} started for generation {run.generation}; output {run.output}",
+        if run.trigger == Trigger.SPEC_CHANGE.value:
+            events.append(
+                Event(
+                    "Normal",
+                    Reason.NEW_GENERATION.value,
+                    f"run {run.id} started for generation {run.generation}; output {run.output}",
+                )
             )
-        )
+        else:  # a retrain: the Event's reason is its trigger (Schedule, DatasetChanged, ...)
+            why = f": {view.trigger_detail}" if view.trigger_detail else ""
+            events.append(
+                Event(
+                    "Normal",
+                    run.trigger,
+                    f"run {run.id} started ({run.trigger}{why}); output {run.output}",
+                )
+            )
     assessment = _forward_only(_assess(view), prev)
     phase = assessment.phase
     new = FineTuneJobStatus(
@@ -551,6 +586,9 @@ def compute_status(
         reason=assessment.reason,
         observed_generation=view.generation,
         run=run_id,
+        trigger=run.trigger if run is not None else None,
+        next_run_at=view.next_run_at if run is not None else None,
+        dataset_checked_at=view.dataset_checked_at if run is not None else None,
         output=run.output if run is not None else None,
         message=assessment.message,
         conditions=_conditions(prev.conditions, assessment, now, view.generation),
@@ -592,12 +630,45 @@ def compute_status(
             new.completion_time = prev.completion_time or (
                 finished if phase == Phase.SUCCEEDED and finished else now
             )
+    new.conditions, retrain_events = _retrain_condition(old, new.conditions, view, now)
+    events += retrain_events
     events += _retry_events(prev, view) if run is not None else []
     events += _events(prev, assessment, run)
     if new.promotion is not None and prev.promotion is None:
         severity = "Warning" if new.promotion.reason == Reason.PROMOTION_FAILED.value else "Normal"
         events.append(Event(severity, new.promotion.reason, new.promotion.message or ""))
     return new, events
+
+
+def _retrain_condition(
+    old: FineTuneJobStatus, conditions: list[Condition], view: RunView, now: str
+) -> tuple[list[Condition], list[Event]]:
+    """``conditions`` with the Retrain condition of ``view`` (or without it), and its Event.
+
+    The condition is about the FineTuneJob, not the run: it carries over across runs (from
+    ``old``), so a schedule that does not parse is one Warning Event, not one per run.
+    """
+    rest = [c for c in conditions if c.type != RETRAIN_CONDITION]
+    if view.retrain is None or view.run is None:
+        return rest, []
+    ok, reason, message = view.retrain
+    was = next((c for c in old.conditions if c.type == RETRAIN_CONDITION), None)
+    merged = set_condition(
+        [was] if was is not None else [],
+        RETRAIN_CONDITION,
+        ok,
+        reason,
+        message,
+        now,
+        view.generation,
+    )
+    events = []
+    # News: the triggers stopped working, or why changed (or, for a bad spec, how).
+    news = was is None or was.status != "False" or was.reason != reason
+    news = news or (reason == REASON_INVALID_SPEC and was is not None and was.message != message)
+    if not ok and reason != REASON_SUSPENDED and news:
+        events.append(Event("Warning", reason, message))
+    return [*rest, *merged], events
 
 
 # --------------------------------------------------------------------------- writing
