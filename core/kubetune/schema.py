@@ -260,6 +260,7 @@ class ConditionType(str, enum.Enum):
     TRAINED = "Trained"
     EVALUATED = "Evaluated"
     PROMOTED = "Promoted"
+    TRACKED = "Tracked"
 
 
 class Reason(str, enum.Enum):
@@ -288,6 +289,8 @@ class Reason(str, enum.Enum):
     PROMOTED = "Promoted"  # the run's model is the serving version now
     NOT_BETTER = "NotBetter"  # it did not beat the baseline or the champion by the margin
     PROMOTION_FAILED = "PromotionFailed"  # the target could not be read or written
+    TRACKED = "Tracked"  # spec.tracking recorded the run
+    TRACKING_FAILED = "TrackingFailed"  # the tracking server refused or could not be reached
 
 
 # --------------------------------------------------------------------------- spec

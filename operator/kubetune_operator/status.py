@@ -622,6 +622,17 @@ def compute_status(
                 view.generation,
             )
         new.tracking = tracking_from(view) or prev.tracking
+        if new.tracking is not None:
+            t = new.tracking
+            new.conditions = set_condition(
+                new.conditions,
+                ConditionType.TRACKED,
+                t.error is None,
+                Reason.TRACKED.value if t.error is None else Reason.TRACKING_FAILED.value,
+                t.error or (f"recorded at {t.url}" if t.url else "recorded"),
+                now,
+                view.generation,
+            )
         new.artifacts = artifacts_for(run, view, prev.artifacts)
         new.start_time = prev.start_time or now
         if phase in (Phase.SUCCEEDED, Phase.FAILED):

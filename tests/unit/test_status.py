@@ -600,3 +600,22 @@ def test_a_run_without_promotion_has_no_promoted_condition() -> None:
     status, _ = compute({}, succeeded_view(), T1)
     assert "promotion" not in status
     assert all(c["type"] != "Promoted" for c in status["conditions"])
+
+
+def test_a_tracking_failure_is_a_false_tracked_condition_not_a_failed_run() -> None:
+    from kubetune.schema import TrackingStatus
+
+    view = succeeded_view()
+    assert view.evaluate is not None
+    error = "MLflow at http://mlflow:5000 unreachable after 3 attempts; check trackingUri"
+    view.evaluate = view.evaluate.model_copy(
+        update={"tracking": TrackingStatus(run_id="abc", error=error)}
+    )
+    status, _ = compute({}, view, T1)
+    tracked = cond_of(status, "Tracked")
+    assert (tracked["status"], tracked["reason"], tracked["message"]) == (
+        "False",
+        "TrackingFailed",
+        error,
+    )
+    assert status["phase"] == "Succeeded" and cond_of(status, "Ready")["status"] == "True"
