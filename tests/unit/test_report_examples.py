@@ -112,7 +112,7 @@ def test_instruction_report_shows_answer_metrics_for_every_model(tmp_path: Path)
     (chrf,) = _table_rows(md, "chrF (higher")
     assert chrf[1:4] == ["63.25", "30.00", "+33.25 (+110.8%)"]
     (em,) = _table_rows(md, "Exact match, % (higher")
-    assert em[1:3] == ["37.5", "5.0"] and "better" in em[4]
+    assert em[1:3] == ["37.50", "5.00"] and "better" in em[4]
 
     (endpoint,) = _table_rows(md, "ollama")
     assert endpoint[1:5] == ["35.00", "58.00", "30.0", "n/a"]

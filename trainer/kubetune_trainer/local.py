@@ -147,8 +147,8 @@ def summary_table(run: LocalRun) -> str:
             rows += [
                 ("chrF (fine-tuned)", _fmt(ev.fine_tuned.chrf, 2)),
                 ("chrF (baseline)", _fmt(base.chrf if base else None, 2)),
-                ("exact match % (fine-tuned)", _fmt(ev.fine_tuned.exact_match, 1)),
-                ("exact match % (baseline)", _fmt(base.exact_match if base else None, 1)),
+                ("exact match % (fine-tuned)", _fmt(ev.fine_tuned.exact_match, 2)),
+                ("exact match % (baseline)", _fmt(base.exact_match if base else None, 2)),
             ]
         for comp in ev.comparisons:
             rows.append((f"BLEU ({comp.name})", _fmt(comp.bleu, 2)))

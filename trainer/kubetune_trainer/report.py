@@ -299,7 +299,8 @@ def _instruction_results(ctx: StageContext, result: EvaluateResult) -> list[Bloc
         ("Answer perplexity (lower is better)", "perplexity", True, 3),
         ("BLEU (higher is better)", "bleu", False, 2),
         ("chrF (higher is better)", "chrf", False, 2),
-        ("Exact match, % (higher is better)", "exact_match", False, 1),
+        # Two decimals: one exact answer in a few thousand is 0.0x%, not "unchanged".
+        ("Exact match, % (higher is better)", "exact_match", False, 2),
     ]
     rows = []
     for name, attr, lower, digits in metrics:
