@@ -103,6 +103,8 @@ def summary_table(run: LocalRun) -> str:
             ("train / test tokens", f"{_fmt(s.train_tokens)} / {_fmt(s.test_tokens)}"),
             ("train/test overlap", _fmt(s.overlap)),
         ]
+        if s.validation_lines is not None:
+            rows.append((f"validation {unit} (from train)", _fmt(s.validation_lines)))
         if s.train_groups is not None:
             rows.append(("train / test groups", f"{_fmt(s.train_groups)} / {_fmt(s.test_groups)}"))
         if s.overlap_removed is not None:
@@ -128,6 +130,16 @@ def summary_table(run: LocalRun) -> str:
             ("optimizer steps", _fmt(train.steps)),
             ("final train loss", _fmt(train.final_loss, 4)),
             ("train tokens/s", _fmt(train.tokens_per_second, 0)),
+            *(
+                [
+                    (
+                        "validation loss (best, step)",
+                        f"{_fmt(train.best_validation_loss, 4)} at {train.best_step}",
+                    )
+                ]
+                if train.best_validation_loss is not None
+                else []
+            ),
             ("model", train.model_uri),
         ]
     ev = run.results.get("evaluate")
