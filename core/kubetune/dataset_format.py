@@ -75,12 +75,12 @@ import io
 import json
 import posixpath
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import chain
 from json.encoder import encode_basestring
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 import numpy as np
 
@@ -88,6 +88,8 @@ from kubetune.contract import StageError
 from kubetune.layout import RunLayout
 from kubetune.schema import Reason
 from kubetune.storage import Storage, StorageError
+
+T = TypeVar("T")
 
 TOKEN_DTYPE = np.dtype("<u4")
 """Token ids: little-endian uint32."""
@@ -415,34 +417,45 @@ def _unusable(message: str) -> StageError:
     return StageError(message, reason=Reason.DATASET_UNUSABLE)
 
 
-def read_texts(storage: Storage, split: str) -> list[str]:
-    """The ``text`` of each row of ``{split}.jsonl``; at least one, else :class:`StageError`."""
+def _rows(storage: Storage, split: str, parse: Callable[[Any], T], expected: str) -> list[T]:
+    """``parse`` of each JSON row of ``{split}.jsonl``; :class:`StageError` naming the line.
+
+    ``parse`` raises KeyError or TypeError for a row that is not what ``expected`` says.
+    """
     key = split_files(split).text
     try:
         raw = storage.read_text(key)
     except StorageError as exc:
         raise _unusable(f"{exc}; run the prepare stage first") from None
-    texts = []
+    rows = []
     for number, line in enumerate(raw.split("\n"), 1):
         if not line.strip():
             continue
         try:
-            text = json.loads(line)["text"]
-            if not isinstance(text, str):
-                raise TypeError(text)
+            rows.append(parse(json.loads(line)))
         except (json.JSONDecodeError, KeyError, TypeError):
             raise _unusable(
-                f"{storage.uri(key)} line {number}: expected a JSON object with a 'text' "
-                "field; re-run the prepare stage"
+                f"{storage.uri(key)} line {number}: expected {expected}; re-run the prepare stage"
             ) from None
-        texts.append(text)
-    if not texts:
+    if not rows:
         hint = "raise" if split == TEST else "lower"
         raise _unusable(
             f"{storage.uri(key)} is empty: the {split} split has no lines; "
             f"{hint} dataset.split.testFraction or add data"
         )
-    return texts
+    return rows
+
+
+def _text_of(row: Any) -> str:
+    text = row["text"]
+    if not isinstance(text, str):
+        raise TypeError(text)
+    return text
+
+
+def read_texts(storage: Storage, split: str) -> list[str]:
+    """The ``text`` of each row of ``{split}.jsonl``; at least one, else :class:`StageError`."""
+    return _rows(storage, split, _text_of, "a JSON object with a 'text' field")
 
 
 def _load_npy(storage: Storage, key: str, split: str, local_dir: Path | None) -> np.ndarray:
@@ -560,23 +573,10 @@ def read_loss_mask(
 
 def read_examples(storage: Storage, split: str) -> list[ExampleRow]:
     """The rows of ``{split}.jsonl`` of a promptCompletion/chat dataset; at least one."""
-    key = split_files(split).text
-    try:
-        raw = storage.read_text(key)
-    except StorageError as exc:
-        raise _unusable(f"{exc}; run the prepare stage first") from None
-    rows = []
-    for number, line in enumerate(raw.split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(ExampleRow.from_row(json.loads(line)))
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise _unusable(
-                f"{storage.uri(key)} line {number}: expected an example with 'text', 'doc', "
-                "'prompt' and 'answer' (dataset.kind promptCompletion or chat); re-run the "
-                "prepare stage"
-            ) from None
-    if not rows:
-        raise _unusable(f"{storage.uri(key)} is empty: the {split} split has no examples")
-    return rows
+    return _rows(
+        storage,
+        split,
+        ExampleRow.from_row,
+        "an example with 'text', 'doc', 'prompt' and 'answer' (dataset.kind promptCompletion "
+        "or chat)",
+    )

@@ -78,9 +78,15 @@ class StorageAccessDenied(StorageError):
     """The credentials (or file permissions) do not allow this: a retry cannot help."""
 
 
+class StoragePathUnusable(StorageError):
+    """A local path that cannot be written: a file where a directory must be, a read-only
+    file system, no space left. A retry does not change it."""
+
+
 def is_permanent(exc: BaseException) -> bool:
     """True for storage failures a retry cannot fix: a wrong URI, no permission, read-only."""
-    return isinstance(exc, (StorageNotFound, StorageAccessDenied, PermissionError)) or (
+    permanent = (StorageNotFound, StorageAccessDenied, StoragePathUnusable, PermissionError)
+    return isinstance(exc, permanent) or (
         isinstance(exc, OSError) and not isinstance(exc, StorageError)
     )
 
@@ -371,7 +377,9 @@ class FileStorage(Storage):
         except PermissionError:
             raise StorageAccessDenied(f"{self.uri(key)}: permission denied") from None
         except OSError as exc:
-            raise StorageError(f"{self.uri(key)}: cannot write ({exc.strerror or exc})") from None
+            raise StoragePathUnusable(
+                f"{self.uri(key)}: cannot write ({exc.strerror or exc})"
+            ) from None
 
     def write_bytes(self, key: str, data: bytes) -> None:
         target = self.path(key)

@@ -296,6 +296,28 @@ def generate_ids(
     return outputs, generated / seconds
 
 
+def _generate_after_context(
+    model: Any,
+    tokenizer: Any,
+    prompt_ids: Sequence[Sequence[int]],
+    stop_mask: torch.Tensor,
+    **options: Any,
+) -> tuple[list[list[int]], float]:
+    """:func:`generate_ids` for prompts given without the context token, which goes first
+    (bos, else eos: what every line and example starts from in training and scoring)."""
+    context = context_token_id(tokenizer)
+    start = [context] if context is not None else []
+    encoded = [start + list(ids) for ids in prompt_ids]
+    return generate_ids(
+        model,
+        encoded,
+        stop_mask,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **options,
+    )
+
+
 def generate_continuations(
     model: Any,
     tokenizer: Any,
@@ -313,24 +335,19 @@ def generate_continuations(
     has a newline, or at eos (see :func:`generate_ids`).
     """
     vocab_size = int(model.config.vocab_size)
-    context = context_token_id(tokenizer)
     eos = tokenizer.eos_token_id
     stop_mask = stop_token_mask(tokenizer, vocab_size)
     if eos is not None and eos < vocab_size:
         stop_mask[eos] = True
-    encoded = []
-    for prompt in prompts:
-        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        encoded.append(([context] if context is not None else []) + list(ids))
-    new, tokens_per_second = generate_ids(
+    prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    new, tokens_per_second = _generate_after_context(
         model,
-        encoded,
+        tokenizer,
+        prompt_ids,
         stop_mask,
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
         max_length=max_length,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=eos,
         autocast_dtype=autocast_dtype,
         use_generate=use_generate,
     )
@@ -376,7 +393,6 @@ def generate_answers(
     import torch
 
     vocab_size = int(model.config.vocab_size)
-    context = context_token_id(tokenizer)
     eos = tokenizer.eos_token_id
     stop_mask = torch.zeros(vocab_size, dtype=torch.bool)
     stops = [eos]
@@ -385,16 +401,14 @@ def generate_answers(
     for token in stops:
         if token is not None and 0 <= token < vocab_size:
             stop_mask[token] = True
-    encoded = [([context] if context is not None else []) + list(ids) for ids in prompt_ids]
-    new, tokens_per_second = generate_ids(
+    new, tokens_per_second = _generate_after_context(
         model,
-        encoded,
+        tokenizer,
+        prompt_ids,
         stop_mask,
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
         max_length=max_length,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=eos,
         autocast_dtype=autocast_dtype,
         use_generate=use_generate,
     )

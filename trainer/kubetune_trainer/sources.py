@@ -222,7 +222,9 @@ class Source:
             doc_base = key or Path(self.uri.split("://", 1)[1]).name
             with self._local_copy(key) as path:
                 if fmt == DatasetFormat.JSONL:
-                    rows: Iterator[dict[str, Any]] = self._jsonl_records(path, name)
+                    rows: Iterator[dict[str, Any]] = (
+                        record for _, record in self._jsonl_records(path, name)
+                    )
                 elif fmt == DatasetFormat.CSV:
                     rows = self._csv_records(path, name)
                 else:
@@ -231,7 +233,10 @@ class Source:
                     yield f"{doc_base}:{index}", record
 
     @staticmethod
-    def _jsonl_records(path: Path, name: str) -> Iterator[dict[str, Any]]:
+    def _jsonl_records(
+        path: Path, name: str, wanted: str = "an object"
+    ) -> Iterator[tuple[int, dict[str, Any]]]:
+        """``(line number, record)`` of each non-blank line; ``wanted`` words the error."""
         with open(path, "rb") as fh:
             for number, line in enumerate(iter_text_lines(fh, name), start=1):
                 if not line.strip():
@@ -245,9 +250,9 @@ class Source:
                     ) from None
                 if not isinstance(record, dict):
                     raise unusable(
-                        f"{name}: line {number} is a JSON {type(record).__name__}, not an object"
+                        f"{name}: line {number} is a JSON {type(record).__name__}, not {wanted}"
                     )
-                yield record
+                yield number, record
 
     @staticmethod
     def _csv_records(path: Path, name: str) -> Iterator[dict[str, Any]]:
@@ -386,28 +391,12 @@ class Source:
         self, path: Path, name: str, doc_base: str
     ) -> Iterator[tuple[str, Iterable[str]]]:
         text_field = self.spec.text_field
-        with open(path, "rb") as fh:
-            index = 0
-            for number, line in enumerate(iter_text_lines(fh, name), start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise unusable(
-                        f"{name}: line {number} is not JSON ({exc.msg}); each line of a .jsonl "
-                        "file must be one JSON object"
-                    ) from None
-                if not isinstance(record, dict):
-                    raise unusable(
-                        f"{name}: line {number} is a JSON {type(record).__name__}, not an "
-                        f"object with a {text_field!r} field"
-                    )
-                if text_field not in record:
-                    raise _missing_field(f"{name} (line {number})", text_field, record.keys())
-                text = _field_text(record[text_field], name, text_field, index)
-                yield f"{doc_base}:{index}", split_lines(text) if text else ()
-                index += 1
+        wanted = f"an object with a {text_field!r} field"
+        for index, (number, record) in enumerate(self._jsonl_records(path, name, wanted)):
+            if text_field not in record:
+                raise _missing_field(f"{name} (line {number})", text_field, record.keys())
+            text = _field_text(record[text_field], name, text_field, index)
+            yield f"{doc_base}:{index}", split_lines(text) if text else ()
 
     def _csv_documents(
         self, path: Path, name: str, doc_base: str
