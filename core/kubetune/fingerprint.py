@@ -48,7 +48,7 @@ def dataset_inputs(
     ``source_versions`` is :meth:`kubetune.storage.Storage.versions` of the source (None
     for a hub dataset, which is identified by its URI alone).
     """
-    dataset = _settings(spec.dataset)
+    dataset = spec.dataset.to_wire()
     validation = spec.training.validation
     if validation is not None:
         # The validation split is carved out of training by prepare.
@@ -74,25 +74,13 @@ def training_inputs(
     spec: FineTuneJobSpec, dataset_fingerprint: str, num_processes: int
 ) -> dict[str, Any]:
     """What decides the trained model: the data, the model, the training settings."""
-    training = {k: v for k, v in _settings(spec.training).items() if k not in CADENCE_KEYS}
+    training = {k: v for k, v in spec.training.to_wire().items() if k not in CADENCE_KEYS}
     return {
         "datasetFingerprint": dataset_fingerprint,
-        "model": _settings(spec.model),
+        "model": spec.model.to_wire(),
         "training": training,
         "numProcesses": num_processes,
     }
-
-
-def _settings(section: Any) -> dict[str, Any]:
-    """A spec section as fingerprinted: values equal to their default are left out.
-
-    So a release that adds a setting with a default keeps every existing fingerprint (and
-    the checkpoints keyed by it) valid; a value the user sets still changes it.
-    """
-    data: dict[str, Any] = section.model_dump(
-        by_alias=True, exclude_none=True, exclude_defaults=True, mode="json"
-    )
-    return data
 
 
 def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
@@ -120,7 +108,7 @@ def changed(old: Mapping[str, Any], new: Mapping[str, Any], limit: int = 6) -> l
 
 
 def _short(value: Any) -> str:
-    if value is None:  # left out of the inputs: unset, or at its default (see _settings)
-        return "default"
+    if value is None:  # not in the inputs: the setting is unset
+        return "unset"
     text = json.dumps(value, default=str)
     return text if len(text) <= 60 else text[:57] + "..."

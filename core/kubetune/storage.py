@@ -442,7 +442,16 @@ class FileStorage(Storage):
             raise StorageNotFound(f"{self.uri(key)}: no such file")
         local.parent.mkdir(parents=True, exist_ok=True)
         if source.resolve() != local.resolve():
-            shutil.copyfile(source, local)
+            # Copy then rename: processes of one node share a scratch directory, and one that
+            # finds the file must never memory-map a half-copied one (SIGBUS, no traceback).
+            fd, tmp = tempfile.mkstemp(dir=local.parent, prefix=f".{local.name}.")
+            os.close(fd)
+            try:
+                shutil.copyfile(source, tmp)
+                os.replace(tmp, local)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
 
 
 def s3_endpoint(endpoint: str | None = None) -> str | None:

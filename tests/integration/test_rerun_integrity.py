@@ -116,5 +116,5 @@ def test_evaluate_refuses_a_model_trained_on_another_split(
     assert isinstance(run.error, StageError)
     assert run.error.reason == Reason.MODEL_DATASET_MISMATCH.value
     message = str(run.error)
-    assert "dataset.split.seed: default -> 7" in message
+    assert "dataset.split.seed: 42 -> 7" in message
     assert "run the train stage again" in message.lower()

@@ -560,7 +560,10 @@ def _training(train: TrainResult | None, png: bytes | None) -> list[Block]:
     if png is None:
         blocks.append(Para("train/metrics.jsonl has no loss values to plot."))
     else:
-        blocks.append(Image("training and validation loss per optimizer step", "loss.png", png))
+        curves = (
+            "training loss" if train.validation_loss is None else "training and validation loss"
+        )
+        blocks.append(Image(f"{curves} per optimizer step", "loss.png", png))
     return blocks
 
 
