@@ -204,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
                 metavar="STEP|URI",
                 help="score this training checkpoint instead of model/: a step listed in "
                 "status.checkpoints / train/train.json, or a checkpoint URI "
-                "(.../checkpoints/step-XXXXXXXX); it is exported to <output>/exports/ first",
+                "(.../checkpoints/step-<8-digit step>); it is exported to <output>/exports/ first",
             )
         p.set_defaults(func=_cmd_stage)
 
@@ -222,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         metavar="STEP|URI",
         help="a step listed in status.checkpoints / train/train.json, or a checkpoint URI "
-        "(.../checkpoints/step-XXXXXXXX)",
+        "(.../checkpoints/step-<8-digit step>)",
     )
     exp.add_argument(
         "--to", required=True, metavar="URI", help="where to write the model (s3:// or file://)"

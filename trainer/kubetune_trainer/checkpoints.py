@@ -1,4 +1,4 @@
-"""Resumable checkpoints in storage: ``checkpoints/step-XXXXXXXX/`` + a ``COMPLETE`` marker.
+"""Resumable checkpoints in storage: ``checkpoints/step-<8-digit step>/`` + a ``COMPLETE`` marker.
 
 Usage (inside the train loop; only the main process writes)::
 

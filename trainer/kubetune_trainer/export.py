@@ -22,7 +22,7 @@ adapters and writes ``save_pretrained`` model + the dataset's tokenizer + the
 
 A checkpoint is named by its step (looked up in this output's training runs: the one of
 ``train/train.json`` first, else the only run that has that step) or by its URI (the
-``.../checkpoints/step-XXXXXXXX`` prefix).
+``.../checkpoints/step-<8-digit step>`` prefix).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from kubetune_trainer.context import StageContext
 
 log = logging.getLogger(__name__)
 
-EXPORTS = "exports"  # <output>/exports/step-XXXXXXXX/: checkpoints exported for evaluate
+EXPORTS = "exports"  # <output>/exports/step-<8-digit step>/: checkpoints exported for evaluate
 _CHECKPOINT_URI = re.compile(r"(?:^|/)(checkpoints/step-(\d{8,}))/*$")
 
 
@@ -142,7 +142,7 @@ def _by_uri(ctx: StageContext, uri: str) -> tuple[Storage, str, int]:
     if match is None:
         raise StageError(
             f"--checkpoint {uri}: expected a step number or a checkpoint URI ending in "
-            "checkpoints/step-XXXXXXXX",
+            "checkpoints/step-<8-digit step>",
             Reason.INVALID_SPEC,
         )
     store = ctx.open(uri[: match.start(1)])  # the training run the checkpoint belongs to

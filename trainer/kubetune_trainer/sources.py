@@ -262,16 +262,7 @@ class Source:
 
     @staticmethod
     def _parquet_records(path: Path, name: str) -> Iterator[dict[str, Any]]:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        try:
-            parquet = pq.ParquetFile(path)
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise unusable(
-                f"{name}: not a readable Parquet file ({exc}); convert it or remove it"
-            ) from None
-        with parquet:
+        with _open_parquet(path, name) as parquet:
             for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS):
                 yield from batch.to_pylist()
 
@@ -419,17 +410,8 @@ class Source:
     def _parquet_documents(
         self, path: Path, name: str, doc_base: str
     ) -> Iterator[tuple[str, Iterable[str]]]:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
         text_field = self.spec.text_field
-        try:
-            parquet = pq.ParquetFile(path)
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise unusable(
-                f"{name}: not a readable Parquet file ({exc}); convert it or remove it"
-            ) from None
-        with parquet:
+        with _open_parquet(path, name) as parquet:
             columns = parquet.schema_arrow.names
             if text_field not in columns:
                 raise _missing_field(name, text_field, columns)
@@ -463,6 +445,19 @@ class Source:
         for index, record in enumerate(_chain_first(first, records)):
             text = _field_text(record.get(text_field), self.uri, text_field, index)
             yield f"{dataset}:{index}", split_lines(text) if text else ()
+
+
+def _open_parquet(path: Path, name: str) -> Any:
+    """``pyarrow.parquet.ParquetFile`` of ``path`` (a context manager); a clear error if not one."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise unusable(
+            f"{name}: not a readable Parquet file ({exc}); convert it or remove it"
+        ) from None
 
 
 def _record_fields(spec: DatasetSpec) -> str:

@@ -80,17 +80,21 @@ def carve_validation(
     train_files, val_files = split_files(TRAIN), split_files(VALIDATION)
     train_jsonl = out_dir / train_files.text_name
     chosen = _choose(train_jsonl, fraction, seed, by_doc)
+    # One more pass: the training rows' keys, and the (few) chosen rows' keys to check.
     train_keys: set[int] = set()
+    chosen_keys: dict[int, list[int]] = {}
     with open(train_jsonl, encoding="utf-8") as fh:
-        for line, is_val in zip(fh, chosen, strict=True):
-            if not is_val:
-                train_keys.update(_row_keys(json.loads(line), instruction))
+        for i, (line, is_val) in enumerate(zip(fh, chosen, strict=True)):
+            keys = _row_keys(json.loads(line), instruction)
+            if is_val:
+                chosen_keys[i] = keys
+            else:
+                train_keys.update(keys)
     to_train = ~chosen
     to_val = chosen.copy()
-    with open(train_jsonl, encoding="utf-8") as fh:
-        for i, line in enumerate(fh):
-            if chosen[i] and any(k in train_keys for k in _row_keys(json.loads(line), instruction)):
-                to_val[i] = False
+    for i, keys in chosen_keys.items():
+        if any(k in train_keys for k in keys):
+            to_val[i] = False
     if not to_val.any():
         raise StageError(
             f"the validation split is empty ({int(chosen.sum())} of {len(chosen)} training rows "
