@@ -12,12 +12,15 @@ process are stopped at the end of the session (their own process group: nothing 
 Starting it takes ~25 s on a small machine (mlflow imports for long), so the whole
 session shares one server; tests keep apart by using their own experiment names.
 
-It needs the ``mlflow`` package (the ``dev`` extra); the code under test does not.
+:func:`rest` calls its REST API and :func:`experiment_runs` lists an experiment's runs, so
+tests assert on what the server recorded. It needs the ``mlflow`` package (the ``dev``
+extra); the code under test does not.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import signal
 import socket
@@ -25,10 +28,12 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import pytest
 
@@ -150,6 +155,26 @@ class MlflowServer:
         trace: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+def rest(
+    server: MlflowServer, endpoint: str, body: dict[str, Any] | None = None, **query: Any
+) -> Any:
+    """GET (``query``) or POST (``body``) on the MLflow REST API of ``server``."""
+    url = f"{server.url}/api/2.0/mlflow/{endpoint}"
+    if query:
+        url += "?" + urllib.parse.urlencode(query)
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return json.loads(resp.read() or b"{}")
+
+
+def experiment_runs(server: MlflowServer, experiment: str) -> list[dict[str, Any]]:
+    eid = rest(server, "experiments/get-by-name", experiment_name=experiment)["experiment"][
+        "experiment_id"
+    ]
+    return list(rest(server, "runs/search", {"experiment_ids": [eid]}).get("runs", []))
 
 
 def _group_alive(pgid: int) -> bool:

@@ -16,14 +16,16 @@ the tests agree::
       eval/      evaluate.json  samples.jsonl
       report/    report.md  report.html  loss.png  report.json
 
-The operator gives each run (spec generation) its own output prefix,
-``<spec.storage.output>/runs/<uid[:8]>-g<generation>/``, so an earlier run's results stay
+The operator gives each run its own output prefix (:func:`run_prefix`),
+``<spec.storage.output>/runs/<uid[:8]>-<run id>/``, so an earlier run's results stay
 readable after a spec change and a FineTuneJob applied again after a delete (a new uid)
-never finds its predecessor's.
+never finds its predecessor's. A run id is ``g<generation>`` for a spec change and
+``g<generation>-r<n>`` for the n-th retrain of that spec (:func:`run_id`).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from kubetune.contract import Stage
@@ -37,6 +39,44 @@ def join_uri(base: str, *parts: str) -> str:
         if part:
             out = f"{out}/{part}"
     return out
+
+
+RUNS = "runs"
+_RUN_ID = re.compile(r"^g(\d+)(?:-r(\d+))?$")
+_RUN_DIR = re.compile(r"^([0-9a-z]{1,8})-(g\d+(?:-r\d+)?)$")
+
+
+def run_id(generation: int, retrain: int = 0) -> str:
+    """``g<generation>``, or ``g<generation>-r<retrain>`` for a retrain (``retrain >= 1``)."""
+    return f"g{generation}" if retrain <= 0 else f"g{generation}-r{retrain}"
+
+
+def parse_run_id(run: str) -> tuple[int, int] | None:
+    """``"g3-r2"`` -> ``(3, 2)``, ``"g3"`` -> ``(3, 0)``; None for anything else."""
+    match = _RUN_ID.match(run or "")
+    if match is None:
+        return None
+    return int(match.group(1)), int(match.group(2) or 0)
+
+
+def run_dir(run: str, uid: str) -> str:
+    """``runs/<uid[:8]>-<run>``: the key of a run's prefix under ``spec.storage.output``."""
+    return f"{RUNS}/{uid[:8]}-{run}" if uid else f"{RUNS}/{run}"
+
+
+def parse_run_dir(name: str) -> tuple[str, str] | None:
+    """``"1a2b3c4d-g3-r1"`` (a directory under ``runs/``) -> ``("1a2b3c4d", "g3-r1")``."""
+    match = _RUN_DIR.match(name)
+    return (match.group(1), match.group(2)) if match else None
+
+
+def run_prefix(output: str, run: str, uid: str) -> str:
+    """Where run ``run`` of the FineTuneJob ``uid`` writes: ``<output>/runs/<uid[:8]>-<run>``.
+
+    A FineTuneJob deleted and applied again (a new uid) never shares a run prefix with its
+    predecessor.
+    """
+    return join_uri(output, run_dir(run, uid))
 
 
 @dataclass(frozen=True)

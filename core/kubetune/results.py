@@ -168,6 +168,17 @@ class ModelScores(_Result):
     tokens_per_second: float | None = None
 
 
+class RetentionResult(_Result):
+    """spec.retrain.keepRuns: which of the FineTuneJob's older runs the evaluate pod deleted."""
+
+    keep_runs: int = Field(..., description="spec.retrain.keepRuns when the run was evaluated")
+    kept: list[str] = Field(default_factory=list, description="run ids kept, newest first")
+    deleted: list[str] = Field(default_factory=list, description="run ids whose prefix is gone")
+    error: str | None = Field(
+        None, description="why some run could not be deleted (the stage still succeeded)"
+    )
+
+
 class EvaluateResult(_Result):
     """eval/evaluate.json"""
 
@@ -197,6 +208,9 @@ class EvaluateResult(_Result):
         None, description="spec.promotion: the serving model's scores on this test split"
     )
     promotion: PromotionStatus | None = Field(None, description="spec.promotion's decision")
+    retention: RetentionResult | None = Field(
+        None, description="spec.retrain.keepRuns: older runs deleted after this evaluation"
+    )
     seconds: float = 0.0
 
     @property

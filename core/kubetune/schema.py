@@ -291,6 +291,8 @@ class Reason(str, enum.Enum):
     PROMOTION_FAILED = "PromotionFailed"  # the target could not be read or written
     TRACKED = "Tracked"  # spec.tracking recorded the run
     TRACKING_FAILED = "TrackingFailed"  # the tracking server refused or could not be reached
+    RUNS_DELETED = "RunsDeleted"  # spec.retrain.keepRuns deleted older runs' artifacts
+    RETENTION_FAILED = "RetentionFailed"  # some older run could not be deleted
 
 
 # --------------------------------------------------------------------------- spec
@@ -986,6 +988,16 @@ class RetrainSpec(_Model):
     poll_interval_seconds: int = Field(
         300, ge=30, le=86400, description="How often onDatasetChange lists the source."
     )
+    keep_runs: int | None = Field(
+        None,
+        ge=1,
+        le=100,
+        description="Keep the artifacts (dataset, checkpoints, model, report) of this many "
+        "newest runs under storage.output/runs/, the current one included; once a run's "
+        "evaluation succeeded, its pod deletes this FineTuneJob's older runs. The run whose "
+        "model is the promoted champion is kept too, and promoted versions "
+        "(promotion.target) are never deleted. Unset: keep every run.",
+    )
 
 
 class FineTuneJobSpec(_Model):
@@ -1242,6 +1254,9 @@ class RunRecord(_Model):
         None, description="Why it started: SpecChange, Schedule, DatasetChanged or Manual."
     )
     promoted: bool | None = Field(None, description="Its model was promoted (spec.promotion).")
+    artifacts_deleted: bool | None = Field(
+        None, description="Its artifacts under output were deleted (spec.retrain.keepRuns)."
+    )
 
 
 class StageStatus(_Model):

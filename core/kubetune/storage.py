@@ -720,7 +720,20 @@ class S3Storage(Storage):
             remove = functools.partial(
                 self.client.delete_objects, Bucket=self.bucket, Delete={"Objects": batch}
             )
-            self._retrying("deleting", prefix, remove)
+            response = self._retrying("deleting", prefix, remove)
+            # DeleteObjects answers 200 even when keys were refused: each refusal is listed.
+            errors = (response or {}).get("Errors") or []
+            if errors:
+                first = errors[0]
+                code = str(first.get("Code", ""))
+                where = f"s3://{self.bucket}/{first.get('Key', '')}"
+                message = (
+                    f"{where}: {code} while deleting ({len(errors)} of {len(batch)} keys "
+                    f"refused): {first.get('Message', '')}"
+                )
+                if code == "AccessDenied":
+                    raise StorageAccessDenied(message)
+                raise StorageError(message)
 
     def _transfer_config(self) -> Any:
         from boto3.s3.transfer import TransferConfig

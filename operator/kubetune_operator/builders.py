@@ -15,11 +15,12 @@ Objects of one run ``<run>`` of FineTuneJob ``<ftj>`` (``g<generation>``, or
 * Job ``<ftj>-<run>-prepare``, ``<ftj>-<run>-train``, ``<ftj>-<run>-evaluate``;
 * Service ``<ftj>-<run>-train`` (headless) when training uses several workers.
 
-The run writes under ``<spec.storage.output>/runs/<uid[:8]>-<run>/`` (:func:`run_output`):
-the FineTuneJob's uid in the prefix keeps a deleted and re-created FineTuneJob of the same
-name away from its predecessor's artifacts. ``job.json`` carries the run's identity (uid,
-and the annotations of :class:`~kubetune.contract.RunAnnotation`), which each stage stamps
-into its result (:class:`~kubetune.results.RunIdentity`).
+The run writes under ``<spec.storage.output>/runs/<uid[:8]>-<run>/``
+(:func:`kubetune.layout.run_prefix`): the FineTuneJob's uid in the prefix keeps a deleted
+and re-created FineTuneJob of the same name away from its predecessor's artifacts.
+``job.json`` carries the run's identity (uid, and the annotations of
+:class:`~kubetune.contract.RunAnnotation`), which each stage stamps into its result
+(:class:`~kubetune.results.RunIdentity`).
 """
 
 from __future__ import annotations
@@ -41,12 +42,12 @@ from kubetune.contract import (
     RunAnnotation,
     Stage,
 )
-from kubetune.layout import join_uri
+from kubetune.layout import run_id, run_prefix
 from kubetune.results import RunIdentity
 from kubetune.schema import API_VERSION, KIND, FineTuneJob
 from kubetune_operator.config import OperatorConfig
 from kubetune_operator.triggers import ANNOTATION_RETRAIN as ANNOTATION_RETRAIN
-from kubetune_operator.triggers import Trigger, run_id
+from kubetune_operator.triggers import Trigger
 
 # Label and annotation keys (the chart, the tests and kubectl selectors use these).
 LABEL_NAME = "app.kubernetes.io/name"
@@ -115,7 +116,7 @@ class RunRef:
         return cls(
             id=rid,
             generation=generation,
-            output=run_output(job.spec.storage.output, rid, uid),
+            output=run_prefix(job.spec.storage.output, rid, uid),
             spec_hash=spec_hash(job),
             job_uid=uid,
             retrain=retrain,
@@ -130,15 +131,6 @@ class RunRef:
     def identity(self) -> RunIdentity:
         """What a result of this run carries in its ``run`` field (see ``job.json``)."""
         return RunIdentity(job_uid=self.job_uid or None, spec_hash=self.spec_hash, run_id=self.id)
-
-
-def run_output(output: str, run_id: str, uid: str) -> str:
-    """Where run ``run_id`` of the FineTuneJob ``uid`` writes.
-
-    ``<spec.storage.output>/runs/<uid[:8]>-<run_id>``: a FineTuneJob deleted and applied
-    again (a new uid) never shares a run prefix with its predecessor.
-    """
-    return join_uri(output, "runs", f"{uid[:8]}-{run_id}" if uid else run_id)
 
 
 def spec_hash(job: FineTuneJob) -> str:

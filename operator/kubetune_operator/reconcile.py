@@ -40,7 +40,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from kubetune.contract import JOB_STAGES, S3_CREDENTIAL_KEYS_TEXT, STAGE_CONDITION, Stage
-from kubetune.layout import RunLayout
+from kubetune.layout import RunLayout, parse_run_id, run_prefix
 from kubetune.results import EvaluateResult, PrepareResult, RunIdentity, TrainResult
 from kubetune.schema import (
     API_VERSION,
@@ -113,7 +113,6 @@ from kubetune_operator.triggers import (
     format_time,
     listing_changes,
     normalize_listing,
-    parse_run_id,
     parse_time,
     recorded_listing,
 )
@@ -469,7 +468,7 @@ class Reconciler:
                     id=run_id,
                     generation=gen,
                     output=annotations.get(ANNOTATION_OUTPUT)
-                    or builders.run_output(job.spec.storage.output, run_id, uid),
+                    or run_prefix(job.spec.storage.output, run_id, uid),
                     spec_hash=want,
                     job_uid=uid,
                     retrain=retrain,

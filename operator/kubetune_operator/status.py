@@ -39,8 +39,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from kubetune.contract import JOB_STAGES, STAGE_CONDITION, STAGE_PHASE, Stage
-from kubetune.layout import RunLayout
-from kubetune.results import EvaluateResult, PrepareResult, TrainResult
+from kubetune.layout import RunLayout, parse_run_id
+from kubetune.results import EvaluateResult, PrepareResult, RetentionResult, TrainResult
 from kubetune.schema import (
     Artifacts,
     CheckpointRecord,
@@ -70,7 +70,6 @@ from kubetune_operator.triggers import (
     REASON_SUSPENDED,
     RETRAIN_CONDITION,
     Trigger,
-    parse_run_id,
 )
 
 log = logging.getLogger("kubetune.operator")
@@ -648,7 +647,37 @@ def compute_status(
     if new.promotion is not None and prev.promotion is None:
         severity = "Warning" if new.promotion.reason == Reason.PROMOTION_FAILED.value else "Normal"
         events.append(Event(severity, new.promotion.reason, new.promotion.message or ""))
+    retention = view.evaluate.retention if view.evaluate is not None else None
+    if retention is not None:
+        new.history = _mark_deleted(new.history, retention.deleted)
+        if prev.results is None:
+            events += _retention_events(retention)
     return new, events
+
+
+def _mark_deleted(history: list[RunRecord], deleted: list[str]) -> list[RunRecord]:
+    """``history`` with ``artifactsDeleted`` set on the runs spec.retrain.keepRuns removed."""
+    return [
+        h.model_copy(update={"artifacts_deleted": True}) if h.run in deleted else h for h in history
+    ]
+
+
+def _retention_events(retention: RetentionResult) -> list[Event]:
+    events = []
+    if retention.deleted:
+        events.append(
+            Event(
+                "Normal",
+                Reason.RUNS_DELETED.value,
+                f"deleted the artifacts of run(s) {', '.join(retention.deleted)} "
+                f"(spec.retrain.keepRuns: {retention.keep_runs}; kept {', '.join(retention.kept)})",
+            )
+        )
+    if retention.error:
+        events.append(
+            Event("Warning", Reason.RETENTION_FAILED.value, f"retention: {retention.error}")
+        )
+    return events
 
 
 def _retrain_condition(

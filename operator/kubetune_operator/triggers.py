@@ -1,7 +1,8 @@
 """Retraining triggers: pure pieces (names, run ids, times, the dataset comparison).
 
 A FineTuneJob's run is ``g<generation>`` when a spec change started it and
-``g<generation>-r<n>`` for the n-th retrain of that spec (:func:`run_id`). The reconciler
+``g<generation>-r<n>`` for the n-th retrain of that spec (:func:`kubetune.layout.run_id`).
+The reconciler
 (:meth:`kubetune_operator.reconcile.Reconciler._retrain`) checks the triggers only when the
 current run has finished (Succeeded or Failed) and ``spec.suspend`` is not true:
 
@@ -17,7 +18,6 @@ current run has finished (Succeeded or Failed) and ``spec.suspend`` is not true:
 from __future__ import annotations
 
 import enum
-import re
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timezone
 from typing import Any
@@ -35,8 +35,6 @@ REASON_NOT_POLLABLE = "SourceNotPollable"  # False: the operator cannot list thi
 REASON_SOURCE_UNREADABLE = "SourceUnreadable"  # False: listing failed; retried next poll
 REASON_NO_LISTING = "NoSourceListing"  # False: the run's prepare recorded no listing
 
-_RUN_ID = re.compile(r"^g(\d+)(?:-r(\d+))?$")
-
 
 class Trigger(str, enum.Enum):
     """Why a run started (``status.trigger``, ``status.history[].trigger``, Event reasons)."""
@@ -45,19 +43,6 @@ class Trigger(str, enum.Enum):
     SCHEDULE = "Schedule"
     DATASET_CHANGED = "DatasetChanged"
     MANUAL = "Manual"
-
-
-def run_id(generation: int, retrain: int = 0) -> str:
-    """``g<generation>``, or ``g<generation>-r<retrain>`` for a retrain (``retrain >= 1``)."""
-    return f"g{generation}" if retrain <= 0 else f"g{generation}-r{retrain}"
-
-
-def parse_run_id(run: str) -> tuple[int, int] | None:
-    """``"g3-r2"`` -> ``(3, 2)``, ``"g3"`` -> ``(3, 0)``; None for anything else."""
-    match = _RUN_ID.match(run or "")
-    if match is None:
-        return None
-    return int(match.group(1)), int(match.group(2) or 0)
 
 
 def format_time(when: datetime) -> str:

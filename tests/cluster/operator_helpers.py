@@ -297,14 +297,15 @@ def install_crd(kubeconfig: Path) -> None:
         "-f",
         str(REPO / "crds" / "finetunejob.yaml"),
     )
-    kubectl(
-        kubeconfig,
-        "wait",
-        "--for=condition=Established",
-        "crd/finetunejobs.kubetune.io",
-        "--timeout=60s",
-        timeout=90,
-    )
+
+    def established() -> bool:
+        # Read the condition rather than `kubectl wait`, which fails outright when it asks
+        # before the API server has written any condition of a just-created CRD.
+        crd = get_json(kubeconfig, "default", "crd", "finetunejobs.kubetune.io")
+        conditions = (crd.get("status") or {}).get("conditions") or []
+        return any(c["type"] == "Established" and c["status"] == "True" for c in conditions)
+
+    wait_for(established, 60, "the FineTuneJob CRD to be established", interval=0.5)
 
 
 def create_s3_secret(

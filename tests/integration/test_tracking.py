@@ -14,8 +14,6 @@ import base64
 import json
 import logging
 import time
-import urllib.parse
-import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
@@ -23,7 +21,13 @@ from typing import Any
 import pytest
 from recording_http import RecordingServer
 from tiny_eval import write_stage_results
-from tracking_server import MlflowServer, free_port, mlflow_server  # noqa: F401
+from tracking_server import (  # noqa: F401
+    MlflowServer,
+    experiment_runs,
+    free_port,
+    mlflow_server,
+    rest,
+)
 
 from kubetune.layout import RunLayout
 from kubetune.results import (
@@ -63,26 +67,6 @@ def make_job(tracking_uri: str, experiment: str, secret: str | None = None) -> F
     manifest["spec"]["tracking"] = {"mlflow": mlflow}
     manifest["metadata"]["uid"] = UID
     return parse_job(manifest)
-
-
-def rest(
-    server: MlflowServer, endpoint: str, body: dict[str, Any] | None = None, **query: Any
-) -> Any:
-    """GET (``query``) or POST (``body``) on the MLflow REST API of ``server``."""
-    url = f"{server.url}/api/2.0/mlflow/{endpoint}"
-    if query:
-        url += "?" + urllib.parse.urlencode(query)
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=10) as resp:
-        return json.loads(resp.read() or b"{}")
-
-
-def experiment_runs(server: MlflowServer, experiment: str) -> list[dict[str, Any]]:
-    eid = rest(server, "experiments/get-by-name", experiment_name=experiment)["experiment"][
-        "experiment_id"
-    ]
-    return list(rest(server, "runs/search", {"experiment_ids": [eid]}).get("runs", []))
 
 
 def history(server: MlflowServer, run_id: str, key: str) -> list[tuple[int, float]]:

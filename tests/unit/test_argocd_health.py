@@ -8,60 +8,13 @@ and ``hs.message`` come back on stdout.
 
 from __future__ import annotations
 
-import json
-import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
-import pytest
+from argocd_health import HEALTH_LUA, health
 
 ROOT = Path(__file__).resolve().parents[2]
-HEALTH_LUA = ROOT / "charts/kubetune/files/argocd-health.lua"
 GITOPS_DOC = ROOT / "docs/gitops.md"
-
-
-def _lua_literal(value: Any) -> str:
-    """A Python value as a Lua table constructor (lists are 1-indexed arrays, as in Argo CD)."""
-    if value is None:
-        return "nil"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)  # JSON string escapes are valid Lua escapes for this text
-    if isinstance(value, list):
-        return "{" + ", ".join(_lua_literal(v) for v in value) + "}"
-    if isinstance(value, dict):
-        items = (f"[{json.dumps(k)}] = {_lua_literal(v)}" for k, v in value.items())
-        return "{" + ", ".join(items) + "}"
-    raise TypeError(f"no Lua literal for {value!r}")
-
-
-def _lua() -> str:
-    lua = shutil.which("lua5.1")
-    if lua is None:
-        pytest.fail(
-            "lua5.1 is not installed; run `bash scripts/install-system-deps.sh` (as root)",
-            pytrace=False,
-        )
-    return lua
-
-
-def health(obj: dict[str, Any]) -> tuple[str, str]:
-    driver = (
-        f"obj = {_lua_literal(obj)}\n"
-        f"local check = assert(loadfile({json.dumps(str(HEALTH_LUA))}))\n"
-        "local hs = check()\n"
-        "io.write(hs.status, '\\n', hs.message or '', '\\n')\n"
-    )
-    result = subprocess.run(
-        [_lua(), "-"], input=driver, capture_output=True, text=True, timeout=10, check=False
-    )
-    assert result.returncode == 0, result.stderr
-    status, message = result.stdout.split("\n", 1)
-    return status, message.rstrip("\n")
 
 
 def _cond(
@@ -246,3 +199,39 @@ def test_gitops_examples_point_at_a_directory_of_valid_finetunejobs() -> None:
         doc = yaml.safe_load((jobs_dir / resource).read_text())
         assert doc["kind"] == KIND
         parse_job(doc, source=resource)  # raises ManifestError listing every problem
+
+
+def _succeeded_with(promoted: dict[str, Any]) -> dict[str, Any]:
+    return _job(
+        {
+            "phase": "Succeeded",
+            "observedGeneration": 2,
+            "conditions": [
+                _cond("Ready", "True", "Succeeded", "perplexity 12.1 (baseline 40.3)"),
+                _cond("Stalled", "False"),
+                promoted,
+            ],
+        }
+    )
+
+
+def test_a_model_not_better_than_the_champion_is_healthy_and_says_not_promoted() -> None:
+    status, message = health(
+        _succeeded_with(
+            _cond("Promoted", "False", "NotBetter", "not promoted: perplexity 14 vs 12 of champion")
+        )
+    )
+    assert status == "Healthy"
+    assert message == (
+        "Succeeded: perplexity 12.1 (baseline 40.3); "
+        "NotBetter: not promoted: perplexity 14 vs 12 of champion"
+    )
+    promoted = _succeeded_with(_cond("Promoted", "True", "Promoted", "v0002"))
+    assert health(promoted) == ("Healthy", "Succeeded: perplexity 12.1 (baseline 40.3)")
+
+
+def test_a_promotion_that_failed_is_degraded_although_the_run_succeeded() -> None:
+    status, message = health(
+        _succeeded_with(_cond("Promoted", "False", "PromotionFailed", "s3://serve: access denied"))
+    )
+    assert (status, message) == ("Degraded", "PromotionFailed: s3://serve: access denied")

@@ -12,7 +12,13 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from kubetune.results import EvaluateResult, ModelScores, PrepareResult, TrainResult
+from kubetune.results import (
+    EvaluateResult,
+    ModelScores,
+    PrepareResult,
+    RetentionResult,
+    TrainResult,
+)
 from kubetune.schema import Comparison, DatasetStats, Progress
 from kubetune_operator.builders import ANNOTATION_FAILED_MESSAGE, ANNOTATION_FAILED_REASON, RunRef
 from kubetune_operator.metrics import OperatorMetrics
@@ -619,3 +625,26 @@ def test_a_tracking_failure_is_a_false_tracked_condition_not_a_failed_run() -> N
         error,
     )
     assert status["phase"] == "Succeeded" and cond_of(status, "Ready")["status"] == "True"
+
+
+def test_runs_deleted_by_retention_are_marked_in_history_with_one_event() -> None:
+    status: dict[str, Any] = {}
+    for gen in (1, 2):
+        run = RunRef(id=f"g{gen}", generation=gen, output=f"s3://b/runs/g{gen}", spec_hash=str(gen))
+        status, _ = compute(status, succeeded_view(run, gen), T1)
+    run3 = RunRef(id="g3", generation=3, output="s3://b/runs/g3", spec_hash="3")
+    view = succeeded_view(run3, 3)
+    assert view.evaluate is not None
+    view.evaluate.retention = RetentionResult(
+        keep_runs=2, kept=["g3", "g2"], deleted=["g1"], error="g0: access denied"
+    )
+    status, events = compute(status, view, T1)
+    marks = {h["run"]: h.get("artifactsDeleted") for h in status["history"]}
+    assert marks == {"g2": None, "g1": True}
+    deleted = [e for e in events if e.reason == "RunsDeleted"]
+    assert len(deleted) == 1 and "g1" in deleted[0].message and "keepRuns: 2" in deleted[0].message
+    assert [e.type for e in events if e.reason == "RetentionFailed"] == ["Warning"]
+    # The same run observed again: the marks stay, the Events are not repeated.
+    again, events = compute(status, view, T1)
+    assert again["history"] == status["history"]
+    assert not [e for e in events if e.reason in ("RunsDeleted", "RetentionFailed")]

@@ -489,3 +489,26 @@ def test_a_stage_error_wrapping_a_storage_fault_gets_the_reason_storage_decides(
     assert storage_failure_reason(wrapped(StorageUnavailable("down"))) == Reason.STAGE_FAILED
     # A missing key stays what the stage called it.
     assert storage_failure_reason(wrapped(StorageNotFound("no such key"))) is None
+
+
+def test_s3_delete_reports_keys_the_server_refused(s3_bucket: str, moto_s3: str) -> None:
+    """DeleteObjects answers 200 and lists refused keys; they must not pass as deleted."""
+    real = s3_client(moto_s3)
+
+    class RefusesDeletes:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real, name)
+
+        def delete_objects(self, Bucket: str, Delete: dict[str, Any]) -> dict[str, Any]:
+            errors = [
+                {"Key": o["Key"], "Code": "AccessDenied", "Message": "Access Denied"}
+                for o in Delete["Objects"]
+            ]
+            return {"Errors": errors}
+
+    store = S3Storage(f"s3://{s3_bucket}/out", endpoint=moto_s3, client=RefusesDeletes())
+    store.write_text("runs/a/x", "1")
+    store.write_text("runs/a/y", "2")
+    with pytest.raises(StorageAccessDenied, match=r"2 of 2 keys refused"):
+        store.delete("runs/a/")
+    assert store.list("runs/a") == ["runs/a/x", "runs/a/y"]

@@ -19,6 +19,7 @@ from fake_kube import FakeKube
 from recording_http import RecordingServer
 from test_reconcile import CFG, NAME, NS, World, run_to_success
 
+from kubetune.layout import parse_run_dir, parse_run_id, run_id, run_prefix
 from kubetune.schema import (
     API_VERSION,
     KIND,
@@ -43,9 +44,7 @@ from kubetune_operator.status import RunView, compute_status
 from kubetune_operator.triggers import (
     ANNOTATION_RETRAIN,
     listing_changes,
-    parse_run_id,
     recorded_listing,
-    run_id,
 )
 
 
@@ -444,16 +443,16 @@ def test_long_names_with_retrain_run_ids_fit_and_differ() -> None:
             assert name.endswith(f"-{run}-{suffix}")
             names.add(name)
     assert len(names) == 12
-    assert (
-        builders.run_output("s3://b/out", "g1-r1", "0b4c8f9e-11")
-        == "s3://b/out/runs/0b4c8f9e-g1-r1"
-    )
+    assert run_prefix("s3://b/out", "g1-r1", "0b4c8f9e-11") == "s3://b/out/runs/0b4c8f9e-g1-r1"
 
 
 def test_run_ids() -> None:
     assert (run_id(3), run_id(3, 2)) == ("g3", "g3-r2")
     assert parse_run_id("g3-r2") == (3, 2) and parse_run_id("g3") == (3, 0)
     assert parse_run_id("x") is None and parse_run_id("g3-r") is None
+    assert parse_run_dir("1a2b3c4d-g3-r2") == ("1a2b3c4d", "g3-r2")
+    assert parse_run_dir("1a2b3c4d-g3") == ("1a2b3c4d", "g3")
+    assert parse_run_dir("notarun") is None and parse_run_dir("1a2b3c4d-x3") is None
 
 
 def test_history_records_the_trigger_and_the_promotion() -> None:

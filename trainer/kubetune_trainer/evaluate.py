@@ -86,6 +86,7 @@ from kubetune_trainer.bleu import (
 from kubetune_trainer.context import StageContext
 from kubetune_trainer.perplexity import score_sequences
 from kubetune_trainer.remote import Endpoint, score_endpoint, score_endpoint_answers
+from kubetune_trainer.retention import apply_retention
 
 log = logging.getLogger(__name__)
 
@@ -600,6 +601,10 @@ def run(ctx: StageContext, *, answer_end: str | None = None) -> EvaluateResult:
         comparisons.append(comparison)
         remote_texts[entry.name] = continuations
 
+    # After promotion, so a model just promoted keeps its run; before the result, so the
+    # operator learns which runs are gone.
+    retention = apply_retention(ctx)
+
     result_key, samples_key = eval_keys(ctx.model_key)
     samples_uri = None
     if test.samples:
@@ -622,6 +627,7 @@ def run(ctx: StageContext, *, answer_end: str | None = None) -> EvaluateResult:
         samples_uri=samples_uri,
         champion=champion_scores,
         promotion=promoted,
+        retention=retention,
         seconds=time.perf_counter() - start,
     )
     ctx.storage.write_text(result_key, result.to_json())

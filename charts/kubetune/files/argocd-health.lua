@@ -1,11 +1,14 @@
 -- Argo CD health check for kubetune.io/FineTuneJob (Lua 5.1, as Argo CD's gopher-lua runs it).
 -- Install it in argocd-cm as resource.customizations.health.kubetune.io_FineTuneJob
--- (docs/gitops.md); tests/unit/test_argocd_health.py runs it in a real Lua 5.1.
+-- (docs/gitops.md); tests/unit/test_argocd_health.py runs it in a real Lua 5.1, and
+-- tests/cluster/test_retraining_loop.py on each status of a GitOps retraining loop.
 --
 --   observedGeneration < generation          -> Progressing (the operator has not seen the edit)
 --   phase Failed, or condition Stalled=True  -> Degraded    (message: the condition's reason/message)
+--   Promoted=False, reason PromotionFailed   -> Degraded    (the serving model was not updated)
 --   phase Suspended                          -> Suspended   (spec.suspend: true)
---   phase Succeeded, or condition Ready=True -> Healthy
+--   phase Succeeded, or condition Ready=True -> Healthy     (with Promoted=False NotBetter, the
+--                                               message adds why the model was not promoted)
 --   anything else                            -> Progressing (phase and training progress)
 local hs = {}
 
@@ -70,6 +73,13 @@ if phase == "Failed" or (stalled ~= nil and stalled.status == "True") then
   return hs
 end
 
+local promoted = current(condition(status.conditions, "Promoted"))
+if promoted ~= nil and promoted.status == "False" and promoted.reason == "PromotionFailed" then
+  hs.status = "Degraded"
+  hs.message = describe(promoted, "promotion failed")
+  return hs
+end
+
 if phase == "Suspended" then
   hs.status = "Suspended"
   hs.message = "FineTuneJob is suspended (spec.suspend: true)"
@@ -79,6 +89,9 @@ end
 if phase == "Succeeded" or (ready ~= nil and ready.status == "True") then
   hs.status = "Healthy"
   hs.message = describe(ready, "FineTuneJob succeeded")
+  if promoted ~= nil and promoted.status == "False" then
+    hs.message = hs.message .. "; " .. describe(promoted, "not promoted")
+  end
   return hs
 end
 
