@@ -10,7 +10,7 @@ export PATH := $(VENV)/bin:$(PATH)
 PYTEST_ARGS ?=
 
 .PHONY: help setup quickstart test test-unit test-integration test-cluster lint fmt typecheck \
-        generate check-generated tools system-deps cluster-up cluster-down demo-cluster \
+        generate check-generated tools system-deps images cluster-up cluster-down demo-cluster \
         bench bench-quick clean
 
 help: ## list the targets
@@ -24,13 +24,13 @@ quickstart: setup ## offline demo: pre-train a tiny base model, fine-tune it on 
 	$(PY) -m kubetune.cli run examples/quickstart.yaml
 	@echo "report: runs/quickstart/report/report.md (and report.html)"
 
-test: setup system-deps tools lint ## everything CI runs: lint, types, generated files, all tests
+test: setup system-deps tools images lint ## everything CI runs: lint, types, generated files, all tests
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
 test-unit: setup ## pure unit tests (no cluster, no training)
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
-test-integration: setup ## stages on real text with tiny models, real S3 (moto server)
+test-integration: setup images ## stages on real text with tiny models, real S3 (moto server)
 	$(PY) -m pytest tests/integration $(PYTEST_ARGS)
 
 test-cluster: setup system-deps tools ## the real control plane, process node, S3, Prometheus
@@ -57,6 +57,9 @@ system-deps: ## Debian packages the tests need (prometheus, promtool, lua)
 
 tools: ## build/reuse kube-apiserver, etcd, ... helm, kubeconform (cached in ~/.cache/kubetune/tools)
 	@bash scripts/build-tools.sh
+
+images: ## build/reuse the operator and trainer images with buildah (localhost/kubetune/*, docs/images.md)
+	@bash scripts/build-images.sh
 
 cluster-up: setup tools ## start the test cluster (control plane, process node, S3) for manual use
 	cd tests && $(PY) -m harness up

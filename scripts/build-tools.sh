@@ -7,12 +7,16 @@
 # Each binary lands in ${KUBETUNE_TOOLS_DIR:-$HOME/.cache/kubetune/tools}/<name>-<version>/<name>
 # and is linked from $KUBETUNE_TOOLS_DIR/bin/. A binary already there is never rebuilt, so a
 # warm run takes well under a second. The versions of kube-apiserver, kube-controller-manager,
-# kube-scheduler and etcd come from tests/cluster/tools/go.mod; helm and kubeconform are pinned
-# below. Progress goes to stderr; the only stdout line is the bin directory.
+# kube-scheduler, kubelet, kube-proxy and etcd come from tests/cluster/tools/go.mod; containerd
+# (containerd, ctr, containerd-shim-runc-v2: the real node of harness.containerd_node), helm and
+# kubeconform are pinned below. runc and the CNI plugins come from Debian:
+# scripts/install-node-deps.sh. Progress goes to stderr; the only stdout line is the bin directory.
 set -euo pipefail
 
 HELM_VERSION=v3.22.0
 KUBECONFORM_VERSION=v0.8.0
+# 2.x: the kubelet asks the runtime for its cgroup driver (RuntimeConfig), which 1.x lacks.
+CONTAINERD_VERSION=v2.4.2
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 tools_module="$repo_root/tests/cluster/tools"
@@ -84,29 +88,56 @@ build_etcd() {
     (cd "$tools_module" && go build -trimpath -ldflags "-s -w" -o "$out" ./cmd/etcd)
 }
 
-go_install() {  # go_install PKG@VERSION LDFLAGS: `go install` into a scratch GOBIN, then move
+go_install() {  # go_install PKG@VERSION LDFLAGS [TAGS]: `go install` into a scratch GOBIN, then move
     local gobin
     gobin="$(mktemp -d)"
-    (cd "$tools_dir" && GOBIN="$gobin" go install -trimpath -ldflags "-s -w $2" "$1") || { rm -rf "$gobin"; return 1; }
+    (cd "$tools_dir" && GOBIN="$gobin" go install -trimpath -tags "${3:-}" -ldflags "-s -w $2" "$1") \
+        || { rm -rf "$gobin"; return 1; }
     mv "$gobin"/* "$out" && rm -rf "$gobin"
+}
+
+build_containerd() {  # build_containerd NAME: containerd, ctr or containerd-shim-runc-v2
+    local pkg=github.com/containerd/containerd/v2
+    # Static, as upstream's release build: no cgo, so no btrfs snapshotter (it needs the
+    # btrfs headers; the node uses overlayfs). The version is what CRI reports to the kubelet
+    # (`kubectl get nodes -o wide`: containerd://v2.4.2).
+    CGO_ENABLED=0 go_install "$pkg/cmd/$1@$CONTAINERD_VERSION" \
+        "-X $pkg/version.Version=$CONTAINERD_VERSION -X $pkg/version.Package=$pkg" \
+        "no_btrfs urfave_cli_no_docs"
+}
+
+build_node_program() {  # build_node_program FILE: a standard-library Go program in tests/harness/node
+    (cd "$node_src" && CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "$out" "./$1")
 }
 
 KUBE_VERSION="$(module_version k8s.io/kubernetes)"
 ETCD_VERSION="$(module_version go.etcd.io/etcd/server/v3)"
 
 install_binary etcd "$ETCD_VERSION" build_etcd
-for name in kube-apiserver kube-controller-manager kube-scheduler; do
+for name in kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy; do
     install_binary "$name" "$KUBE_VERSION" build_kube "$name"
 done
+for name in containerd ctr containerd-shim-runc-v2; do
+    install_binary "$name" "$CONTAINERD_VERSION" build_containerd "$name"
+done
+# The node's sandbox process and the test image's program, versioned by their source's hash
+# (an edited file gets rebuilt); harness.node.images wraps them in images.
+node_src="$repo_root/tests/harness/node"
+install_binary pause "src-$(sha256sum "$node_src/pause.go" | cut -c1-12)" build_node_program pause.go
+install_binary kt-probe "src-$(sha256sum "$node_src/probe.go" | cut -c1-12)" build_node_program probe.go
 install_binary helm "$HELM_VERSION" go_install "helm.sh/helm/v3/cmd/helm@$HELM_VERSION" \
     "-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
 install_binary kubeconform "$KUBECONFORM_VERSION" go_install \
     "github.com/yannh/kubeconform/cmd/kubeconform@$KUBECONFORM_VERSION" "-X main.version=$KUBECONFORM_VERSION"
 
 # Smoke-check every binary, so a broken build fails here rather than in a test.
-for name in etcd kube-apiserver kube-controller-manager kube-scheduler; do
+for name in etcd kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy \
+    containerd ctr; do
     "$bin_dir/$name" --version >/dev/null 2>&1 || die "$bin_dir/$name --version failed"
 done
+"$bin_dir/containerd-shim-runc-v2" -v >/dev/null 2>&1 || die "$bin_dir/containerd-shim-runc-v2 -v failed"
+"$bin_dir/kt-probe" say:ok >/dev/null 2>&1 || die "$bin_dir/kt-probe say:ok failed"
+[ -x "$bin_dir/pause" ] || die "$bin_dir/pause missing"
 "$bin_dir/helm" version --short >/dev/null 2>&1 || die "$bin_dir/helm version failed"
 "$bin_dir/kubeconform" -v >/dev/null 2>&1 || die "$bin_dir/kubeconform -v failed"
 echo "$bin_dir"

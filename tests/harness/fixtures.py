@@ -13,6 +13,10 @@ cannot be built fails the test with what to run.
                         .env()
     prometheus_factory  callable(["host:port", ...]) -> Prometheus: .url .query(expr)
                         .wait_for_target_up(timeout)
+    containerd_cluster  ContainerdCluster: a K8sCluster of its own whose node is a real kubelet
+                        with containerd, and kube-proxy unless another node on the host has
+                        it (harness.containerd_node); .node .load_image(src) (root,
+                        scripts/install-node-deps.sh; fails with what to run otherwise)
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import pytest
 
 from harness._proc import install_exit_handlers, wait_until
 from harness.cluster import ControlPlane, start_process_node, wait_node_ready
+from harness.containerd_node import ContainerdNode, NodeUnavailable, kube_proxy_available
 from harness.prometheus import Prometheus, PrometheusMissing
 from harness.s3 import S3Server
 from harness.tools import ToolsMissing, find_bin_dir
@@ -68,6 +73,15 @@ class K8sCluster:
         from kubernetes import config
 
         return config.new_client_from_config(config_file=str(self.kubeconfig))
+
+
+@dataclass
+class ContainerdCluster(K8sCluster):
+    node: ContainerdNode
+
+    def load_image(self, source: str | Path) -> str:
+        """Import an image (podman/buildah name or OCI/Docker archive) into the node."""
+        return self.node.load_image(source)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -141,3 +155,32 @@ def prometheus_factory(tmp_path: Path) -> Iterator[Callable[[list[str]], Prometh
     yield start
     for prom in started:
         prom.stop()
+
+
+@pytest.fixture(scope="session")
+def containerd_cluster(
+    tools_bin: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ContainerdCluster]:
+    """A control plane of its own plus a real node (kubelet + containerd); separate from
+    `k8s_cluster`, whose process node stays the default."""
+    install_exit_handlers()
+    state_dir = tmp_path_factory.mktemp("k8s-containerd")
+    control_plane = ControlPlane(state_dir=state_dir, bin_dir=tools_bin)
+    # Only one node per host can run kube-proxy; without it, only Services of pods fail.
+    node = ContainerdNode(
+        control_plane,
+        state_dir=state_dir / "nodes" / "containerd-node",
+        kube_proxy=kube_proxy_available(),
+    )
+    control_plane.start()
+    try:
+        try:
+            node.start()
+        except NodeUnavailable as err:
+            pytest.fail(f"containerd node unavailable: {err}", pytrace=False)
+        yield ContainerdCluster(control_plane=control_plane, node_name=node.name, node=node)
+    finally:
+        node.stop()
+        control_plane.stop()
+    left = node.leftovers()
+    assert not left, f"the containerd node left behind: {left}"

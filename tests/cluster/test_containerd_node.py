@@ -1,0 +1,353 @@
+"""The harness's real node (harness.containerd_node): kubelet + containerd + runc + CNI.
+
+    PYTHONPATH=tests ~/.cache/kubetune/venv/bin/python -m pytest -m cluster \
+        tests/cluster/test_containerd_node.py -q
+
+Needs root and scripts/install-node-deps.sh; the binaries come from scripts/build-tools.sh.
+Pods here use the kt-probe image (tests/harness/node/probe.go), which the harness builds and
+imports itself, so nothing is pulled. The trainer image is tried when podman has it.
+"""
+
+from __future__ import annotations
+
+import http.server
+import ipaddress
+import json
+import re
+import subprocess
+import threading
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from harness._proc import wait_until
+from harness.containerd_node import ContainerdNode
+from harness.fixtures import ContainerdCluster
+
+pytestmark = pytest.mark.cluster
+
+TRAINER_IMAGE = "localhost/kubetune/trainer:dev"
+RESTRICTED = {
+    "runAsNonRoot": True,
+    "runAsUser": 65534,
+    "runAsGroup": 65534,
+    "readOnlyRootFilesystem": True,
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+
+
+@pytest.fixture
+def namespace(containerd_cluster: ContainerdCluster) -> Iterator[str]:
+    name = f"test-{uuid.uuid4().hex[:8]}"
+    containerd_cluster.kubectl("create", "namespace", name)
+    wait_until(
+        lambda: (
+            containerd_cluster.control_plane.get(
+                f"/api/v1/namespaces/{name}/serviceaccounts/default"
+            )[0]
+            == 200
+        ),
+        timeout=30,
+        what=f"service account default in {name}",
+    )
+    yield name
+    containerd_cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+@pytest.fixture(scope="module")
+def probe_image(containerd_cluster: ContainerdCluster) -> str:
+    return containerd_cluster.node.probe_image()
+
+
+def probe_pod(
+    name: str,
+    image: str,
+    args: list[str],
+    *,
+    resources: dict[str, Any] | None = None,
+    restart: str = "Never",
+) -> dict[str, Any]:
+    container: dict[str, Any] = {
+        "name": "main",
+        "image": image,
+        "imagePullPolicy": "Never",  # loaded into the node; there is no registry
+        "args": args,
+        "securityContext": RESTRICTED,
+    }
+    if resources:
+        container["resources"] = resources
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name},
+        "spec": {
+            "restartPolicy": restart,
+            "terminationGracePeriodSeconds": 2,
+            "containers": [container],
+        },
+    }
+
+
+def create(cluster: ContainerdCluster, namespace: str, manifest: dict[str, Any]) -> None:
+    subprocess.run(
+        ["kubectl", f"--kubeconfig={cluster.kubeconfig}", "-n", namespace, "create", "-f", "-"],
+        input=json.dumps(manifest),
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    )
+
+
+def get_pod(cluster: ContainerdCluster, namespace: str, name: str) -> dict[str, Any]:
+    pod: dict[str, Any] = json.loads(
+        cluster.kubectl("-n", namespace, "get", "pod", name, "-o", "json").stdout
+    )
+    return pod
+
+
+def wait_pod(
+    cluster: ContainerdCluster,
+    namespace: str,
+    name: str,
+    phases: tuple[str, ...],
+    timeout: float = 90.0,
+) -> dict[str, Any]:
+    def reached() -> dict[str, Any] | None:
+        cluster.node.check_running()
+        pod = get_pod(cluster, namespace, name)
+        return pod if pod.get("status", {}).get("phase") in phases else None
+
+    try:
+        return wait_until(reached, timeout=timeout, what=f"pod {name} in {phases}", interval=0.5)
+    except TimeoutError as err:
+        describe = cluster.kubectl("-n", namespace, "describe", "pod", name, check=False).stdout
+        raise AssertionError(f"{err}\n{describe}\n{cluster.node.log_tails()}") from None
+
+
+def logs_contain(cluster: ContainerdCluster, namespace: str, name: str, text: str) -> str:
+    def found() -> str | None:
+        out = cluster.kubectl("-n", namespace, "logs", name, check=False).stdout
+        return out if text in out else None
+
+    return wait_until(found, timeout=30, what=f"{text!r} in the logs of {name}", interval=0.5)
+
+
+def test_node_is_ready_with_containerd_2(containerd_cluster: ContainerdCluster) -> None:
+    wide = containerd_cluster.kubectl("get", "nodes", "-o", "wide").stdout
+    row = next(line for line in wide.splitlines() if line.startswith(containerd_cluster.node_name))
+    assert " Ready " in row, wide
+    assert re.search(r"containerd://v?2\.\d+\.\d+", row), wide
+    node = json.loads(
+        containerd_cluster.kubectl("get", "node", containerd_cluster.node_name, "-o", "json").stdout
+    )
+    assert node["status"]["nodeInfo"]["kubeletVersion"] == "v1.36.3"
+    assert node["status"]["allocatable"]["nvidia.com/gpu"] == "2"
+    assert not node["spec"].get("taints")
+
+
+def test_pod_runs_as_non_root_on_read_only_rootfs_and_reaches_the_api(
+    containerd_cluster: ContainerdCluster, namespace: str, probe_image: str
+) -> None:
+    args = ["whoami", "say:hello from the containerd node", "api", "sleep"]
+    create(containerd_cluster, namespace, probe_pod("probe", probe_image, args))
+    pod = wait_pod(containerd_cluster, namespace, "probe", ("Running", "Failed", "Succeeded"))
+    assert pod["status"]["phase"] == "Running", pod["status"]
+    node = containerd_cluster.node
+    assert node.pod_cidr is not None
+    pod_ip = ipaddress.ip_address(pod["status"]["podIP"])
+    assert pod_ip in ipaddress.ip_network(node.pod_cidr), pod["status"]
+
+    logs = logs_contain(containerd_cluster, namespace, "probe", "gitVersion=")
+    assert "uid=65534 gid=65534 rootfs=read-only" in logs
+    assert "hello from the containerd node" in logs
+    # Through the `kubernetes` Service address, DNATed to the API server on 127.0.0.1.
+    assert "api 10.0.0.1:443 gitVersion=v1.36.3" in logs
+
+    result = containerd_cluster.kubectl(
+        "-n", namespace, "exec", "probe", "--", "/kt-probe", "say:exec works", "whoami"
+    )
+    assert result.stdout.splitlines() == ["exec works", "uid=65534 gid=65534 rootfs=read-only"]
+
+
+def test_memory_limit_oom_kills_the_container(
+    containerd_cluster: ContainerdCluster, namespace: str, probe_image: str
+) -> None:
+    limits = {"limits": {"memory": "64Mi", "cpu": "500m"}}
+    manifest = probe_pod("hog", probe_image, ["alloc:512"], resources=limits)
+    create(containerd_cluster, namespace, manifest)
+    pod = wait_pod(containerd_cluster, namespace, "hog", ("Failed", "Succeeded"))
+    terminated = pod["status"]["containerStatuses"][0]["state"]["terminated"]
+    assert pod["status"]["phase"] == "Failed"
+    assert terminated["reason"] == "OOMKilled", terminated
+    assert terminated["exitCode"] == 137
+
+
+def test_gpu_requests_schedule_up_to_capacity(
+    containerd_cluster: ContainerdCluster, namespace: str, probe_image: str
+) -> None:
+    fits = probe_pod(
+        "one-gpu", probe_image, ["say:got a gpu"], resources={"limits": {"nvidia.com/gpu": "1"}}
+    )
+    too_many = probe_pod(
+        "three-gpus", probe_image, ["say:never"], resources={"limits": {"nvidia.com/gpu": "3"}}
+    )
+    create(containerd_cluster, namespace, fits)
+    create(containerd_cluster, namespace, too_many)
+    assert (
+        wait_pod(containerd_cluster, namespace, "one-gpu", ("Succeeded", "Failed"))["status"][
+            "phase"
+        ]
+        == "Succeeded"
+    )
+
+    def unschedulable() -> dict[str, Any] | None:
+        pod = get_pod(containerd_cluster, namespace, "three-gpus")
+        conditions = {c["type"]: c for c in pod["status"].get("conditions", [])}
+        scheduled = conditions.get("PodScheduled", {})
+        return scheduled if scheduled.get("reason") == "Unschedulable" else None
+
+    condition = wait_until(unschedulable, timeout=30, what="three-gpus to be Unschedulable")
+    assert condition["status"] == "False"
+    assert "nvidia.com/gpu" in condition["message"]
+    assert get_pod(containerd_cluster, namespace, "three-gpus")["status"]["phase"] == "Pending"
+
+
+class _Hello(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        body = b"hello from the host\n"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *_: Any) -> None:
+        pass
+
+
+def test_pod_reaches_a_loopback_service_of_the_host(
+    containerd_cluster: ContainerdCluster, namespace: str, probe_image: str
+) -> None:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Hello)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        address = containerd_cluster.node.expose_host_port(server.server_address[1])
+        create(
+            containerd_cluster, namespace, probe_pod("get", probe_image, [f"get:http://{address}/"])
+        )
+        pod = wait_pod(containerd_cluster, namespace, "get", ("Succeeded", "Failed"))
+        logs = containerd_cluster.kubectl("-n", namespace, "logs", "get").stdout
+        assert pod["status"]["phase"] == "Succeeded", logs
+        assert "status=200 body=hello from the host" in logs
+    finally:
+        server.shutdown()
+
+
+def test_pod_reaches_a_service_of_pods_through_kube_proxy(
+    containerd_cluster: ContainerdCluster, namespace: str, probe_image: str
+) -> None:
+    if not containerd_cluster.node.kube_proxy:
+        pytest.fail(
+            "the node runs without kube-proxy: another node on this host has it "
+            "(`python -m harness up --node containerd --kube-proxy`?)",
+            pytrace=False,
+        )
+    server = probe_pod("web", probe_image, ["serve:8080"])
+    server["metadata"]["labels"] = {"app": "web"}
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "web"},
+        "spec": {"selector": {"app": "web"}, "ports": [{"port": 80, "targetPort": 8080}]},
+    }
+    create(containerd_cluster, namespace, server)
+    create(containerd_cluster, namespace, service)
+    wait_pod(containerd_cluster, namespace, "web", ("Running",))
+    cluster_ip = containerd_cluster.kubectl(
+        "-n", namespace, "get", "service", "web", "-o", "jsonpath={.spec.clusterIP}"
+    ).stdout
+    create(
+        containerd_cluster,
+        namespace,
+        probe_pod("client", probe_image, [f"get:http://{cluster_ip}/"]),
+    )
+    pod = wait_pod(containerd_cluster, namespace, "client", ("Succeeded", "Failed"))
+    logs = containerd_cluster.kubectl("-n", namespace, "logs", "client").stdout
+    assert pod["status"]["phase"] == "Succeeded", logs
+    assert "status=200 body=kt-probe on web" in logs
+
+
+def test_trainer_image_runs_kubetune_version(
+    containerd_cluster: ContainerdCluster, namespace: str
+) -> None:
+    present = subprocess.run(
+        ["podman", "image", "exists", TRAINER_IMAGE], capture_output=True, check=False
+    )
+    if present.returncode != 0:
+        pytest.skip(f"{TRAINER_IMAGE} not built (scripts/build-images.sh)")
+    image = containerd_cluster.load_image(TRAINER_IMAGE)
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "trainer-version"},
+        "spec": {
+            "restartPolicy": "Never",
+            "containers": [
+                {
+                    "name": "main",
+                    "image": image,
+                    "imagePullPolicy": "Never",
+                    "command": ["kubetune", "--version"],
+                    "securityContext": {"runAsNonRoot": True, "readOnlyRootFilesystem": True},
+                }
+            ],
+        },
+    }
+    create(containerd_cluster, namespace, pod)
+    done = wait_pod(containerd_cluster, namespace, "trainer-version", ("Succeeded", "Failed"), 300)
+    logs = containerd_cluster.kubectl("-n", namespace, "logs", "trainer-version").stdout
+    assert done["status"]["phase"] == "Succeeded", logs
+    assert re.search(r"\d+\.\d+", logs), logs
+
+
+def test_stop_leaves_nothing_behind(
+    containerd_cluster: ContainerdCluster, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    # A second node on the same control plane: it picks the next free bridge and subnet, and
+    # (the first holding the shared image store) gets an image store of its own.
+    state_dir = tmp_path_factory.mktemp("second-node")
+    node = ContainerdNode(
+        containerd_cluster.control_plane, state_dir=state_dir, name="second-node", gpus=0
+    )
+    node.start()
+    try:
+        image = node.probe_image()
+        manifest = probe_pod("sleeper", image, ["say:up", "sleep"])
+        manifest["spec"]["nodeName"] = node.name
+        namespace = f"test-{uuid.uuid4().hex[:8]}"
+        containerd_cluster.kubectl("create", "namespace", namespace)
+        wait_until(
+            lambda: (
+                containerd_cluster.control_plane.get(
+                    f"/api/v1/namespaces/{namespace}/serviceaccounts/default"
+                )[0]
+                == 200
+            ),
+            timeout=30,
+            what="the default service account",
+        )
+        create(containerd_cluster, namespace, manifest)
+        wait_pod(containerd_cluster, namespace, "sleeper", ("Running",))
+        assert node.bridge != containerd_cluster.node.bridge
+        assert node.image_root != containerd_cluster.node.image_root
+        running = node.leftovers()  # the same probe must see a live node
+        assert any(line.startswith("process") for line in running), running
+        assert any("netns" in line for line in running), running
+        assert any(line.startswith("bridge") for line in running), running
+    finally:
+        node.stop()
+    assert node.leftovers() == []
