@@ -81,9 +81,13 @@ RUN /opt/venv/bin/pip install --no-cache-dir --no-deps --no-index \
 # The root filesystem is read-only in the chart's Deployment; /tmp is its one writable volume,
 # so HOME and TMPDIR point there. After the installs: uv keeps its cache under $HOME, which
 # during the build must be the cache mount's /root, not a directory in the image.
+# USER and LOGNAME: kopf names itself with getpass.getuser(), which raises when the uid has no
+# passwd entry (65532 here, or whatever uid a platform assigns) and no such variable is set.
 ENV PATH=/opt/venv/bin:${PATH} \
     HOME=/tmp \
-    TMPDIR=/tmp
+    TMPDIR=/tmp \
+    USER=kubetune-operator \
+    LOGNAME=kubetune-operator
 # 65532: the conventional "nonroot" uid; the chart's podSecurityContext runs as it too.
 USER 65532:65532
 WORKDIR /tmp

@@ -13,19 +13,20 @@ containerd, ctr, containerd-shim-runc-v2 (built from the Go module proxy), pause
 
 How the node is made (docs/test-cluster.md has the why and the traps):
 
-- Network: the harness creates the bridge (default `kt-cni0`, 10.213.0.1/24) before anything
-  starts; the CNI bridge plugin plugs each pod's veth into it and host-local hands out the
-  addresses. Pods get no default route, only the pod subnet and the Service CIDR via the
-  bridge, so they reach nothing but each other and the host. The bridge address is the Node's
-  InternalIP (the kubelet refuses a loopback one) and where the kubelet serves. An iptables
-  DNAT chain of this node sends the `kubernetes` Service (10.0.0.1:443) to the API server on
-  127.0.0.1 (with route_localnet on the bridge), and `expose_host_port` does the same for
-  any loopback service of the host (e.g. the S3 server) at the bridge address.
+- Network: the harness creates the bridge (the first free `kt-cni<N>`, 10.213.<N>.1/24)
+  before anything starts; the CNI bridge plugin plugs each pod's veth into it and host-local
+  hands out the addresses. Pods get no default route, only the pod subnet and the Service
+  CIDR via the bridge, so they reach nothing but each other and the host. The bridge address
+  is the Node's InternalIP (the kubelet refuses a loopback one) and where the kubelet serves.
+  An iptables DNAT chain of this node sends the `kubernetes` Service (10.0.0.1:443) to the API
+  server on 127.0.0.1 (with route_localnet on the bridge), and `expose_host_port` does the
+  same for any loopback service of the host (e.g. the S3 server) at the bridge address.
 - containerd: root, state, runc root, shim sockets, network namespaces, CNI config and IPAM
   all under the state dir (or a short /run/kubetune-* dir for the shim sockets, which must
   fit in 42 characters). Its image store lives in ~/.cache/kubetune/node/containerd (override:
   KUBETUNE_NODE_CACHE), so big images survive between runs; one node at a time holds it
   (flock), another gets a private store under its state dir.
+- kube-proxy (optional, `kube_proxy=True`; one node per host) for Services of pods.
 - Sandbox image: `localhost/kubetune/pause:harness`, made here from the pause binary and
   imported before the kubelet starts; no pull is ever attempted (pods should use
   imagePullPolicy IfNotPresent or Never, and images loaded with `load_image`).
@@ -64,6 +65,7 @@ CNI_PLUGINS = ("bridge", "host-local", "loopback")
 RUNC = "runc"
 PAUSE_IMAGE = "localhost/kubetune/pause:harness"
 PROBE_IMAGE = "localhost/kubetune/kt-probe:harness"
+BRIDGE_ALIAS = "kubetune node "  # + the state dir, on the node's bridge
 K8S_NAMESPACE = "k8s.io"  # containerd namespace the CRI plugin uses
 START_TIMEOUT = 180.0  # seconds, kubelet start to Node Ready (~10 s warm, more on a busy host)
 # The kubelet sets these host sysctls when they differ (it would refuse to start with
@@ -148,6 +150,7 @@ class ContainerdNode:
     max_pods: int = 110
     image_store: Path | None = None  # default: the shared cache, else a private one
     kube_proxy: bool = False  # Services between pods; one node per host may have it
+    cluster_dns: tuple[str, ...] = ()  # the kubelet's clusterDNS (no DNS server runs here)
     processes: list[ManagedProcess] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -185,6 +188,7 @@ class ContainerdNode:
                 "another node on this host runs kube-proxy (its iptables chains are host-wide); "
                 "start this node with kube_proxy=False"
             )
+        sweep_abandoned_nodes()
         self._claim_bridge()
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self._started = True
@@ -286,7 +290,8 @@ class ContainerdNode:
     def _setup_network(self) -> None:
         assert self.bridge is not None and self.pod_cidr is not None
         prefix = ipaddress.ip_network(self.pod_cidr).prefixlen
-        _sh("ip", "link", "set", self.bridge, "alias", f"kubetune node {self.state_dir}")
+        # How sweep_abandoned_nodes finds the node if its harness process dies.
+        _sh("ip", "link", "set", self.bridge, "alias", f"{BRIDGE_ALIAS}{self.state_dir}")
         _sh("ip", "addr", "add", f"{self.gateway}/{prefix}", "dev", self.bridge)
         _sh("ip", "link", "set", self.bridge, "up")
         # Lets packets from the bridge be DNATed to 127.0.0.1 (the API server, host services);
@@ -612,7 +617,8 @@ disabled_plugins = [
 
     def _write_kubelet_config(self, port: int, healthz_port: int) -> Path:
         resolv = self.state_dir / "resolv.conf"
-        # Pods have no route to any name server; an empty resolv.conf fails fast instead.
+        # Pods have no route to the host's name servers; an empty resolv.conf fails fast
+        # instead (dnsPolicy Default; ClusterFirst pods get `cluster_dns` when it is set).
         resolv.write_text("# no DNS on the kubetune test node\n")
         config = {
             "apiVersion": "kubelet.config.k8s.io/v1beta1",
@@ -640,6 +646,7 @@ disabled_plugins = [
             "volumePluginDir": str(self.state_dir / "volume-plugins"),
             "resolvConf": str(resolv),
             "clusterDomain": "cluster.local",
+            "clusterDNS": list(self.cluster_dns),
             "maxPods": self.max_pods,
             # A shared, busy disk must not evict test pods; nor may GC delete loaded images.
             "evictionHard": {
@@ -886,6 +893,48 @@ def _teardown(
     log = Path(node["log_dir"]) / f"{node['name']}-teardown.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     log.write_text("".join(f"removed {line}\n" for line in removed))
+    return removed
+
+
+def _runs_node_daemon(state_dir: str) -> bool:
+    """Whether a kubelet or containerd of the node with this state dir is still running."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            if Path(os.fsdecode(argv[0])).name in ("kubelet", "containerd") and any(
+                state_dir in os.fsdecode(arg) for arg in argv
+            ):
+                return True
+    return False
+
+
+def sweep_abandoned_nodes() -> list[str]:
+    """Tear down what nodes whose harness process died (SIGKILL, a crash) left behind.
+
+    Such a node's bridge names its state dir in its alias; with no kubelet or containerd of
+    that state dir running any more, everything else is found from there: its containers
+    (still running under their shims), mounts, cgroups, bridge and nat chain.
+    """
+    removed: list[str] = []
+    for link in sorted(Path("/sys/class/net").glob("kt-cni*")):
+        alias = (link / "ifalias").read_text().strip() if (link / "ifalias").exists() else ""
+        if not alias.startswith(BRIDGE_ALIAS):
+            continue
+        state_dir = alias.removeprefix(BRIDGE_ALIAS)
+        if _runs_node_daemon(state_dir):
+            continue
+        digest = hashlib.sha256(state_dir.encode()).hexdigest()[:10]
+        node = {
+            "state_dir": state_dir,
+            "shim_socket_dir": f"/run/kubetune-{digest}",
+            "cgroup_root": f"/kubetune-{digest}",
+            "bridge": link.name,
+        }
+        removed += teardown.sweep(_scope(node))
+        shutil.rmtree(node["shim_socket_dir"], ignore_errors=True)
+        _kernel_tunables_release(Path(state_dir))
     return removed
 
 

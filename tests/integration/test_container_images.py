@@ -215,6 +215,16 @@ def test_operator_image_runs_as_65532_and_prints_the_project_version() -> None:
     assert helped.stdout.startswith("usage: kubetune operator")
 
 
+@pytest.mark.parametrize("user", [OPERATOR_USER, "1000680000:0"])
+def test_operator_image_names_its_user_whatever_uid_runs_it(user: str) -> None:
+    """kopf calls getpass.getuser(); a uid without a passwd entry (65532, or the random uid
+    a platform such as OpenShift assigns) crashed the operator in its pod before USER was set."""
+    code = "import getpass; print(getpass.getuser())"
+    result = run(image("operator"), user, OPERATOR_VOLUMES, "-c", code, entrypoint="python")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "kubetune-operator"
+
+
 def test_operator_image_has_no_torch() -> None:
     result = run(
         image("operator"),
