@@ -116,6 +116,7 @@ NOT_RETRIABLE_REASONS = frozenset(
         Reason.INVALID_SPEC.value,
         Reason.MODEL_DATASET_MISMATCH.value,
         Reason.STORAGE_ACCESS_DENIED.value,
+        Reason.CACHE_NOT_WRITABLE.value,
     }
 )
 

@@ -277,6 +277,7 @@ class Reason(str, enum.Enum):
     STORAGE_ACCESS_DENIED = "StorageAccessDenied"  # the credentials are refused
     MODEL_DATASET_MISMATCH = "ModelDatasetMismatch"
     STAGE_FAILED = "StageFailed"
+    CACHE_NOT_WRITABLE = "CacheNotWritable"  # a cache or temp dir of the pod is read-only
     OOM_KILLED = "OOMKilled"
     DEADLINE_EXCEEDED = "DeadlineExceeded"
     IMAGE_PULL_FAILED = "ImagePullFailed"

@@ -227,7 +227,7 @@ def test_api_server_applies_each_cel_rule_to_its_cases_naming_the_field(
 # --------------------------------------------------------------------------- end to end
 
 
-def test_finetunejob_succeeds_with_results_and_a_spec_edit_starts_a_second_run(
+def test_finetunejob_succeeds_with_results_conditions_artifacts_and_metrics(
     env: dict[str, Any],
 ) -> None:
     kc, ns, name = env["kubeconfig"], env["ns"], "tldr-tiny"
@@ -295,34 +295,6 @@ def test_finetunejob_succeeds_with_results_and_a_spec_edit_starts_a_second_run(
     assert 'kubetune_finetunejob_perplexity{finetunejob="tldr-tiny"' in metrics
     assert 'kubetune_operator_runs_total{outcome="succeeded"} 1.0' in metrics
 
-    # A spec edit (GitOps) starts run g2 with its own output; g1 moves into history.
-    kubectl(
-        kc,
-        "-n",
-        ns,
-        "patch",
-        "ftj",
-        name,
-        "--type=merge",
-        "-p",
-        json.dumps({"spec": {"training": {"maxSteps": 10, "learningRate": 0.005}}}),
-    )
-    wait_for(
-        lambda: (get_ftj(kc, ns, name).get("status") or {}).get("run") == "g2",
-        60,
-        "run g2 to start",
-        dump=lambda: diagnose(kc, ns, name, env["op"]),
-    )
-    ftj2 = wait_phase(env, name, {"Succeeded"})
-    s2 = ftj2["status"]
-    assert s2["run"] == "g2" and s2["observedGeneration"] == 2
-    assert s2["output"].endswith(f"/runs/{uid8}-g2")
-    assert s2["history"][0]["run"] == "g1"
-    assert s2["history"][0]["results"]["perplexity"] == results["perplexity"]
-    assert "results" in s2, diagnose(kc, ns, name, env["op"])
-    assert s2["results"]["perplexity"] != results["perplexity"]
-    runs = {j["metadata"]["labels"]["kubetune.io/run"] for j in child_jobs(kc, ns, name)}
-    assert runs == {"g2"}  # the earlier run's Jobs were deleted
     assert_no_secret_leaks(env, name)
 
 

@@ -30,7 +30,7 @@ import pytest
 import yaml
 from argocd_health import health
 from datapaths import tldr_files
-from operator_helpers import get_ftj, kubectl, upload_files, wait_for
+from operator_helpers import get_ftj, get_json, kubectl, upload_files, wait_for
 from test_operator import RUN_TIMEOUT, env, job_for  # noqa: F401 (env is a fixture)
 from tracking_server import MlflowServer, experiment_runs, mlflow_server  # noqa: F401
 
@@ -188,6 +188,7 @@ def test_gitops_loop_promotes_only_better_models_and_retrains_on_new_data(
     # 1. The first model: promoted, the serving pointer names it.
     repo.sync(kc, repo.commit(manifest(epochs=2), "fine-tune tldr: 2 epochs"))
     ftj = log.until_done("g1")
+    g1_perplexity = ftj["status"]["results"]["perplexity"]
     p1 = promoted(ftj)
     assert p1["promoted"] and p1["version"] == "v0001", p1
     assert p1["condition"]["status"] == "True" and p1["condition"]["reason"] == "Promoted"
@@ -226,6 +227,11 @@ def test_gitops_loop_promotes_only_better_models_and_retrains_on_new_data(
     assert history["g1"]["promoted"] is True and history["g1"]["artifactsDeleted"] is True
     assert history["g2"]["promoted"] is False and "artifactsDeleted" not in history["g2"]
     assert history["g2"]["trigger"] == "SpecChange"
+    assert history["g1"]["results"]["perplexity"] == g1_perplexity
+    assert history["g1"]["output"].endswith(f"/{run_dir('g1', uid)}")
+    # Only the current run has Jobs: the earlier runs' children were deleted.
+    jobs = get_json(kc, ns, "jobs", "-l", f"kubetune.io/job={NAME}")["items"]
+    assert {j["metadata"]["labels"]["kubetune.io/run"] for j in jobs} == {"g2-r1"}
     runs = experiment_runs(mlflow_server, experiment)
     assert len(runs) == 3, [r["info"]["run_name"] for r in runs]
 

@@ -79,3 +79,30 @@ def test_termination_message_stays_under_the_kubernetes_limit(
     write_termination_message({"stage": "evaluate", "error": "x" * 10000, "reason": "StageFailed"})
     assert len(log.read_bytes()) <= 4096
     assert json.loads(log.read_text())["reason"] == "StageFailed"
+
+
+def test_a_stage_whose_caches_are_not_writable_stops_at_once_naming_each_variable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A read-only root without the /scratch volume: each cache path the pod sets is named.
+
+    Root ignores permission bits, so the unwritable path is one under a regular file (what
+    a path on a read-only filesystem is to the stage: mkdir fails)."""
+    path = tmp_path / "job.yaml"
+    path.write_text(GOOD % (tmp_path / "out"))
+    blocker = tmp_path / "read-only"
+    blocker.write_text("")
+    log = tmp_path / "termination-log"
+    monkeypatch.setenv("KUBETUNE_TERMINATION_LOG", str(log))
+    monkeypatch.setenv("HF_HOME", str(blocker / "hf"))
+    monkeypatch.setenv("MPLCONFIGDIR", str(blocker / "mpl"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "fine"))
+    code = main(["prepare", "--job", str(path), "--scratch", str(tmp_path / "scratch")])
+    assert code == ExitCode.NOT_RETRIABLE
+    payload = json.loads(log.read_text())
+    assert payload["reason"] == "CacheNotWritable"
+    assert f"HF_HOME={blocker}/hf (Not a directory)" in payload["error"]
+    assert f"MPLCONFIGDIR={blocker}/mpl" in payload["error"]
+    assert "XDG_CACHE_HOME" not in payload["error"]  # that one is fine
+    assert not (tmp_path / "out").exists()  # no work started
+    assert "CacheNotWritable" in capsys.readouterr().err

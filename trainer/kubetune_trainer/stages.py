@@ -35,6 +35,7 @@ from kubetune.results import (
 )
 from kubetune.schema import FineTuneJob
 from kubetune.storage import storage_failure_reason
+from kubetune_trainer.caches import check_caches_writable
 from kubetune_trainer.context import StageContext, make_context
 
 _MODULES = {stage.value: f"kubetune_trainer.{stage.value}" for stage in Stage}
@@ -149,6 +150,11 @@ def run_as_pod(
     ``checkpoint`` (evaluate only: a step or a checkpoint URI): score that training
     checkpoint, exported under ``exports/``, instead of ``model/``.
     """
+    try:
+        # Before the scratch directory is made: on a read-only root that is where it fails.
+        check_caches_writable()
+    except StageError as exc:
+        return _stage_failed(stage, exc)
     with make_context(
         job, output=output, scratch=scratch, show_progress=sys.stderr.isatty()
     ) as ctx:
@@ -170,16 +176,21 @@ def _run_in_context(
                     use_checkpoint(ctx, checkpoint)
             result = run_stage(name, ctx)
         except Exception as exc:
-            payload = failure_payload(name, exc)
-            write_termination_message(payload)
-            # The traceback helps a developer (-v); the one-line message is for users.
-            logging.getLogger("kubetune").debug("%s failed", name, exc_info=exc)
-            print(f"kubetune {name}: {payload['reason']}: {payload['error']}", file=sys.stderr)
-            return exit_code_for(exc)
+            return _stage_failed(name, exc)
         summary = termination_summary(result) if name == stage else summary
         print(result.to_json())
     write_termination_message(summary)
     return ExitCode.OK
+
+
+def _stage_failed(name: str, exc: BaseException) -> int:
+    """Report a failed stage as a pod does (termination message, one line) and its exit code."""
+    payload = failure_payload(name, exc)
+    write_termination_message(payload)
+    # The traceback helps a developer (-v); the one-line message is for users.
+    logging.getLogger("kubetune").debug("%s failed", name, exc_info=exc)
+    print(f"kubetune {name}: {payload['reason']}: {payload['error']}", file=sys.stderr)
+    return exit_code_for(exc)
 
 
 def run_export(
