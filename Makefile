@@ -33,7 +33,7 @@ test-unit: setup ## pure unit tests (no cluster, no training)
 test-integration: setup images ## stages on real text with tiny models, real S3 (moto server)
 	$(PY) -m pytest tests/integration $(PYTEST_ARGS)
 
-test-cluster: setup system-deps tools ## the real control plane, process node, S3, Prometheus
+test-cluster: setup system-deps tools images ## the real control plane, process node, real node, S3, Prometheus
 	$(PY) -m pytest tests/cluster $(PYTEST_ARGS)
 
 lint: setup check-generated ## ruff + mypy + generated files up to date
@@ -52,7 +52,7 @@ generate: setup ## regenerate crds/ and the chart's generated templates from the
 check-generated: setup ## fail if generated files drifted from the schema
 	$(PY) -m kubetune.crd --check
 
-system-deps: ## Debian packages the tests need (prometheus, promtool, lua)
+system-deps: ## Debian packages the tests need (prometheus, lua, buildah/podman, runc, CNI plugins, iptables)
 	@bash scripts/install-system-deps.sh
 
 tools: ## build/reuse kube-apiserver, etcd, ... helm, kubeconform (cached in ~/.cache/kubetune/tools)

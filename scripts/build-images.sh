@@ -5,7 +5,7 @@
 #   bash scripts/build-images.sh operator     # one of them
 #
 # Steps (docs/images.md has the why and the measured times):
-#   1. install buildah, podman, runc, mmdebstrap (scripts/install-container-tools.sh);
+#   1. install buildah, podman, runc, mmdebstrap (scripts/install-system-deps.sh);
 #   2. write the containers.conf drop-in this sandbox needs (runc, no default ulimits);
 #   3. make the base image localhost/kubetune/debian-base:bookworm-<hash of its inputs> with
 #      mmdebstrap + `podman import`, unless it exists: no registry means no python:*-slim and no
@@ -106,7 +106,7 @@ if ! flock --nonblock 9; then
 fi
 
 # ---- 1. tools ---------------------------------------------------------------------------
-bash scripts/install-container-tools.sh
+bash scripts/install-system-deps.sh
 
 # ---- 2. containers.conf -----------------------------------------------------------------
 # A drop-in next to the system's containers.conf (read by podman and buildah after it), not a

@@ -10,7 +10,7 @@
 # kube-scheduler, kubelet, kube-proxy and etcd come from tests/cluster/tools/go.mod; containerd
 # (containerd, ctr, containerd-shim-runc-v2: the real node of harness.containerd_node), helm and
 # kubeconform are pinned below. runc and the CNI plugins come from Debian:
-# scripts/install-node-deps.sh. Progress goes to stderr; the only stdout line is the bin directory.
+# scripts/install-system-deps.sh. Progress goes to stderr; the only stdout line is the bin directory.
 set -euo pipefail
 
 HELM_VERSION=v3.22.0

@@ -3,7 +3,7 @@
     PYTHONPATH=tests ~/.cache/kubetune/venv/bin/python -m pytest -m cluster \
         tests/cluster/test_containerd_node.py -q
 
-Needs root and scripts/install-node-deps.sh; the binaries come from scripts/build-tools.sh.
+Needs root and scripts/install-system-deps.sh; the binaries come from scripts/build-tools.sh.
 Pods here use the kt-probe image (tests/harness/node/probe.go), which the harness builds and
 imports itself, so nothing is pulled. The trainer image is tried when podman has it.
 """

@@ -7,7 +7,7 @@
     ...
     node.stop()         # leaves no process, mount, netns, cgroup, bridge or iptables rule
 
-What it needs (root; `scripts/install-node-deps.sh` and `scripts/build-tools.sh`): kubelet,
+What it needs (root; `scripts/install-system-deps.sh` and `scripts/build-tools.sh`): kubelet,
 containerd, ctr, containerd-shim-runc-v2 (built from the Go module proxy), pause and kt-probe
 (built from tests/harness/node/), Debian's runc and CNI plugins (/usr/lib/cni), iptables, ip.
 
@@ -132,7 +132,7 @@ def check_host() -> None:
             problems.append(f"no CNI plugin {CNI_BIN_DIR / plugin}")
     if problems:
         raise NodeUnavailable(
-            "; ".join(problems) + "; run `sudo bash scripts/install-node-deps.sh`"
+            "; ".join(problems) + "; run `sudo bash scripts/install-system-deps.sh`"
         )
 
 

@@ -16,7 +16,7 @@ cannot be built fails the test with what to run.
     containerd_cluster  ContainerdCluster: a K8sCluster of its own whose node is a real kubelet
                         with containerd, and kube-proxy unless another node on the host has
                         it (harness.containerd_node); .node .load_image(src) (root,
-                        scripts/install-node-deps.sh; fails with what to run otherwise)
+                        scripts/install-system-deps.sh; fails with what to run otherwise)
 """
 
 from __future__ import annotations
