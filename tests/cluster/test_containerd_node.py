@@ -5,7 +5,7 @@
 
 Needs root and scripts/install-system-deps.sh; the binaries come from scripts/build-tools.sh.
 Pods here use the kt-probe image (tests/harness/node/probe.go), which the harness builds and
-imports itself, so nothing is pulled. The trainer image is tried when podman has it.
+imports itself, so nothing is pulled. The trainer image of this tree (`make images`) runs too.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from built_images import built_image
 
 from harness._proc import wait_until
 from harness.containerd_node import ContainerdNode
@@ -28,7 +29,6 @@ from harness.fixtures import ContainerdCluster
 
 pytestmark = pytest.mark.cluster
 
-TRAINER_IMAGE = "localhost/kubetune/trainer:dev"
 RESTRICTED = {
     "runAsNonRoot": True,
     "runAsUser": 65534,
@@ -284,12 +284,7 @@ def test_pod_reaches_a_service_of_pods_through_kube_proxy(
 def test_trainer_image_runs_kubetune_version(
     containerd_cluster: ContainerdCluster, namespace: str
 ) -> None:
-    present = subprocess.run(
-        ["podman", "image", "exists", TRAINER_IMAGE], capture_output=True, check=False
-    )
-    if present.returncode != 0:
-        pytest.skip(f"{TRAINER_IMAGE} not built (scripts/build-images.sh)")
-    image = containerd_cluster.load_image(TRAINER_IMAGE)
+    image = containerd_cluster.load_image(built_image("trainer"))
     pod = {
         "apiVersion": "v1",
         "kind": "Pod",

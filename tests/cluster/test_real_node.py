@@ -19,13 +19,13 @@ Run: ``pytest -m cluster tests/cluster/test_real_node.py`` (root, ``make images`
 from __future__ import annotations
 
 import json
-import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from built_images import built_image
 from datapaths import tldr_files
 from operator_helpers import (
     REPO,
@@ -51,26 +51,10 @@ RUN_TIMEOUT = 600.0  # a whole tiny run: three pods that each import torch, on t
 FAIL_TIMEOUT = 240.0
 
 
-def trainer_image() -> str:
-    """The trainer image of this tree (scripts/build-images.sh --ref), as make images tagged it."""
-    refs = subprocess.run(
-        ["bash", str(REPO / "scripts/build-images.sh"), "--ref"],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=120,
-    ).stdout.split()
-    ref = next(r for r in refs if "/trainer:" in r)
-    present = subprocess.run(["podman", "image", "exists", ref], check=False, timeout=60)
-    if present.returncode != 0:
-        pytest.fail(f"{ref} is missing: run `make images`", pytrace=False)
-    return ref
-
-
 @pytest.fixture(scope="module")
 def loaded_image(containerd_cluster: ContainerdCluster) -> str:
     """The trainer image, imported into the node once (skipped when its id is there)."""
-    ref = trainer_image()
+    ref = built_image("trainer")
     containerd_cluster.load_image(ref)
     return ref
 

@@ -14,18 +14,18 @@ test needs one.
 from __future__ import annotations
 
 import json
-import shutil
 import socket
 import subprocess
 import time
 import urllib.error
 import urllib.request
 import uuid
-from functools import cache
 from pathlib import Path
 
 import pytest
 import tomllib
+from built_images import built_image as image
+from built_images import podman as _podman
 
 ROOT = Path(__file__).resolve().parents[2]
 VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
@@ -38,33 +38,6 @@ TRAINER_VOLUMES = ["--tmpfs", "/scratch:rw,exec,mode=1777", "--tmpfs", "/tmp:rw,
 OPERATOR_VOLUMES = ["--tmpfs", "/tmp:rw,mode=1777"]
 # Messages that mean something tried to write outside the volumes and fell back or failed.
 WRITE_COMPLAINTS = ("Read-only file system", "is not a writable directory", "Permission denied")
-
-
-@cache
-def _podman() -> str:
-    found = shutil.which("podman")
-    if found is None:
-        pytest.fail("podman is missing: run `make images` (it installs it)", pytrace=False)
-    return found
-
-
-@cache
-def image(name: str) -> str:
-    """The tag of this tree's `name` image; fails with what to run when it is not built."""
-    ref = subprocess.run(
-        ["bash", str(ROOT / "scripts/build-images.sh"), "--ref", name],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    ).stdout.strip()
-    exists = subprocess.run([_podman(), "image", "exists", ref], check=False, timeout=60)
-    if exists.returncode != 0:
-        pytest.fail(
-            f"image {ref} (the {name} image of this tree) is missing: run `make images`",
-            pytrace=False,
-        )
-    return ref
 
 
 def run(
