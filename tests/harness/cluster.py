@@ -140,7 +140,8 @@ class ControlPlane:
         self.kcm = self.ca.issue("controller-manager", "system:kube-controller-manager")
         self.scheduler = self.ca.issue("scheduler", "system:kube-scheduler")
 
-    def _write_kubeconfig(self, path: Path, user: str, pair: pki.CertPair) -> Path:
+    def write_kubeconfig(self, path: Path, user: str, pair: pki.CertPair) -> Path:
+        """A kubeconfig at `path` for `user`, authenticating with `pair` (a cert of this CA)."""
         # JSON is valid YAML, and both kubectl and the Python client read it.
         config = {
             "apiVersion": "v1",
@@ -200,7 +201,7 @@ class ControlPlane:
     def _start_apiserver(self, port: int = 0) -> None:
         self.api_port = port or free_port()
         self.api_url = f"https://127.0.0.1:{self.api_port}"
-        self._write_kubeconfig(self.kubeconfig, "kubetune-admin", self.admin)
+        self.write_kubeconfig(self.kubeconfig, "kubetune-admin", self.admin)
         self._spawn(
             "kube-apiserver",
             [
@@ -234,7 +235,7 @@ class ControlPlane:
         )
 
     def _start_controller_manager(self) -> None:
-        kubeconfig = self._write_kubeconfig(
+        kubeconfig = self.write_kubeconfig(
             self.state_dir / "controller-manager.kubeconfig",
             "system:kube-controller-manager",
             self.kcm,
@@ -264,7 +265,7 @@ class ControlPlane:
         )
 
     def _start_scheduler(self) -> None:
-        kubeconfig = self._write_kubeconfig(
+        kubeconfig = self.write_kubeconfig(
             self.state_dir / "scheduler.kubeconfig", "system:kube-scheduler", self.scheduler
         )
         self._spawn(

@@ -355,33 +355,9 @@ class ContainerdNode:
         self.kubeconfig = self._write_kubeconfig("kubelet", self.client_cert)
 
     def _write_kubeconfig(self, component: str, pair: pki.CertPair) -> Path:
-        user = f"{self.name}-{component}"
-        config = {
-            "apiVersion": "v1",
-            "kind": "Config",
-            "clusters": [
-                {
-                    "name": "kubetune-test",
-                    "cluster": {
-                        "server": self.control_plane.api_url,
-                        "certificate-authority": str(self.ca_cert),
-                    },
-                }
-            ],
-            "users": [
-                {
-                    "name": user,
-                    "user": {"client-certificate": str(pair.cert), "client-key": str(pair.key)},
-                }
-            ],
-            "contexts": [
-                {"name": "kubetune-test", "context": {"cluster": "kubetune-test", "user": user}}
-            ],
-            "current-context": "kubetune-test",
-        }
-        path = self.state_dir / f"{component}.kubeconfig"
-        path.write_text(json.dumps(config, indent=2) + "\n")
-        path.chmod(0o600)
+        path = self.control_plane.write_kubeconfig(
+            self.state_dir / f"{component}.kubeconfig", f"{self.name}-{component}", pair
+        )
         return path
 
     # -- kube-proxy ----------------------------------------------------------------------
