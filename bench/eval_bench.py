@@ -24,18 +24,26 @@ from typing import Any
 from bench.assets import bench_tokenizer
 from bench.common import Figure
 from bench.data import clean_tldr_lines, split_train_test
+from bench.flops import forward_flops_per_token, gpt2_param_count
+from bench.peak import best_peak, cpu_matmul_peak
 
 MODEL = {"n_layer": 4, "n_head": 4, "n_embd": 256, "n_positions": 512}
+# Fraction of peak: a GPT-2-small-like shape (GPT-2 small is 12 x 768, 12 heads).
+MFU_MODEL_QUICK = {"n_layer": 2, "n_head": 12, "n_embd": 768, "n_positions": 1024}
+MFU_MODEL_FULL = {"n_layer": 12, "n_head": 12, "n_embd": 768, "n_positions": 1024}
+MFU_LINES_QUICK = 300
+MFU_LINES_FULL = 600
 
 
-def build_model(vocab: int, eos: int) -> Any:
+def build_model(vocab: int, eos: int, shape: dict[str, int] | None = None) -> Any:
     from transformers import AutoModelForCausalLM, GPT2Config, set_seed
 
+    shape = shape or MODEL
     config = GPT2Config(
-        n_layer=MODEL["n_layer"],
-        n_head=MODEL["n_head"],
-        n_embd=MODEL["n_embd"],
-        n_positions=MODEL["n_positions"],
+        n_layer=shape["n_layer"],
+        n_head=shape["n_head"],
+        n_embd=shape["n_embd"],
+        n_positions=shape["n_positions"],
         vocab_size=vocab,
         bos_token_id=eos,
         eos_token_id=eos,
@@ -88,6 +96,119 @@ def per_line_generate(
             text = tokenizer.decode(new, skip_special_tokens=True)
             outputs.append(text.split("\n", 1)[0].strip())
     return outputs, generated
+
+
+def fraction_of_peak(
+    sequences: list[list[int]], eos: int, vocab: int, quick: bool, threads: int
+) -> tuple[list[Figure], dict[str, Any]]:
+    """Perplexity at a GPT-2-small-like shape as a fraction of the CPU's matmul peak.
+
+    kubetune's ``score_sequences`` (fp32, and bf16 autocast where the CPU has bf16
+    matmuls) and the per-line loop, on the same lines; forward FLOPs per predicted
+    token ``2 N + 4 L E T`` with T the mean attended length (line + context token).
+    """
+    import torch
+
+    from kubetune_trainer.perplexity import perplexity_from_nll, score_sequences
+
+    shape = MFU_MODEL_QUICK if quick else MFU_MODEL_FULL
+    lines = sequences[: MFU_LINES_QUICK if quick else MFU_LINES_FULL]
+    model = build_model(vocab, eos, shape)
+    peak_before = cpu_matmul_peak(threads, quick)
+    n_params = gpt2_param_count(
+        shape["n_layer"], shape["n_embd"], vocab, shape["n_positions"], include_positions=False
+    )
+    mean_len = sum(len(x) + 1 for x in lines) / len(lines)
+    per_token = forward_flops_per_token(n_params, shape["n_layer"], shape["n_embd"], mean_len)
+
+    def timed(fn: Any) -> tuple[Any, float]:
+        start = time.perf_counter()
+        out = fn()
+        return out, time.perf_counter() - start
+
+    def ours(dtype: Any) -> Any:
+        return score_sequences(
+            model,
+            lines,
+            context_token=eos,
+            max_length=shape["n_positions"],
+            batch_size=8,
+            autocast_dtype=dtype,
+        )
+
+    ours(None)  # warm-up: first-call allocations and oneDNN kernel selection
+    fp32, fp32_s = timed(lambda: ours(None))
+    (base_nll, base_count), base_s = timed(lambda: per_line_perplexity(model, lines, eos))
+    peak = best_peak(peak_before, cpu_matmul_peak(threads, quick))
+    tokens = fp32.predicted_tokens
+    fp32_mfu = tokens / fp32_s * per_token / peak["fp32_flops"]
+    base_mfu = base_count / base_s * per_token / peak["fp32_flops"]
+    desc = f"{shape['n_layer']} x {shape['n_embd']}, {len(lines)} lines, {tokens} tokens"
+    figures = [
+        Figure(
+            "eval_mfu",
+            fp32_mfu,
+            "of peak",
+            ">= 0.6",
+            f"score_sequences fp32 at GPT-2-small-like {desc}, "
+            f"{tokens / fp32_s:.0f} tok/s x {per_token / 1e6:.0f} MFLOP/token",
+        ),
+        Figure(
+            "eval_baseline_mfu",
+            base_mfu,
+            "of peak",
+            None,
+            f"per-line loop, same model and lines ({base_count / base_s:.0f} tok/s)",
+        ),
+        Figure(
+            "eval_ppl_speedup_gpt2_shape",
+            base_s / fp32_s,
+            "x",
+            None,
+            "score_sequences vs per-line loop at that shape, fp32",
+        ),
+    ]
+    details: dict[str, Any] = {
+        "shape": shape,
+        "flops_per_token": per_token,
+        "mean_attended": mean_len,
+        "fp32_s": fp32_s,
+        "baseline_s": base_s,
+        "tokens": tokens,
+        "peak": peak,
+    }
+    if peak["bf16_flops"]:
+        ours(torch.bfloat16)
+        bf16, bf16_s = timed(lambda: ours(torch.bfloat16))
+        base_ppl = perplexity_from_nll(base_nll, base_count)
+        figures += [
+            Figure(
+                "eval_bf16_speedup",
+                base_s / bf16_s,
+                "x",
+                ">= 5",
+                f"score_sequences bf16 autocast vs the fp32 per-line loop ({desc}); "
+                "not the stage's CPU default (fp32: evaluate._device)",
+            ),
+            Figure(
+                "eval_bf16_rel_diff",
+                abs(bf16.perplexity - base_ppl) / base_ppl,
+                "",
+                "< 1e-4",
+                f"bf16 ppl {bf16.perplexity:.4f} vs fp32 per-line {base_ppl:.4f}",
+            ),
+            Figure(
+                "eval_bf16_mfu",
+                tokens / bf16_s * per_token / peak["bf16_flops"],
+                "of peak",
+                None,
+                f"over the bf16 matmul peak {peak['bf16_flops'] / 1e9:.0f} GFLOP/s",
+            ),
+        ]
+        details["bf16_s"] = bf16_s
+        details["bf16_ppl"] = bf16.perplexity
+        details["fp32_ppl"] = fp32.perplexity
+    return figures, details
 
 
 def run(quick: bool, threads: int) -> tuple[list[Figure], dict[str, Any]]:
@@ -187,7 +308,10 @@ def run(quick: bool, threads: int) -> tuple[list[Figure], dict[str, Any]]:
             "identical greedy continuations, batched vs per-line",
         ),
     ]
+    peak_figures, peak_details = fraction_of_peak(sequences, eos, len(tokenizer), quick, threads)
+    figures += peak_figures
     details = {
+        "fraction_of_peak": peak_details,
         "ppl": {
             "ours": ours.perplexity,
             "baseline": base_ppl,

@@ -57,6 +57,18 @@ def flops_per_token(n_params: int, n_layer: int, n_embd: int, seq: int) -> float
     return 6.0 * n_params + 12.0 * n_layer * n_embd * seq
 
 
+def forward_flops_per_token(n_params: int, n_layer: int, n_embd: int, seq: float) -> float:
+    """Forward-only FLOPs per token (evaluation): ``2 * n_params + 4 * n_layer * n_embd * seq``.
+
+    One third of :func:`flops_per_token`: one multiply-add per weight and the two
+    attention matmuls, forward only. ``seq`` is the attended length; for a batch of
+    short lines scored one per row, their mean length (a float) is the honest value.
+    """
+    if min(n_params, n_layer, n_embd) <= 0 or seq <= 0:
+        raise ValueError("n_params, n_layer, n_embd and seq must be positive")
+    return 2.0 * n_params + 4.0 * n_layer * n_embd * seq
+
+
 def mfu(tokens_per_second: float, flops_token: float, peak_flops: float) -> float:
     """Model FLOPs utilisation in 0..1 (can exceed 1 only if the peak was under-measured)."""
     if peak_flops <= 0:

@@ -94,6 +94,68 @@ def measure_matmul_flops(device: str, dry_run: bool) -> dict[str, Any]:
     return {"peak_flops": max(results.values()), "by_size": results, "dtype": "bfloat16"}
 
 
+# --------------------------------------------------------------------------- evaluation
+
+
+def run_eval(
+    shape: dict[str, int], ids: list[list[int]], device: str, *, bf16: bool, dry: bool
+) -> dict[str, Any]:
+    """Perplexity tokens/s of ``score_sequences`` and of a per-line loop (fresh weights)."""
+    import torch
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    from kubetune_trainer.perplexity import score_sequences
+
+    config = GPT2Config(
+        n_layer=shape["n_layer"],
+        n_head=shape["n_head"],
+        n_embd=shape["n_embd"],
+        n_positions=shape["n_positions"],
+        vocab_size=shape["vocab"],
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    model = model.to(device).eval()
+    dtype = torch.bfloat16 if bf16 else None
+    lines = [x[: shape["n_positions"] - 1] for x in ids[-(300 if dry else 20000) :]]
+    baseline = lines[: 30 if dry else 1000]
+
+    def sync() -> None:
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    def ours(seqs: list[list[int]]) -> Any:
+        return score_sequences(
+            model, seqs, context_token=0, max_length=shape["n_positions"], autocast_dtype=dtype
+        )
+
+    ours(lines[:64])
+    sync()
+    start = time.perf_counter()
+    result = ours(lines)
+    sync()
+    seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    counted = 0
+    with torch.inference_mode(), torch.autocast(device, dtype=dtype or torch.float32, enabled=bf16):
+        for seq in baseline:
+            x = torch.tensor([[0, *seq]], device=device)
+            logits = model(input_ids=x).logits[0, :-1].float()
+            torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="sum").item()
+            counted += len(seq)
+    base_seconds = time.perf_counter() - start
+    return {
+        "lines": len(lines),
+        "tokens": result.predicted_tokens,
+        "tokens_per_s": result.predicted_tokens / seconds,
+        "baseline_lines": len(baseline),
+        "baseline_tokens_per_s": counted / base_seconds,
+        "mean_attended": sum(len(x) + 1 for x in lines) / len(lines),
+        "dtype": "bf16 autocast" if bf16 else "fp32",
+        "perplexity": result.perplexity,
+    }
+
+
 # --------------------------------------------------------------------------- data
 
 
@@ -144,13 +206,32 @@ def synthetic_ids(n_lines: int, vocab: int, seed: int = 0) -> list[list[int]]:
 def write_dataset(
     out: Path, train_ids: list[list[int]], tokenizer: Any, train_texts: list[str] | None
 ) -> None:
-    """Prepare's outputs (RunLayout keys) for ``train.run``: tokens, offsets, tokenizer."""
-    from kubetune.dataset_format import TRAIN, write_split
+    """Prepare's outputs (RunLayout keys) for ``train.run``: tokens, offsets, tokenizer, and
+    ``dataset/prepare.json`` (the stage reads its train sha256 for the training fingerprint)."""
+    from kubetune.dataset_format import TEST, TRAIN, write_split
     from kubetune.layout import RunLayout
+    from kubetune.results import PrepareResult
+    from kubetune.schema import DatasetStats
 
     texts = train_texts if train_texts else [""] * len(train_ids)
-    write_split(out / RunLayout.DATASET, TRAIN, texts[: len(train_ids)], train_ids, "bench")
+    train = write_split(out / RunLayout.DATASET, TRAIN, texts[: len(train_ids)], train_ids, "bench")
+    test = write_split(out / RunLayout.DATASET, TEST, texts[:1], train_ids[:1], "bench")
     tokenizer.save_pretrained(str(out / RunLayout.TOKENIZER))
+    result = PrepareResult(
+        stats=DatasetStats(
+            lines=train.lines + test.lines,
+            kept_lines=train.lines + test.lines,
+            train_lines=train.lines,
+            test_lines=test.lines,
+            train_tokens=train.tokens,
+            test_tokens=test.tokens,
+        ),
+        train_sha256=train.sha256,
+        test_sha256=test.sha256,
+        tokenizer="bench (trained here)",
+        dataset_uri="bench://gpu",
+    )
+    (out / RunLayout.PREPARE_RESULT).write_text(result.to_json())
 
 
 # --------------------------------------------------------------------------- sides
@@ -356,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from bench.common import Figure, format_table, machine_info, results_document, write_results
-    from bench.flops import flops_per_token, gpt2_param_count
+    from bench.flops import flops_per_token, forward_flops_per_token, gpt2_param_count
 
     cuda = torch.cuda.is_available()
     if not cuda and not args.dry_run:
@@ -545,6 +626,40 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:
             details["template_error"] = f"{type(exc).__name__}: {exc}"
             log(f"template side failed: {details['template_error']}")
+        save()
+        log("evaluation: perplexity, batched vs one line per forward")
+        try:
+            ev = run_eval(shape, ids, device, bf16=cuda and not dry, dry=dry)
+            details["evaluation"] = ev
+            fpt_eval = forward_flops_per_token(
+                n_params, shape["n_layer"], shape["n_embd"], ev["mean_attended"]
+            )
+            figures += [
+                Figure(
+                    "gpu_eval_tokens_per_s",
+                    ev["tokens_per_s"],
+                    "tok/s",
+                    None,
+                    f"score_sequences, {ev['lines']} lines, {ev['dtype']}",
+                ),
+                Figure(
+                    "gpu_eval_mfu",
+                    ev["tokens_per_s"] * fpt_eval / peak["peak_flops"],
+                    "share",
+                    None,
+                    "2N + 4*L*E*T forward FLOPs/token over the measured peak",
+                ),
+                Figure(
+                    "gpu_eval_speedup_vs_per_line",
+                    ev["tokens_per_s"] / ev["baseline_tokens_per_s"],
+                    "x",
+                    ">= 5",
+                    f"one line per forward on {ev['baseline_lines']} lines, same dtype",
+                ),
+            ]
+        except Exception as exc:
+            details["evaluation_error"] = f"{type(exc).__name__}: {exc}"
+            log(f"evaluation failed: {details['evaluation_error']}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     machine["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]

@@ -42,9 +42,15 @@ PROMISED: dict[str, list[tuple[str, str, str | None]]] = {
     "prepare": [
         ("prepare_lines_per_s", "lines/s", None),
         ("prepare_speedup", "x", ">= 5"),
-        ("prepare_peak_rss_mb", "MiB", "< 2048"),
+        ("prepare_peak_rss_mb", "MiB", "< 1536"),
+        ("prepare_speedup_vs_datasets", "x", ">= 1.5"),
+        ("prepare_rss_vs_datasets", "x", "< 1"),
     ],
     "train": [
+        ("train_speedup_vs_fastest_peer", "x", ">= 1.0"),
+        ("train_loss_gap_vs_best_peer", "", "<= 0.01"),
+        ("cpu_matmul_peak_gflops", "GFLOP/s", None),
+        ("train_mfu", "of peak", ">= 0.5"),
         ("train_tokens_per_s", "tok/s", None),
         ("template_tokens_per_s", "tok/s", None),
         ("train_speedup_vs_template", "x", ">= 10"),
@@ -53,6 +59,7 @@ PROMISED: dict[str, list[tuple[str, str, str | None]]] = {
     ],
     "evaluate": [
         ("eval_ppl_speedup", "x", ">= 5"),
+        ("eval_mfu", "of peak", ">= 0.6"),
         ("eval_ppl_rel_diff", "", "< 1e-4"),
         ("bleu_gen_speedup", "x", ">= 5"),
     ],
@@ -101,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     os.environ.setdefault("KUBETUNE_METRICS_PORT", "0")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     try:
         import torch
 

@@ -36,8 +36,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench import peers
 from bench.assets import bench_tokenizer, scratch_root
 from bench.common import TLDR_PAGES, Figure
+from bench.flops import flops_per_token, gpt2_param_count, mfu
+from bench.peak import best_peak, cpu_matmul_peak
 
 SEED = 42
 LEARNING_RATE = 1e-3
@@ -46,9 +49,25 @@ MODEL = {"nLayer": 4, "nHead": 4, "nEmbd": 256, "nPositions": 512}
 TEMPLATE_BATCH = 8
 TEMPLATE_MAX_LENGTH = 512
 TEST_LINES = 400
+# Against the peers (HF group_texts, TRL SFT packing): rows of PEER_BLOCK tokens, batch 1.
+PEER_BLOCK = 512
+PEER_STEPS_QUICK = 12
+PEER_STEPS_FULL = 60
+# Fraction of peak: a GPT-2-small-like shape (GPT-2 small is 12 x 768, 12 heads).
+MFU_MODEL_QUICK = {"nLayer": 2, "nHead": 12, "nEmbd": 768, "nPositions": 1024}
+MFU_MODEL_FULL = {"nLayer": 12, "nHead": 12, "nEmbd": 768, "nPositions": 1024}
+MFU_ROW = 512
+MFU_STEPS_QUICK = 4
+MFU_STEPS_FULL = 8
 
 
-def make_job(output: str, training: dict[str, Any], max_documents: int, vocab: int) -> Any:
+def make_job(
+    output: str,
+    training: dict[str, Any],
+    max_documents: int,
+    vocab: int,
+    model: dict[str, int] | None = None,
+) -> Any:
     from kubetune.schema import job_manifest, parse_job
 
     defaults = {
@@ -65,7 +84,10 @@ def make_job(output: str, training: dict[str, Any], max_documents: int, vocab: i
     manifest = job_manifest(
         "bench-train",
         defaults,
-        model={"fresh": {**MODEL, "vocabSize": vocab}, "tokenizer": f"file://{bench_tokenizer()}"},
+        model={
+            "fresh": {**(model or MODEL), "vocabSize": vocab},
+            "tokenizer": f"file://{bench_tokenizer()}",
+        },
         dataset={
             "source": f"file://{TLDR_PAGES}/",
             "format": "markdown",
@@ -99,6 +121,7 @@ def run_kubetune(
     dataset_from: Path | None,
     max_documents: int,
     vocab: int,
+    model: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     """prepare (unless ``dataset_from``) + train in their own output; figures of the run."""
     from kubetune_trainer import prepare, train
@@ -107,7 +130,7 @@ def run_kubetune(
     out = workdir / name
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    job = make_job(f"file://{out}", training, max_documents, vocab)
+    job = make_job(f"file://{out}", training, max_documents, vocab, model)
     ctx = make_context(job, scratch=workdir / f"{name}-scratch")
     if dataset_from is None:
         prepare.run(ctx)
@@ -226,16 +249,104 @@ def run_template(
     }
 
 
-def test_loss(model: Any, tokenizer: Any, texts: list[str]) -> float:
-    """Summed NLL / predicted tokens of each text scored alone (no context token)."""
+def test_loss(model: Any, tokenizer: Any, texts: list[str], context: int | None = None) -> float:
+    """Summed NLL / predicted tokens of each text scored alone: tokens 2..n of every line.
+
+    ``context``: the token a line follows in training (kubetune: its bos = eos;
+    ``group_texts``: the previous line's eos), put before the line as context; None for
+    a model trained on lines that start at position 0 (TRL's packing, the template).
+    The first token is never counted, so every model is scored on the same targets,
+    each in the layout it was trained on.
+    """
     from kubetune_trainer.perplexity import score_sequences
     from kubetune_trainer.tokenizer_build import encode_batch
 
-    ids = encode_batch(tokenizer, texts)
+    ids = [x for x in encode_batch(tokenizer, texts) if len(x) > 1]
+    masks = [[0] + [1] * (len(x) - 1) for x in ids] if context is not None else None
     result = score_sequences(
-        model, ids, context_token=None, max_length=MODEL["nPositions"], batch_size=8
+        model,
+        ids,
+        context_token=context,
+        max_length=MODEL["nPositions"],
+        batch_size=8,
+        target_masks=masks,
     )
     return result.nll_sum / result.predicted_tokens
+
+
+def peer_figures(
+    kt: dict[str, Any],
+    kt_loss: float,
+    runs: dict[str, dict[str, Any]],
+    errors: dict[str, str],
+    steps: int,
+    threads: int,
+) -> list[Figure]:
+    """kubetune vs the faster peer (tokens/s) and vs the best peer loss, plus each peer's rate."""
+    shape = f"1 x {PEER_BLOCK}, {steps} steps, fp32, {threads} thread(s)"
+    labels = {
+        "group_texts": "HF Trainer + run_clm group_texts",
+        "trl_sft": "TRL SFTTrainer packing=True (bfd, padding-free)",
+    }
+    figures = [
+        Figure(
+            "train_peer_kubetune_tokens_per_s",
+            kt["steady_tokens_per_s"],
+            "tok/s",
+            None,
+            f"kubetune train.run packed, {shape}",
+        ),
+        Figure(
+            "train_peer_kubetune_test_loss",
+            kt_loss,
+            "nats/token",
+            None,
+            "lines kept apart; scored after its bos (eos), tokens 2..n",
+        ),
+    ]
+    for name, label in labels.items():
+        if name in runs:
+            r = runs[name]
+            figures.append(
+                Figure(f"{name}_tokens_per_s", r["steady_tokens_per_s"], "tok/s", None, label)
+            )
+            apart = (
+                "lines cross rows; scored after an eos, tokens 2..n"
+                if name == "group_texts"
+                else "lines kept apart, start at position 0; scored without context, tokens 2..n"
+            )
+            figures.append(Figure(f"{name}_test_loss", r["test_loss"], "nats/token", None, apart))
+        else:
+            figures.append(
+                Figure(f"{name}_tokens_per_s", None, "tok/s", None, f"not measured: {errors[name]}")
+            )
+    if runs:
+        fastest = max(runs, key=lambda n: runs[n]["steady_tokens_per_s"])
+        best_loss = min(runs, key=lambda n: runs[n]["test_loss"])
+        figures.append(
+            Figure(
+                "train_speedup_vs_fastest_peer",
+                kt["steady_tokens_per_s"] / runs[fastest]["steady_tokens_per_s"],
+                "x",
+                ">= 1.0",
+                f"vs {fastest}, same tokens and steps",
+            )
+        )
+        figures.append(
+            Figure(
+                "train_loss_gap_vs_best_peer",
+                kt_loss / runs[best_loss]["test_loss"] - 1.0,
+                "",
+                "<= 0.01",
+                f"(kubetune / {best_loss}) - 1 on {TEST_LINES} held-out lines",
+            )
+        )
+    else:
+        figures += [
+            Figure("train_speedup_vs_fastest_peer", None, "x", ">= 1.0", "no peer ran"),
+            Figure("train_loss_gap_vs_best_peer", None, "", "<= 0.01", "no peer ran"),
+        ]
+    return figures
 
 
 def run(quick: bool, threads: int) -> tuple[list[Figure], dict[str, Any]]:
@@ -287,16 +398,92 @@ def run(quick: bool, threads: int) -> tuple[list[Figure], dict[str, Any]]:
 
     train_texts = _read_jsonl_texts(data_dir / "dataset" / "train.jsonl")
     test_texts = _read_jsonl_texts(data_dir / "dataset" / "test.jsonl")[:TEST_LINES]
+
+    # Against the peers: same rows of PEER_BLOCK tokens, batch 1, same steps (= tokens).
+    peer_steps = PEER_STEPS_QUICK if quick else PEER_STEPS_FULL
+    peer_training = {**shape, "maxSteps": peer_steps, "batchSize": 1, "maxSeqLength": PEER_BLOCK}
+    kt_peer = run_kubetune(workdir, "peer", peer_training, data_dir, max_documents, vocab)
+    peer_runs: dict[str, dict[str, Any]] = {}
+    peer_errors: dict[str, str] = {}
+    for peer_name, peer_fn in (
+        ("group_texts", peers.run_group_texts),
+        ("trl_sft", peers.run_trl_sft),
+    ):
+        if peer_name == "trl_sft" and peers.trl_version() is None:
+            peer_errors[peer_name] = "trl is not installed (pip install -e '.[bench]')"
+            continue
+        torch.set_num_threads(threads)
+        try:
+            peer_runs[peer_name] = peer_fn(
+                train_texts, tokenizer_dir, MODEL, PEER_BLOCK, peer_steps, workdir
+            )
+        except Exception as exc:  # a peer that fails is reported, the others still run
+            peer_errors[peer_name] = f"{type(exc).__name__}: {exc}"
+
+    # Fraction of the CPU's matmul peak at a GPT-2-small-like shape (the real stage).
+    mfu_model = MFU_MODEL_QUICK if quick else MFU_MODEL_FULL
+    mfu_training = {
+        **shape,
+        "maxSteps": MFU_STEPS_QUICK if quick else MFU_STEPS_FULL,
+        "batchSize": 1,
+        "maxSeqLength": MFU_ROW,
+    }
+    peak_before = cpu_matmul_peak(threads, quick)
+    kt_mfu = run_kubetune(
+        workdir, "mfu", mfu_training, data_dir, max_documents, vocab, model=mfu_model
+    )
+    peak = best_peak(peak_before, cpu_matmul_peak(threads, quick))
+    n_params = gpt2_param_count(
+        mfu_model["nLayer"],
+        mfu_model["nEmbd"],
+        vocab,
+        mfu_model["nPositions"],
+        include_positions=False,
+    )
+    mfu_flops = flops_per_token(n_params, mfu_model["nLayer"], mfu_model["nEmbd"], MFU_ROW)
+    train_mfu = mfu(kt_mfu["steady_tokens_per_s"], mfu_flops, peak["fp32_flops"])
+
     torch.set_num_threads(threads)
     tpl = run_template(train_texts, tokenizer_dir, steps, vocab, workdir)
 
     kt_model = AutoModelForCausalLM.from_pretrained(str(kt["output"] / "model"))
-    kt_loss = test_loss(kt_model, tokenizer, test_texts)
+    kt_loss = test_loss(kt_model, tokenizer, test_texts, context=int(tokenizer.eos_token_id))
     tpl_loss = test_loss(tpl.pop("model"), tokenizer, test_texts)
+    eos = int(tokenizer.eos_token_id)
+    kt_peer_model = AutoModelForCausalLM.from_pretrained(str(kt_peer["output"] / "model"))
+    kt_peer_loss = test_loss(kt_peer_model, tokenizer, test_texts, context=eos)
+    kt_peer["test_loss_no_context"] = test_loss(kt_peer_model, tokenizer, test_texts)
+    for peer_name, d in peer_runs.items():
+        peer_model = d.pop("model")
+        d["test_loss_no_context"] = test_loss(peer_model, tokenizer, test_texts)
+        d["test_loss_after_eos"] = test_loss(peer_model, tokenizer, test_texts, context=eos)
+        # Each in its training layout: group_texts lines follow an eos, TRL's start at 0.
+        d["test_loss"] = d[
+            "test_loss_after_eos" if peer_name == "group_texts" else "test_loss_no_context"
+        ]
     speedup = kt["steady_tokens_per_s"] / tpl["steady_tokens_per_s"]
     shape_speedup = kt_shape["steady_tokens_per_s"] / tpl["steady_tokens_per_s"]
     note = f"{steps} steps each, ~8 lines/step, fp32, {threads} threads"
-    figures = [
+    figures = peer_figures(kt_peer, kt_peer_loss, peer_runs, peer_errors, peer_steps, threads)
+    figures += [
+        Figure(
+            "cpu_matmul_peak_gflops",
+            peak["fp32_flops"] / 1e9,
+            "GFLOP/s",
+            None,
+            f"best fp32 torch.mm, square {max(int(k.split('_')[1]) for k in peak['by_size'])}, "
+            f"{threads} thread(s); bf16 "
+            + (f"{peak['bf16_flops'] / 1e9:.0f}" if peak["bf16_flops"] else "n/a"),
+        ),
+        Figure(
+            "train_mfu",
+            train_mfu,
+            "of peak",
+            ">= 0.5",
+            f"kubetune train.run, GPT-2-small-like {mfu_model['nLayer']} x {mfu_model['nEmbd']}, "
+            f"{mfu_model['nHead']} heads, vocab {vocab}, 1 x {MFU_ROW} packed, fp32, "
+            f"{kt_mfu['steady_tokens_per_s']:.1f} tok/s x {mfu_flops / 1e6:.0f} MFLOP/token",
+        ),
         Figure(
             "train_tokens_per_s",
             kt["steady_tokens_per_s"],
@@ -317,14 +504,14 @@ def run(quick: bool, threads: int) -> tuple[list[Figure], dict[str, Any]]:
             kt_loss,
             "nats/token",
             None,
-            f"{len(test_texts)} held-out lines, after {kt['steps']} steps",
+            f"{len(test_texts)} held-out lines, tokens 2..n after its bos, {kt['steps']} steps",
         ),
         Figure(
             "template_test_loss",
             tpl_loss,
             "nats/token",
             None,
-            f"same lines, after {tpl['steps']} steps",
+            f"same lines and targets, no context (its layout), {tpl['steps']} steps",
         ),
         Figure(
             "train_tokens_per_s_8x512",
@@ -341,12 +528,17 @@ def run(quick: bool, threads: int) -> tuple[list[Figure], dict[str, Any]]:
             "8 x 512 packed vs 8 x 512 padded",
         ),
     ]
-    for d in (kt, kt_shape):
+    for d in (kt, kt_shape, kt_peer, kt_mfu):
         d["output"] = str(d["output"])
     details = {
         "kubetune_budget": kt,
         "kubetune_shape": kt_shape,
         "template": tpl,
+        "kubetune_peer": {**kt_peer, "test_loss": kt_peer_loss},
+        "peers": peer_runs,
+        "peer_errors": peer_errors,
+        "kubetune_mfu": {**kt_mfu, "model": mfu_model, "flops_per_token": mfu_flops},
+        "peak": peak,
         "row_tokens": row,
         "mean_line_tokens": mean_line,
         "dataset": stats.to_wire(),

@@ -308,6 +308,25 @@ def install_crd(kubeconfig: Path) -> None:
     wait_for(established, 60, "the FineTuneJob CRD to be established", interval=0.5)
 
 
+def let_helm_adopt_crd(kubeconfig: Path, release: str, namespace: str) -> None:
+    """Let Helm's release adopt the FineTuneJob CRD applied earlier with kubectl (install_crd)."""
+    crd = "finetunejobs.kubetune.io"
+    if not kubectl(
+        kubeconfig, "get", "crd", crd, "--ignore-not-found", "-o", "name"
+    ).stdout.strip():
+        return
+    kubectl(kubeconfig, "label", "--overwrite", "crd", crd, "app.kubernetes.io/managed-by=Helm")
+    kubectl(
+        kubeconfig,
+        "annotate",
+        "--overwrite",
+        "crd",
+        crd,
+        f"meta.helm.sh/release-name={release}",
+        f"meta.helm.sh/release-namespace={namespace}",
+    )
+
+
 def create_s3_secret(
     kubeconfig: Path, namespace: str, key_id: str, secret: str, name: str = "kubetune-s3"
 ) -> None:

@@ -27,7 +27,15 @@ from typing import Any
 import pytest
 import yaml
 from datapaths import tldr_files
-from operator_helpers import free_port, get_ftj, kubectl, tiny_job, upload_files, wait_for
+from operator_helpers import (
+    free_port,
+    get_ftj,
+    kubectl,
+    let_helm_adopt_crd,
+    tiny_job,
+    upload_files,
+    wait_for,
+)
 
 pytestmark = pytest.mark.cluster
 
@@ -127,30 +135,6 @@ def _sa_kubeconfig(cluster: Any, namespace: str, service_account: str) -> str:
     return json.dumps(config)
 
 
-def _adopt_existing_crd(cluster: Any, namespace: str) -> None:
-    """Let Helm adopt a CRD applied earlier with kubectl (e.g. by test_operator.py)."""
-    found = kubectl(cluster.kubeconfig, "get", "crd", CRD_NAME, "--ignore-not-found", "-o", "name")
-    if not found.stdout.strip():
-        return
-    kubectl(
-        cluster.kubeconfig,
-        "label",
-        "--overwrite",
-        "crd",
-        CRD_NAME,
-        "app.kubernetes.io/managed-by=Helm",
-    )
-    kubectl(
-        cluster.kubeconfig,
-        "annotate",
-        "--overwrite",
-        "crd",
-        CRD_NAME,
-        f"meta.helm.sh/release-name={RELEASE}",
-        f"meta.helm.sh/release-namespace={namespace}",
-    )
-
-
 @pytest.fixture(scope="module")
 def release(
     k8s_cluster: Any, s3_server: Any, tmp_path_factory: pytest.TempPathFactory
@@ -207,7 +191,7 @@ def release(
         f"s3://{data_bucket}/tldr/common/",
         out_bucket,
     )
-    _adopt_existing_crd(k8s_cluster, namespace)
+    let_helm_adopt_crd(k8s_cluster.kubeconfig, RELEASE, namespace)
     yield rel
     rel.helm("uninstall", RELEASE, check=False)
     for ns in (namespace, jobs_ns):

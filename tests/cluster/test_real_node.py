@@ -19,12 +19,14 @@ Run: ``pytest -m cluster tests/cluster/test_real_node.py`` (root, ``make images`
 from __future__ import annotations
 
 import json
+import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from built_images import built_image
 from datapaths import tldr_files
 from operator_helpers import (
@@ -36,6 +38,7 @@ from operator_helpers import (
     get_ftj,
     get_json,
     kubectl,
+    let_helm_adopt_crd,
     operator_service_account,
     tiny_job,
     upload_files,
@@ -230,7 +233,7 @@ def test_more_gpus_than_the_node_has_is_unschedulable_naming_the_field(
 def test_a_stage_past_its_deadline_is_deadline_exceeded(env: dict[str, Any]) -> None:
     kc, ns, name = env["kubeconfig"], env["ns"], "too-slow"
     job = node_job(env, name, maxSteps=100_000, checkpointEverySteps=100_000)
-    job["spec"]["resources"]["activeDeadlineSeconds"] = 40
+    job["spec"]["resources"]["activeDeadlineSeconds"] = 20
     apply(kc, ns, job)
     ftj = failed_with(env, name, "DeadlineExceeded")
     assert "activeDeadlineSeconds" in ftj["status"]["message"], ftj["status"]["message"]
@@ -293,3 +296,89 @@ def test_a_read_only_root_without_the_scratch_volume_is_a_clear_stage_error(
     assert "HF_HOME=/scratch/hf" in payload["error"], payload
     logs = kubectl(kc, "-n", ns, "logs", "bare-pod").stdout
     assert "kubetune prepare: CacheNotWritable:" in logs, logs
+
+
+def test_the_charts_operator_runs_from_its_image_and_its_finetunejob_succeeds(
+    containerd_cluster: ContainerdCluster, s3_server: Any, loaded_image: str, tmp_path: Path
+) -> None:
+    """`helm install` on the real node: the operator pod runs the operator image (non-root,
+    read-only root, the chart's probes), logs in with its ServiceAccount and the chart's RBAC,
+    and runs a FineTuneJob whose stage pods run the trainer image: nothing on the host."""
+    cluster, kc = containerd_cluster, containerd_cluster.kubeconfig
+    operator_ref = built_image("operator")
+    cluster.load_image(operator_ref)
+    suffix = uuid.uuid4().hex[:6]
+    op_ns, jobs_ns = f"kubetune-{suffix}", f"ml-{suffix}"
+    for ns in (op_ns, jobs_ns):
+        kubectl(kc, "create", "namespace", ns)
+        kubectl(kc, "label", "namespace", ns, "pod-security.kubernetes.io/enforce=restricted")
+    client = s3_server.client()
+    data_bucket = s3_server.make_bucket(f"rn-chart-data-{suffix}")
+    out_bucket = s3_server.make_bucket(f"rn-chart-runs-{suffix}")
+    upload_files(client, data_bucket, "tldr/common", tldr_files("common")[:60])
+    create_s3_secret(kc, jobs_ns, s3_server.access_key, s3_server.secret_key)
+    port = int(s3_server.endpoint_url.rsplit(":", 1)[1])
+    endpoint = f"http://{cluster.node.expose_host_port(port)}"
+    repository, tag = operator_ref.rsplit(":", 1)
+    values = {
+        "watchNamespaces": [jobs_ns],
+        "image": {"repository": repository, "tag": tag, "pullPolicy": "Never"},
+        "operator": {
+            "trainerImage": loaded_image,
+            "storageEndpoints": [endpoint],
+            "progressInterval": 2,
+            "resyncInterval": 5,
+        },
+    }
+    values_file = tmp_path / "values.yaml"
+    values_file.write_text(yaml.safe_dump(values))
+    helm = [str(cluster.bin_dir / "helm"), "--kubeconfig", str(kc), "--namespace", op_ns]
+    let_helm_adopt_crd(kc, "kt", op_ns)
+    installed = subprocess.run(
+        [*helm, "install", "kt", str(REPO / "charts/kubetune"), "-f", str(values_file), "--wait"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=240,
+    )
+    try:
+        assert installed.returncode == 0, installed.stdout + installed.stderr
+        (op_pod,) = get_json(kc, op_ns, "pods", "-l", "app.kubernetes.io/name=kubetune")["items"]
+        (op_status,) = op_pod["status"]["containerStatuses"]
+        assert op_status["ready"] and op_status["image"].endswith(operator_ref.split("/", 1)[1])
+        job = tiny_job(
+            "via-chart",
+            data_uri=f"s3://{data_bucket}/tldr/common/",
+            output=f"s3://{out_bucket}/via-chart/",
+            endpoint=endpoint,
+            secret="kubetune-s3",
+            maxSteps=10,
+            checkpointEverySteps=10,
+        )
+        job["spec"]["resources"].update(
+            {"cpu": "1", "memory": "2Gi", "gpusPerWorker": 0, "imagePullPolicy": "Never"}
+        )
+        job["spec"]["evaluation"]["bleu"] = {"enabled": False}
+        apply(kc, jobs_ns, job)
+
+        def succeeded() -> dict[str, Any] | None:
+            ftj = get_ftj(kc, jobs_ns, "via-chart")
+            phase = (ftj.get("status") or {}).get("phase")
+            assert phase != "Failed", ftj.get("status")
+            return ftj if phase == "Succeeded" else None
+
+        def op_logs() -> str:
+            name = op_pod["metadata"]["name"]
+            return kubectl(kc, "-n", op_ns, "logs", name, "--tail=60", check=False).stdout
+
+        ftj = wait_for(succeeded, RUN_TIMEOUT, "via-chart to succeed", dump=op_logs)
+        assert (
+            ftj["status"]["results"]["perplexity"] < ftj["status"]["results"]["baselinePerplexity"]
+        )
+        pods = get_json(kc, jobs_ns, "pods", "-l", "kubetune.io/job=via-chart")["items"]
+        images = {p["status"]["containerStatuses"][0]["image"] for p in pods}
+        assert images == {loaded_image}, images
+    finally:
+        subprocess.run([*helm, "uninstall", "kt", "--wait"], capture_output=True, check=False)
+        for ns in (op_ns, jobs_ns):
+            kubectl(kc, "delete", "namespace", ns, "--wait=false", check=False)

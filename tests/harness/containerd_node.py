@@ -47,6 +47,7 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -776,27 +777,29 @@ class NodeImages:
         The archive keeps the config, so the image ID, as it is; uncompressed, because gzip
         is the slow part of a save and the import unpacks at once anyway.
         """
-        save = subprocess.Popen(
-            ["podman", "save", "--quiet", "--uncompressed", "--format=docker-archive", ref],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        try:
-            argv = [str(self.bin_dir / "ctr"), f"--address={self.socket}"]
-            argv += [f"--namespace={K8S_NAMESPACE}", "images", "import", "--local"]
-            argv += ["--discard-unpacked-layers", "--platform=linux/amd64", "-"]
+        argv = [str(self.bin_dir / "ctr"), f"--address={self.socket}"]
+        argv += [f"--namespace={K8S_NAMESPACE}", "images", "import", "--local"]
+        argv += ["--discard-unpacked-layers", "--platform=linux/amd64", "-"]
+        with (
+            tempfile.TemporaryFile() as save_errors,
+            subprocess.Popen(
+                ["podman", "save", "--quiet", "--uncompressed", "--format=docker-archive", ref],
+                stdout=subprocess.PIPE,
+                stderr=save_errors,
+            ) as save,
+        ):
+            assert save.stdout is not None
             imported = subprocess.run(
                 argv, stdin=save.stdout, capture_output=True, text=True, timeout=3600, check=False
             )
-        finally:
-            assert save.stdout is not None
             save.stdout.close()
             saved = save.wait(timeout=600)
+            save_errors.seek(0)
+            errors = save_errors.read().decode(errors="replace")
         if saved != 0 or imported.returncode != 0:
-            assert save.stderr is not None
             raise RuntimeError(
                 f"podman save {ref} | ctr images import - failed ({saved}, "
-                f"{imported.returncode}): {save.stderr.read().decode()} {imported.stderr}"
+                f"{imported.returncode}): {errors} {imported.stderr}"
             )
         if self.config_digest(ref) != image_id:
             listing = self.ctr("images", "ls", "-q")

@@ -53,3 +53,14 @@ def test_mfu_is_achieved_over_peak() -> None:
 
 def test_matmul_flops_counts_two_per_multiply_add() -> None:
     assert matmul_flops(2, 3, 4) == 48
+
+
+def test_forward_flops_per_token_is_a_third_of_training() -> None:
+    from bench.flops import forward_flops_per_token
+
+    n = gpt2_param_count(12, 768, 8192, 1024, include_positions=False)
+    assert forward_flops_per_token(n, 12, 768, 512) * 3 == pytest.approx(
+        flops_per_token(n, 12, 768, 512)
+    )
+    with pytest.raises(ValueError):
+        forward_flops_per_token(n, 12, 768, 0)

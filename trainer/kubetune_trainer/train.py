@@ -300,8 +300,10 @@ def _optimizer(model: Any, t: TrainingSpec) -> torch.optim.Optimizer:
         {"params": no_decay, "weight_decay": 0.0},
     ]
     kwargs: dict[str, Any] = {"lr": t.learning_rate}
-    # Fused on GPU; on CPU torch would otherwise update one tensor at a time.
-    if any(p.is_cuda for p in decay + no_decay):
+    # Fused (one kernel over all tensors) on GPU and CPU (torch >= 2.4 has a CPU kernel):
+    # on CPU the foreach path runs ~8 ops per tensor, 7% of a small model's step against
+    # 1.3% fused (bench/RESULTS.md, issue 16); other devices keep foreach.
+    if all(p.device.type in ("cuda", "cpu") for p in decay + no_decay):
         kwargs["fused"] = True
     else:
         kwargs["foreach"] = True

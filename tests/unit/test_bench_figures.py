@@ -1,0 +1,89 @@
+"""bench/train_bench.peer_figures and bench/prepare_bench.tree_pss_mb: pure helpers, no timing."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:  # bench/ is a top-level package of the repo, not installed
+    sys.path.insert(0, str(REPO))
+
+from bench.prepare_bench import tree_pss_mb  # noqa: E402
+from bench.train_bench import peer_figures  # noqa: E402
+
+
+def _by_name(figures: list) -> dict:
+    return {f.name: f for f in figures}
+
+
+def test_peer_figures_compare_with_the_fastest_peer_and_the_best_loss() -> None:
+    kt = {"steady_tokens_per_s": 1200.0}
+    runs = {
+        "group_texts": {"steady_tokens_per_s": 1000.0, "test_loss": 7.0},
+        "trl_sft": {"steady_tokens_per_s": 800.0, "test_loss": 6.9},
+    }
+    figs = _by_name(peer_figures(kt, 6.969, runs, {}, steps=12, threads=1))
+    assert figs["train_speedup_vs_fastest_peer"].value == pytest.approx(1.2)
+    assert "group_texts" in figs["train_speedup_vs_fastest_peer"].note
+    assert figs["train_speedup_vs_fastest_peer"].met is True
+    assert figs["train_loss_gap_vs_best_peer"].value == pytest.approx(0.01)
+    assert "trl_sft" in figs["train_loss_gap_vs_best_peer"].note
+    assert figs["trl_sft_test_loss"].value == 6.9
+
+
+def test_peer_figures_record_a_peer_that_did_not_run_as_not_measured() -> None:
+    runs = {"group_texts": {"steady_tokens_per_s": 1000.0, "test_loss": 7.0}}
+    errors = {"trl_sft": "trl is not installed"}
+    figs = _by_name(peer_figures({"steady_tokens_per_s": 900.0}, 7.2, runs, errors, 12, 1))
+    assert figs["trl_sft_tokens_per_s"].value is None
+    assert "trl is not installed" in figs["trl_sft_tokens_per_s"].note
+    assert figs["train_speedup_vs_fastest_peer"].met is False
+    assert figs["train_loss_gap_vs_best_peer"].met is False
+
+
+def test_peer_figures_without_any_peer_leave_the_comparisons_unmeasured() -> None:
+    errors = {"group_texts": "boom", "trl_sft": "boom"}
+    figs = _by_name(peer_figures({"steady_tokens_per_s": 900.0}, 7.2, {}, errors, 12, 1))
+    assert figs["train_speedup_vs_fastest_peer"].value is None
+    assert figs["train_loss_gap_vs_best_peer"].met is None
+
+
+def test_tree_pss_counts_this_process_and_nothing_for_a_finished_one() -> None:
+    assert tree_pss_mb(os.getpid()) > 1.0
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    assert tree_pss_mb(child.pid) == 0.0
+
+
+def test_test_loss_scores_the_same_targets_with_or_without_a_context_token() -> None:
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from bench.train_bench import test_loss
+
+    class Tok:
+        is_fast = False
+
+        def __call__(self, texts: list[str], **_: object) -> dict:
+            return {"input_ids": [[3 + (ord(c) % 20) for c in t] for t in texts]}
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        n_layer=1,
+        n_head=2,
+        n_embd=16,
+        n_positions=64,
+        vocab_size=32,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    model = transformers.GPT2LMHeadModel(config).eval()
+    texts = ["hello world", "ab", "x"]  # "x" has no second token: never scored
+    plain = test_loss(model, Tok(), texts)
+    after_eos = test_loss(model, Tok(), texts, context=0)
+    assert plain > 0 and after_eos > 0
+    assert plain != after_eos  # the same 11 targets, conditioned differently
