@@ -16,12 +16,12 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
-from kubetune.contract import StageError
+from kubetune.contract import Env, StageError
 from kubetune.schema import Reason
 
 # The variables the trainer's libraries read for where to write (unset ones are skipped).
 CACHE_VARIABLES = (
-    "KUBETUNE_SCRATCH",
+    Env.SCRATCH,
     "HOME",
     "TMPDIR",
     "HF_HOME",
