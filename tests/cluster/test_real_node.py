@@ -37,6 +37,7 @@ from operator_helpers import (
     diagnose,
     get_ftj,
     get_json,
+    install_crd,
     kubectl,
     let_helm_adopt_crd,
     operator_service_account,
@@ -62,15 +63,11 @@ def loaded_image(containerd_cluster: ContainerdCluster) -> str:
     return ref
 
 
-@pytest.fixture
-def env(
-    containerd_cluster: ContainerdCluster, s3_server: Any, loaded_image: str, tmp_path: Path
-) -> Iterator[dict[str, Any]]:
-    """A restricted namespace, data in S3 reachable from pods, and an operator watching."""
-    cluster, kc = containerd_cluster, containerd_cluster.kubeconfig
-    ns = f"test-{uuid.uuid4().hex[:8]}"
-    kubectl(kc, "create", "namespace", ns)
-    kubectl(kc, "label", "namespace", ns, "pod-security.kubernetes.io/enforce=restricted")
+def restricted_namespace(cluster: ContainerdCluster, ns: str) -> str:
+    """Namespace ``ns``, enforcing Pod Security ``restricted``, once its default SA exists."""
+    kubectl(cluster.kubeconfig, "create", "namespace", ns)
+    label = "pod-security.kubernetes.io/enforce=restricted"
+    kubectl(cluster.kubeconfig, "label", "namespace", ns, label)
     wait_until(
         lambda: (
             cluster.control_plane.get(f"/api/v1/namespaces/{ns}/serviceaccounts/default")[0] == 200
@@ -78,16 +75,33 @@ def env(
         timeout=30,
         what=f"service account default in {ns}",
     )
-    install = REPO / "crds" / "finetunejob.yaml"
-    kubectl(kc, "apply", "--server-side", "--force-conflicts", "-f", str(install))
-    client = s3_server.client()
-    suffix = ns.removeprefix("test-")
+    return ns
+
+
+def tenant_data(cluster: ContainerdCluster, s3_server: Any, ns: str, suffix: str) -> dict[str, str]:
+    """A tldr slice and an output bucket in S3, the credentials Secret in ``ns``, and the S3
+    endpoint as pods see it (the node's bridge address)."""
     data_bucket = s3_server.make_bucket(f"rn-data-{suffix}")
     out_bucket = s3_server.make_bucket(f"rn-runs-{suffix}")
-    upload_files(client, data_bucket, "tldr/common", tldr_files("common")[:60])
-    create_s3_secret(kc, ns, s3_server.access_key, s3_server.secret_key)
+    upload_files(s3_server.client(), data_bucket, "tldr/common", tldr_files("common")[:60])
+    create_s3_secret(cluster.kubeconfig, ns, s3_server.access_key, s3_server.secret_key)
     port = int(s3_server.endpoint_url.rsplit(":", 1)[1])
-    pod_endpoint = f"http://{cluster.node.expose_host_port(port)}"
+    return {
+        "data_uri": f"s3://{data_bucket}/tldr/common/",
+        "out_bucket": out_bucket,
+        "endpoint": f"http://{cluster.node.expose_host_port(port)}",
+    }
+
+
+@pytest.fixture
+def env(
+    containerd_cluster: ContainerdCluster, s3_server: Any, loaded_image: str, tmp_path: Path
+) -> Iterator[dict[str, Any]]:
+    """A restricted namespace, data in S3 reachable from pods, and an operator watching."""
+    cluster, kc = containerd_cluster, containerd_cluster.kubeconfig
+    ns = restricted_namespace(cluster, f"test-{uuid.uuid4().hex[:8]}")
+    install_crd(kc)
+    data = tenant_data(cluster, s3_server, ns, ns.removeprefix("test-"))
     op = OperatorProcess.start(
         operator_service_account(kc, ns, tmp_path / "operator.kubeconfig"),
         ns,
@@ -101,9 +115,7 @@ def env(
         "ns": ns,
         "op": op,
         "image": loaded_image,
-        "data_uri": f"s3://{data_bucket}/tldr/common/",
-        "out_bucket": out_bucket,
-        "endpoint": pod_endpoint,
+        **data,
     }
     yield ctx
     op.stop()
@@ -310,22 +322,15 @@ def test_the_charts_operator_runs_from_its_image_and_its_finetunejob_succeeds(
     suffix = uuid.uuid4().hex[:6]
     op_ns, jobs_ns = f"kubetune-{suffix}", f"ml-{suffix}"
     for ns in (op_ns, jobs_ns):
-        kubectl(kc, "create", "namespace", ns)
-        kubectl(kc, "label", "namespace", ns, "pod-security.kubernetes.io/enforce=restricted")
-    client = s3_server.client()
-    data_bucket = s3_server.make_bucket(f"rn-chart-data-{suffix}")
-    out_bucket = s3_server.make_bucket(f"rn-chart-runs-{suffix}")
-    upload_files(client, data_bucket, "tldr/common", tldr_files("common")[:60])
-    create_s3_secret(kc, jobs_ns, s3_server.access_key, s3_server.secret_key)
-    port = int(s3_server.endpoint_url.rsplit(":", 1)[1])
-    endpoint = f"http://{cluster.node.expose_host_port(port)}"
+        restricted_namespace(cluster, ns)
+    data = tenant_data(cluster, s3_server, jobs_ns, f"chart-{suffix}")
     repository, tag = operator_ref.rsplit(":", 1)
     values = {
         "watchNamespaces": [jobs_ns],
         "image": {"repository": repository, "tag": tag, "pullPolicy": "Never"},
         "operator": {
             "trainerImage": loaded_image,
-            "storageEndpoints": [endpoint],
+            "storageEndpoints": [data["endpoint"]],
             "progressInterval": 2,
             "resyncInterval": 5,
         },
@@ -346,19 +351,7 @@ def test_the_charts_operator_runs_from_its_image_and_its_finetunejob_succeeds(
         (op_pod,) = get_json(kc, op_ns, "pods", "-l", "app.kubernetes.io/name=kubetune")["items"]
         (op_status,) = op_pod["status"]["containerStatuses"]
         assert op_status["ready"] and op_status["image"].endswith(operator_ref.split("/", 1)[1])
-        job = tiny_job(
-            "via-chart",
-            data_uri=f"s3://{data_bucket}/tldr/common/",
-            output=f"s3://{out_bucket}/via-chart/",
-            endpoint=endpoint,
-            secret="kubetune-s3",
-            maxSteps=10,
-            checkpointEverySteps=10,
-        )
-        job["spec"]["resources"].update(
-            {"cpu": "1", "memory": "2Gi", "gpusPerWorker": 0, "imagePullPolicy": "Never"}
-        )
-        job["spec"]["evaluation"]["bleu"] = {"enabled": False}
+        job = node_job(data, "via-chart", maxSteps=10, checkpointEverySteps=10)
         apply(kc, jobs_ns, job)
 
         def succeeded() -> dict[str, Any] | None:
