@@ -185,13 +185,6 @@ CEL_CASES: list[CelCase] = [
         {"evaluation": {"perplexity": False, "bleu": {"enabled": True}}},
     ),
     CelCase(
-        "several-workers-without-gpus",
-        _rule(schema.ResourcesSpec, ".gpusPerWorker"),
-        "spec.resources.gpusPerWorker",
-        {"resources": {"workers": 2, "gpusPerWorker": 0}},
-        {"resources": {"workers": 2, "gpusPerWorker": 1}},
-    ),
-    CelCase(
         "s3-endpoint-for-file-storage",
         _rule(schema.StorageSpec, ".endpoint"),
         "spec.storage.endpoint",

@@ -9,7 +9,8 @@ Both sides import this module and nothing else for these facts:
 * **environment variables** the operator sets and the pods read (:class:`Env`);
 * **exit codes** of ``kubetune <stage>`` and the ones a retry cannot fix
   (:class:`ExitCode`, :data:`NOT_RETRIABLE_EXIT_CODES`), which the operator's
-  podFailurePolicy turns into an immediate failure;
+  podFailurePolicy turns into an immediate failure, and the one a stop on SIGTERM with a
+  saved checkpoint ends with (:attr:`ExitCode.INTERRUPTED`), which costs no attempt;
 * **ports**: the trainer's Prometheus endpoint (:data:`METRICS_PORT`) and the
   rendezvous port of multi-worker training (:data:`RENDEZVOUS_PORT`);
 * **failure reasons**: :class:`StageError` carries a :class:`kubetune.schema.Reason`,
@@ -81,6 +82,9 @@ class Env:
     """Worker processes of prepare's first pass (default: the usable CPUs)."""
     ATTN_IMPLEMENTATION = "KUBETUNE_ATTN_IMPLEMENTATION"
     """Overrides the attention implementation (e.g. ``flash_attention_2``)."""
+    RENDEZVOUS_TIMEOUT_SECONDS = "KUBETUNE_RENDEZVOUS_TIMEOUT_SECONDS"
+    """How long the training processes of several pods wait for each other, at the start and
+    at every collective (default 600): a lost worker fails the others within this time."""
 
     @staticmethod
     def compare_api_key(name: str) -> str:
@@ -98,6 +102,9 @@ class ExitCode(enum.IntEnum):
     """Bad command line or manifest."""
     NOT_RETRIABLE = 3
     """Bad data or spec: a retry would fail the same way."""
+    INTERRUPTED = 4
+    """Stopped on SIGTERM (preemption, eviction, a drained node, Kueue) after saving a complete
+    checkpoint; the next attempt resumes from it, and the Job does not count it as a failure."""
 
 
 class RunAnnotation:
@@ -154,8 +161,18 @@ class StageError(RuntimeError):
         self.reason: str = Reason(reason).value
 
 
+class Interrupted(StageError):
+    """The stage stopped on SIGTERM; ``checkpoint_step`` is the complete checkpoint it left."""
+
+    def __init__(self, message: str, checkpoint_step: int) -> None:
+        super().__init__(message, Reason.PREEMPTED)
+        self.checkpoint_step = checkpoint_step
+
+
 def exit_code_for(exc: BaseException) -> int:
     """The exit code of a stage that raised ``exc``."""
+    if isinstance(exc, Interrupted):
+        return ExitCode.INTERRUPTED
     if isinstance(exc, StageError) and exc.reason in NOT_RETRIABLE_REASONS:
         return ExitCode.NOT_RETRIABLE
     return ExitCode.FAILED
@@ -165,7 +182,10 @@ def failure_payload(stage: str, exc: BaseException) -> dict[str, Any]:
     """The termination message of a stage that raised ``exc``."""
     reason = exc.reason if isinstance(exc, StageError) else Reason.STAGE_FAILED.value
     message = str(exc) or type(exc).__name__
-    return {"stage": stage, "error": message[:3000], "reason": reason}
+    payload: dict[str, Any] = {"stage": stage, "error": message[:3000], "reason": reason}
+    if isinstance(exc, Interrupted):
+        payload["checkpointStep"] = exc.checkpoint_step
+    return payload
 
 
 def write_termination_message(payload: dict[str, Any]) -> None:

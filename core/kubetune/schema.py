@@ -294,6 +294,9 @@ class Reason(str, enum.Enum):
     TRACKING_FAILED = "TrackingFailed"  # the tracking server refused or could not be reached
     RUNS_DELETED = "RunsDeleted"  # spec.retrain.keepRuns deleted older runs' artifacts
     RETENTION_FAILED = "RetentionFailed"  # some older run could not be deleted
+    PREEMPTED = "Preempted"  # a training pod stopped on SIGTERM and saved a checkpoint
+    RENDEZVOUS_FAILED = "RendezvousFailed"  # the workers of a training Job did not meet
+    QUEUED = "Queued"  # the stage Job waits for Kueue to admit it
 
 
 # --------------------------------------------------------------------------- spec
@@ -797,7 +800,14 @@ class ResourcesSpec(_Model):
     image_pull_policy: str | None = Field(
         None, pattern=r"^(Always|IfNotPresent|Never)$", description="Image pull policy."
     )
-    workers: int = Field(1, ge=1, le=512, description="Training pods (nodes).")
+    workers: int = Field(
+        1,
+        ge=1,
+        le=512,
+        description="Training pods (nodes) of one data-parallel training: rank from the "
+        "Indexed Job's completion index, rendezvous at the pod of index 0 through a headless "
+        "Service (needs cluster DNS); NCCL with GPUs, gloo on CPU (gpusPerWorker 0).",
+    )
     gpus_per_worker: int = Field(1, ge=0, le=16, description="nvidia.com/gpu per training pod.")
     cpu: Quantity | None = Field(
         None, description="CPU request per pod, a Kubernetes quantity: '4', '1.5' or '500m'."
@@ -851,18 +861,20 @@ class ResourcesSpec(_Model):
         "them.",
     )
     backoff_limit: int = Field(2, ge=0, le=100, description="Retries of each stage Job.")
+    termination_grace_period_seconds: int | None = Field(
+        None,
+        ge=1,
+        le=86400,
+        description="Seconds a stage pod gets between SIGTERM (preemption, eviction, a drained "
+        "node, Kueue) and being killed. Training uses them to finish the step and save a "
+        "checkpoint, so give it more than one checkpoint takes to upload. Default: "
+        "Kubernetes' 30.",
+    )
     active_deadline_seconds: int | None = Field(
         None, ge=1, description="Wall-clock limit of each stage Job (seconds)."
     )
 
     cel_rules = (
-        CelRule(
-            "!has(self.workers) || self.workers == 1 || !has(self.gpusPerWorker) "
-            "|| self.gpusPerWorker >= 1",
-            "resources.workers > 1 needs resources.gpusPerWorker >= 1",
-            lambda r: r.workers == 1 or r.gpus_per_worker >= 1,
-            field=".gpusPerWorker",
-        ),
         CelRule(
             "!has(self.priorityClassName) || !self.priorityClassName.startsWith('system-')",
             "resources.priorityClassName must not start with 'system-' (classes for pods the "
@@ -1028,6 +1040,23 @@ class FineTuneJobSpec(_Model):
         None,
         description="Experiment tracking: parameters, per-step metrics, final metrics of the "
         "model and its baseline, the report and the dataset card (MLflow).",
+    )
+    queue_name: (
+        Annotated[
+            str,
+            Field(max_length=63),
+            Matching(
+                LABEL_VALUE_PATTERN,
+                "a Kueue LocalQueue name in the FineTuneJob's namespace: at most 63 letters, "
+                "digits, '-', '_' or '.', starting and ending with a letter or digit",
+            ),
+        ]
+        | None
+    ) = Field(
+        None,
+        description="Kueue LocalQueue (in this namespace) for every stage Job: the Jobs are "
+        "created suspended with the kueue.x-k8s.io/queue-name label and start when Kueue "
+        "admits them, a multi-worker training Job as a whole.",
     )
     suspend: bool = Field(False, description="Pause: stop running stage pods; resume later.")
     ttl_seconds_after_finished: int | None = Field(
@@ -1270,6 +1299,12 @@ class StageStatus(_Model):
     message: str | None = Field(None, description="Last message (failure reason).")
     failed_attempts: int | None = Field(
         None, description="Attempts (pods) of this stage that failed so far; the Job retries."
+    )
+    preemptions: int | None = Field(
+        None,
+        description="Pods of this stage stopped on SIGTERM (preemption, eviction, a drained "
+        "node, Kueue) after saving a checkpoint; the next pod resumed from it. They cost no "
+        "attempt.",
     )
 
 

@@ -39,6 +39,7 @@ from kubetune.contract import (
     RENDEZVOUS_PORT,
     S3_CREDENTIAL_KEYS,
     Env,
+    ExitCode,
     RunAnnotation,
     Stage,
 )
@@ -57,6 +58,7 @@ LABEL_INSTANCE = "app.kubernetes.io/instance"
 LABEL_JOB = "kubetune.io/job"
 LABEL_STAGE = "kubetune.io/stage"
 LABEL_RUN = "kubetune.io/run"
+LABEL_KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"  # spec.queueName: Kueue manages the Job
 MANAGED_BY = "kubetune-operator"
 ANNOTATION_SPEC_HASH = RunAnnotation.SPEC_HASH
 ANNOTATION_GENERATION = "kubetune.io/generation"
@@ -336,14 +338,13 @@ def stage_command(job: FineTuneJob, run: RunRef, stage: str) -> list[str]:
         cli_args.append("--report")
     workers = job.spec.resources.workers
     gpus = stage_gpus(job, stage)
-    if stage != Stage.TRAIN or (workers == 1 and gpus <= 1):
+    if stage != Stage.TRAIN or gpus <= 1:
+        # One process per pod (CPU workers get their rank from cpu_worker_env): SIGTERM
+        # reaches the trainer itself, which checkpoints before it exits.
         return ["kubetune", *cli_args]
-    launch = ["accelerate", "launch", "--num_processes", str(workers * max(gpus, 1))]
-    if gpus > 1 or workers > 1:
-        launch.append("--multi_gpu")
+    launch = ["accelerate", "launch", "--num_processes", str(workers * gpus), "--multi_gpu"]
     if workers > 1:
-        ftj = job.metadata.name
-        master = f"{job_name(ftj, run.id, 'train')}-0.{service_name(ftj, run.id)}"
+        master = master_address(job, run)
         launch += [
             "--num_machines",
             str(workers),
@@ -358,7 +359,38 @@ def stage_command(job: FineTuneJob, run: RunRef, stage: str) -> list[str]:
     return [*launch, "-m", "kubetune.cli", *cli_args]
 
 
-def stage_env(job: FineTuneJob, stage: str) -> list[dict[str, Any]]:
+def master_address(job: FineTuneJob, run: RunRef) -> str:
+    """DNS name of the training pod of index 0 (``<job>-0.<headless service>``)."""
+    ftj = job.metadata.name
+    return f"{job_name(ftj, run.id, Stage.TRAIN.value)}-0.{service_name(ftj, run.id)}"
+
+
+def worker_env(job: FineTuneJob, run: RunRef) -> list[dict[str, Any]]:
+    """torch.distributed's environment for the pods of a multi-worker training Job.
+
+    Every pod knows its completion index; with GPUs ``accelerate launch`` turns it into the
+    ranks of the pod's processes, while a CPU worker is a single process (gloo) whose rank
+    is the index, so it gets torch's variables directly (what torchrun would set).
+    """
+    index = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+    env: list[dict[str, Any]] = [
+        {"name": "JOB_COMPLETION_INDEX", "valueFrom": {"fieldRef": {"fieldPath": index}}}
+    ]
+    if stage_gpus(job, Stage.TRAIN) == 0:
+        workers = str(job.spec.resources.workers)
+        env += [
+            {"name": "ACCELERATE_USE_CPU", "value": "true"},
+            {"name": "MASTER_ADDR", "value": master_address(job, run)},
+            {"name": "MASTER_PORT", "value": str(RENDEZVOUS_PORT)},
+            {"name": "RANK", "value": "$(JOB_COMPLETION_INDEX)"},
+            {"name": "WORLD_SIZE", "value": workers},
+            {"name": "LOCAL_RANK", "value": "0"},
+            {"name": "LOCAL_WORLD_SIZE", "value": "1"},
+        ]
+    return env
+
+
+def stage_env(job: FineTuneJob, stage: str, run: RunRef | None = None) -> list[dict[str, Any]]:
     """Environment of a stage container. Credentials only as secretKeyRef, never as values."""
     env: list[dict[str, Any]] = [
         {"name": Env.TERMINATION_LOG, "value": TERMINATION_LOG},
@@ -395,10 +427,9 @@ def stage_env(job: FineTuneJob, stage: str) -> list[dict[str, Any]]:
                     {"name": Env.compare_api_key(entry.name), "valueFrom": {"secretKeyRef": ref}}
                 )
     if stage == Stage.TRAIN and job.spec.resources.workers > 1:
-        index = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
-        env.append(
-            {"name": "JOB_COMPLETION_INDEX", "valueFrom": {"fieldRef": {"fieldPath": index}}}
-        )
+        if run is None:
+            raise ValueError("the environment of a multi-worker training pod needs its run")
+        env += worker_env(job, run)
     return env
 
 
@@ -429,7 +460,7 @@ def _pod_spec(job: FineTuneJob, run: RunRef, stage: str, cfg: OperatorConfig) ->
         "name": stage,
         "image": image(job, cfg),
         "command": stage_command(job, run, stage),
-        "env": stage_env(job, stage),
+        "env": stage_env(job, stage, run),
         "resources": _resources(job, stage),
         "securityContext": {
             "allowPrivilegeEscalation": False,
@@ -482,6 +513,8 @@ def _pod_spec(job: FineTuneJob, run: RunRef, stage: str, cfg: OperatorConfig) ->
         "containers": [container],
         "volumes": volumes,
     }
+    if res.termination_grace_period_seconds is not None:
+        spec["terminationGracePeriodSeconds"] = res.termination_grace_period_seconds
     if res.service_account_name:
         spec["serviceAccountName"] = res.service_account_name
     if res.priority_class_name:
@@ -522,6 +555,15 @@ def build_stage_job(
                     "action": "Ignore",
                     "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
                 },
+                # Stopped on SIGTERM with a checkpoint saved: the next pod resumes from it.
+                {
+                    "action": "Ignore",
+                    "onExitCodes": {
+                        "containerName": stage,
+                        "operator": "In",
+                        "values": [ExitCode.INTERRUPTED.value],
+                    },
+                },
             ]
         },
         "template": {
@@ -533,6 +575,10 @@ def build_stage_job(
         job_spec["activeDeadlineSeconds"] = res.active_deadline_seconds
     if job.spec.ttl_seconds_after_finished is not None:
         job_spec["ttlSecondsAfterFinished"] = job.spec.ttl_seconds_after_finished
+    if job.spec.queue_name:
+        # Kueue admits the Job by unsuspending it; the operator never does (reconcile).
+        meta["labels"][LABEL_KUEUE_QUEUE] = job.spec.queue_name
+        job_spec["suspend"] = True
     if stage == Stage.TRAIN and res.workers > 1:
         job_spec["completionMode"] = "Indexed"
         job_spec["completions"] = res.workers

@@ -27,9 +27,13 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from kubetune.contract import S3_CREDENTIAL_KEYS_TEXT
+from kubetune.contract import S3_CREDENTIAL_KEYS_TEXT, ExitCode
 from kubetune.schema import Reason
-from kubetune_operator.builders import ANNOTATION_FAILED_MESSAGE, ANNOTATION_FAILED_REASON
+from kubetune_operator.builders import (
+    ANNOTATION_FAILED_MESSAGE,
+    ANNOTATION_FAILED_REASON,
+    LABEL_KUEUE_QUEUE,
+)
 from kubetune_operator.fit import never_fits
 
 PENDING = "Pending"
@@ -59,6 +63,8 @@ class StageObservation:
     failed_attempts: int = 0  # pods of a still-active Job that failed (the Job retries them)
     attempts: int = 0  # attempts the Job allows (backoffLimit + 1); 0 when unknown
     last_failure: tuple[str, str] | None = None  # (reason, message) of the newest failed pod
+    preemptions: int = 0  # pods that stopped on SIGTERM with a checkpoint (exit INTERRUPTED)
+    last_preemption: str = ""  # what the newest of them said (step of its checkpoint)
     recheck_after: float | None = None  # seconds until a timeout changes this observation
     details: dict[str, Any] = field(default_factory=dict)
 
@@ -117,10 +123,13 @@ def _newest_first(pods: list[Obj]) -> list[Obj]:
 
 
 def _failure_from_pods(pods: list[Obj]) -> tuple[str, str] | None:
-    """(reason, message) from the newest failed container: OOM, or the stage's own error."""
+    """(reason, message) from the newest failed container: OOM, or the stage's own error.
+
+    A pod stopped on SIGTERM with its checkpoint saved did not fail (:func:`preempted_pods`).
+    """
     for pod in _newest_first(pods):
         for term in _terminated(pod):
-            if term.get("exitCode", 0) == 0:
+            if term.get("exitCode", 0) in (0, ExitCode.INTERRUPTED):
                 continue
             if term.get("reason") == "OOMKilled":
                 return Reason.OOM_KILLED.value, (
@@ -137,6 +146,37 @@ def _failure_from_pods(pods: list[Obj]) -> tuple[str, str] | None:
                 + " and wrote no error message"
             )
     return None
+
+
+def preempted_pods(pods: list[Obj]) -> list[tuple[str, str]]:
+    """(pod name, message) of each pod that stopped on SIGTERM after saving a checkpoint.
+
+    The Job does not count them as failures (podFailurePolicy ``Ignore``), so they are
+    counted here: the status and an Event show every preemption the stage survived.
+    """
+    out = []
+    for pod in reversed(_newest_first(pods)):
+        for term in _terminated(pod):
+            if term.get("exitCode") != ExitCode.INTERRUPTED:
+                continue
+            data = parse_termination_message(term.get("message")) or {}
+            name = (pod.get("metadata") or {}).get("name", "")
+            step = data.get("checkpointStep")
+            saved = f"the checkpoint of step {step}" if step is not None else "a checkpoint"
+            message = f"pod {name} stopped on SIGTERM and saved {saved}; the next pod resumes there"
+            out.append((name, message))
+            break
+    return out
+
+
+def queue_name(job: Obj) -> str | None:
+    """The Kueue LocalQueue that manages this Job (spec.queueName), or None."""
+    return ((job.get("metadata") or {}).get("labels") or {}).get(LABEL_KUEUE_QUEUE)
+
+
+def is_queued_by_kueue(job: Obj) -> bool:
+    """A Job Kueue manages: only Kueue may unsuspend it (admission)."""
+    return queue_name(job) is not None
 
 
 def _success_result(pods: list[Obj]) -> dict[str, Any] | None:
@@ -251,6 +291,9 @@ def observe_stage(
     also says how many of its attempts failed so far, and why the newest one did.
     """
     obs = _classify(job, pods, now=now, unschedulable_timeout=unschedulable_timeout, nodes=nodes)
+    preempted = preempted_pods(pods)
+    if preempted:
+        obs.preemptions, obs.last_preemption = len(preempted), preempted[-1][1]
     if job is not None and obs.state in (PENDING, RUNNING):
         failed = int((job.get("status") or {}).get("failed") or 0)
         if failed:
@@ -325,6 +368,18 @@ def _classify(
             state=FAILED, reason=reason, message=message, start_time=start, completion_time=when
         )
     if (job.get("spec") or {}).get("suspend"):
+        queue = queue_name(job)
+        if queue is not None:  # waiting for Kueue's admission (or re-admission after eviction)
+            return StageObservation(
+                state=PENDING,
+                reason=Reason.QUEUED.value,
+                message=(
+                    f"queued in Kueue LocalQueue {queue!r}: the Job starts when Kueue admits "
+                    f"it (kubectl get workloads -n {meta.get('namespace', '')} says why it "
+                    "waits)"
+                ),
+                start_time=start,
+            )
         return StageObservation(state=SUSPENDED, reason=Reason.SUSPENDED.value, start_time=start)
     stuck = _stuck_pod(pods)
     oom = _failure_from_pods(pods)

@@ -85,6 +85,7 @@ from kubetune_operator.observe import (
     SUCCEEDED,
     SUSPENDED,
     StageObservation,
+    is_queued_by_kueue,
     observe_stage,
     unschedulable_condition,
 )
@@ -373,7 +374,11 @@ class Reconciler:
                 view.stages[stage] = obs
                 break
             if job.spec.suspend:
-                if child is not None and not child["spec"].get("suspend"):
+                if child is not None and is_queued_by_kueue(child):
+                    # Kueue would admit a Job suspended behind its back again: the Job goes
+                    # (its pods checkpoint on SIGTERM) and a new one queues on resume.
+                    self.kube.delete(jobs_path(ns, child["metadata"]["name"]))
+                elif child is not None and not child["spec"].get("suspend"):
                     self._patch_job(child, {"spec": {"suspend": True}})
                 view.stages[stage] = StageObservation(
                     state=SUSPENDED, reason=Reason.SUSPENDED.value, start_time=obs.start_time
@@ -402,13 +407,16 @@ class Reconciler:
                         f"created Job {view.job_names[stage]} ({stage})",
                     )
                 )
+                queue = job.spec.queue_name
                 obs = StageObservation(
                     state="Pending",
-                    reason=Reason.STAGE_PENDING.value,
-                    message="Job created",
+                    reason=Reason.QUEUED.value if queue else Reason.STAGE_PENDING.value,
+                    message=f"Job created in Kueue LocalQueue {queue!r}"
+                    if queue
+                    else "Job created",
                     start_time=utcnow(),
                 )
-            elif child["spec"].get("suspend"):
+            elif child["spec"].get("suspend") and not is_queued_by_kueue(child):
                 self._patch_job(child, {"spec": {"suspend": False}})  # unsuspended
             if stage == Stage.TRAIN:
                 self._progress(job, run, view)

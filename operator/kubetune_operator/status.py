@@ -412,9 +412,15 @@ def _assess(view: RunView) -> _Assessment:
         else:
             # Pending until the first pod runs; after that the phase names the stage.
             started = obs.state == RUNNING or stage != Stage.PREPARE
-            phase = STAGE_PHASE[stage] if started else Phase.PENDING
+            queued = obs.reason == Reason.QUEUED.value
+            phase = STAGE_PHASE[stage] if started and not queued else Phase.PENDING
             reason = obs.reason or Reason.STAGE_PENDING.value
             message = f"{stage}: {obs.message}" if obs.message else stage
+            if obs.preemptions:
+                message += (
+                    f" (preempted {obs.preemptions} time(s), each time resumed from the "
+                    "checkpoint it saved)"
+                )
             stages[stage] = (False, reason, message)
     if phase == Phase.SUCCEEDED and view.evaluate is not None:
         message = _results_summary(results_from(view.evaluate))
@@ -466,6 +472,7 @@ def _stage_statuses(view: RunView, prev: FineTuneJobStatus) -> dict[str, StageSt
             completion_time=obs.completion_time or old.completion_time,
             message=obs.message or None,
             failed_attempts=obs.failed_attempts or old.failed_attempts,
+            preemptions=obs.preemptions or old.preemptions,
         )
     return stages
 
@@ -514,6 +521,25 @@ def _retry_events(prev: FineTuneJobStatus, view: RunView) -> list[Event]:
                 Reason.STAGE_RETRYING.value,
                 f"{stage}: attempt {obs.failed_attempts} of {obs.attempts} failed ({reason}: "
                 f"{message}); {left} left (spec.resources.backoffLimit)",
+            )
+        )
+    return events
+
+
+def _preemption_events(prev: FineTuneJobStatus, view: RunView) -> list[Event]:
+    """A Warning for each pod that stopped on SIGTERM (with its checkpoint) since ``prev``."""
+    events = []
+    for stage in JOB_STAGES:
+        obs = view.stages.get(stage)
+        before = prev.stages.get(stage)
+        if obs is None or obs.preemptions <= ((before.preemptions or 0) if before else 0):
+            continue
+        events.append(
+            Event(
+                "Warning",
+                Reason.PREEMPTED.value,
+                f"{stage}: {obs.last_preemption} (preemption {obs.preemptions}; it costs no "
+                "attempt of spec.resources.backoffLimit)",
             )
         )
     return events
@@ -643,6 +669,7 @@ def compute_status(
     new.conditions, retrain_events = _retrain_condition(old, new.conditions, view, now)
     events += retrain_events
     events += _retry_events(prev, view) if run is not None else []
+    events += _preemption_events(prev, view) if run is not None else []
     events += _events(prev, assessment, run)
     if new.promotion is not None and prev.promotion is None:
         severity = "Warning" if new.promotion.reason == Reason.PROMOTION_FAILED.value else "Normal"

@@ -26,10 +26,10 @@ import yaml
 from fixtures_s3 import free_port
 from prometheus_client.parser import text_string_to_metric_families
 
-from kubetune.contract import StageError
+from kubetune.contract import Env, ExitCode, StageError
 from kubetune.layout import RunLayout
 from kubetune.results import TrainResult
-from kubetune.schema import FineTuneJob, TrainingSpec
+from kubetune.schema import FineTuneJob, Reason, TrainingSpec
 from kubetune.storage import FileStorage, Storage, open_storage
 from kubetune_trainer import checkpoints as ckpt
 from kubetune_trainer.context import make_context
@@ -294,6 +294,76 @@ def test_resume_after_sigkill_continues_from_the_last_complete_checkpoint(
     lines = (out / RunLayout.TRAIN_METRICS).read_text().splitlines()
     steps = [json.loads(x)["step"] for x in lines]
     assert steps == sorted(set(steps)) and steps[-1] == 60  # one line per logged step
+
+
+def test_sigterm_saves_a_checkpoint_exits_interrupted_and_the_next_attempt_resumes(
+    dataset: Path, tmp_path: Path
+) -> None:
+    """What a preempted training pod does in its grace period, through the stage CLI."""
+    steps = 200
+    training = {"maxSteps": steps, "checkpointEverySteps": 1000, "logEverySteps": 1}
+    out = _output(dataset, tmp_path, "stopped")
+    job = tiny.make_job(f"file://{out}", name="stopped", training=training)
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(yaml.safe_dump(job.to_wire()))
+    termination = tmp_path / "termination-log"
+    env = {
+        **os.environ,
+        Env.TERMINATION_LOG: str(termination),
+        Env.SCRATCH: str(tmp_path / "s1"),
+        Env.METRICS_PORT: "0",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(REPO / "trainer"), os.environ.get("PYTHONPATH", "")]),
+    }
+    store = FileStorage(f"file://{out}")
+    log_file = tmp_path / "child.log"
+    with log_file.open("wb") as log_fh:
+        child = subprocess.Popen(
+            [sys.executable, "-m", "kubetune.cli", "train", "--job", str(job_file)],
+            env=env,
+            stdout=log_fh,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 400
+        while "kubetune_trainer.train: training " not in log_file.read_text():  # the plan
+            assert child.poll() is None, log_file.read_text()[-3000:]
+            assert time.monotonic() < deadline, "training did not start"
+            time.sleep(0.02)
+        child.send_signal(signal.SIGTERM)
+        child.wait(timeout=120)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    log = log_file.read_text()
+    assert child.returncode == ExitCode.INTERRUPTED, log[-3000:]
+    message = json.loads(termination.read_text())
+    assert message["reason"] == Reason.PREEMPTED.value and message["stage"] == "train"
+    stopped_at = message["checkpointStep"]
+    assert 1 <= stopped_at < steps, message  # mid-training, far from any interval checkpoint
+    assert f"after step {stopped_at}" in message["error"] and "resumes" in message["error"]
+    assert ckpt.list_checkpoints(_run_store(store))[0] == [stopped_at]  # complete, on its own
+    assert not (out / RunLayout.TRAIN_RESULT).exists()
+
+    resumed = _train(job, tmp_path / "s2")  # the next pod: new scratch, same storage
+    assert resumed.resumed_from_step == stopped_at
+    assert resumed.steps == steps
+    whole_out = _output(dataset, tmp_path, "whole")
+    whole = _train(
+        tiny.make_job(f"file://{whole_out}", name="whole", training=training), tmp_path / "s3"
+    )
+    # The same data order, optimizer and RNG state from the checkpoint: the same model.
+    assert resumed.final_loss == pytest.approx(whole.final_loss, rel=1e-5)
+    a = _final_weights(out)
+    b = _final_weights(whole_out)
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+
+
+def _final_weights(out: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(out / RunLayout.MODEL / "model.safetensors")
 
 
 def test_checkpoint_without_complete_marker_is_ignored_at_resume(

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from harness.pod_spec import expand_vars
-from kubetune.contract import JOB_STAGES, Env, Stage
+from kubetune.contract import JOB_STAGES, Env, ExitCode, Stage
 from kubetune.results import RunIdentity
 from kubetune.schema import FineTuneJob, job_manifest, load_job, parse_job
 from kubetune_operator import builders, rbac
@@ -409,3 +409,66 @@ def test_a_new_field_at_its_default_does_not_change_the_spec_hash() -> None:
     assert builders.spec_hash(parse_job(manifest)) == before
     manifest["spec"]["dataset"]["kind"] = "chat"
     assert builders.spec_hash(parse_job(manifest)) != before
+
+
+def test_cpu_workers_are_one_process_each_ranked_by_completion_index() -> None:
+    job = with_spec(
+        example("tldr-tiny.yaml"), **{"resources.workers": 2, "resources.gpusPerWorker": 0}
+    )
+    run = RunRef.for_generation(job, 1)
+    train = builders.build_stage_job(job, run, Stage.TRAIN, OperatorConfig())
+    spec = train["spec"]
+    assert (spec["completionMode"], spec["completions"], spec["parallelism"]) == ("Indexed", 2, 2)
+    pod = spec["template"]["spec"]
+    assert pod["subdomain"] == builders.service_name(job.metadata.name, run.id)
+    container = pod["containers"][0]
+    # No launcher in between: SIGTERM reaches the trainer, which checkpoints.
+    assert container["command"][0] == "kubetune" and "accelerate" not in container["command"]
+    assert "nvidia.com/gpu" not in container["resources"].get("limits", {})
+    for index in (0, 1):
+        # What the kubelet makes of the env: the index comes from the pod's annotation.
+        pod_env = {"JOB_COMPLETION_INDEX": str(index)}
+        env = {
+            e["name"]: expand_vars(e["value"], pod_env) for e in container["env"] if "value" in e
+        }
+        assert env["RANK"] == str(index) and env["WORLD_SIZE"] == "2"
+        assert env["LOCAL_RANK"] == "0" and env["LOCAL_WORLD_SIZE"] == "1"
+        assert env["ACCELERATE_USE_CPU"] == "true"
+        assert env[
+            "MASTER_ADDR"
+        ] == f"{builders.job_name(job.metadata.name, run.id, 'train')}-0." + (
+            builders.service_name(job.metadata.name, run.id)
+        )
+        assert env["MASTER_PORT"] == str(builders.RENDEZVOUS_PORT)
+    service = builders.build_train_service(job, run)
+    assert service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["publishNotReadyAddresses"] is True
+
+
+def test_a_stop_on_sigterm_costs_no_attempt_and_the_grace_period_is_the_users() -> None:
+    job = with_spec(example("tldr-tiny.yaml"), **{"resources.terminationGracePeriodSeconds": 300})
+    run = RunRef.for_generation(job, 1)
+    for stage in JOB_STAGES:
+        child = builders.build_stage_job(job, run, stage, OperatorConfig())
+        rules = child["spec"]["podFailurePolicy"]["rules"]
+        ignored = [r for r in rules if r["action"] == "Ignore" and "onExitCodes" in r]
+        assert [r["onExitCodes"]["values"] for r in ignored] == [[ExitCode.INTERRUPTED.value]]
+        assert child["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 300
+    default = builders.build_stage_job(
+        example("tldr-tiny.yaml"), run, Stage.TRAIN, OperatorConfig()
+    )
+    assert "terminationGracePeriodSeconds" not in default["spec"]["template"]["spec"]
+
+
+def test_queue_name_puts_every_stage_job_suspended_into_that_kueue_queue() -> None:
+    job = with_spec(example("tldr-tiny.yaml"), queueName="team-a")
+    run = RunRef.for_generation(job, 1)
+    for stage in JOB_STAGES:
+        child = builders.build_stage_job(job, run, stage, OperatorConfig())
+        assert child["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+        assert child["spec"]["suspend"] is True  # Kueue admits it by unsuspending it
+        # The pods carry no queue label: Kueue admits the Job, not pods one by one.
+        assert "kueue.x-k8s.io/queue-name" not in child["spec"]["template"]["metadata"]["labels"]
+    plain = builders.build_stage_job(example("tldr-tiny.yaml"), run, Stage.TRAIN, OperatorConfig())
+    assert "suspend" not in plain["spec"]
+    assert "kueue.x-k8s.io/queue-name" not in plain["metadata"]["labels"]

@@ -9,7 +9,9 @@ import pytest
 
 from kubetune.cli import main
 from kubetune.contract import (
+    NOT_RETRIABLE_EXIT_CODES,
     ExitCode,
+    Interrupted,
     StageError,
     exit_code_for,
     failure_payload,
@@ -69,6 +71,14 @@ def test_not_retriable_reasons_map_to_exit_3() -> None:
     assert exit_code_for(StageError("oom", reason=Reason.STAGE_FAILED)) == ExitCode.FAILED
     assert exit_code_for(RuntimeError("boom")) == ExitCode.FAILED
     assert failure_payload("train", RuntimeError("boom"))["reason"] == "StageFailed"
+
+
+def test_a_stop_on_sigterm_exits_interrupted_with_its_checkpoint_step() -> None:
+    stopped = Interrupted("stopped on SIGTERM after step 12", checkpoint_step=12)
+    assert exit_code_for(stopped) == ExitCode.INTERRUPTED == 4
+    assert ExitCode.INTERRUPTED not in NOT_RETRIABLE_EXIT_CODES
+    payload = failure_payload("train", stopped)
+    assert (payload["reason"], payload["checkpointStep"]) == ("Preempted", 12)
 
 
 def test_termination_message_stays_under_the_kubernetes_limit(

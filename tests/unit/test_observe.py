@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from kubetune.contract import ExitCode
 from kubetune_operator.observe import observe_stage, unschedulable_condition
 
 T0 = "2025-01-01T00:00:00Z"
@@ -131,3 +132,53 @@ def test_a_deadline_exceeded_job_says_waiting_time_counts() -> None:
     obs = observe_stage(failed, [pod()], now=NOW, unschedulable_timeout=300, nodes=NODES)
     assert (obs.state, obs.reason) == ("Failed", "DeadlineExceeded")
     assert "600s" in obs.message and "waiting for a node included" in obs.message
+
+
+def _stopped_pod(name: str, exit_code: int, message: str, since: str = T0) -> dict[str, Any]:
+    stopped = pod("Failed", scheduled=True, name=name, since=since)
+    stopped["status"]["containerStatuses"] = [
+        {"name": "train", "state": {"terminated": {"exitCode": exit_code, "message": message}}}
+    ]
+    return stopped
+
+
+def test_a_pod_stopped_on_sigterm_with_a_checkpoint_is_a_preemption_not_a_failure() -> None:
+    preempted = _stopped_pod(
+        "x-g1-train-a",
+        ExitCode.INTERRUPTED,
+        '{"stage":"train","reason":"Preempted","error":"stopped","checkpointStep":17}',
+    )
+    running = pod("Running", scheduled=True, name="x-g1-train-b", since="2025-01-01T00:05:00Z")
+    obs = observe([preempted, running])
+    assert obs.state == "Running" and obs.failed_attempts == 0 and obs.last_failure is None
+    assert obs.preemptions == 1
+    assert "x-g1-train-a" in obs.last_preemption and "step 17" in obs.last_preemption
+
+
+def test_a_real_failure_after_a_preemption_is_still_reported_as_the_failure() -> None:
+    preempted = _stopped_pod(
+        "a",
+        ExitCode.INTERRUPTED,
+        '{"reason":"Preempted","error":"x","checkpointStep":3}',
+        since="2025-01-01T00:05:00Z",  # newer than the failure: still not the failure
+    )
+    failed = _stopped_pod("b", 1, '{"reason":"StageFailed","error":"lost S3"}')
+    obs = observe_stage(
+        {**job(), "status": {"startTime": T0, "failed": 1}},
+        [failed, preempted],
+        now=NOW,
+        unschedulable_timeout=300,
+    )
+    assert obs.failed_attempts == 1 and obs.last_failure == ("StageFailed", "lost S3")
+    assert obs.preemptions == 1
+
+
+def test_a_suspended_job_in_a_kueue_queue_is_queued_not_suspended() -> None:
+    queued = job(suspend=True)
+    queued["metadata"]["labels"] = {"kueue.x-k8s.io/queue-name": "team-a"}
+    queued["metadata"]["namespace"] = "ml"
+    obs = observe_stage(queued, [], now=NOW, unschedulable_timeout=300)
+    assert (obs.state, obs.reason) == ("Pending", "Queued")
+    assert "'team-a'" in obs.message and "kubectl get workloads -n ml" in obs.message
+    plain = observe_stage(job(suspend=True), [], now=NOW, unschedulable_timeout=300)
+    assert (plain.state, plain.reason) == ("Suspended", "Suspended")

@@ -308,6 +308,35 @@ def test_suspend_suspends_the_current_stage_and_resume_continues_the_same_run(
     assert len(world.jobs()) == 2
 
 
+def test_a_queued_job_waits_for_kueue_and_suspend_gives_its_place_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    world = World(tmp_path, monkeypatch)
+    world.kube.merge_patch(ftj_path(NS, NAME), {"spec": {"queueName": "team-a"}})
+    world.reconcile()
+    prepare = world.job("prepare")
+    assert prepare["spec"]["suspend"] is True
+    assert prepare["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+    world.reconcile()  # the operator never admits it itself
+    assert world.job("prepare")["spec"]["suspend"] is True
+    assert (world.status()["phase"], world.status()["reason"]) == ("Pending", "Queued")
+
+    world.job("prepare")["spec"]["suspend"] = False  # Kueue admitted it
+    world.start("prepare")
+    world.reconcile()
+    assert world.status()["phase"] == "Preparing"
+
+    world.edit_spec(suspend=True)
+    world.reconcile()
+    # Kueue would admit a Job suspended behind its back again: the Job goes instead.
+    assert [j["metadata"]["name"] for j in world.jobs()] == []
+    assert world.status()["phase"] == "Suspended"
+    world.edit_spec(suspend=False)
+    world.reconcile()
+    again = world.job("prepare")
+    assert again["spec"]["suspend"] is True and world.status()["reason"] == "Queued"
+
+
 # --------------------------------------------------------------------------- giving up
 
 

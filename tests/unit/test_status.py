@@ -648,3 +648,29 @@ def test_runs_deleted_by_retention_are_marked_in_history_with_one_event() -> Non
     again, events = compute(status, view, T1)
     assert again["history"] == status["history"]
     assert not [e for e in events if e.reason in ("RunsDeleted", "RetentionFailed")]
+
+
+def test_each_preemption_is_one_warning_the_count_is_kept_and_no_attempt_is_lost() -> None:
+    message = json.dumps({"error": "stopped", "reason": "Preempted", "checkpointStep": 40})
+    stopped = pod("Failed", terminated={"exitCode": 4, "reason": "Error", "message": message})
+    training = job(backoffLimit=2)
+    obs = observe(training, [stopped, pod("Running", created=T1)])
+    view = RunView(run=RUN1, generation=1, stages={"prepare": done("prepare"), "train": obs})
+    status, events = compute({}, view, T0)
+    preempted = [e for e in events if e.reason == "Preempted"]
+    assert len(preempted) == 1 and preempted[0].type == "Warning"
+    assert "checkpoint of step 40" in preempted[0].message
+    assert not [e for e in events if e.reason == "StageRetrying"]
+    assert status["stages"]["train"]["preemptions"] == 1
+    assert "failedAttempts" not in status["stages"]["train"]
+    assert status["phase"] == "Training" and "preempted 1 time(s)" in status["message"]
+    _, again = compute(status, view, T1)  # the same preemption: no second Event
+    assert not [e for e in again if e.reason == "Preempted"]
+
+
+def test_a_stage_queued_by_kueue_keeps_the_run_pending_with_reason_queued() -> None:
+    queued = StageObservation(state="Pending", reason="Queued", message="queued in 'team-a'")
+    view = RunView(run=RUN1, generation=1, stages={"prepare": queued})
+    status, _ = compute({}, view, T0)
+    assert (status["phase"], status["reason"]) == ("Pending", "Queued")
+    assert "team-a" in status["message"]

@@ -65,7 +65,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from kubetune.contract import StageError
+from kubetune.contract import Interrupted, StageError
 from kubetune.dataset_format import TRAIN, read_loss_mask, read_tokens
 from kubetune.fingerprint import changed, fingerprint, training_inputs
 from kubetune.layout import RunLayout
@@ -76,6 +76,12 @@ from kubetune_trainer import checkpoints as ckpt
 from kubetune_trainer.bleu import context_token_id
 from kubetune_trainer.context import StageContext
 from kubetune_trainer.exporter import ProgressWriter, TrainMetrics, rfc3339_now
+from kubetune_trainer.interruption import (
+    StopRequest,
+    is_distributed_launch,
+    process_group_kwargs,
+    rendezvous_error,
+)
 from kubetune_trainer.packing import Rows, build_rows, collate
 from kubetune_trainer.validation import EarlyStopping, load_validation_rows, validation_nll
 
@@ -435,10 +441,16 @@ class _Trainer:
         self.started = time.time()  # wall clock at the attempt's start (result.seconds)
         self.mixed_precision = resolve_precision(str(self.t.precision), torch.cuda.is_available())
         _reset_single_process_accelerate()
-        self.accelerator = Accelerator(
-            mixed_precision=self.mixed_precision,
-            gradient_accumulation_steps=self.t.gradient_accumulation_steps,
-        )
+        try:
+            self.accelerator = Accelerator(
+                mixed_precision=self.mixed_precision,
+                gradient_accumulation_steps=self.t.gradient_accumulation_steps,
+                kwargs_handlers=process_group_kwargs(),
+            )
+        except (RuntimeError, OSError) as exc:
+            if not is_distributed_launch():
+                raise
+            raise rendezvous_error(exc) from exc
         # What this training is (dataset + settings) decides where its checkpoints live.
         self.identity = training_identity(ctx, self.accelerator.num_processes)
         self.checkpoints = ctx.storage.sub(self.identity.run_key)
@@ -462,11 +474,13 @@ class _Trainer:
         v = self.t.validation
         self.stopper: EarlyStopping | None = EarlyStopping.from_spec(v) if v else None
         self.validated_at: int | None = None  # the step of the latest validation this attempt
+        self.stop = StopRequest()  # SIGTERM: stop at the next step boundary (installed by run)
 
     def run(self) -> TrainResult:
         accelerator = self.accelerator
         if accelerator.is_local_main_process:
             self.metrics.serve()
+        self.stop = StopRequest.install()
         try:
             setup = self._build()
             state = self._resume(setup.config)
@@ -476,7 +490,9 @@ class _Trainer:
             accelerator.wait_for_everyone()
             return result
         finally:
-            self.metrics.close()
+            self.stop.restore()
+            # Asked to stop: the grace period is for the checkpoint, not for a last scrape.
+            self.metrics.close(0 if self.stop.requested else None)
             _reset_single_process_accelerate()
 
     # ---------------------------------------------------------------- before the loop
@@ -683,9 +699,30 @@ class _Trainer:
             micro = [source.batch(step * plan.grad_accum + j) for j in range(plan.grad_accum)]
             nlls = self._step(setup, micro)
             self._after_step(setup, state, micro, nlls)
+            if self.stop.agreed(self.accelerator):
+                self._stop_observing()
+                self._interrupt(state)
         self._stop_observing()
         if self.last_checkpoint != state.step:  # e.g. resumed exactly at the end
             self._save(state)
+
+    def _interrupt(self, state: ckpt.TrainerState) -> None:
+        """Asked to stop (SIGTERM): make sure this step is a complete checkpoint, then stop.
+
+        Raises :class:`~kubetune.contract.Interrupted`: the pod exits ``INTERRUPTED``, which
+        its Job does not count as a failure, and the next attempt resumes at this step.
+        """
+        if self.last_checkpoint != state.step:
+            state.elapsed_seconds = self.elapsed_before + self.loop_seconds
+            self._save(state)
+            if self.accelerator.is_main_process:
+                self.progress.flush()
+        raise Interrupted(
+            f"stopped on SIGTERM after step {state.step}; the complete checkpoint of step "
+            f"{state.step} is in {self.checkpoints.uri('')} and the next attempt resumes "
+            "from it",
+            checkpoint_step=state.step,
+        )
 
     def _step(self, setup: _Setup, micro: list[MicroBatch]) -> list[torch.Tensor]:
         """One optimizer step over this process's share of ``micro``; each micro-batch's NLL.
