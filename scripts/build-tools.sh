@@ -8,8 +8,8 @@
 # and is linked from $KUBETUNE_TOOLS_DIR/bin/. A binary already there is never rebuilt, so a
 # warm run takes well under a second. The versions of kube-apiserver, kube-controller-manager,
 # kube-scheduler, kubelet, kube-proxy and etcd come from tests/cluster/tools/go.mod; containerd
-# (containerd, ctr, containerd-shim-runc-v2: the real node of harness.containerd_node), helm and
-# kubeconform are pinned below. runc and the CNI plugins come from Debian:
+# (containerd, ctr, containerd-shim-runc-v2: the real node of harness.containerd_node), coredns
+# (that node's cluster DNS, harness.node.dns), helm and kubeconform are pinned below. runc and the CNI plugins come from Debian:
 # scripts/install-system-deps.sh. Progress goes to stderr; the only stdout line is the bin directory.
 set -euo pipefail
 
@@ -17,6 +17,8 @@ HELM_VERSION=v3.22.0
 KUBECONFORM_VERSION=v0.8.0
 # 2.x: the kubelet asks the runtime for its cgroup driver (RuntimeConfig), which 1.x lacks.
 CONTAINERD_VERSION=v2.4.2
+# The newest release; its go.mod asks for Go 1.26, so the Go this script needs already builds it.
+COREDNS_VERSION=v1.15.0
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 tools_module="$repo_root/tests/cluster/tools"
@@ -106,6 +108,12 @@ build_containerd() {  # build_containerd NAME: containerd, ctr or containerd-shi
         "no_btrfs urfave_cli_no_docs"
 }
 
+build_coredns() {
+    # Static, as upstream's release build; the whole default plugin set (the node's Corefile
+    # uses only kubernetes, template, errors, ready and health). The version is compiled in.
+    CGO_ENABLED=0 go_install "github.com/coredns/coredns@$COREDNS_VERSION" ""
+}
+
 build_node_program() {  # build_node_program FILE: a standard-library Go program in tests/harness/node
     (cd "$node_src" && CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "$out" "./$1")
 }
@@ -120,6 +128,7 @@ done
 for name in containerd ctr containerd-shim-runc-v2; do
     install_binary "$name" "$CONTAINERD_VERSION" build_containerd "$name"
 done
+install_binary coredns "$COREDNS_VERSION" build_coredns
 # The node's sandbox process and the test image's program, versioned by their source's hash
 # (an edited file gets rebuilt); harness.node.images wraps them in images.
 node_src="$repo_root/tests/harness/node"
@@ -137,6 +146,7 @@ for name in etcd kube-apiserver kube-controller-manager kube-scheduler kubelet k
 done
 "$bin_dir/containerd-shim-runc-v2" -v >/dev/null 2>&1 || die "$bin_dir/containerd-shim-runc-v2 -v failed"
 "$bin_dir/kt-probe" say:ok >/dev/null 2>&1 || die "$bin_dir/kt-probe say:ok failed"
+"$bin_dir/coredns" -version >/dev/null 2>&1 || die "$bin_dir/coredns -version failed"
 [ -x "$bin_dir/pause" ] || die "$bin_dir/pause missing"
 "$bin_dir/helm" version --short >/dev/null 2>&1 || die "$bin_dir/helm version failed"
 "$bin_dir/kubeconform" -v >/dev/null 2>&1 || die "$bin_dir/kubeconform -v failed"

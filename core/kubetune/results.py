@@ -101,6 +101,9 @@ class TrainResult(_Result):
     training_fingerprint: str | None = None
     last_checkpoint: str | None = None
     resumed_from_step: int | None = None
+    preemptions: int = Field(
+        0, description="times training stopped on SIGTERM with a checkpoint and was resumed"
+    )
     seconds: float = 0.0
     device: str = "cpu"
     config: dict[str, Any] = Field(default_factory=dict, description="resolved hyperparameters")

@@ -1189,6 +1189,14 @@ class Progress(_Model):
     stopped_early: bool | None = Field(
         None, description="Training stopped early: validation loss stopped improving."
     )
+    preemptions: int | None = Field(
+        None,
+        description="Times training stopped on SIGTERM (preemption, eviction, a drained node, "
+        "Kueue) after saving a checkpoint; each next pod resumed from it.",
+    )
+    resumed_from_step: int | None = Field(
+        None, description="The checkpoint step the running attempt resumed from."
+    )
 
 
 class PromotionStatus(_Model):
@@ -1299,12 +1307,6 @@ class StageStatus(_Model):
     message: str | None = Field(None, description="Last message (failure reason).")
     failed_attempts: int | None = Field(
         None, description="Attempts (pods) of this stage that failed so far; the Job retries."
-    )
-    preemptions: int | None = Field(
-        None,
-        description="Pods of this stage stopped on SIGTERM (preemption, eviction, a drained "
-        "node, Kueue) after saving a checkpoint; the next pod resumed from it. They cost no "
-        "attempt.",
     )
 
 

@@ -63,8 +63,6 @@ class StageObservation:
     failed_attempts: int = 0  # pods of a still-active Job that failed (the Job retries them)
     attempts: int = 0  # attempts the Job allows (backoffLimit + 1); 0 when unknown
     last_failure: tuple[str, str] | None = None  # (reason, message) of the newest failed pod
-    preemptions: int = 0  # pods that stopped on SIGTERM with a checkpoint (exit INTERRUPTED)
-    last_preemption: str = ""  # what the newest of them said (step of its checkpoint)
     recheck_after: float | None = None  # seconds until a timeout changes this observation
     details: dict[str, Any] = field(default_factory=dict)
 
@@ -125,7 +123,8 @@ def _newest_first(pods: list[Obj]) -> list[Obj]:
 def _failure_from_pods(pods: list[Obj]) -> tuple[str, str] | None:
     """(reason, message) from the newest failed container: OOM, or the stage's own error.
 
-    A pod stopped on SIGTERM with its checkpoint saved did not fail (:func:`preempted_pods`).
+    A pod stopped on SIGTERM with its checkpoint saved did not fail (exit INTERRUPTED; the
+    trainer's progress counts those).
     """
     for pod in _newest_first(pods):
         for term in _terminated(pod):
@@ -146,27 +145,6 @@ def _failure_from_pods(pods: list[Obj]) -> tuple[str, str] | None:
                 + " and wrote no error message"
             )
     return None
-
-
-def preempted_pods(pods: list[Obj]) -> list[tuple[str, str]]:
-    """(pod name, message) of each pod that stopped on SIGTERM after saving a checkpoint.
-
-    The Job does not count them as failures (podFailurePolicy ``Ignore``), so they are
-    counted here: the status and an Event show every preemption the stage survived.
-    """
-    out = []
-    for pod in reversed(_newest_first(pods)):
-        for term in _terminated(pod):
-            if term.get("exitCode") != ExitCode.INTERRUPTED:
-                continue
-            data = parse_termination_message(term.get("message")) or {}
-            name = (pod.get("metadata") or {}).get("name", "")
-            step = data.get("checkpointStep")
-            saved = f"the checkpoint of step {step}" if step is not None else "a checkpoint"
-            message = f"pod {name} stopped on SIGTERM and saved {saved}; the next pod resumes there"
-            out.append((name, message))
-            break
-    return out
 
 
 def queue_name(job: Obj) -> str | None:
@@ -291,9 +269,6 @@ def observe_stage(
     also says how many of its attempts failed so far, and why the newest one did.
     """
     obs = _classify(job, pods, now=now, unschedulable_timeout=unschedulable_timeout, nodes=nodes)
-    preempted = preempted_pods(pods)
-    if preempted:
-        obs.preemptions, obs.last_preemption = len(preempted), preempted[-1][1]
     if job is not None and obs.state in (PENDING, RUNNING):
         failed = int((job.get("status") or {}).get("failed") or 0)
         if failed:

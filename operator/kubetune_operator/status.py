@@ -293,6 +293,8 @@ def progress_from(train: TrainResult) -> Progress:
         best_validation_loss=train.best_validation_loss,
         best_step=train.best_step,
         stopped_early=train.stopped_early if validated or train.stopped_early else None,
+        preemptions=train.preemptions or None,
+        resumed_from_step=train.resumed_from_step,
     )
 
 
@@ -416,10 +418,11 @@ def _assess(view: RunView) -> _Assessment:
             phase = STAGE_PHASE[stage] if started and not queued else Phase.PENDING
             reason = obs.reason or Reason.STAGE_PENDING.value
             message = f"{stage}: {obs.message}" if obs.message else stage
-            if obs.preemptions:
+            progress = view.progress if stage == Stage.TRAIN else None
+            if progress is not None and progress.preemptions:
                 message += (
-                    f" (preempted {obs.preemptions} time(s), each time resumed from the "
-                    "checkpoint it saved)"
+                    f" (preempted {progress.preemptions} time(s), resumed from the checkpoint "
+                    f"of step {progress.resumed_from_step})"
                 )
             stages[stage] = (False, reason, message)
     if phase == Phase.SUCCEEDED and view.evaluate is not None:
@@ -472,7 +475,6 @@ def _stage_statuses(view: RunView, prev: FineTuneJobStatus) -> dict[str, StageSt
             completion_time=obs.completion_time or old.completion_time,
             message=obs.message or None,
             failed_attempts=obs.failed_attempts or old.failed_attempts,
-            preemptions=obs.preemptions or old.preemptions,
         )
     return stages
 
@@ -526,23 +528,26 @@ def _retry_events(prev: FineTuneJobStatus, view: RunView) -> list[Event]:
     return events
 
 
-def _preemption_events(prev: FineTuneJobStatus, view: RunView) -> list[Event]:
-    """A Warning for each pod that stopped on SIGTERM (with its checkpoint) since ``prev``."""
-    events = []
-    for stage in JOB_STAGES:
-        obs = view.stages.get(stage)
-        before = prev.stages.get(stage)
-        if obs is None or obs.preemptions <= ((before.preemptions or 0) if before else 0):
-            continue
-        events.append(
-            Event(
-                "Warning",
-                Reason.PREEMPTED.value,
-                f"{stage}: {obs.last_preemption} (preemption {obs.preemptions}; it costs no "
-                "attempt of spec.resources.backoffLimit)",
-            )
+def _preemption_event(prev: FineTuneJobStatus, new: FineTuneJobStatus) -> list[Event]:
+    """A Warning when training stopped on SIGTERM (with its checkpoint) since ``prev``.
+
+    The count comes from the trainer's progress.json: the stopped pod itself is usually gone
+    (a preemption, an eviction or Kueue deletes it), storage is what remembers.
+    """
+    before = (prev.progress.preemptions if prev.progress else None) or 0
+    now = (new.progress.preemptions if new.progress else None) or 0
+    if now <= before:
+        return []
+    step = new.progress.resumed_from_step if new.progress else None
+    return [
+        Event(
+            "Warning",
+            Reason.PREEMPTED.value,
+            f"train: stopped on SIGTERM (preemption {now}) after saving a checkpoint"
+            + (f"; resumed from step {step}" if step else "; the next pod resumes from it")
+            + "; it costs no attempt of spec.resources.backoffLimit",
         )
-    return events
+    ]
 
 
 def _events(prev: FineTuneJobStatus, assessment: _Assessment, run: RunRef | None) -> list[Event]:
@@ -669,7 +674,7 @@ def compute_status(
     new.conditions, retrain_events = _retrain_condition(old, new.conditions, view, now)
     events += retrain_events
     events += _retry_events(prev, view) if run is not None else []
-    events += _preemption_events(prev, view) if run is not None else []
+    events += _preemption_event(prev, new) if run is not None else []
     events += _events(prev, assessment, run)
     if new.promotion is not None and prev.promotion is None:
         severity = "Warning" if new.promotion.reason == Reason.PROMOTION_FAILED.value else "Normal"

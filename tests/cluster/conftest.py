@@ -7,6 +7,8 @@ from typing import Any
 import pytest
 from operator_helpers import install_crd
 
+from harness.kueue_fixtures import kueue  # noqa: F401  (the session's real Kueue)
+
 
 @pytest.fixture(scope="session")
 def crd_installed(k8s_cluster: Any) -> None:

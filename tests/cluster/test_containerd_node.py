@@ -15,6 +15,7 @@ import ipaddress
 import json
 import re
 import subprocess
+import textwrap
 import threading
 import uuid
 from collections.abc import Iterator
@@ -279,6 +280,137 @@ def test_pod_reaches_a_service_of_pods_through_kube_proxy(
     logs = containerd_cluster.kubectl("-n", namespace, "logs", "client").stdout
     assert pod["status"]["phase"] == "Succeeded", logs
     assert "status=200 body=kt-probe on web" in logs
+
+
+# Each pod of an Indexed Job looks up both peers by the names their subdomain gives them, then
+# pod 0 listens and pod 1 connects by name; a name outside cluster.local must fail at once.
+PEERS_SCRIPT = textwrap.dedent(
+    """\
+    import os, socket, time
+    index = int(os.environ["JOB_COMPLETION_INDEX"])
+    job, service = os.environ["JOB"], os.environ["SERVICE"]
+    print("resolv.conf:", " | ".join(open("/etc/resolv.conf").read().strip().splitlines()))
+    deadline = time.monotonic() + 60  # the peer's record appears once its pod has an IP
+
+    def retry(what, call):
+        while True:
+            try:
+                return call()
+            except OSError as err:
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"{what}: {err}")
+                time.sleep(0.2)
+
+    peers = [f"{job}-{i}.{service}" for i in range(2)]
+    for name in ["kubernetes.default", *peers]:
+        print(f"resolved {name} {retry(name, lambda: socket.gethostbyname(name))}", flush=True)
+    start = time.monotonic()
+    try:
+        print(f"outside resolved {socket.gethostbyname('example.com')}")
+    except socket.gaierror as err:
+        print(f"outside failed in {time.monotonic() - start:.2f}s: {err.strerror}", flush=True)
+    if index == 0:
+        with socket.create_server(("", 7777)) as server:
+            server.settimeout(60)
+            conn, (peer, _) = server.accept()
+            with conn:
+                print(f"accepted {conn.recv(64).decode()} from {peer}")
+                conn.sendall(b"hello from " + peers[0].encode())
+    else:
+        conn = retry("connect", lambda: socket.create_connection((peers[0], 7777), timeout=5))
+        with conn:
+            conn.sendall(b"hello from " + peers[1].encode())
+            print(f"received {conn.recv(64).decode()}")
+    """
+)
+
+
+def test_indexed_job_pods_find_each_other_by_name_through_cluster_dns(
+    containerd_cluster: ContainerdCluster, namespace: str
+) -> None:
+    image = containerd_cluster.load_image(built_image("operator"))  # any image with python3
+    # Headless, and publishing pods before they are Ready: peers need each other's names to
+    # start at all (as torch.distributed's rendezvous on pod 0 does).
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "workers"},
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": {"kubetune.io/peers": "peers"},
+            "ports": [{"name": "peer", "port": 7777}],
+        },
+    }
+    container = {
+        "name": "main",
+        "image": image,
+        "imagePullPolicy": "Never",
+        "command": ["python3", "-c", PEERS_SCRIPT],
+        "env": [{"name": "JOB", "value": "peers"}, {"name": "SERVICE", "value": "workers"}],
+        "securityContext": RESTRICTED | {"runAsUser": 65532, "runAsGroup": 65532},
+    }
+    job = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": "peers"},
+        "spec": {
+            "completionMode": "Indexed",
+            "completions": 2,
+            "parallelism": 2,
+            "backoffLimit": 0,
+            "template": {
+                "metadata": {"labels": {"kubetune.io/peers": "peers"}},
+                "spec": {
+                    "subdomain": "workers",  # the pods' names: peers-<index>.workers
+                    "restartPolicy": "Never",
+                    "terminationGracePeriodSeconds": 2,
+                    "containers": [container],
+                },
+            },
+        },
+    }
+    create(containerd_cluster, namespace, service)
+    create(containerd_cluster, namespace, job)
+
+    def finished() -> dict[str, Any] | None:
+        containerd_cluster.node.check_running()
+        status = json.loads(
+            containerd_cluster.kubectl("-n", namespace, "get", "job", "peers", "-o", "json").stdout
+        )["status"]
+        done = status.get("succeeded", 0) == 2 or status.get("failed", 0) > 0
+        return status if done else None
+
+    status = wait_until(finished, timeout=180, what="job peers to finish", interval=0.5)
+    pods = json.loads(
+        containerd_cluster.kubectl(
+            "-n", namespace, "get", "pods", "-l", "job-name=peers", "-o", "json"
+        ).stdout
+    )["items"]
+    by_index = {
+        int(p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"]): p
+        for p in pods
+    }
+    logs = {
+        i: containerd_cluster.kubectl(
+            "-n", namespace, "logs", p["metadata"]["name"], check=False
+        ).stdout
+        for i, p in by_index.items()
+    }
+    print(logs)  # TEMP
+    assert status.get("succeeded") == 2, f"{status}\n{logs}"
+    gateway = containerd_cluster.node.gateway
+    ips = {i: by_index[i]["status"]["podIP"] for i in (0, 1)}
+    for i in (0, 1):
+        assert f"nameserver {gateway}" in logs[i], logs[i]
+        assert f"search {namespace}.svc.cluster.local svc.cluster.local" in logs[i], logs[i]
+        assert "resolved kubernetes.default 10.0.0.1" in logs[i], logs[i]
+        assert f"resolved peers-0.workers {ips[0]}" in logs[i], logs[i]
+        assert f"resolved peers-1.workers {ips[1]}" in logs[i], logs[i]
+        outside = re.search(r"outside failed in ([\d.]+)s", logs[i])
+        assert outside and float(outside.group(1)) < 2.0, logs[i]  # NXDOMAIN, no upstream
+    assert f"accepted hello from peers-1.workers from {ips[1]}" in logs[0], logs[0]
+    assert "received hello from peers-0.workers" in logs[1], logs[1]
 
 
 def test_trainer_image_runs_kubetune_version(

@@ -8,8 +8,9 @@
     node.stop()         # leaves no process, mount, netns, cgroup, bridge or iptables rule
 
 What it needs (root; `scripts/install-system-deps.sh` and `scripts/build-tools.sh`): kubelet,
-containerd, ctr, containerd-shim-runc-v2 (built from the Go module proxy), pause and kt-probe
-(built from tests/harness/node/), Debian's runc and CNI plugins (/usr/lib/cni), iptables, ip.
+containerd, ctr, containerd-shim-runc-v2, coredns (built from the Go module proxy), pause and
+kt-probe (built from tests/harness/node/), Debian's runc and CNI plugins (/usr/lib/cni),
+iptables, ip.
 
 How the node is made (docs/test-cluster.md has the why and the traps):
 
@@ -27,6 +28,10 @@ How the node is made (docs/test-cluster.md has the why and the traps):
   KUBETUNE_NODE_CACHE), so big images survive between runs; one node at a time holds it
   (flock), another gets a private store under its state dir.
 - kube-proxy (optional, `kube_proxy=True`; one node per host) for Services of pods.
+- Cluster DNS (`cluster_dns=True`, the default): CoreDNS on the host, listening on the bridge
+  address, port 53, with the `kubernetes` plugin and no upstream (harness.node.dns); it is
+  the kubelet's clusterDNS, so pods resolve Services and the `<hostname>.<subdomain>` names
+  of a headless Service's pods (Indexed Jobs: `<job>-<index>.<service>`).
 - Sandbox image: `localhost/kubetune/pause:harness`, made here from the pause binary and
   imported before the kubelet starts; no pull is ever attempted (pods should use
   imagePullPolicy IfNotPresent or Never, and images loaded with `load_image`).
@@ -57,10 +62,12 @@ from typing import Any
 from harness import pki
 from harness._proc import ManagedProcess, free_port, kill_process_group, log_tail, wait_until
 from harness.cluster import SERVICE_CIDR, ControlPlane, wait_node_ready
-from harness.node import images, teardown
+from harness.node import dns, images, teardown
 from harness.tools import BUILD_SCRIPT, REPO_ROOT, default_bin_dir
 
-NODE_TOOLS = ("kubelet", "containerd", "ctr", "containerd-shim-runc-v2", "pause", "kt-probe")
+NODE_TOOLS = (
+    "kubelet", "containerd", "ctr", "containerd-shim-runc-v2", "coredns", "pause", "kt-probe",
+)  # fmt: skip
 CNI_BIN_DIR = Path("/usr/lib/cni")
 CNI_PLUGINS = ("bridge", "host-local", "loopback")
 RUNC = "runc"
@@ -151,7 +158,7 @@ class ContainerdNode:
     max_pods: int = 110
     image_store: Path | None = None  # default: the shared cache, else a private one
     kube_proxy: bool = False  # Services between pods; one node per host may have it
-    cluster_dns: tuple[str, ...] = ()  # the kubelet's clusterDNS (no DNS server runs here)
+    cluster_dns: bool = True  # CoreDNS on the bridge address as the pods' name server
     processes: list[ManagedProcess] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -200,6 +207,8 @@ class ContainerdNode:
             self._start_containerd()
             self._remove_stale_containers()  # from an earlier run that crashed
             self._load_archive(self._pause_archive(), PAUSE_IMAGE)
+            if self.cluster_dns:
+                self._start_coredns()
             self._start_kubelet()
             wait_node_ready(self.control_plane, self.name, timeout=START_TIMEOUT)
             if self.kube_proxy:
@@ -217,9 +226,9 @@ class ContainerdNode:
         by_name = {proc.name: proc for proc in self.processes}
         kubelet = by_name.get(f"{self.name}-kubelet")
         containerd = by_name.get(f"{self.name}-containerd")
-        kube_proxy = by_name.get(f"{self.name}-kube-proxy")
-        if kube_proxy is not None:
-            kube_proxy.stop()
+        for component in ("kube-proxy", "coredns"):  # neither touches pods: stopped first
+            if (proc := by_name.get(f"{self.name}-{component}")) is not None:
+                proc.stop()
         removed = _teardown(
             self.description(),
             stop_kubelet=kubelet.stop if kubelet else lambda: None,
@@ -360,6 +369,22 @@ class ContainerdNode:
             self.state_dir / f"{component}.kubeconfig", f"{self.name}-{component}", pair
         )
         return path
+
+    # -- cluster DNS ---------------------------------------------------------------------
+
+    def _start_coredns(self) -> None:
+        """CoreDNS on the bridge address: pods reach it on their own subnet, no DNAT needed."""
+        assert self.bin_dir is not None
+        self.processes.append(
+            dns.start_coredns(
+                self.control_plane,
+                name=self.name,
+                address=self.gateway,
+                state_dir=self.state_dir,
+                bin_dir=self.bin_dir,
+                log_dir=self.log_dir,
+            )
+        )
 
     # -- kube-proxy ----------------------------------------------------------------------
 
@@ -594,9 +619,9 @@ disabled_plugins = [
 
     def _write_kubelet_config(self, port: int, healthz_port: int) -> Path:
         resolv = self.state_dir / "resolv.conf"
-        # Pods have no route to the host's name servers; an empty resolv.conf fails fast
-        # instead (dnsPolicy Default; ClusterFirst pods get `cluster_dns` when it is set).
-        resolv.write_text("# no DNS on the kubetune test node\n")
+        # The "host" resolv.conf pods inherit (dnsPolicy Default, and the search domains of
+        # ClusterFirst ones): no server, as pods have no route to the host's name servers.
+        resolv.write_text("# no DNS on the kubetune test node but its cluster DNS\n")
         config = {
             "apiVersion": "kubelet.config.k8s.io/v1beta1",
             "kind": "KubeletConfiguration",
@@ -623,7 +648,8 @@ disabled_plugins = [
             "volumePluginDir": str(self.state_dir / "volume-plugins"),
             "resolvConf": str(resolv),
             "clusterDomain": "cluster.local",
-            "clusterDNS": list(self.cluster_dns),
+            # ClusterFirst pods get this server and search <ns>.svc.cluster.local first.
+            "clusterDNS": [self.gateway] if self.cluster_dns else [],
             "maxPods": self.max_pods,
             # A shared, busy disk must not evict test pods; nor may GC delete loaded images.
             "evictionHard": {
@@ -952,6 +978,7 @@ def stop_detached(node: dict[str, Any]) -> list[str]:
         return (lambda: kill_process_group(pid)) if pid else (lambda: None)
 
     stopper("kube-proxy")()
+    stopper("coredns")()
     return _teardown(node, stop_kubelet=stopper("kubelet"), stop_containerd=stopper("containerd"))
 
 

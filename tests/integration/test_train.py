@@ -345,9 +345,11 @@ def test_sigterm_saves_a_checkpoint_exits_interrupted_and_the_next_attempt_resum
     assert f"after step {stopped_at}" in message["error"] and "resumes" in message["error"]
     assert ckpt.list_checkpoints(_run_store(store))[0] == [stopped_at]  # complete, on its own
     assert not (out / RunLayout.TRAIN_RESULT).exists()
+    # The stopped pod will be gone: progress.json is what tells the operator.
+    assert json.loads((out / RunLayout.PROGRESS).read_text())["preemptions"] == 1
 
     resumed = _train(job, tmp_path / "s2")  # the next pod: new scratch, same storage
-    assert resumed.resumed_from_step == stopped_at
+    assert resumed.resumed_from_step == stopped_at and resumed.preemptions == 1
     assert resumed.steps == steps
     whole_out = _output(dataset, tmp_path, "whole")
     whole = _train(

@@ -142,7 +142,7 @@ def _stopped_pod(name: str, exit_code: int, message: str, since: str = T0) -> di
     return stopped
 
 
-def test_a_pod_stopped_on_sigterm_with_a_checkpoint_is_a_preemption_not_a_failure() -> None:
+def test_a_pod_stopped_on_sigterm_with_a_checkpoint_is_not_a_failure() -> None:
     preempted = _stopped_pod(
         "x-g1-train-a",
         ExitCode.INTERRUPTED,
@@ -151,8 +151,6 @@ def test_a_pod_stopped_on_sigterm_with_a_checkpoint_is_a_preemption_not_a_failur
     running = pod("Running", scheduled=True, name="x-g1-train-b", since="2025-01-01T00:05:00Z")
     obs = observe([preempted, running])
     assert obs.state == "Running" and obs.failed_attempts == 0 and obs.last_failure is None
-    assert obs.preemptions == 1
-    assert "x-g1-train-a" in obs.last_preemption and "step 17" in obs.last_preemption
 
 
 def test_a_real_failure_after_a_preemption_is_still_reported_as_the_failure() -> None:
@@ -170,7 +168,6 @@ def test_a_real_failure_after_a_preemption_is_still_reported_as_the_failure() ->
         unschedulable_timeout=300,
     )
     assert obs.failed_attempts == 1 and obs.last_failure == ("StageFailed", "lost S3")
-    assert obs.preemptions == 1
 
 
 def test_a_suspended_job_in_a_kueue_queue_is_queued_not_suspended() -> None:

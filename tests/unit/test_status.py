@@ -650,19 +650,22 @@ def test_runs_deleted_by_retention_are_marked_in_history_with_one_event() -> Non
     assert not [e for e in events if e.reason in ("RunsDeleted", "RetentionFailed")]
 
 
-def test_each_preemption_is_one_warning_the_count_is_kept_and_no_attempt_is_lost() -> None:
-    message = json.dumps({"error": "stopped", "reason": "Preempted", "checkpointStep": 40})
-    stopped = pod("Failed", terminated={"exitCode": 4, "reason": "Error", "message": message})
-    training = job(backoffLimit=2)
-    obs = observe(training, [stopped, pod("Running", created=T1)])
-    view = RunView(run=RUN1, generation=1, stages={"prepare": done("prepare"), "train": obs})
+def test_each_preemption_the_trainer_counts_is_one_warning_and_no_attempt_is_lost() -> None:
+    running = StageObservation(state="Running", reason="StageRunning", message="1 pod(s) running")
+    view = RunView(run=RUN1, generation=1, stages={"prepare": done("prepare"), "train": running})
+    view.progress = Progress(step=20, total_steps=100, percent=20)
     status, events = compute({}, view, T0)
+    assert not [e for e in events if e.reason == "Preempted"]
+    # The stopped pod is gone; progress.json (written by the trainer) remembers.
+    view.progress = Progress(
+        step=44, total_steps=100, percent=44, preemptions=1, resumed_from_step=40
+    )
+    status, events = compute(status, view, T1)
     preempted = [e for e in events if e.reason == "Preempted"]
     assert len(preempted) == 1 and preempted[0].type == "Warning"
-    assert "checkpoint of step 40" in preempted[0].message
+    assert "preemption 1" in preempted[0].message and "resumed from step 40" in preempted[0].message
     assert not [e for e in events if e.reason == "StageRetrying"]
-    assert status["stages"]["train"]["preemptions"] == 1
-    assert "failedAttempts" not in status["stages"]["train"]
+    assert status["progress"]["preemptions"] == 1 and status["progress"]["resumedFromStep"] == 40
     assert status["phase"] == "Training" and "preempted 1 time(s)" in status["message"]
     _, again = compute(status, view, T1)  # the same preemption: no second Event
     assert not [e for e in again if e.reason == "Preempted"]

@@ -349,9 +349,18 @@ class ProgressWriter:
         self._checkpoints: list[CheckpointRecord] | None = None
         self._last_write = -math.inf  # the first record is written at once
         self._dirty = False
+        self.preemptions = 0  # stops on SIGTERM so far, earlier attempts included
+        self.resumed_from: int | None = None  # the checkpoint step this attempt started from
 
     def resume(self, up_to_step: int) -> None:
-        """Keep the metrics lines of an earlier attempt up to the resumed step."""
+        """Keep the metrics lines of an earlier attempt up to the resumed step, and its count
+        of preemptions (only progress.json remembers them: the stopped pods are gone)."""
+        self.resumed_from = up_to_step
+        try:
+            earlier = json.loads(self.storage.read_text(RunLayout.PROGRESS))
+            self.preemptions = int(earlier.get("preemptions") or 0)
+        except (StorageError, ValueError, TypeError, AttributeError):
+            pass
         try:
             text = self.storage.read_text(RunLayout.TRAIN_METRICS)
         except StorageError:
@@ -379,11 +388,21 @@ class ProgressWriter:
         self._checkpoints = list(records)
         self._dirty = True
 
+    def count_preemption(self) -> None:
+        """This attempt stops on SIGTERM: one more preemption, written with the next flush."""
+        self.preemptions += 1
+        self._dirty = True
+
     def progress_document(self) -> dict[str, Any] | None:
         """What progress.json holds: the progress and the checkpoint list."""
         if self._progress is None:
             return None
-        data = self._progress.to_wire()
+        data = self._progress.model_copy(
+            update={
+                "preemptions": self.preemptions or None,
+                "resumed_from_step": self.resumed_from,
+            }
+        ).to_wire()
         if self._checkpoints:
             data["checkpoints"] = [c.to_wire() for c in self._checkpoints]
         return data

@@ -715,8 +715,9 @@ class _Trainer:
         if self.last_checkpoint != state.step:
             state.elapsed_seconds = self.elapsed_before + self.loop_seconds
             self._save(state)
-            if self.accelerator.is_main_process:
-                self.progress.flush()
+        if self.accelerator.is_main_process:
+            self.progress.count_preemption()  # the pod will be gone: storage remembers
+            self.progress.flush()
         raise Interrupted(
             f"stopped on SIGTERM after step {state.step}; the complete checkpoint of step "
             f"{state.step} is in {self.checkpoints.uri('')} and the next attempt resumes "
@@ -1073,6 +1074,7 @@ class _Trainer:
             training_fingerprint=self.identity.fingerprint,
             last_checkpoint=self.checkpoints.uri(RunLayout.checkpoint_key(state.step)),
             resumed_from_step=self.resumed_from,
+            preemptions=self.progress.preemptions,
             seconds=round(time.time() - self.started, 2),
             device=_device_name(accelerator),
             config=setup.config,
