@@ -397,7 +397,6 @@ def test_indexed_job_pods_find_each_other_by_name_through_cluster_dns(
         ).stdout
         for i, p in by_index.items()
     }
-    print(logs)  # TEMP
     assert status.get("succeeded") == 2, f"{status}\n{logs}"
     gateway = containerd_cluster.node.gateway
     ips = {i: by_index[i]["status"]["podIP"] for i in (0, 1)}
