@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 from operator_helpers import install_crd
+from real_node_env import env, loaded_image  # noqa: F401  (FineTuneJobs on the real node)
 
 from harness.kueue_fixtures import kueue  # noqa: F401  (the session's real Kueue)
 
