@@ -185,6 +185,13 @@ CEL_CASES: list[CelCase] = [
         {"evaluation": {"perplexity": False, "bleu": {"enabled": True}}},
     ),
     CelCase(
+        "workload-priority-without-queue",
+        _rule(schema.FineTuneJobSpec, ".workloadPriorityClassName"),
+        "spec.workloadPriorityClassName",
+        {"workloadPriorityClassName": "high"},
+        {"workloadPriorityClassName": "high", "queueName": "team-a"},
+    ),
+    CelCase(
         "s3-endpoint-for-file-storage",
         _rule(schema.StorageSpec, ".endpoint"),
         "spec.storage.endpoint",

@@ -638,6 +638,14 @@ class TrainingSpec(_Model):
         Precision.BF16, description="Mixed precision: bf16, fp16 (GPU only) or fp32."
     )
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping (L2 norm).")
+    dropout: float | None = Field(
+        None,
+        ge=0.0,
+        lt=1.0,
+        description="Dropout probability of the model's embedding, attention and residual "
+        "layers while training (GPT-2's own config: 0.1); unset keeps the model's. 0 is "
+        "faster and makes training the same on any number of workers.",
+    )
     lora: LoraSpec | None = Field(None, description="Train LoRA adapters instead of all weights.")
     checkpoint_every_steps: int = Field(
         200, ge=1, description="Save a resumable checkpoint every N optimizer steps."
@@ -1058,6 +1066,23 @@ class FineTuneJobSpec(_Model):
         "created suspended with the kueue.x-k8s.io/queue-name label and start when Kueue "
         "admits them, a multi-worker training Job as a whole.",
     )
+    workload_priority_class_name: (
+        Annotated[
+            str,
+            Field(max_length=63),
+            Matching(
+                LABEL_VALUE_PATTERN,
+                "a Kueue WorkloadPriorityClass name: at most 63 letters, digits, '-', '_' or "
+                "'.', starting and ending with a letter or digit",
+            ),
+        ]
+        | None
+    ) = Field(
+        None,
+        description="Kueue WorkloadPriorityClass of the stage Jobs (needs queueName): a "
+        "higher one may preempt this job's Jobs in its ClusterQueue, or be preempted by it; "
+        "a preempted training pod saves a checkpoint and resumes from it when re-admitted.",
+    )
     suspend: bool = Field(False, description="Pause: stop running stage pods; resume later.")
     ttl_seconds_after_finished: int | None = Field(
         None, ge=0, description="Delete finished child Jobs after this long; results stay."
@@ -1085,6 +1110,12 @@ class FineTuneJobSpec(_Model):
                 or s.evaluation.bleu.enabled
             ),
             field=".promotion.minBleuImprovement",
+        ),
+        CelRule(
+            "!has(self.workloadPriorityClassName) || has(self.queueName)",
+            "workloadPriorityClassName needs queueName (Kueue orders the Jobs of a queue)",
+            lambda s: s.workload_priority_class_name is None or s.queue_name is not None,
+            field=".workloadPriorityClassName",
         ),
         CelRule(
             "!has(self.training) || !has(self.training.lora) || !has(self.model.fresh)",

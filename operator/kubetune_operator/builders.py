@@ -59,6 +59,7 @@ LABEL_JOB = "kubetune.io/job"
 LABEL_STAGE = "kubetune.io/stage"
 LABEL_RUN = "kubetune.io/run"
 LABEL_KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"  # spec.queueName: Kueue manages the Job
+LABEL_KUEUE_PRIORITY = "kueue.x-k8s.io/priority-class"  # spec.workloadPriorityClassName
 MANAGED_BY = "kubetune-operator"
 ANNOTATION_SPEC_HASH = RunAnnotation.SPEC_HASH
 ANNOTATION_GENERATION = "kubetune.io/generation"
@@ -578,6 +579,8 @@ def build_stage_job(
     if job.spec.queue_name:
         # Kueue admits the Job by unsuspending it; the operator never does (reconcile).
         meta["labels"][LABEL_KUEUE_QUEUE] = job.spec.queue_name
+        if job.spec.workload_priority_class_name:
+            meta["labels"][LABEL_KUEUE_PRIORITY] = job.spec.workload_priority_class_name
         job_spec["suspend"] = True
     if stage == Stage.TRAIN and res.workers > 1:
         job_spec["completionMode"] = "Indexed"

@@ -8,7 +8,7 @@ import pytest
 from operator_helpers import install_crd
 from real_node_env import env, loaded_image  # noqa: F401  (FineTuneJobs on the real node)
 
-from harness.kueue_fixtures import kueue  # noqa: F401  (the session's real Kueue)
+from harness.kueue_fixtures import kueue, node_kueue  # noqa: F401  (real Kueues)
 
 
 @pytest.fixture(scope="session")

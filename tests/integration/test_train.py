@@ -494,3 +494,26 @@ def test_checkpoints_and_model_go_to_s3(dataset: Path, tmp_path: Path, s3_bucket
     assert store.exists("model/model.safetensors") and store.exists(RunLayout.TRAIN_RESULT)
     again: Any = _train(job, tmp_path / "scratch2")  # re-run: resumes at the end, same result
     assert again.resumed_from_step == 6 and again.steps == 6
+
+
+def test_training_dropout_replaces_the_models_own_in_fresh_and_saved_models(
+    tmp_path: Path,
+) -> None:
+    from torch import nn
+
+    from kubetune.schema import ModelSpec
+    from kubetune_trainer.modeling import load_model
+
+    tok = tiny.train_tokenizer(tiny.tldr_lines(300))
+    saved = tiny.save_tiny_model(tmp_path / "base", tok)  # GPT-2's default dropout, 0.1
+    ctx = make_context(tiny.make_job(f"file://{tmp_path}/out"), scratch=tmp_path / "s")
+    fresh = ModelSpec.model_validate({"fresh": {"nLayer": 1, "nHead": 2, "nEmbd": 32}})
+    pretrained = ModelSpec.model_validate({"uri": f"file://{saved}"})
+    for spec in (fresh, pretrained):
+        kept = load_model(spec, ctx, len(tok))
+        assert {m.p for m in kept.modules() if isinstance(m, nn.Dropout)} == {0.1}
+        for p in (0.0, 0.25):
+            model = load_model(spec, ctx, len(tok), dropout=p)
+            assert {m.p for m in model.modules() if isinstance(m, nn.Dropout)} == {p}
+            config = model.config
+            assert config.resid_pdrop == config.embd_pdrop == config.attn_pdrop == p

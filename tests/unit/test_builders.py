@@ -461,11 +461,14 @@ def test_a_stop_on_sigterm_costs_no_attempt_and_the_grace_period_is_the_users() 
 
 
 def test_queue_name_puts_every_stage_job_suspended_into_that_kueue_queue() -> None:
-    job = with_spec(example("tldr-tiny.yaml"), queueName="team-a")
+    job = with_spec(
+        example("tldr-tiny.yaml"), queueName="team-a", workloadPriorityClassName="nightly"
+    )
     run = RunRef.for_generation(job, 1)
     for stage in JOB_STAGES:
         child = builders.build_stage_job(job, run, stage, OperatorConfig())
         assert child["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+        assert child["metadata"]["labels"]["kueue.x-k8s.io/priority-class"] == "nightly"
         assert child["spec"]["suspend"] is True  # Kueue admits it by unsuspending it
         # The pods carry no queue label: Kueue admits the Job, not pods one by one.
         assert "kueue.x-k8s.io/queue-name" not in child["spec"]["template"]["metadata"]["labels"]

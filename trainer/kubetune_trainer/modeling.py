@@ -64,14 +64,52 @@ def attention_implementation() -> str:
     return os.environ.get(Env.ATTN_IMPLEMENTATION, PREFERRED_ATTENTION)
 
 
-def _from_pretrained(source: str, revision: str | None, what: str) -> PreTrainedModel:
-    from transformers import AutoModelForCausalLM
+# Config attributes that are dropout probabilities, across the causal LM families
+# (GPT-2/Phi: *_pdrop; Llama/Mistral/Qwen: attention_dropout; NeoX/Falcon/BLOOM: also
+# hidden_dropout; OPT: dropout too).
+DROPOUT_ATTRIBUTES = (
+    "resid_pdrop",
+    "embd_pdrop",
+    "attn_pdrop",
+    "attention_dropout",
+    "hidden_dropout",
+    "dropout",
+)
+
+
+def set_dropout(config: Any, p: float) -> list[str]:
+    """Set every dropout probability ``config`` has to ``p``; the names it set."""
+    names = [
+        n
+        for n in DROPOUT_ATTRIBUTES
+        if isinstance(getattr(config, n, None), (int, float))
+        and not isinstance(getattr(config, n), bool)
+    ]
+    for name in names:
+        setattr(config, name, p)
+    if not names:
+        log.warning(
+            "training.dropout: the %s config has none of %s; the model keeps its own dropout",
+            type(config).__name__,
+            ", ".join(DROPOUT_ATTRIBUTES),
+        )
+    return names
+
+
+def _from_pretrained(
+    source: str, revision: str | None, what: str, dropout: float | None = None
+) -> PreTrainedModel:
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     impl = attention_implementation()
     try:
+        extra: dict[str, Any] = {}
+        if dropout is not None:  # before the model is built: its Dropout modules read it
+            extra["config"] = AutoConfig.from_pretrained(source, revision=revision)
+            set_dropout(extra["config"], dropout)
         try:
             return AutoModelForCausalLM.from_pretrained(
-                source, revision=revision, attn_implementation=impl
+                source, revision=revision, attn_implementation=impl, **extra
             )
         except ValueError as exc:
             # Architectures without SDPA support say so with a ValueError; eager always works.
@@ -80,7 +118,7 @@ def _from_pretrained(source: str, revision: str | None, what: str) -> PreTrained
                 raise
             log.warning("%s does not support attention %r (%s); using eager", what, impl, exc)
             return AutoModelForCausalLM.from_pretrained(
-                source, revision=revision, attn_implementation="eager"
+                source, revision=revision, attn_implementation="eager", **extra
             )
     except StageError:
         raise
@@ -91,7 +129,9 @@ def _from_pretrained(source: str, revision: str | None, what: str) -> PreTrained
         ) from None
 
 
-def _fresh_model(spec: ModelSpec, vocab_size: int, seed: int) -> PreTrainedModel:
+def _fresh_model(
+    spec: ModelSpec, vocab_size: int, seed: int, dropout: float | None = None
+) -> PreTrainedModel:
     from transformers import AutoModelForCausalLM, GPT2Config, set_seed
 
     assert spec.fresh is not None
@@ -106,6 +146,8 @@ def _fresh_model(spec: ModelSpec, vocab_size: int, seed: int) -> PreTrainedModel
         bos_token_id=None,
         eos_token_id=None,
     )
+    if dropout is not None:
+        set_dropout(config, dropout)
     set_seed(seed)
     model: PreTrainedModel = AutoModelForCausalLM.from_config(
         config, attn_implementation=attention_implementation()
@@ -120,10 +162,14 @@ def load_model(
     *,
     seed: int = 42,
     eos_token_id: int | None = None,
+    dropout: float | None = None,
 ) -> PreTrainedModel:
-    """The model to train, in fp32, with its embeddings covering the tokenizer's vocabulary."""
+    """The model to train, in fp32, with its embeddings covering the tokenizer's vocabulary.
+
+    ``dropout`` (training.dropout) replaces the model's dropout probabilities; None keeps them.
+    """
     if spec.fresh is not None:
-        model = _fresh_model(spec, tokenizer_vocab_size, seed)
+        model = _fresh_model(spec, tokenizer_vocab_size, seed, dropout)
     elif spec.uri:
         local = ctx.scratch_dir("base-model")
         try:
@@ -141,9 +187,9 @@ def load_model(
                 "save_pretrained() model (config.json and model.safetensors)",
                 reason=Reason.INVALID_SPEC,
             )
-        model = _from_pretrained(str(local), None, spec.uri)
+        model = _from_pretrained(str(local), None, spec.uri, dropout)
     elif spec.name:
-        model = _from_pretrained(spec.name, spec.revision, repr(spec.name))
+        model = _from_pretrained(spec.name, spec.revision, repr(spec.name), dropout)
     else:  # the schema's CEL rule makes this unreachable
         raise StageError(
             "exactly one of model.name, model.uri or model.fresh must be set",

@@ -517,7 +517,12 @@ class _Trainer:
             tokenizer = load_tokenizer(ctx)
             eos = int(tokenizer.eos_token_id)
             model = load_model(
-                ctx.job.spec.model, ctx, len(tokenizer), seed=t.seed, eos_token_id=eos
+                ctx.job.spec.model,
+                ctx,
+                len(tokenizer),
+                seed=t.seed,
+                eos_token_id=eos,
+                dropout=t.dropout,
             )
             rows = load_training_rows(
                 ctx, eos, embedding_rows(model), bos_id=context_token_id(tokenizer)
