@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 export KUBETUNE_VENV := $(VENV)
 # Stage pods on the test cluster's process node run `kubetune` from this PATH.
 export PATH := $(VENV)/bin:$(PATH)
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= --durations=30
 
 .PHONY: help setup quickstart test test-unit test-integration test-cluster lint fmt typecheck \
         generate check-generated tools system-deps images cluster-up cluster-down demo-cluster \

@@ -129,6 +129,8 @@ for name in containerd ctr containerd-shim-runc-v2; do
     install_binary "$name" "$CONTAINERD_VERSION" build_containerd "$name"
 done
 install_binary coredns "$COREDNS_VERSION" build_coredns
+# Kueue (and its CRDs) for the queueing tests: its own script, with its own lock and cache.
+bash "$repo_root/scripts/build-kueue.sh" >/dev/null || die "scripts/build-kueue.sh failed"
 # The node's sandbox process and the test image's program, versioned by their source's hash
 # (an edited file gets rebuilt); harness.node.images wraps them in images.
 node_src="$repo_root/tests/harness/node"
