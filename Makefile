@@ -24,8 +24,8 @@ quickstart: setup ## offline demo: pre-train a tiny base model, fine-tune it on 
 	$(PY) -m kubetune.cli run examples/quickstart.yaml
 	@echo "report: runs/quickstart/report/report.md (and report.html)"
 
-test: setup system-deps tools images lint ## everything CI runs: lint, types, generated files, all tests
-	$(PY) -m pytest tests $(PYTEST_ARGS)
+test: setup system-deps tools images lint ## everything CI runs: lint, types, generated files, all tests (two streams at once)
+	PY=$(PY) bash scripts/run-tests.sh $(PYTEST_ARGS)
 
 test-unit: setup ## pure unit tests (no cluster, no training)
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)

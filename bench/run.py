@@ -64,8 +64,14 @@ PROMISED: dict[str, list[tuple[str, str, str | None]]] = {
         ("bleu_gen_speedup", "x", ">= 5"),
     ],
     "operator": list(OPERATOR_FIGURES),  # light to import: the one list of its figures
+    "workers": [
+        ("workers_1_tokens_per_s", "tok/s", None),
+        ("workers_2_tokens_per_s", "tok/s", None),
+        ("workers_2_vs_1_speedup", "x", None),
+        ("workers_final_loss_rel_diff", "", "< 0.02"),
+    ],
 }
-ORDER = ("prepare", "train", "evaluate", "operator")
+ORDER = ("prepare", "train", "evaluate", "operator", "workers")
 
 
 def load_bench(name: str) -> Bench:
@@ -77,6 +83,8 @@ def load_bench(name: str) -> Bench:
         from bench import eval_bench as mod  # type: ignore[no-redef]
     elif name == "operator":
         from bench import operator_bench as mod  # type: ignore[no-redef]
+    elif name == "workers":
+        from bench import workers_bench as mod  # type: ignore[no-redef]
     else:
         raise ValueError(f"unknown benchmark {name!r}; choose from {', '.join(ORDER)}")
     return mod.run

@@ -11,6 +11,15 @@ from real_node_env import env, loaded_image  # noqa: F401  (FineTuneJobs on the 
 from harness.kueue_fixtures import kueue, node_kueue  # noqa: F401  (real Kueues)
 
 
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that runs on the real node ``real_node`` (scripts/run-tests.sh runs
+    them in the stream apart from the process node's)."""
+    for item in items:
+        if "containerd_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.real_node)
+
+
 @pytest.fixture(scope="session")
 def crd_installed(k8s_cluster: Any) -> None:
     """The FineTuneJob CRD, generated from the schema, served by the test cluster."""

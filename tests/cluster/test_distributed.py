@@ -22,7 +22,7 @@ import uuid
 from typing import Any
 
 import pytest
-from operator_helpers import apply, diagnose, get_ftj, get_json, kubectl, wait_for
+from operator_helpers import REPO, apply, diagnose, get_ftj, get_json, kubectl, wait_for
 from real_node_env import RUN_TIMEOUT, node_job
 
 from kubetune.layout import RunLayout
@@ -153,6 +153,9 @@ def test_kueue_queues_one_gpu_jobs_and_a_higher_priority_preempts_a_training_tha
     env: dict[str, Any], node_kueue: Any
 ) -> None:
     kc, ns = env["kubeconfig"], env["ns"]
+    # The queues docs/distributed.md tells an admin to apply are valid Kueue objects.
+    example = REPO / "examples/cluster/kueue-queues.yaml"
+    kubectl(kc, "apply", "--dry-run=server", "-f", str(example))
     suffix = uuid.uuid4().hex[:6]
     flavor, cluster_queue = f"node-{suffix}", f"one-gpu-{suffix}"
     low, high = f"low-{suffix}", f"high-{suffix}"

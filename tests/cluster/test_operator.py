@@ -487,7 +487,12 @@ def test_a_storage_outage_during_a_stage_costs_no_attempt(env: dict[str, Any]) -
     assert retrying == [], [e["message"] for e in retrying]
 
 
-def test_killed_training_pod_resumes_from_the_last_checkpoint(env: dict[str, Any]) -> None:
+def test_a_training_pod_killed_without_a_grace_period_costs_an_attempt_and_resumes(
+    env: dict[str, Any],
+) -> None:
+    """No time to save (a forced delete, like a crashed node): the attempt is lost, and the
+    next one resumes from the last interval checkpoint. With a grace period the pod saves a
+    checkpoint and loses nothing (tests/cluster/test_distributed.py)."""
     kc, ns, name = env["kubeconfig"], env["ns"], "resume"
     apply(kc, ns, job_for(env, name, maxSteps=40, checkpointEverySteps=5))
     client, bucket = env["client"], env["out_bucket"]
@@ -512,7 +517,7 @@ def test_killed_training_pod_resumes_from_the_last_checkpoint(env: dict[str, Any
         p["metadata"]["name"] for p in pods["items"] if p["status"].get("phase") == "Running"
     ]
     assert running, "the training pod should still be running after its first checkpoint"
-    kubectl(kc, "-n", ns, "delete", "pod", running[0], "--wait=false")
+    kubectl(kc, "-n", ns, "delete", "pod", running[0], "--grace-period=0", "--force")
     wait_phase(env, name, {"Succeeded"})
     train = json.loads(
         client.get_object(Bucket=bucket, Key=f"{run_prefix}/train/train.json")["Body"].read()
@@ -526,6 +531,7 @@ def test_killed_training_pod_resumes_from_the_last_checkpoint(env: dict[str, Any
     assert events[0]["message"].startswith("train: attempt 1 of 3 failed"), events[0]["message"]
     status = get_ftj(kc, ns, name)["status"]
     assert status["stages"]["train"]["failedAttempts"] == 1
+    assert not status["progress"].get("preemptions"), status["progress"]  # it saved nothing
 
 
 def test_suspend_stops_the_stage_and_resume_finishes_the_same_run(env: dict[str, Any]) -> None:

@@ -115,7 +115,7 @@ def test_the_exporters_output_passes_promtool_check_metrics() -> None:
         gauge.labels(**train.labels).set(value)
     train.tokens.labels(**train.labels).inc(4096)
     train.count_nonfinite()
-    gpu = {"finetunejob": "tldr", "namespace": "ml", "gpu": "0"}
+    gpu = {**train.labels, "gpu": "0"}
     train.gpu_memory.labels(**gpu).set(2.0e9)
     train.gpu_utilization.labels(**gpu).set(0.75)
     operator = OperatorMetrics()

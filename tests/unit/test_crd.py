@@ -115,8 +115,9 @@ def test_resource_names_the_docs_tell_users_to_type_are_registered_by_the_crd() 
     registered = {names["plural"], names["singular"], *names.get("shortNames", [])}
     docs = [ROOT / "README.md", ROOT / "charts/kubetune/README.md", *ROOT.glob("docs/*.md")]
     docs += ROOT.glob("examples/**/*.yaml")
-    # Kubernetes' own resources the docs may show beside ours.
+    # Kubernetes' own resources the docs may show beside ours, and Kueue's Workloads.
     builtin = {"pods", "jobs", "events", "configmaps", "secrets", "services", "crd", "nodes"}
+    builtin.add("workloads")
     typed = {
         (path.relative_to(ROOT).as_posix(), resource)
         for path in docs

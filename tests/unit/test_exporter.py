@@ -251,3 +251,13 @@ def test_resumed_progress_keeps_earlier_metrics_up_to_the_checkpoint(tmp_path: P
     writer.log({"step": 15, "loss": 0.5}, _progress(15))
     lines = [json.loads(x) for x in store.read_text(RunLayout.TRAIN_METRICS).splitlines()]
     assert [(x["step"], x["loss"]) for x in lines] == [(5, 1.0), (10, 1.0), (15, 0.5)]
+
+
+def test_every_series_names_the_training_process_that_serves_it() -> None:
+    from prometheus_client import generate_latest
+
+    metrics = TrainMetrics("tldr", "ml", rank=1)  # the second pod of a two-worker job
+    metrics.step.labels(**metrics.labels).set(3)
+    text = generate_latest(metrics.registry).decode()
+    assert 'kubetune_train_step{finetunejob="tldr",namespace="ml",rank="1"} 3.0' in text
+    assert TrainMetrics("tldr", "ml").labels["rank"] == "0"  # one process: rank 0

@@ -134,10 +134,11 @@ class ScrapeClock:
 class TrainMetrics:
     """The trainer's Prometheus registry (its own, not the process-global one)."""
 
-    def __init__(self, job: str, namespace: str | None) -> None:
+    def __init__(self, job: str, namespace: str | None, rank: int = 0) -> None:
         self.registry = CollectorRegistry()
-        self.labels = {"finetunejob": job, "namespace": namespace or "local"}
-        names = ["finetunejob", "namespace"]
+        # rank: which training process (pod) of a multi-worker job serves these values.
+        self.labels = {"finetunejob": job, "namespace": namespace or "local", "rank": str(rank)}
+        names = ["finetunejob", "namespace", "rank"]
         r = self.registry
 
         def gauge(name: str, doc: str) -> Gauge:

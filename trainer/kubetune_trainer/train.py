@@ -454,7 +454,9 @@ class _Trainer:
         # What this training is (dataset + settings) decides where its checkpoints live.
         self.identity = training_identity(ctx, self.accelerator.num_processes)
         self.checkpoints = ctx.storage.sub(self.identity.run_key)
-        self.metrics = TrainMetrics(ctx.job.metadata.name, ctx.job.metadata.namespace)
+        self.metrics = TrainMetrics(
+            ctx.job.metadata.name, ctx.job.metadata.namespace, self.accelerator.process_index
+        )
         self.progress = ProgressWriter(ctx.storage)  # written by the main process only
         self.bar: Any = None  # tqdm bar while the loop runs (main process, ctx.show_progress)
         device = self.accelerator.device
