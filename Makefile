@@ -45,12 +45,14 @@ fmt: setup ## format the code
 	$(VENV)/bin/ruff format core trainer operator tests bench
 	$(VENV)/bin/ruff check --fix .
 
-generate: setup ## regenerate crds/ and the chart's generated templates from the schema
+generate: setup ## regenerate crds/, the chart's generated templates and the images' dependency lists
 	$(PY) -m kubetune.crd
+	$(PY) scripts/image_requirements.py
 	@if [ -f operator/kubetune_operator/rbac.py ]; then $(PY) -m kubetune_operator.rbac --write-chart; fi
 
-check-generated: setup ## fail if generated files drifted from the schema
+check-generated: setup ## fail if generated files drifted from the schema or pyproject.toml
 	$(PY) -m kubetune.crd --check
+	$(PY) scripts/image_requirements.py --check
 
 system-deps: ## Debian packages the tests need (prometheus, lua, buildah/podman, runc, CNI plugins, iptables)
 	@bash scripts/install-system-deps.sh

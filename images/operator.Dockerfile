@@ -7,7 +7,8 @@
 #   bash scripts/build-images.sh     # here and in CI: buildah, a local Debian base, no registry
 #
 # Layers, so that a source change rebuilds only the last, small one (docs/images.md):
-#   1. the dependencies of the [operator] extra, read by uv from pyproject.toml alone;
+#   1. the dependencies of the [operator] extra, from images/operator.requirements.txt alone
+#      (`make generate` writes it from pyproject.toml);
 #   2. the kubetune wheel (built in the `wheel` stage), installed with --no-deps.
 # uv installs layer 1 from a throwaway venv in /tmp (removed in the same step: not in the
 # image); its download cache is a cache mount. The venv's own pip installs layer 2.
@@ -58,15 +59,15 @@ LABEL org.opencontainers.image.title="kubetune-operator" \
 ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
-# Layer 1: the dependencies, from pyproject.toml alone (not the sources), so editing a .py file
-# reuses this layer. The last command fails the build if torch slipped in through a dependency.
-COPY pyproject.toml /opt/kubetune/pyproject.toml
+# Layer 1: the dependencies, from their list alone (images/operator.requirements.txt, generated
+# from pyproject.toml), so editing a .py file or pyproject.toml's other tables reuses this layer. The last command fails the build if torch slipped in through a dependency.
+COPY images/operator.requirements.txt /opt/kubetune/requirements.txt
 RUN --mount=type=cache,target=/root/.cache/uv --mount=type=secret,id=build-ca \
     python3 -m venv /opt/venv \
     && python3 -m venv /tmp/uv \
     && /tmp/uv/bin/pip install --no-cache-dir "uv==${UV_VERSION}" \
     && /tmp/uv/bin/uv pip install --python /opt/venv/bin/python --link-mode copy --compile-bytecode \
-        -r /opt/kubetune/pyproject.toml --extra operator \
+        -r /opt/kubetune/requirements.txt \
     && rm -rf /tmp/uv \
     && /opt/venv/bin/python -c "import importlib.util as u, sys, kopf, kubernetes, prometheus_client; sys.exit(u.find_spec('torch') is not None)"
 # Layer 2: kubetune itself, without dependencies (all of them are in layer 1), installed by

@@ -8,8 +8,9 @@
 #   bash scripts/build-images.sh     # here and in CI: buildah, a local Debian base, no registry
 #
 # Layers, so that a source change rebuilds only the last, small one (docs/images.md):
-#   1. the dependencies of the [trainer] extra (torch and its CUDA wheels: gigabytes), read by
-#      uv from pyproject.toml alone; torch is the range pyproject.toml asks for, not a pin;
+#   1. the dependencies of the [trainer] extra (torch and its CUDA wheels: gigabytes), from
+#      images/trainer.requirements.txt alone (`make generate` writes it from pyproject.toml);
+#      torch is the range pyproject.toml asks for, not a pin;
 #   2. the kubetune wheel (built in the `wheel` stage), installed with --no-deps.
 # uv installs layer 1 from a throwaway venv in /tmp (removed in the same step: not in the
 # image); its download cache is a cache mount. The venv's own pip installs layer 2.
@@ -81,15 +82,16 @@ RUN groupadd --gid 1000 kubetune \
     && useradd --uid 1000 --gid 1000 --no-create-home --home-dir /scratch/home --shell /usr/sbin/nologin kubetune \
     && mkdir -p /scratch/home /scratch/hf /scratch/cache \
     && chown -R 1000:1000 /scratch
-# Layer 1: the dependencies, from pyproject.toml alone (not the sources), so editing a .py file
-# reuses this multi-gigabyte layer.
-COPY pyproject.toml /opt/kubetune/pyproject.toml
+# Layer 1: the dependencies, from their list alone (images/trainer.requirements.txt, generated
+# from pyproject.toml), so editing a .py file or pyproject.toml's other tables reuses this
+# multi-gigabyte layer.
+COPY images/trainer.requirements.txt /opt/kubetune/requirements.txt
 RUN --mount=type=cache,target=/root/.cache/uv --mount=type=secret,id=build-ca \
     python3 -m venv /opt/venv \
     && python3 -m venv /tmp/uv \
     && /tmp/uv/bin/pip install --no-cache-dir "uv==${UV_VERSION}" \
     && /tmp/uv/bin/uv pip install --python /opt/venv/bin/python --link-mode copy --compile-bytecode \
-        -r /opt/kubetune/pyproject.toml --extra trainer \
+        -r /opt/kubetune/requirements.txt \
     && rm -rf /tmp/uv \
     && /opt/venv/bin/python -c "import torch, transformers, accelerate, sacrebleu"
 # Layer 2: kubetune itself, without dependencies (all of them are in layer 1), installed by

@@ -11,8 +11,9 @@
 #      mmdebstrap + `podman import`, unless it exists: no registry means no python:*-slim and no
 #      nvidia/cuda; the Dockerfiles take it through --build-arg PYTHON_IMAGE / CUDA_IMAGE;
 #   4. build localhost/kubetune/<name>:<content hash> (+ :dev) with `buildah build --layers`,
-#      or do nothing when that tag exists. The content hash covers the Dockerfile, .dockerignore,
-#      pyproject.toml, README.md, core/, trainer/, operator/ (what the build copies) and the base.
+#      or do nothing when that tag exists. The content hash covers the Dockerfile, its
+#      dependency list (images/<name>.requirements.txt), .dockerignore, pyproject.toml,
+#      README.md, core/, trainer/, operator/ (what the build copies) and the base.
 #   5. export the operator as an OCI archive, ~/.cache/kubetune/images/operator-<hash>.tar, for
 #      `ctr images import` (the trainer too with KUBETUNE_EXPORT_IMAGES="operator trainer";
 #      gigabytes, so not by default), and print ids, tags, sizes and build times.
@@ -67,9 +68,9 @@ base_hash="$(printf '%s\n' v1 minbase "$BASE_SUITE" "$BASE_PACKAGES" "${BASE_SOU
     "${BASE_DPKG_OPTS[@]}" | sha256sum | cut -c1-12)"
 BASE="$REGISTRY/debian-base:$BASE_SUITE-$base_hash"
 
-# What the build copies (.dockerignore allows pyproject.toml, README.md, core/, trainer/,
-# operator/ and leaves out caches), the Dockerfile and the base: a change to any of them is a
-# new tag. `content_hash NAME DIR` hashes that file set in DIR.
+# What the build copies (.dockerignore allows the dependency lists, pyproject.toml, README.md,
+# core/, trainer/, operator/ and leaves out caches), the Dockerfile and the base: a change to
+# any of them is a new tag. `content_hash NAME DIR` hashes that file set in DIR.
 CONTEXT_FILES=(.dockerignore pyproject.toml README.md images core trainer operator)
 CONTEXT_EXCLUDES=(__pycache__ '*.pyc' '*.tmp' .mypy_cache .pytest_cache)
 content_hash() {
@@ -80,7 +81,8 @@ content_hash() {
     (
         cd "$dir"
         echo "base $BASE"
-        sha256sum "images/$name.Dockerfile" .dockerignore pyproject.toml README.md
+        sha256sum "images/$name.Dockerfile" "images/$name.requirements.txt" .dockerignore \
+            pyproject.toml README.md
         find core trainer operator "${excludes[@]}" -type f -print0 \
             | LC_ALL=C sort -z | xargs -0 sha256sum
     ) | sha256sum | cut -c1-16

@@ -87,6 +87,21 @@ def loop_started(env: dict[str, Any], name: str) -> str | None:
     return None
 
 
+def training(env: dict[str, Any], name: str) -> str:
+    """Wait for ``name``'s training loop to run on rank 0; fail at once if the job failed."""
+    kc, ns = env["kubeconfig"], env["ns"]
+
+    def started() -> str | None:
+        phase = (get_ftj(kc, ns, name).get("status") or {}).get("phase")
+        assert phase != "Failed", diagnose(kc, ns, name, env["op"])
+        return loop_started(env, name)
+
+    def dump() -> str:
+        return diagnose(kc, ns, name, env["op"])
+
+    return str(wait_for(started, RUN_TIMEOUT, f"{name} to train", dump=dump))
+
+
 def test_two_cpu_workers_train_the_loss_curve_of_one_pod_even_when_one_is_stopped(
     env: dict[str, Any], s3_server: Any
 ) -> None:
@@ -105,7 +120,7 @@ def test_two_cpu_workers_train_the_loss_curve_of_one_pod_even_when_one_is_stoppe
         job["spec"]["resources"]["cpu"] = "250m"  # every training pod fits on the node
         apply(kc, ns, job)
 
-    wait_for(lambda: loop_started(env, "two-workers"), RUN_TIMEOUT, "two workers to train")
+    training(env, "two-workers")
     (worker_1,) = [
         p["metadata"]["name"]
         for p in stage_pods(env, "two-workers", "train")
@@ -178,7 +193,7 @@ def test_kueue_queues_one_gpu_jobs_and_a_higher_priority_preempts_a_training_tha
 
     try:
         apply(kc, ns, gpu_job("long", 3000, low))
-        wait_for(lambda: loop_started(env, "long"), RUN_TIMEOUT, "long to train")
+        training(env, "long")
         apply(kc, ns, gpu_job("waiting", 30, low))
 
         def queued_for_training() -> dict[str, Any] | None:

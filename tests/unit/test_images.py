@@ -10,11 +10,13 @@ ships the binary).
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import tomllib
@@ -128,34 +130,35 @@ def test_operator_image_installs_the_operator_extra_and_no_torch() -> None:
     text = _text(OPERATOR)
     installs = [line for line in _instructions(OPERATOR, "RUN") if "pip install" in line]
     assert len(installs) == 3, installs  # uv itself, the dependencies, the wheel
-    assert "--extra operator" in installs[1] and "--python /opt/venv/bin/python" in installs[1]
-    assert "--extra trainer" not in text
-    assert "torch" not in " ".join(_extras()["operator"])
+    assert "-r /opt/kubetune/requirements.txt" in installs[1]
+    assert "--python /opt/venv/bin/python" in installs[1]
+    assert "torch" not in (ROOT / "images/operator.requirements.txt").read_text()
     # The build fails if torch is importable after either install.
     assert text.count("find_spec('torch') is not None") == 2
     assert _instructions(OPERATOR, "ENTRYPOINT") == ['["kubetune", "operator"]']
 
 
 @pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
-def test_dependencies_are_a_layer_that_only_pyproject_feeds(path: Path) -> None:
-    """A source change rebuilds the small wheel layer, never the dependency layer.
+def test_dependencies_are_a_layer_that_only_the_dependency_list_feeds(path: Path) -> None:
+    """A source or pyproject.toml edit rebuilds the small wheel layer, never the dependencies.
 
-    In the runtime stage: pyproject.toml is copied alone, the dependencies are installed from
-    it, and only then the wheel (built in an earlier stage from the sources) is copied and
-    installed with --no-deps. No source tree is copied into the runtime stage.
+    In the runtime stage: the image's dependency list is copied alone, the dependencies are
+    installed from it, and only then the wheel (built in an earlier stage from the sources) is
+    copied and installed with --no-deps. No source tree is copied into the runtime stage.
     """
     stage = _final_stage(path)
+    image = path.name.removesuffix(".Dockerfile")
 
     def index(fragment: str) -> int:
         found = [i for i, line in enumerate(stage) if fragment in line]
         assert len(found) == 1, (fragment, found)
         return found[0]
 
-    copy_pyproject = index("COPY pyproject.toml /opt/kubetune/pyproject.toml")
-    dependencies = index("-r /opt/kubetune/pyproject.toml --extra")
+    copy_list = index(f"COPY images/{image}.requirements.txt /opt/kubetune/requirements.txt")
+    dependencies = index("-r /opt/kubetune/requirements.txt")
     copy_wheel = index("COPY --from=wheel /dist/")
     wheel = index("--no-deps")
-    assert copy_pyproject < dependencies < copy_wheel < wheel
+    assert copy_list < dependencies < copy_wheel < wheel
     assert "kubetune-*.whl" in stage[wheel] and "--no-index" in stage[wheel]
     assert "--mount=type=cache,target=/root/.cache/uv" in stage[dependencies]
     assert 'pip install --no-cache-dir "uv==${UV_VERSION}"' in stage[dependencies]
@@ -164,7 +167,9 @@ def test_dependencies_are_a_layer_that_only_pyproject_feeds(path: Path) -> None:
     assert not [line for line in stage if "--mount=type=bind" in line]
     for line in stage:
         if line.startswith("COPY ") and "--from=" not in line:
-            assert line.split()[1] == "pyproject.toml", f"{path.name}: {line} in the runtime"
+            assert line.split()[1] == f"images/{image}.requirements.txt", f"{path.name}: {line}"
+    # .dockerignore lets the list into the build context.
+    assert "!images/*.requirements.txt" in (ROOT / ".dockerignore").read_text().splitlines()
 
 
 @pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
@@ -181,7 +186,8 @@ def test_the_base_image_is_one_argument_the_build_script_can_replace(path: Path)
 def test_trainer_image_installs_the_trainer_extra_with_scratch_homes() -> None:
     installs = [line for line in _instructions(TRAINER, "RUN") if "pip install" in line]
     assert len(installs) == 3, installs  # uv itself, the dependencies, the wheel
-    assert "--extra trainer" in installs[1] and "--python /opt/venv/bin/python" in installs[1]
+    assert "-r /opt/kubetune/requirements.txt" in installs[1]
+    assert "--python /opt/venv/bin/python" in installs[1]
     env = " ".join(_instructions(TRAINER, "ENV"))
     for setting in ("HOME=/scratch/home", "HF_HOME=/scratch/hf", "XDG_CACHE_HOME=/scratch/cache"):
         assert setting in env
@@ -200,12 +206,42 @@ def test_trainer_image_installs_the_trainer_extra_with_scratch_homes() -> None:
             assert f"{name}={pod_env[name]}" in env.split(), (stage, name)
 
 
+def _image_requirements() -> ModuleType:
+    spec = importlib.util.spec_from_file_location(
+        "image_requirements", ROOT / "scripts/image_requirements.py"
+    )
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
-def test_extras_named_in_images_exist_in_pyproject(path: Path) -> None:
-    named = set(re.findall(r"--extra ([a-z]+)", _text(path)))
-    assert named
-    for extra in named:
-        assert extra in _extras(), f"{path.name} installs [{extra}], not an extra of pyproject.toml"
+def test_each_image_installs_the_project_dependencies_and_its_extra(path: Path) -> None:
+    image = path.name.removesuffix(".Dockerfile")
+    listed = (ROOT / f"images/{image}.requirements.txt").read_text().splitlines()
+    requirements = [line for line in listed if line and not line.startswith("#")]
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert requirements == [*project["dependencies"], *_extras()[image]]
+    assert any(r.startswith("torch") for r in requirements) == (image == "trainer")
+
+
+def test_the_dependency_lists_are_regenerated_when_pyproject_changes() -> None:
+    gen = _image_requirements()
+    assert gen.main(["--check"]) == 0  # what `make lint` runs
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    pyproject["project"]["optional-dependencies"]["trainer"].append("einops>=0.8")
+    pyproject["tool"] = {"pytest": {"markers": ["anything"]}}
+    text = gen.requirements(pyproject, "trainer")
+    assert text.splitlines()[-1] == "einops>=0.8"
+    assert text != (ROOT / "images/trainer.requirements.txt").read_text()
+    # Another table of pyproject.toml (a tool's setting) leaves the list as it is.
+    unchanged = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    unchanged["tool"] = {"pytest": {"markers": ["anything"]}}
+    assert (
+        gen.requirements(unchanged, "operator")
+        == (ROOT / "images/operator.requirements.txt").read_text()
+    )
 
 
 @pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
@@ -224,6 +260,11 @@ def test_dockerignore_allows_only_the_python_project() -> None:
     ]
     assert lines[0] == "*"
     allowed = {line[1:].rstrip("/") for line in lines if line.startswith("!")}
+    # The images' dependency lists come in through one pattern.
+    allowed |= {
+        f"images/{p.name.removesuffix('.Dockerfile')}.requirements.txt" for p in DOCKERFILES
+    }
+    assert "images/*.requirements.txt" in allowed
     copied = {
         src.rstrip("/")
         for path in DOCKERFILES
