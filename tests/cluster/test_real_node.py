@@ -19,33 +19,22 @@ Run: ``pytest -m cluster tests/cluster/test_real_node.py`` (root, ``make images`
 from __future__ import annotations
 
 import json
-import subprocess
-import uuid
-from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
-from built_images import built_image
 from operator_helpers import (
-    REPO,
     apply,
     diagnose,
     get_ftj,
     get_json,
     kubectl,
-    let_helm_adopt_crd,
     wait_for,
 )
 from real_node_env import (
     RUN_TIMEOUT,
     failed_with,
     node_job,
-    restricted_namespace,
-    tenant_data,
 )
-
-from harness.fixtures import ContainerdCluster
 
 pytestmark = pytest.mark.cluster
 
@@ -201,70 +190,3 @@ def test_a_read_only_root_without_the_scratch_volume_is_a_clear_stage_error(
     assert "HF_HOME=/scratch/hf" in payload["error"], payload
     logs = kubectl(kc, "-n", ns, "logs", "bare-pod").stdout
     assert "kubetune prepare: CacheNotWritable:" in logs, logs
-
-
-def test_the_charts_operator_runs_from_its_image_and_its_finetunejob_succeeds(
-    containerd_cluster: ContainerdCluster, s3_server: Any, loaded_image: str, tmp_path: Path
-) -> None:
-    """`helm install` on the real node: the operator pod runs the operator image (non-root,
-    read-only root, the chart's probes), logs in with its ServiceAccount and the chart's RBAC,
-    and runs a FineTuneJob whose stage pods run the trainer image: nothing on the host."""
-    cluster, kc = containerd_cluster, containerd_cluster.kubeconfig
-    operator_ref = built_image("operator")
-    cluster.load_image(operator_ref)
-    suffix = uuid.uuid4().hex[:6]
-    op_ns, jobs_ns = f"kubetune-{suffix}", f"ml-{suffix}"
-    for ns in (op_ns, jobs_ns):
-        restricted_namespace(cluster, ns)
-    data = tenant_data(cluster, s3_server, jobs_ns, f"chart-{suffix}")
-    repository, tag = operator_ref.rsplit(":", 1)
-    values = {
-        "watchNamespaces": [jobs_ns],
-        "image": {"repository": repository, "tag": tag, "pullPolicy": "Never"},
-        "operator": {
-            "trainerImage": loaded_image,
-            "storageEndpoints": [data["endpoint"]],
-            "progressInterval": 2,
-            "resyncInterval": 5,
-        },
-    }
-    values_file = tmp_path / "values.yaml"
-    values_file.write_text(yaml.safe_dump(values))
-    helm = [str(cluster.bin_dir / "helm"), "--kubeconfig", str(kc), "--namespace", op_ns]
-    let_helm_adopt_crd(kc, "kt", op_ns)
-    installed = subprocess.run(
-        [*helm, "install", "kt", str(REPO / "charts/kubetune"), "-f", str(values_file), "--wait"],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=240,
-    )
-    try:
-        assert installed.returncode == 0, installed.stdout + installed.stderr
-        (op_pod,) = get_json(kc, op_ns, "pods", "-l", "app.kubernetes.io/name=kubetune")["items"]
-        (op_status,) = op_pod["status"]["containerStatuses"]
-        assert op_status["ready"] and op_status["image"].endswith(operator_ref.split("/", 1)[1])
-        job = node_job(data, "via-chart", maxSteps=10, checkpointEverySteps=10)
-        apply(kc, jobs_ns, job)
-
-        def succeeded() -> dict[str, Any] | None:
-            ftj = get_ftj(kc, jobs_ns, "via-chart")
-            phase = (ftj.get("status") or {}).get("phase")
-            assert phase != "Failed", ftj.get("status")
-            return ftj if phase == "Succeeded" else None
-
-        def op_logs() -> str:
-            name = op_pod["metadata"]["name"]
-            return kubectl(kc, "-n", op_ns, "logs", name, "--tail=60", check=False).stdout
-
-        ftj = wait_for(succeeded, RUN_TIMEOUT, "via-chart to succeed", dump=op_logs)
-        assert (
-            ftj["status"]["results"]["perplexity"] < ftj["status"]["results"]["baselinePerplexity"]
-        )
-        pods = get_json(kc, jobs_ns, "pods", "-l", "kubetune.io/job=via-chart")["items"]
-        images = {p["status"]["containerStatuses"][0]["image"] for p in pods}
-        assert images == {loaded_image}, images
-    finally:
-        subprocess.run([*helm, "uninstall", "kt", "--wait"], capture_output=True, check=False)
-        for ns in (op_ns, jobs_ns):
-            kubectl(kc, "delete", "namespace", ns, "--wait=false", check=False)

@@ -6,6 +6,10 @@
     prom.query('my_metric{job="test"}')                    # -> the API's data.result list
     prom.stop()
 
+    # Or any scrape configs, e.g. Kubernetes service discovery of a test cluster's pods:
+    Prometheus.start([], workdir, scrape_configs=[{"job_name": "pods",
+        "kubernetes_sd_configs": [{"role": "pod", "kubeconfig_file": "admin.kubeconfig"}]}])
+
 Each instance gets its own config, TSDB directory and free loopback port; the system service
 the package installs is never used.
 """
@@ -37,14 +41,23 @@ class Prometheus:
 
     @classmethod
     def start(
-        cls, targets: list[str], workdir: Path, job: str = "test", timeout: float = 30.0
+        cls,
+        targets: list[str],
+        workdir: Path,
+        job: str = "test",
+        timeout: float = 30.0,
+        scrape_configs: list[dict[str, Any]] | None = None,
     ) -> Prometheus:
+        """Scrape ``targets`` (job ``job``), plus ``scrape_configs`` as Prometheus reads them."""
         binary = shutil.which("prometheus")
         if binary is None:
             raise PrometheusMissing(
                 "prometheus is not on PATH; run `bash scripts/install-system-deps.sh` (as root)"
             )
         workdir.mkdir(parents=True, exist_ok=True)
+        jobs = list(scrape_configs or [])
+        if targets:
+            jobs.insert(0, {"job_name": job, "static_configs": [{"targets": targets}]})
         config = workdir / "prometheus.yml"
         # JSON is valid YAML.
         config.write_text(
@@ -54,7 +67,7 @@ class Prometheus:
                         "scrape_interval": SCRAPE_INTERVAL,
                         "evaluation_interval": SCRAPE_INTERVAL,
                     },
-                    "scrape_configs": [{"job_name": job, "static_configs": [{"targets": targets}]}],
+                    "scrape_configs": jobs,
                 },
                 indent=2,
             )

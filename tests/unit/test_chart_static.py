@@ -136,6 +136,8 @@ def test_service_monitor_scrapes_the_operator_metrics_service(bin_dir: Path) -> 
     assert (
         monitor["spec"]["endpoints"][0]["port"] == service["spec"]["ports"][0]["name"] == "metrics"
     )
+    # The operator's series carry the FineTuneJob's namespace, not the operator's: keep it.
+    assert monitor["spec"]["endpoints"][0]["honorLabels"] is True
     pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
     assert service["spec"]["selector"].items() <= pod_labels.items()
     from kubetune_operator.config import OperatorConfig
@@ -161,6 +163,7 @@ def test_pod_monitor_selects_the_train_pods_the_operator_builds(bin_dir: Path) -
     monitor = _one(render(bin_dir, api_versions=(MONITORING,)), "PodMonitor")
     selector = monitor["spec"]["selector"]["matchLabels"]
     port = monitor["spec"]["podMetricsEndpoints"][0]["port"]
+    assert monitor["spec"]["podMetricsEndpoints"][0]["honorLabels"] is True
     for stage in ("prepare", "train", "evaluate"):
         pod = build_stage_job(job, RunRef.for_generation(job, 1), stage, cfg)["spec"]["template"]
         selected = selector.items() <= pod["metadata"]["labels"].items()
