@@ -3,37 +3,38 @@
 #
 #   bash scripts/run-tests.sh [pytest options]      # e.g. -x, -k packing, --durations=30
 #
-# The cluster tests mostly wait for pods, so on two cores two streams finish well before one:
-#   process node:  tests marked cluster but not real_node (their own control plane, process
-#                  node, S3 server, Prometheus, Kueue)
-#   the rest:      unit and integration tests, then the real-node tests (marker real_node,
-#                  given by tests/cluster/conftest.py to every test on containerd_cluster)
+# Two streams, so that while one waits for pods the other has the CPU:
+#   the real node:  the cluster tests on the real node (marker real_node, given by
+#                   tests/cluster/conftest.py to every test on containerd_cluster): one control
+#                   plane, a kubelet with containerd, S3, Prometheus, Kueue
+#   the rest:       unit and integration tests, then the cluster tests still on the process
+#                   node (their own control plane, process node, S3 server, Prometheus, Kueue)
 # The two share nothing on the host: every port is a free one, every node its own state dir,
-# bridge and iptables chain. The process-node stream's output follows the other's; the exit
-# status is non-zero when either failed.
+# bridge and iptables chain. The second stream's output follows the first's; the exit status
+# is non-zero when either failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${PY:-${VENV:-$HOME/.cache/kubetune/venv}/bin/python}"
-log="$(mktemp "${TMPDIR:-/tmp}/kubetune-process-node-tests.XXXXXX")"
+log="$(mktemp "${TMPDIR:-/tmp}/kubetune-tests.XXXXXX")"
 
-"$PY" -m pytest tests -m "cluster and not real_node" "$@" >"$log" 2>&1 &
-process_node=$!
-"$PY" -m pytest tests -m "not cluster or real_node" "$@"
-rest=$?
-wait "$process_node"
-process_node_rc=$?
+"$PY" -m pytest tests -m "not real_node" "$@" >"$log" 2>&1 &
+rest=$!
+"$PY" -m pytest tests -m "real_node" "$@"
+real_node_rc=$?
+wait "$rest"
+rest_rc=$?
 
 echo
-echo "======================== the process-node stream (cluster and not real_node) ========================"
+echo "======================== the other stream (unit, integration, process node) ========================"
 cat "$log"
 rm -f "$log"
 # pytest exits 5 when a stream selected no test (e.g. -k matched only the other's).
-for rc in "$rest" "$process_node_rc"; do
+for rc in "$real_node_rc" "$rest_rc"; do
     if [ "$rc" -ne 0 ] && [ "$rc" -ne 5 ]; then
         exit "$rc"
     fi
 done
-if [ "$rest" -eq 5 ] && [ "$process_node_rc" -eq 5 ]; then
+if [ "$real_node_rc" -eq 5 ] && [ "$rest_rc" -eq 5 ]; then
     echo "run-tests: no test selected in either stream" >&2
     exit 5
 fi

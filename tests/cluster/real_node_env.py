@@ -4,8 +4,13 @@ restricted namespace with data in S3 the pods can reach, and an operator watchin
     from real_node_env import env, loaded_image, node_job  # fixtures and builders
 
 ``env`` (per test) gives ``kubeconfig``, ``ns``, ``op`` (the operator, a host process with the
-ServiceAccount rules of rbac.py), ``image``, ``data_uri``, ``out_bucket`` and ``endpoint`` (the
-S3 server as pods see it, through the node's bridge address).
+ServiceAccount rules of rbac.py), ``image``, ``data_uri``, ``data_bucket``, ``out_bucket``,
+``endpoint`` (the S3 server as pods see it, through the node's bridge address), ``s3`` and
+``client`` (the server and a boto3 client of it), ``node`` (the ContainerdNode) and
+``secret_values``: the job's S3 keys are distinctive ones, and the operator's own environment
+holds a secret S3 refuses, so a leak check can look for both and the operator can only read a
+job's storage with the job's keys. ``node_namespace`` is a restricted namespace with the CRD,
+for tests that need only the API server.
 """
 
 from __future__ import annotations
@@ -61,19 +66,41 @@ def restricted_namespace(cluster: ContainerdCluster, ns: str) -> str:
     return ns
 
 
-def tenant_data(cluster: ContainerdCluster, s3_server: Any, ns: str, suffix: str) -> dict[str, str]:
-    """A tldr slice and an output bucket in S3, the credentials Secret in ``ns``, and the S3
-    endpoint as pods see it (the node's bridge address)."""
+def tenant_data(
+    cluster: ContainerdCluster,
+    s3_server: Any,
+    ns: str,
+    suffix: str,
+    keys: tuple[str, str] | None = None,
+) -> dict[str, str]:
+    """A tldr slice and an output bucket in S3, the credentials Secret in ``ns`` (the server's
+    own keys, or ``keys``), and the S3 endpoint as pods see it (the node's bridge address)."""
     data_bucket = s3_server.make_bucket(f"rn-data-{suffix}")
     out_bucket = s3_server.make_bucket(f"rn-runs-{suffix}")
     upload_files(s3_server.client(), data_bucket, "tldr/common", tldr_files("common")[:60])
-    create_s3_secret(cluster.kubeconfig, ns, s3_server.access_key, s3_server.secret_key)
-    port = int(s3_server.endpoint_url.rsplit(":", 1)[1])
+    key_id, secret = keys or (s3_server.access_key, s3_server.secret_key)
+    create_s3_secret(cluster.kubeconfig, ns, key_id, secret)
     return {
         "data_uri": f"s3://{data_bucket}/tldr/common/",
+        "data_bucket": data_bucket,
         "out_bucket": out_bucket,
-        "endpoint": f"http://{cluster.node.expose_host_port(port)}",
+        "endpoint": pod_url(cluster, s3_server.endpoint_url),
     }
+
+
+def pod_url(cluster: ContainerdCluster, url: str) -> str:
+    """``url`` of a server on the host's loopback as pods reach it (the node's bridge address)."""
+    port = int(url.rstrip("/").rsplit(":", 1)[1])
+    return f"http://{cluster.node.expose_host_port(port)}"
+
+
+@pytest.fixture
+def node_namespace(containerd_cluster: ContainerdCluster) -> Iterator[str]:
+    """A restricted namespace on the containerd cluster, with the FineTuneJob CRD served."""
+    ns = restricted_namespace(containerd_cluster, f"test-{uuid.uuid4().hex[:8]}")
+    install_crd(containerd_cluster.kubeconfig)
+    yield ns
+    kubectl(containerd_cluster.kubeconfig, "delete", "namespace", ns, "--wait=false", check=False)
 
 
 @pytest.fixture
@@ -84,31 +111,44 @@ def env(
     cluster, kc = containerd_cluster, containerd_cluster.kubeconfig
     ns = restricted_namespace(cluster, f"test-{uuid.uuid4().hex[:8]}")
     install_crd(kc)
-    data = tenant_data(cluster, s3_server, ns, ns.removeprefix("test-"))
+    # Distinctive keys, so a leak check cannot match by accident; S3 is told to accept them.
+    keys = (f"AK{uuid.uuid4().hex[:16].upper()}", f"sk-{uuid.uuid4().hex}")
+    s3_server.add_credentials(*keys)
+    data = tenant_data(cluster, s3_server, ns, ns.removeprefix("test-"), keys)
+    op_secret = f"op-{uuid.uuid4().hex}"  # S3 refuses it: the operator must use the job's keys
     op = OperatorProcess.start(
         operator_service_account(kc, ns, tmp_path / "operator.kubeconfig"),
         ns,
-        s3_server.env(),
+        {**s3_server.env(), "AWS_SECRET_ACCESS_KEY": op_secret},
         tmp_path / "operator.log",
         KUBETUNE_TRAINER_IMAGE=loaded_image,
         KUBETUNE_UNSCHEDULABLE_TIMEOUT="5",
+        # The endpoint the jobs name, as the chart's operator.storageEndpoints would list it:
+        # the operator reads progress and dataset listings there (with each job's own keys).
+        KUBETUNE_STORAGE_ENDPOINTS=data["endpoint"],
     )
     ctx = {
         "kubeconfig": kc,
         "ns": ns,
         "op": op,
         "image": loaded_image,
+        "s3": s3_server,
+        "client": s3_server.client(),
+        "node": cluster.node,
+        "cluster": cluster,
+        "secret_values": [keys[1], op_secret],
         **data,
     }
     yield ctx
-    op.stop()
+    ctx["op"].stop()  # (a test may have restarted it)
     kubectl(kc, "delete", "namespace", ns, "--wait=false", check=False)
     sa = f"kubetune-operator-{ns}"
     kubectl(kc, "delete", "clusterrole,clusterrolebinding", sa, check=False)
 
 
-def node_job(env: dict[str, Any], name: str, **training: Any) -> dict[str, Any]:
-    """The tiny cluster example on the real node: one CPU, no GPU, the loaded image only."""
+def node_job(env: dict[str, Any], name: str, bleu: bool = False, **training: Any) -> dict[str, Any]:
+    """The tiny cluster example on the real node: one CPU, no GPU, the loaded image only, and
+    BLEU (the example's settings) only when ``bleu``."""
     job = tiny_job(
         name,
         data_uri=env["data_uri"],
@@ -120,7 +160,8 @@ def node_job(env: dict[str, Any], name: str, **training: Any) -> dict[str, Any]:
     job["spec"]["resources"].update(
         {"cpu": "1", "memory": "2Gi", "gpusPerWorker": 0, "imagePullPolicy": "Never"}
     )
-    job["spec"]["evaluation"]["bleu"] = {"enabled": False}
+    if not bleu:
+        job["spec"]["evaluation"]["bleu"] = {"enabled": False}
     return job
 
 

@@ -42,7 +42,6 @@ from observability_contract import (
 )
 from operator_helpers import (
     REPO,
-    TINY_EXAMPLE,
     apply,
     diagnose,
     get_ftj,
@@ -316,11 +315,8 @@ def observed_run(
             op_logs = kubectl(kc, "-n", op_ns, "logs", name, "--tail=60", check=False).stdout
             return f"{diagnose(kc, ns, JOB, None)}\noperator pod log:\n{op_logs}"
 
-        job = node_job(data, JOB, maxSteps=MAX_STEPS)
         # With BLEU, as the example has it: the results panels show it.
-        example = yaml.safe_load(TINY_EXAMPLE.read_text(encoding="utf-8"))
-        job["spec"]["evaluation"]["bleu"] = example["spec"]["evaluation"]["bleu"]
-        apply(kc, ns, job)
+        apply(kc, ns, node_job(data, JOB, bleu=True, maxSteps=MAX_STEPS))
 
         def finished() -> dict[str, Any] | None:
             ftj = get_ftj(kc, ns, JOB)

@@ -1,10 +1,13 @@
-"""The operator against a real control plane (tests/harness): kube-apiserver, etcd,
-controller-manager, scheduler, the process node running stage pods as local processes,
-and a moto S3 server. Run with ``pytest -m cluster tests/cluster/test_operator.py``.
+"""The operator against a real control plane and the real node (tests/harness): kube-apiserver,
+etcd, controller-manager, scheduler, a kubelet with containerd running every stage pod from the
+trainer image under Pod Security ``restricted``, and a moto S3 server the pods reach through the
+node's bridge. Run with ``pytest -m cluster tests/cluster/test_operator.py`` (root, ``make
+images``).
 
-Each test gets a fresh namespace and its own operator process (``python -m kubetune_operator``
-watching only that namespace), so killing and restarting it is part of a test. Jobs are
-tiny (a fresh 1-layer model, 20-40 steps on ~150 tldr pages) to keep the file in minutes.
+Each test gets a fresh namespace and its own operator process (``python -m kubetune_operator``,
+as its own ServiceAccount, watching only that namespace; ``real_node_env.env``), so killing and
+restarting it is part of a test. Jobs are tiny (a fresh 1-layer model, 2-40 steps on 60 tldr
+pages) to keep the file in minutes.
 """
 
 from __future__ import annotations
@@ -14,97 +17,47 @@ import json
 import uuid
 from collections.abc import Iterator
 from itertools import islice
-from pathlib import Path
 from typing import Any
 
 import pytest
 from cel_cases import CEL_CASES
-from datapaths import TLDR_CHAT, require, tldr_files
+from datapaths import TLDR_CHAT, require
 from operator_helpers import (
-    OperatorProcess,
     apply,
     child_jobs,
-    create_s3_secret,
     diagnose,
     dry_run,
     ftj_events,
     get_ftj,
     get_json,
     kubectl,
-    operator_service_account,
     refusal_failures,
-    tiny_job,
-    upload_files,
     upload_text,
     wait_for,
 )
+from real_node_env import RUN_TIMEOUT, node_job, pod_url
 from recording_http import RecordingServer
 
+from harness.fixtures import ContainerdCluster
 from harness.s3 import OutageProxy
 from kubetune.layout import RunLayout
 from kubetune.schema import job_manifest
 
 pytestmark = pytest.mark.cluster
 
-RUN_TIMEOUT = 420.0  # seconds for a whole tiny run on a loaded 2-core machine
-
 
 @pytest.fixture
-def env(
-    k8s_cluster: Any, k8s_namespace: str, s3_server: Any, crd_installed: None, tmp_path: Path
-) -> Iterator[dict[str, Any]]:
-    """Buckets with a tldr slice, a credentials Secret with a unique value, an operator."""
-    s3 = s3_server
-    client = s3.client()
-    suffix = k8s_namespace.removeprefix("test-")
-    data_bucket = s3.make_bucket(f"data-{suffix}")
-    out_bucket = s3.make_bucket(f"runs-{suffix}")
-    upload_files(client, data_bucket, "tldr/common", tldr_files("common")[:150])
-    # Distinctive keys so the leak check cannot match by accident; the S3 server checks
-    # credentials, so it is told to accept these.
-    key_id = f"AK{uuid.uuid4().hex[:16].upper()}"
-    secret_value = f"sk-{uuid.uuid4().hex}"
-    s3.add_credentials(key_id, secret_value)
-    create_s3_secret(k8s_cluster.kubeconfig, k8s_namespace, key_id, secret_value)
-    # The operator runs as its own ServiceAccount with exactly the rules of rbac.py.
-    sa = f"kubetune-operator-{k8s_namespace}"
-    op_kubeconfig = operator_service_account(
-        k8s_cluster.kubeconfig, k8s_namespace, tmp_path / "operator.kubeconfig"
-    )
-    op_secret = f"op-{uuid.uuid4().hex}"
-    op = OperatorProcess.start(
-        op_kubeconfig,
-        k8s_namespace,
-        {**s3.env(), "AWS_SECRET_ACCESS_KEY": op_secret},
-        tmp_path / "operator.log",
-    )
-    ctx = {
-        "kubeconfig": k8s_cluster.kubeconfig,
-        "ns": k8s_namespace,
-        "s3": s3,
-        "client": client,
-        "data_uri": f"s3://{data_bucket}/tldr/common/",
-        "data_bucket": data_bucket,
-        "out_bucket": out_bucket,
-        "secret_values": [secret_value, op_secret],
-        "op": op,
-    }
-    yield ctx
-    ctx["op"].stop()
-    log = ctx["op"].log_text()
+def env(env: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """The real node's FineTuneJob environment (real_node_env.env); afterwards, the operator's
+    log must show no request the API server refused."""
+    yield env
+    log = env["op"].log_text()
     assert "Forbidden" not in log and " 403 " not in log, "the operator lacked an RBAC right"
-    kubectl(k8s_cluster.kubeconfig, "delete", "clusterrole,clusterrolebinding", sa, check=False)
 
 
 def job_for(env: dict[str, Any], name: str, **training: Any) -> dict[str, Any]:
-    return tiny_job(
-        name,
-        data_uri=env["data_uri"],
-        output=f"s3://{env['out_bucket']}/{name}/",
-        endpoint=env["s3"].endpoint_url,
-        secret="kubetune-s3",
-        **training,
-    )
+    """The tiny example on the real node, with BLEU as the example has it."""
+    return node_job(env, name, bleu=True, **training)
 
 
 def wait_phase(
@@ -205,22 +158,22 @@ MALFORMED = [
 
 
 def test_api_server_rejects_malformed_manifests_naming_the_field(
-    k8s_cluster: Any, k8s_namespace: str, crd_installed: None
+    containerd_cluster: ContainerdCluster, node_namespace: str
 ) -> None:
-    ok = dry_run(k8s_cluster.kubeconfig, k8s_namespace, VALID)
+    ok = dry_run(containerd_cluster.kubeconfig, node_namespace, VALID)
     assert ok.returncode == 0, ok.stderr
     failures = []
     for path, value, expected in MALFORMED:
-        result = dry_run(k8s_cluster.kubeconfig, k8s_namespace, _set(path, value))
+        result = dry_run(containerd_cluster.kubeconfig, node_namespace, _set(path, value))
         if result.returncode == 0 or expected not in result.stderr:
             failures.append(f"{path}={value!r}: rc={result.returncode} stderr={result.stderr!r}")
     assert not failures, "\n".join(failures)
 
 
 def test_api_server_applies_each_cel_rule_to_its_cases_naming_the_field(
-    k8s_cluster: Any, k8s_namespace: str, crd_installed: None
+    containerd_cluster: ContainerdCluster, node_namespace: str
 ) -> None:
-    failures = refusal_failures(k8s_cluster.kubeconfig, k8s_namespace, CEL_CASES)
+    failures = refusal_failures(containerd_cluster.kubeconfig, node_namespace, CEL_CASES)
     assert not failures, "\n".join(failures)
 
 
@@ -420,7 +373,6 @@ def test_a_spec_string_cannot_read_the_pods_secrets_through_variable_expansion(
 def test_compare_endpoints_get_the_key_of_their_own_secret_and_never_the_pods_credentials(
     env: dict[str, Any],
 ) -> None:
-    # Pods run on the host network of the process node, so loopback reaches this endpoint.
     kc, ns, name = env["kubeconfig"], env["ns"], "compare-keys"
     api_key = f"sk-endpoint-{uuid.uuid4().hex}"
     kubectl(
@@ -435,18 +387,19 @@ def test_compare_endpoints_get_the_key_of_their_own_secret_and_never_the_pods_cr
     )
     # An OpenAI-style completions endpoint that records who called it.
     with RecordingServer(body={"choices": [{"text": " the end"}]}) as endpoint:
+        url = pod_url(env["cluster"], endpoint.url)  # the bridge address pods reach it at
         job = job_for(env, name, maxSteps=2)
         job["spec"]["evaluation"]["compareWith"] = [
             # Names the pod's own S3 secret: in a pod the operator drops apiKeyEnv.
             {
                 "name": "borrower",
-                "baseUrl": f"{endpoint.url}/borrower/v1",
+                "baseUrl": f"{url}/borrower/v1",
                 "model": "m",
                 "apiKeyEnv": "AWS_SECRET_ACCESS_KEY",
             },
             {
                 "name": "keyed",
-                "baseUrl": f"{endpoint.url}/keyed/v1",
+                "baseUrl": f"{url}/keyed/v1",
                 "model": "m",
                 "apiKeySecret": "endpoint-key",
             },
@@ -470,7 +423,7 @@ def test_a_storage_outage_during_a_stage_costs_no_attempt(env: dict[str, Any]) -
     proxy = OutageProxy.start(env["s3"].endpoint_url)
     try:
         job = job_for(env, name, maxSteps=2)
-        job["spec"]["storage"]["endpoint"] = proxy.endpoint_url
+        job["spec"]["storage"]["endpoint"] = pod_url(env["cluster"], proxy.endpoint_url)
         job["spec"]["evaluation"] = {"bleu": {"enabled": False}, "baseline": False}
         source = env["data_uri"].removeprefix("s3://")
         proxy.cut_on(f"GET /{source}".encode(), restore_after=15)
@@ -487,12 +440,12 @@ def test_a_storage_outage_during_a_stage_costs_no_attempt(env: dict[str, Any]) -
     assert retrying == [], [e["message"] for e in retrying]
 
 
-def test_a_training_pod_killed_without_a_grace_period_costs_an_attempt_and_resumes(
+def test_a_trainer_killed_without_warning_costs_an_attempt_and_resumes(
     env: dict[str, Any],
 ) -> None:
-    """No time to save (a forced delete, like a crashed node): the attempt is lost, and the
-    next one resumes from the last interval checkpoint. With a grace period the pod saves a
-    checkpoint and loses nothing (tests/cluster/test_distributed.py)."""
+    """No time to save (SIGKILL, as from the kernel's OOM killer or a crashed node): the
+    attempt is lost, and the next one resumes from the last interval checkpoint. With a grace
+    period the pod saves a checkpoint and loses nothing (tests/cluster/test_distributed.py)."""
     kc, ns, name = env["kubeconfig"], env["ns"], "resume"
     apply(kc, ns, job_for(env, name, maxSteps=40, checkpointEverySteps=5))
     client, bucket = env["client"], env["out_bucket"]
@@ -513,11 +466,10 @@ def test_a_training_pod_killed_without_a_grace_period_costs_an_attempt_and_resum
         dump=lambda: diagnose(kc, ns, name, env["op"]),
     )
     pods = get_json(kc, ns, "pods", "-l", f"kubetune.io/job={name},kubetune.io/stage=train")
-    running = [
-        p["metadata"]["name"] for p in pods["items"] if p["status"].get("phase") == "Running"
-    ]
+    running = [p for p in pods["items"] if p["status"].get("phase") == "Running"]
     assert running, "the training pod should still be running after its first checkpoint"
-    kubectl(kc, "-n", ns, "delete", "pod", running[0], "--grace-period=0", "--force")
+    container_id = running[0]["status"]["containerStatuses"][0]["containerID"]
+    env["node"].ctr("tasks", "kill", "--signal", "SIGKILL", container_id.split("://", 1)[1])
     wait_phase(env, name, {"Succeeded"})
     train = json.loads(
         client.get_object(Bucket=bucket, Key=f"{run_prefix}/train/train.json")["Body"].read()
@@ -574,11 +526,11 @@ def test_deleting_the_finetunejob_deletes_its_children(env: dict[str, Any]) -> N
 
 
 def test_rbac_grants_the_operator_what_it_needs_and_no_more(
-    k8s_cluster: Any, k8s_namespace: str
+    containerd_cluster: ContainerdCluster, node_namespace: str
 ) -> None:
     from kubetune_operator import rbac
 
-    kc = k8s_cluster.kubeconfig
+    kc, k8s_namespace = containerd_cluster.kubeconfig, node_namespace
     name = f"kubetune-operator-{k8s_namespace}"
     for obj in rbac.manifests(k8s_namespace, name):
         apply(kc, k8s_namespace, obj)

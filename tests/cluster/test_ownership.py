@@ -135,7 +135,7 @@ def test_a_second_finetunejob_on_an_output_in_use_is_refused_and_never_gets_its_
             "copy",
             data_uri=env["data_uri"],
             output=f"s3://{bucket}/first",  # the same prefix, written without the slash
-            endpoint=env["s3"].endpoint_url,
+            endpoint=env["endpoint"],
             secret="kubetune-s3",  # does not exist in other_ns
         )
         apply(kc, other_ns, copy)

@@ -31,7 +31,8 @@ import yaml
 from argocd_health import health
 from datapaths import tldr_files
 from operator_helpers import get_ftj, get_json, kubectl, upload_files, wait_for
-from test_operator import RUN_TIMEOUT, env, job_for  # noqa: F401 (env is a fixture)
+from real_node_env import RUN_TIMEOUT, pod_url
+from test_operator import env, job_for  # noqa: F401 (env is a fixture)
 from tracking_server import MlflowServer, experiment_runs, mlflow_server  # noqa: F401
 
 from kubetune.layout import run_dir
@@ -168,6 +169,7 @@ def test_gitops_loop_promotes_only_better_models_and_retrains_on_new_data(
     upload_files(client, bucket, "loop/tokenizer", sorted((tmp_path / "tokenizer").iterdir()))
     serving = f"s3://{out_bucket}/serving"
     experiment = f"loop-{ns}"
+    tracking_uri = pod_url(env["cluster"], mlflow_server.url)  # as pods reach it
 
     def manifest(epochs: int) -> dict[str, Any]:
         job = job_for(env, NAME, epochs=epochs, checkpointEverySteps=100, logEverySteps=20)
@@ -178,7 +180,7 @@ def test_gitops_loop_promotes_only_better_models_and_retrains_on_new_data(
         spec["evaluation"]["bleu"] = {"enabled": False}
         spec["promotion"] = {"target": serving}
         spec["retrain"] = {"onDatasetChange": True, "pollIntervalSeconds": 30, "keepRuns": 2}
-        spec["tracking"] = {"mlflow": {"trackingUri": mlflow_server.url, "experiment": experiment}}
+        spec["tracking"] = {"mlflow": {"trackingUri": tracking_uri, "experiment": experiment}}
         job["metadata"].pop("namespace", None)  # the kustomization sets it
         return job
 
@@ -195,7 +197,7 @@ def test_gitops_loop_promotes_only_better_models_and_retrains_on_new_data(
     assert read_json(client, out_bucket, "serving/current.json")["version"] == "v0001"
     uid = ftj["metadata"]["uid"]
     assert ftj["status"]["trigger"] == "SpecChange"
-    assert ftj["status"]["tracking"]["url"].startswith(mlflow_server.url)
+    assert ftj["status"]["tracking"]["url"].startswith(tracking_uri)
 
     # 2. A cheaper spec from git: a worse model, not promoted; serving unchanged.
     repo.sync(kc, repo.commit(manifest(epochs=1), "fine-tune tldr: 1 epoch saves GPU time"))

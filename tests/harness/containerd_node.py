@@ -180,6 +180,7 @@ class ContainerdNode:
         self.cgroup_root = f"/kubetune-{digest}"
         self.shim_socket_dir = Path(f"/run/kubetune-{digest}")
         self.nat_chain = ""
+        self._exposed: set[int] = set()  # host ports expose_host_port has made reachable
         self._started = False
         self.kube_proxy_config: Path | None = None
         self.image_root: Path | None = None  # containerd's root, once chosen
@@ -310,6 +311,10 @@ class ContainerdNode:
         chain = self.nat_chain
         _sh("iptables", "-w", "-t", "nat", "-N", chain)
         _sh("iptables", "-w", "-t", "nat", "-A", "PREROUTING", "-i", self.bridge, "-j", chain)
+        # Processes on the host (the operator a test runs, as the chart's pod would) reach the
+        # same bridge address as the pods, so a FineTuneJob's endpoints work for both.
+        gateway = f"{self.gateway}/32"
+        _sh("iptables", "-w", "-t", "nat", "-A", "OUTPUT", "-d", gateway, "-j", chain)
         api_port = str(self.control_plane.api_port)
         self._dnat(self.api_service_ip, "443", api_port)
 
@@ -321,9 +326,11 @@ class ContainerdNode:
         )  # fmt: skip
 
     def expose_host_port(self, port: int) -> str:
-        """Make a service on the host's 127.0.0.1:`port` reachable from pods; returns the
-        "address:port" pods use (the bridge address, same port)."""
-        self._dnat(self.gateway, str(port), str(port))
+        """Make a service on the host's 127.0.0.1:`port` reachable from pods (and from the
+        host) at the bridge address; returns that "address:port". Once per port."""
+        if port not in self._exposed:
+            self._dnat(self.gateway, str(port), str(port))
+            self._exposed.add(port)
         return f"{self.gateway}:{port}"
 
     def _write_cni_config(self) -> Path:
