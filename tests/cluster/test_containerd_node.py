@@ -451,6 +451,9 @@ def test_stop_leaves_nothing_behind(
     )
     node.start()
     try:
+        # Cordoned: its pod names it, and the scheduler must never send another test's pod to
+        # a node that is about to go (one that did waited five minutes for an eviction).
+        containerd_cluster.kubectl("cordon", node.name)
         image = node.probe_image()
         manifest = probe_pod("sleeper", image, ["say:up", "sleep"])
         manifest["spec"]["nodeName"] = node.name
@@ -476,4 +479,8 @@ def test_stop_leaves_nothing_behind(
         assert any(line.startswith("bridge") for line in running), running
     finally:
         node.stop()
+        # A node that leaves the cluster leaves the API too (as `kubectl drain` + delete would).
+        containerd_cluster.kubectl("delete", "node", node.name, "--wait=false", check=False)
     assert node.leftovers() == []
+    nodes = containerd_cluster.kubectl("get", "nodes", "-o", "name").stdout.split()
+    assert nodes == [f"node/{containerd_cluster.node_name}"], nodes
