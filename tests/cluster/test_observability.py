@@ -98,9 +98,8 @@ class MonitorDiscovery(threading.Thread):
         return list(json.loads(body)["items"])
 
     def targets(self, monitor: dict[str, Any]) -> list[dict[str, Any]]:
-        spec = monitor["spec"]
+        spec, endpoint = monitor["spec"], monitor_endpoint(monitor)
         pods = monitor["kind"] == "PodMonitor"
-        (endpoint,) = spec["podMetricsEndpoints" if pods else "endpoints"]
         selector = ",".join(f"{k}={v}" for k, v in spec["selector"]["matchLabels"].items())
         found = []
         for ns in spec["namespaceSelector"]["matchNames"]:
@@ -151,8 +150,8 @@ class MonitorDiscovery(threading.Thread):
         return [
             {
                 "job_name": scrape_job(monitor),
-                "honor_labels": bool(endpoint.get("honorLabels", False)),
-                "metrics_path": endpoint.get("path", "/metrics"),
+                "honor_labels": bool(monitor_endpoint(monitor).get("honorLabels", False)),
+                "metrics_path": monitor_endpoint(monitor).get("path", "/metrics"),
                 "file_sd_configs": [
                     {
                         "files": [str(self.directory / f"{scrape_job(monitor)}.json")],
@@ -161,13 +160,18 @@ class MonitorDiscovery(threading.Thread):
                 ],
             }
             for monitor in self.monitors
-            for endpoint in monitor["spec"].get("podMetricsEndpoints")
-            or monitor["spec"]["endpoints"]
         ]
 
 
 def scrape_job(monitor: dict[str, Any]) -> str:
     return TRAIN_SCRAPE if monitor["kind"] == "PodMonitor" else OPERATOR_SCRAPE
+
+
+def monitor_endpoint(monitor: dict[str, Any]) -> dict[str, Any]:
+    """The one endpoint the chart's PodMonitor or ServiceMonitor declares."""
+    key = "podMetricsEndpoints" if monitor["kind"] == "PodMonitor" else "endpoints"
+    (endpoint,) = monitor["spec"][key]
+    return dict(endpoint)
 
 
 def chart_monitors(helm: list[str], values_file: Path) -> dict[str, dict[str, Any]]:
