@@ -450,6 +450,7 @@ def measure(sizes: Sizes, source: Path = REPO_ROOT) -> tuple[list[Figure], dict[
         status_latencies = []
         for name in singles[: sizes.status_updates]:
             job_name = _name(jobs.objects[name])
+            assert job_name is not None, f"{name}: its Job has no name"
             body = {"status": job_complete_status(datetime.now(timezone.utc))}
             sent = time.perf_counter()
             batch.patch_namespaced_job_status(job_name, NAMESPACE, body)

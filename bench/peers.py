@@ -9,6 +9,9 @@ number of tokens. Throughput is useful (non-padding) tokens per second of steps 
 (step 1 is the warm-up), timed by a ``TrainerCallback``; the tokens are counted in the
 data collator. Nothing here is tuned down: each peer runs as its documentation shows.
 
+``dropout`` sets the model's dropout on every side alike (the comparison uses 0, which is
+what ``training.dropout: 0`` gives kubetune; None keeps GPT-2's 0.1).
+
 Differences that are the peers' design, not the benchmark's: ``group_texts`` cuts the
 concatenated lines into blocks with no regard to line boundaries (a line may start in
 one row and end in the next; attention crosses lines), kubetune and TRL keep lines apart.
@@ -27,10 +30,11 @@ LEARNING_RATE = 1e-3
 WARMUP_FRACTION = 0.1
 
 
-def gpt2_config(model: dict[str, int], vocab: int, eos: int) -> Any:
+def gpt2_config(model: dict[str, int], vocab: int, eos: int, dropout: float | None = None) -> Any:
+    """GPT-2 config of the benchmark's shape; ``dropout`` (None: GPT-2's 0.1) on every layer."""
     from transformers import GPT2Config
 
-    return GPT2Config(
+    config = GPT2Config(
         n_layer=model["nLayer"],
         n_head=model["nHead"],
         n_embd=model["nEmbd"],
@@ -40,14 +44,17 @@ def gpt2_config(model: dict[str, int], vocab: int, eos: int) -> Any:
         eos_token_id=eos,
         pad_token_id=eos,
     )
+    if dropout is not None:
+        config.resid_pdrop = config.embd_pdrop = config.attn_pdrop = dropout
+    return config
 
 
-def fresh_model(model: dict[str, int], vocab: int, eos: int) -> Any:
+def fresh_model(model: dict[str, int], vocab: int, eos: int, dropout: float | None = None) -> Any:
     from transformers import AutoModelForCausalLM, set_seed
 
     set_seed(SEED)
     return AutoModelForCausalLM.from_config(
-        gpt2_config(model, vocab, eos), attn_implementation="sdpa"
+        gpt2_config(model, vocab, eos, dropout), attn_implementation="sdpa"
     )
 
 
@@ -104,7 +111,7 @@ def timed_train(trainer: Any) -> dict[str, Any]:
 
     step_ends: list[float] = []
 
-    class StepClock(TrainerCallback):  # type: ignore[misc]
+    class StepClock(TrainerCallback):
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             step_ends.append(time.perf_counter())
 
@@ -134,6 +141,7 @@ def run_group_texts(
     block: int,
     steps: int,
     workdir: Path,
+    dropout: float | None = None,
 ) -> dict[str, Any]:
     """HF ``Trainer`` + run_clm's ``tokenize_function`` / ``group_texts`` (eos after each line)."""
     from datasets import Dataset
@@ -161,7 +169,7 @@ def run_group_texts(
     )
     dataset = tokenized.map(group_texts, batched=True, batch_size=1000)
     trainer = Trainer(
-        model=fresh_model(model, len(tokenizer), eos),
+        model=fresh_model(model, len(tokenizer), eos, dropout),
         args=TrainingArguments(**training_arguments(workdir / "group-texts", steps)),
         train_dataset=dataset,
         data_collator=default_data_collator,
@@ -186,6 +194,7 @@ def run_trl_sft(
     block: int,
     steps: int,
     workdir: Path,
+    dropout: float | None = None,
 ) -> dict[str, Any]:
     """TRL ``SFTTrainer``, ``packing=True`` (bfd: padding-free, per-example position ids)."""
     import warnings
@@ -213,7 +222,7 @@ def run_trl_sft(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer = SFTTrainer(
-            model=fresh_model(model, len(tokenizer), eos),
+            model=fresh_model(model, len(tokenizer), eos, dropout),
             args=config,
             train_dataset=Dataset.from_dict({"text": lines}),
             processing_class=tokenizer,

@@ -5,9 +5,10 @@
 
 Prepares the train benchmark's tldr dataset (the real prepare stage, in scratch), then
 runs 12 steps of one packed row of 512 tokens (the peer comparison's shape: 4 x 256 GPT-2,
-fp32, 1 thread) under ``torch.profiler`` and prints the operators by self CPU time. The
-shares (not the absolute times, which include setup and the machine's load) are what
-``bench/RESULTS.md`` quotes: matmuls, dropout, attention, GELU, optimizer.
+fp32, 1 thread, dropout 0 unless ``--dropout``) under ``torch.profiler`` and prints the
+operators by self CPU time. The shares (not the absolute times, which include setup and
+the machine's load) are what ``bench/RESULTS.md`` quotes: matmuls, dropout, attention,
+GELU, optimizer.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("side", choices=["kubetune", "group_texts"])
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--rows", type=int, default=22, help="operators to print")
+    parser.add_argument(
+        "--dropout", type=float, default=tb.PEER_DROPOUT, help="on both sides (the comparison's)"
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("KUBETUNE_METRICS_PORT", "0")
     import torch
@@ -51,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         "packing": True,
         "logEverySteps": 100_000,
         "checkpointEverySteps": 100_000,
+        "dropout": args.dropout,
     }
     texts = tb._read_jsonl_texts(data / "dataset" / "train.jsonl")
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -58,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             result = tb.run_kubetune(work, "kubetune", training, data, 1500, vocab)
         else:
             result = peers.run_group_texts(
-                texts, tokenizer_dir, tb.MODEL, tb.PEER_BLOCK, args.steps, work
+                texts, tokenizer_dir, tb.MODEL, tb.PEER_BLOCK, args.steps, work, args.dropout
             )
             result.pop("model")
     print(f"{args.side}: steady {result['steady_tokens_per_s']:.1f} tok/s (under the profiler)")

@@ -33,6 +33,7 @@ import logging
 import math
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,8 @@ TEST_LINES = 400
 PEER_BLOCK = 512
 PEER_STEPS_QUICK = 12
 PEER_STEPS_FULL = 60
+PEER_ROUNDS = 2  # each side's best rate of this many alternating runs
+PEER_DROPOUT = 0.0  # on every side of the peer and fraction-of-peak runs
 # Fraction of peak: a GPT-2-small-like shape (GPT-2 small is 12 x 768, 12 heads).
 MFU_MODEL_QUICK = {"nLayer": 2, "nHead": 12, "nEmbd": 768, "nPositions": 1024}
 MFU_MODEL_FULL = {"nLayer": 12, "nHead": 12, "nEmbd": 768, "nPositions": 1024}
@@ -249,6 +252,61 @@ def run_template(
     }
 
 
+def keep_best(best: dict[str, Any], run: dict[str, Any]) -> dict[str, Any]:
+    """The first run's figures (its model and loss), with the best steady rate of all runs."""
+    if not best:
+        return {**run, "rates": [run["steady_tokens_per_s"]]}
+    run.pop("model", None)
+    rates = [*best["rates"], run["steady_tokens_per_s"]]
+    return {**best, "rates": rates, "steady_tokens_per_s": max(rates)}
+
+
+def without_start_token(train_run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """``train_run()`` with rows built without the bos kubetune puts before every line.
+
+    An ablation, not a setting: each line is then ``tokens eos`` from position 0 and its
+    first token is context (the segment start is never predicted), as in TRL's packing.
+    """
+    from kubetune_trainer import train
+
+    original = train.build_rows
+
+    def no_bos(*args: Any, **kwargs: Any) -> Any:
+        return original(*args, **{**kwargs, "bos_id": None})
+
+    train.build_rows = no_bos
+    try:
+        return train_run()
+    finally:
+        train.build_rows = original
+
+
+def no_bos_figures(kt_no_bos: dict[str, Any], runs: dict[str, dict[str, Any]]) -> list[Figure]:
+    """The start-token ablation: its held-out loss, and its gap to the best peer."""
+    figures = [
+        Figure(
+            "train_peer_kubetune_no_bos_test_loss",
+            kt_no_bos["test_loss"],
+            "nats/token",
+            None,
+            "ablation: kubetune rows without the start token (lines from position 0, "
+            "TRL's layout), scored without context, tokens 2..n",
+        )
+    ]
+    if runs:
+        best = min(runs, key=lambda n: runs[n]["test_loss"])
+        figures.append(
+            Figure(
+                "train_loss_gap_no_bos_vs_best_peer",
+                kt_no_bos["test_loss"] / runs[best]["test_loss"] - 1.0,
+                "",
+                None,
+                f"ablation: (kubetune without bos / {best}) - 1",
+            )
+        )
+    return figures
+
+
 def test_loss(model: Any, tokenizer: Any, texts: list[str], context: int | None = None) -> float:
     """Summed NLL / predicted tokens of each text scored alone: tokens 2..n of every line.
 
@@ -283,7 +341,10 @@ def peer_figures(
     threads: int,
 ) -> list[Figure]:
     """kubetune vs the faster peer (tokens/s) and vs the best peer loss, plus each peer's rate."""
-    shape = f"1 x {PEER_BLOCK}, {steps} steps, fp32, {threads} thread(s)"
+    shape = (
+        f"1 x {PEER_BLOCK}, {steps} steps, fp32, dropout {PEER_DROPOUT:g}, {threads} thread(s); "
+        f"every side: best of {PEER_ROUNDS} runs, the sides alternating"
+    )
     labels = {
         "group_texts": "HF Trainer + run_clm group_texts",
         "trl_sft": "TRL SFTTrainer packing=True (bfd, padding-free)",
@@ -399,26 +460,55 @@ def run(quick: bool, threads: int) -> tuple[list[Figure], dict[str, Any]]:
     train_texts = _read_jsonl_texts(data_dir / "dataset" / "train.jsonl")
     test_texts = _read_jsonl_texts(data_dir / "dataset" / "test.jsonl")[:TEST_LINES]
 
-    # Against the peers: same rows of PEER_BLOCK tokens, batch 1, same steps (= tokens).
+    # Against the peers: same rows of PEER_BLOCK tokens, batch 1, same steps (= tokens),
+    # dropout 0 on every side. Each side runs PEER_ROUNDS times, the sides alternating
+    # (kubetune, peers, kubetune, peers), and keeps its best rate: a load change on the
+    # shared machine then moves every side, not one. Losses come from the first round.
     peer_steps = PEER_STEPS_QUICK if quick else PEER_STEPS_FULL
-    peer_training = {**shape, "maxSteps": peer_steps, "batchSize": 1, "maxSeqLength": PEER_BLOCK}
-    kt_peer = run_kubetune(workdir, "peer", peer_training, data_dir, max_documents, vocab)
+    peer_training = {
+        **shape,
+        "maxSteps": peer_steps,
+        "batchSize": 1,
+        "maxSeqLength": PEER_BLOCK,
+        "dropout": PEER_DROPOUT,
+    }
+    kt_peer: dict[str, Any] = {}
     peer_runs: dict[str, dict[str, Any]] = {}
     peer_errors: dict[str, str] = {}
-    for peer_name, peer_fn in (
-        ("group_texts", peers.run_group_texts),
-        ("trl_sft", peers.run_trl_sft),
-    ):
-        if peer_name == "trl_sft" and peers.trl_version() is None:
-            peer_errors[peer_name] = "trl is not installed (pip install -e '.[bench]')"
-            continue
-        torch.set_num_threads(threads)
-        try:
-            peer_runs[peer_name] = peer_fn(
-                train_texts, tokenizer_dir, MODEL, PEER_BLOCK, peer_steps, workdir
-            )
-        except Exception as exc:  # a peer that fails is reported, the others still run
-            peer_errors[peer_name] = f"{type(exc).__name__}: {exc}"
+    for round_ in range(PEER_ROUNDS):
+        kt_round = run_kubetune(
+            workdir, f"peer{round_}", peer_training, data_dir, max_documents, vocab
+        )
+        kt_peer = keep_best(kt_peer, kt_round)
+        for peer_name, peer_fn in (
+            ("group_texts", peers.run_group_texts),
+            ("trl_sft", peers.run_trl_sft),
+        ):
+            if peer_name in peer_errors:
+                continue
+            if peer_name == "trl_sft" and peers.trl_version() is None:
+                peer_errors[peer_name] = "trl is not installed (pip install -e '.[bench]')"
+                continue
+            torch.set_num_threads(threads)
+            try:
+                got = peer_fn(
+                    train_texts,
+                    tokenizer_dir,
+                    MODEL,
+                    PEER_BLOCK,
+                    peer_steps,
+                    workdir,
+                    dropout=PEER_DROPOUT,
+                )
+            except Exception as exc:  # a peer that fails is reported, the others still run
+                peer_errors[peer_name] = f"{type(exc).__name__}: {exc}"
+                continue
+            peer_runs[peer_name] = keep_best(peer_runs.get(peer_name, {}), got)
+    # Ablation: kubetune's layout without the start token (TRL's layout: a line starts at
+    # position 0 and its first token is context), to tell what the bos costs at equal tokens.
+    kt_no_bos = without_start_token(
+        lambda: run_kubetune(workdir, "peer-no-bos", peer_training, data_dir, max_documents, vocab)
+    )
 
     # Fraction of the CPU's matmul peak at a GPT-2-small-like shape (the real stage).
     mfu_model = MFU_MODEL_QUICK if quick else MFU_MODEL_FULL
@@ -430,7 +520,16 @@ def run(quick: bool, threads: int) -> tuple[list[Figure], dict[str, Any]]:
     }
     peak_before = cpu_matmul_peak(threads, quick)
     kt_mfu = run_kubetune(
-        workdir, "mfu", mfu_training, data_dir, max_documents, vocab, model=mfu_model
+        workdir,
+        "mfu",
+        {**mfu_training, "dropout": PEER_DROPOUT},
+        data_dir,
+        max_documents,
+        vocab,
+        model=mfu_model,
+    )
+    kt_mfu_dropout = run_kubetune(
+        workdir, "mfu-dropout", mfu_training, data_dir, max_documents, vocab, model=mfu_model
     )
     peak = best_peak(peak_before, cpu_matmul_peak(threads, quick))
     n_params = gpt2_param_count(
@@ -442,6 +541,7 @@ def run(quick: bool, threads: int) -> tuple[list[Figure], dict[str, Any]]:
     )
     mfu_flops = flops_per_token(n_params, mfu_model["nLayer"], mfu_model["nEmbd"], MFU_ROW)
     train_mfu = mfu(kt_mfu["steady_tokens_per_s"], mfu_flops, peak["fp32_flops"])
+    train_mfu_dropout = mfu(kt_mfu_dropout["steady_tokens_per_s"], mfu_flops, peak["fp32_flops"])
 
     torch.set_num_threads(threads)
     tpl = run_template(train_texts, tokenizer_dir, steps, vocab, workdir)
@@ -453,6 +553,8 @@ def run(quick: bool, threads: int) -> tuple[list[Figure], dict[str, Any]]:
     kt_peer_model = AutoModelForCausalLM.from_pretrained(str(kt_peer["output"] / "model"))
     kt_peer_loss = test_loss(kt_peer_model, tokenizer, test_texts, context=eos)
     kt_peer["test_loss_no_context"] = test_loss(kt_peer_model, tokenizer, test_texts)
+    no_bos_model = AutoModelForCausalLM.from_pretrained(str(kt_no_bos["output"] / "model"))
+    kt_no_bos["test_loss"] = test_loss(no_bos_model, tokenizer, test_texts)  # TRL's layout
     for peer_name, d in peer_runs.items():
         peer_model = d.pop("model")
         d["test_loss_no_context"] = test_loss(peer_model, tokenizer, test_texts)
@@ -465,6 +567,7 @@ def run(quick: bool, threads: int) -> tuple[list[Figure], dict[str, Any]]:
     shape_speedup = kt_shape["steady_tokens_per_s"] / tpl["steady_tokens_per_s"]
     note = f"{steps} steps each, ~8 lines/step, fp32, {threads} threads"
     figures = peer_figures(kt_peer, kt_peer_loss, peer_runs, peer_errors, peer_steps, threads)
+    figures += no_bos_figures(kt_no_bos, peer_runs)
     figures += [
         Figure(
             "cpu_matmul_peak_gflops",
@@ -482,7 +585,16 @@ def run(quick: bool, threads: int) -> tuple[list[Figure], dict[str, Any]]:
             ">= 0.5",
             f"kubetune train.run, GPT-2-small-like {mfu_model['nLayer']} x {mfu_model['nEmbd']}, "
             f"{mfu_model['nHead']} heads, vocab {vocab}, 1 x {MFU_ROW} packed, fp32, "
-            f"{kt_mfu['steady_tokens_per_s']:.1f} tok/s x {mfu_flops / 1e6:.0f} MFLOP/token",
+            f"dropout 0, {kt_mfu['steady_tokens_per_s']:.1f} tok/s x "
+            f"{mfu_flops / 1e6:.0f} MFLOP/token",
+        ),
+        Figure(
+            "train_mfu_default_dropout",
+            train_mfu_dropout,
+            "of peak",
+            None,
+            f"same, with GPT-2's dropout 0.1 (training.dropout unset), "
+            f"{kt_mfu_dropout['steady_tokens_per_s']:.1f} tok/s",
         ),
         Figure(
             "train_tokens_per_s",
@@ -528,7 +640,7 @@ def run(quick: bool, threads: int) -> tuple[list[Figure], dict[str, Any]]:
             "8 x 512 packed vs 8 x 512 padded",
         ),
     ]
-    for d in (kt, kt_shape, kt_peer, kt_mfu):
+    for d in (kt, kt_shape, kt_peer, kt_no_bos, kt_mfu, kt_mfu_dropout):
         d["output"] = str(d["output"])
     details = {
         "kubetune_budget": kt,
@@ -537,7 +649,10 @@ def run(quick: bool, threads: int) -> tuple[list[Figure], dict[str, Any]]:
         "kubetune_peer": {**kt_peer, "test_loss": kt_peer_loss},
         "peers": peer_runs,
         "peer_errors": peer_errors,
+        "kubetune_peer_no_bos": kt_no_bos,
+        "peer_rounds": PEER_ROUNDS,
         "kubetune_mfu": {**kt_mfu, "model": mfu_model, "flops_per_token": mfu_flops},
+        "kubetune_mfu_default_dropout": kt_mfu_dropout,
         "peak": peak,
         "row_tokens": row,
         "mean_line_tokens": mean_line,

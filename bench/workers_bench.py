@@ -123,7 +123,10 @@ def run(quick: bool, threads: int) -> tuple[list[Figure], dict[str, Any]]:
         for name, out in (("one", one_out), ("two", two_out))
     }
     ratio = rate["two"] / rate["one"]
-    loss_diff = abs(results["two"].final_loss / results["one"].final_loss - 1)
+    one_loss, two_loss = results["one"].final_loss, results["two"].final_loss
+    if one_loss is None or two_loss is None:
+        raise RuntimeError("a training run recorded no final loss")
+    loss_diff = abs(two_loss / one_loss - 1)
     shape = f"{MODEL['nLayer']}x{MODEL['nEmbd']}, global batch {GLOBAL_BATCH}x{SEQ}, {steps} steps"
     figures = [
         Figure("workers_1_tokens_per_s", round(rate["one"], 1), "tok/s", None, shape),

@@ -199,6 +199,9 @@ class EvaluateResult(_Result):
     )
     comparisons: list[Comparison] = Field(default_factory=list)
     test_lines: int | None = Field(None, description="lines in the test split")
+    precision: str | None = Field(
+        None, description="the arithmetic the models were scored in: fp32 or bf16 (autocast)"
+    )
     dataset_fingerprint: str | None = Field(None, description="of the test split's prepare")
     training_fingerprint: str | None = Field(None, description="of the scored model")
     train_test_overlap: int | None = Field(

@@ -94,6 +94,17 @@ def test_evaluate_perplexity_equals_direct_scoring(built: dict[str, Any], tmp_pa
     assert result.baseline is None
 
 
+def test_bf16_precision_is_opt_in_and_recorded(built: dict[str, Any], tmp_path: Path) -> None:
+    off = {"baseline": False, "bleu": {"enabled": False}}
+    fp32 = _evaluate(_run_copy(built, tmp_path / "a"), tmp_path / "a", **off)
+    bf16 = _evaluate(_run_copy(built, tmp_path / "b"), tmp_path / "b", precision="bf16", **off)
+    assert (fp32.precision, bf16.precision) == ("fp32", "bf16")
+    a, b = fp32.fine_tuned.nll_sum, bf16.fine_tuned.nll_sum
+    assert a is not None and b is not None
+    # Rounded matmul inputs move the sum a little, and only a little.
+    assert a != b and b == pytest.approx(a, rel=1e-2)
+
+
 def test_batched_generation_equals_generate_and_one_at_a_time(built: dict[str, Any]) -> None:
     # A random model with sharpened logits: clear argmax margins, long varied continuations,
     # and some rows that hit eos/newline early (so finished rows are dropped mid-batch).

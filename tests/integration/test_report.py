@@ -157,6 +157,7 @@ def test_report_without_baseline_or_metrics_says_what_is_missing(tmp_path: Path)
     result = report.run(ctx)
     md = (out / RunLayout.REPORT_MD).read_text()
     assert "No baseline was evaluated" in md
+    assert "evaluation.precision" not in md  # a result from before the field says nothing
     assert "dataset/prepare.json not available." in md
     assert "has no loss values to plot" in md
     assert result.loss_curve_uri is None and not (out / RunLayout.LOSS_PNG).exists()
@@ -182,6 +183,8 @@ def test_evaluate_then_report_end_to_end(tmp_path: Path) -> None:
     (ppl,) = _table_rows(md, "Perplexity")
     assert ppl[1] == f"{evaluated.fine_tuned.perplexity:,.3f}"
     assert "better" in ppl[4]  # the fine-tuned tiny model beats its untrained init
+    assert evaluated.precision == "fp32"  # auto on a CPU
+    assert "Every model here was scored in fp32 (evaluation.precision)." in md
     assert (
         len(_table_rows(md, "Prompt")) == 1
         and "<table>" in (out / RunLayout.REPORT_HTML).read_text()

@@ -517,3 +517,33 @@ def test_training_dropout_replaces_the_models_own_in_fresh_and_saved_models(
             assert {m.p for m in model.modules() if isinstance(m, nn.Dropout)} == {p}
             config = model.config
             assert config.resid_pdrop == config.embd_pdrop == config.attn_pdrop == p
+
+
+def test_loaded_models_run_the_fused_gelu_and_save_as_they_were_loaded(tmp_path: Path) -> None:
+    from torch import nn
+    from transformers import AutoModelForCausalLM
+    from transformers.activations import NewGELUActivation
+
+    from kubetune.schema import ModelSpec
+    from kubetune_trainer.modeling import load_model, save_model
+
+    tok = tiny.train_tokenizer(tiny.tldr_lines(300))
+    saved = tiny.save_tiny_model(tmp_path / "base", tok)
+    ctx = make_context(tiny.make_job(f"file://{tmp_path}/out"), scratch=tmp_path / "s")
+    model = load_model(ModelSpec.model_validate({"uri": f"file://{saved}"}), ctx, len(tok))
+    reference = AutoModelForCausalLM.from_pretrained(str(saved)).float()  # gelu_new as saved
+
+    fused = [m for m in model.modules() if isinstance(m, nn.GELU)]
+    assert len(fused) == model.config.n_layer and {m.approximate for m in fused} == {"tanh"}
+    assert not any(isinstance(m, NewGELUActivation) for m in model.modules())
+    assert any(isinstance(m, NewGELUActivation) for m in reference.modules())
+    ids = torch.tensor([tok.encode("tar -xzf archive.tar.gz -C target/directory")])
+    with torch.no_grad():
+        got, want = model.eval()(ids).logits, reference.eval()(ids).logits
+    assert torch.allclose(got, want, atol=1e-5) and not torch.equal(got, torch.zeros_like(got))
+
+    # The swap holds no weights: the saved model is the loaded one, config included.
+    save_model(model, tok, tmp_path / "again")
+    again = AutoModelForCausalLM.from_pretrained(str(tmp_path / "again"))
+    assert again.config.activation_function == reference.config.activation_function
+    assert again.state_dict().keys() == reference.state_dict().keys()

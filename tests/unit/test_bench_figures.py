@@ -1,4 +1,4 @@
-"""bench/train_bench.peer_figures and bench/prepare_bench.tree_pss_mb: pure helpers, no timing."""
+"""Pure helpers of bench/ (figures, best-of runs, the ablation's patch, tree PSS): no timing."""
 
 from __future__ import annotations
 
@@ -13,8 +13,14 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:  # bench/ is a top-level package of the repo, not installed
     sys.path.insert(0, str(REPO))
 
+from bench.eval_bench import alternate  # noqa: E402
 from bench.prepare_bench import tree_pss_mb  # noqa: E402
-from bench.train_bench import peer_figures  # noqa: E402
+from bench.train_bench import (  # noqa: E402
+    keep_best,
+    no_bos_figures,
+    peer_figures,
+    without_start_token,
+)
 
 
 def _by_name(figures: list) -> dict:
@@ -87,3 +93,55 @@ def test_test_loss_scores_the_same_targets_with_or_without_a_context_token() -> 
     after_eos = test_loss(model, Tok(), texts, context=0)
     assert plain > 0 and after_eos > 0
     assert plain != after_eos  # the same 11 targets, conditioned differently
+
+
+def test_keep_best_keeps_the_first_runs_model_and_the_best_rate() -> None:
+    first = {"steady_tokens_per_s": 900.0, "model": "first", "test_loss": 6.5}
+    best = keep_best({}, first)
+    best = keep_best(best, {"steady_tokens_per_s": 1100.0, "model": "second"})
+    best = keep_best(best, {"steady_tokens_per_s": 1000.0, "model": "third"})
+    assert best["steady_tokens_per_s"] == 1100.0 and best["rates"] == [900.0, 1100.0, 1000.0]
+    assert best["model"] == "first" and best["test_loss"] == 6.5
+
+
+def test_alternate_interleaves_the_sides_and_keeps_each_first_result() -> None:
+    calls: list[str] = []
+
+    def side(name: str) -> object:
+        def run() -> object:
+            calls.append(name)
+            return (name, len(calls))
+
+        return run
+
+    ours, ours_s, base, base_s = alternate(side("ours"), side("base"), rounds=3)
+    assert calls == ["ours", "base"] * 3
+    assert ours == ("ours", 1) and base == ("base", 2)
+    assert 0 <= ours_s < 1 and 0 <= base_s < 1
+
+
+def test_the_start_token_ablation_drops_the_bos_and_restores_the_stage() -> None:
+    from kubetune_trainer import train
+
+    original = train.build_rows
+    tokens, offsets = [5, 6, 7, 8, 9], [0, 3, 5]
+
+    def rows() -> dict:
+        built = train.build_rows(tokens, offsets, block_size=16, eos_id=0, bos_id=1, packing=True)
+        return {"tokens": built.tokens}
+
+    with_bos, without = rows(), without_start_token(rows)
+    assert train.build_rows is original
+    # bos line eos per line, or line eos: one position fewer per line without the bos.
+    assert with_bos["tokens"] - without["tokens"] == len(offsets) - 1
+
+
+def test_no_bos_figures_compare_the_ablation_with_the_best_peer() -> None:
+    runs = {"group_texts": {"test_loss": 7.0}, "trl_sft": {"test_loss": 6.0}}
+    figs = _by_name(no_bos_figures({"test_loss": 6.3}, runs))
+    assert figs["train_peer_kubetune_no_bos_test_loss"].value == 6.3
+    gap = figs["train_loss_gap_no_bos_vs_best_peer"]
+    assert gap.value == pytest.approx(0.05) and "trl_sft" in gap.note
+    assert "train_loss_gap_no_bos_vs_best_peer" not in _by_name(
+        no_bos_figures({"test_loss": 1}, {})
+    )

@@ -39,7 +39,8 @@ model is trained on them, from ``dataset/test.jsonl``'s example rows and
   with BLEU, chrF and exact match (see :mod:`.bleu`);
 * endpoints answer the same examples through their chat API (see :mod:`.remote`).
 
-Runs on CUDA when available (bf16 autocast), else on the CPU in float32.
+Runs on CUDA when available, else on the CPU; ``evaluation.precision`` picks the
+arithmetic (auto: bf16 autocast on CUDA, float32 on the CPU).
 """
 
 from __future__ import annotations
@@ -70,7 +71,13 @@ from kubetune.dataset_format import (
 from kubetune.fingerprint import changed
 from kubetune.layout import RunLayout, join_uri
 from kubetune.results import EvaluateResult, ModelScores, PrepareResult, TrainingRecord
-from kubetune.schema import Comparison, DatasetKind, PromotionStatus, Reason
+from kubetune.schema import (
+    Comparison,
+    DatasetKind,
+    EvaluationPrecision,
+    PromotionStatus,
+    Reason,
+)
 from kubetune.storage import Storage, StorageError
 from kubetune_trainer import promotion
 from kubetune_trainer.bleu import (
@@ -84,6 +91,7 @@ from kubetune_trainer.bleu import (
     select_samples,
 )
 from kubetune_trainer.context import StageContext
+from kubetune_trainer.modeling import fuse_activations
 from kubetune_trainer.perplexity import score_sequences
 from kubetune_trainer.remote import Endpoint, score_endpoint, score_endpoint_answers
 from kubetune_trainer.retention import apply_retention
@@ -240,10 +248,20 @@ def _context_length(model: Any, tokenizer: Any) -> int:
     return min(value, MAX_EVAL_CONTEXT) if isinstance(value, int) and value > 1 else 2048
 
 
-def _device() -> tuple[torch.device, torch.dtype | None]:
-    if torch.cuda.is_available():
-        return torch.device("cuda"), torch.bfloat16
-    return torch.device("cpu"), None
+def _device(precision: str) -> tuple[torch.device, torch.dtype | None]:
+    """Where models are scored, and the autocast dtype (None: fp32) evaluation.precision asks."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if precision == EvaluationPrecision.BF16:
+        return device, torch.bfloat16
+    if precision == EvaluationPrecision.FP32:
+        return device, None
+    # auto: a CPU stays in fp32, the result the per-line reference gives to 1e-7; bf16
+    # moves a 12-layer model's perplexity by ~4e-4 (bench/RESULTS.md), so it is opt-in there.
+    return device, torch.bfloat16 if device.type == "cuda" else None
+
+
+def precision_name(autocast: torch.dtype | None) -> str:
+    return "bf16" if autocast == torch.bfloat16 else "fp32"
 
 
 # --------------------------------------------------------------------------- scoring
@@ -258,7 +276,8 @@ def _score_model(
     answer_end: str | None = None,
 ) -> _Scored:
     spec = ctx.job.spec.evaluation
-    device, autocast = _device()
+    device, autocast = _device(spec.precision)
+    fuse_activations(model)
     model.to(device).eval()
     context = _context_length(model, tokenizer)
     scores = ModelScores()
@@ -621,6 +640,7 @@ def run(ctx: StageContext, *, answer_end: str | None = None) -> EvaluateResult:
         kind=DatasetKind(ctx.job.spec.dataset.kind).value,
         comparisons=comparisons,
         test_lines=len(texts),
+        precision=precision_name(_device(spec.precision)[1]),
         dataset_fingerprint=prepare.fingerprint,
         training_fingerprint=record.training_fingerprint,
         train_test_overlap=overlap,

@@ -13,7 +13,9 @@ Usage::
   tokenizer prepare saved, weights initialised from ``seed``.
 
 Attention: ``sdpa`` where the architecture supports it, else ``eager``;
-``KUBETUNE_ATTN_IMPLEMENTATION`` (e.g. ``flash_attention_2``) overrides.
+``KUBETUNE_ATTN_IMPLEMENTATION`` (e.g. ``flash_attention_2``) overrides. The tanh GELU
+written out in Python (GPT-2's ``gelu_new``) is swapped for torch's fused kernel
+(:func:`fuse_activations`): the same function, one kernel instead of six.
 """
 
 from __future__ import annotations
@@ -94,6 +96,35 @@ def set_dropout(config: Any, p: float) -> list[str]:
             ", ".join(DROPOUT_ATTRIBUTES),
         )
     return names
+
+
+def _tanh_gelu_classes() -> tuple[type, ...]:
+    """transformers' tanh GELUs written in Python (``gelu_new``, ``gelu_fast``)."""
+    from transformers import activations
+
+    names = ("NewGELUActivation", "FastGELUActivation")
+    return tuple(c for n in names if isinstance(c := getattr(activations, n, None), type))
+
+
+def fuse_activations(model: Any) -> int:
+    """Replace Python tanh-GELU modules with ``torch.nn.GELU(approximate="tanh")``.
+
+    ``gelu_new`` is ``0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`` evaluated as six
+    elementwise kernels, forward and backward; torch's fused kernel computes the same
+    function (within 3e-7, fp32) in one, which takes ~10% off a GPT-2 training step on a
+    CPU. The modules hold no weights, so the saved model and its config are unchanged.
+    Returns how many modules were replaced.
+    """
+    import torch
+
+    classes = _tanh_gelu_classes()
+    replaced = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if classes and isinstance(child, classes):
+                setattr(parent, name, torch.nn.GELU(approximate="tanh"))
+                replaced += 1
+    return replaced
 
 
 def _from_pretrained(
@@ -210,6 +241,7 @@ def load_model(
             "resizing embeddings %d -> %d for the tokenizer", n_embeddings, tokenizer_vocab_size
         )
         model.resize_token_embeddings(tokenizer_vocab_size)
+    fuse_activations(model)
     return model.float()
 
 

@@ -311,6 +311,7 @@ def _instruction_results(ctx: StageContext, result: EvaluateResult) -> list[Bloc
     blocks.append(Table(["Metric", "Fine-tuned", "Baseline", "Change", "Verdict"], rows))
     if base is None:
         blocks.append(Para("No baseline was evaluated (evaluation.baseline is false)."))
+    blocks.extend(_precision(result))
     if ft.perplexity is not None:
         blocks.append(
             Para(
@@ -391,6 +392,7 @@ def _results(ctx: StageContext, result: EvaluateResult) -> list[Block]:
     blocks.append(Table(["Metric", "Fine-tuned", "Baseline", "Change", "Verdict"], rows))
     if base is None:
         blocks.append(Para("No baseline was evaluated (evaluation.baseline is false)."))
+    blocks.extend(_precision(result))
     if ft.perplexity is not None:
         blocks.append(
             Para(
@@ -571,6 +573,14 @@ def _of_total(count: int | None, total: int | None) -> str:
     if total is None or count is None or count >= total:
         return f"{count or 0:,}"
     return f"{count:,} of {total:,}"
+
+
+def _precision(result: EvaluateResult) -> list[Block]:
+    """Which arithmetic scored the models (bf16 moves perplexity in its fourth digit)."""
+    if result.precision is None:  # a result written before evaluation.precision
+        return []
+    how = "bf16 autocast" if result.precision == "bf16" else "fp32"
+    return [Para(f"Every model here was scored in {how} (evaluation.precision).")]
 
 
 def _scored_lines(result: EvaluateResult, unit: str = "lines") -> str:
