@@ -34,6 +34,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +55,11 @@ TEST_LINES = 400
 PEER_BLOCK = 512
 PEER_STEPS_QUICK = 12
 PEER_STEPS_FULL = 60
-PEER_ROUNDS = 2  # each side's best rate of this many alternating runs
+# One round per seed, the sides alternating within it: each side's rate is its best round,
+# its held-out loss the mean over the seeds (one seed's loss moves by ~1.5% at 60 steps,
+# more than the 1% the comparison is about; bench/RESULTS.md).
+PEER_SEEDS_QUICK = (42, 43)
+PEER_SEEDS_FULL = (42, 43, 44)
 PEER_DROPOUT = 0.0  # on every side of the peer and fraction-of-peak runs
 # Fraction of peak: a GPT-2-small-like shape (GPT-2 small is 12 x 768, 12 heads).
 MFU_MODEL_QUICK = {"nLayer": 2, "nHead": 12, "nEmbd": 768, "nPositions": 1024}
@@ -252,13 +257,31 @@ def run_template(
     }
 
 
-def keep_best(best: dict[str, Any], run: dict[str, Any]) -> dict[str, Any]:
-    """The first run's figures (its model and loss), with the best steady rate of all runs."""
-    if not best:
-        return {**run, "rates": [run["steady_tokens_per_s"]]}
-    run.pop("model", None)
-    rates = [*best["rates"], run["steady_tokens_per_s"]]
-    return {**best, "rates": rates, "steady_tokens_per_s": max(rates)}
+def combine_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """One side's runs (one per seed) as one: the best steady rate, the mean held-out loss.
+
+    The best rate, because a load change on the shared machine can only slow a run down;
+    the mean loss, because the seed (initial weights, data order) moves it both ways.
+    """
+    if not rounds:
+        raise ValueError("no rounds to combine")
+    rates = [r["steady_tokens_per_s"] for r in rounds]
+    losses = [r["test_loss"] for r in rounds]
+    return {
+        **{k: v for k, v in rounds[0].items() if k != "model"},
+        "steady_tokens_per_s": max(rates),
+        "rates": rates,
+        "test_loss": sum(losses) / len(losses),
+        "test_losses": losses,
+        "seeds": [r.get("seed") for r in rounds],
+    }
+
+
+def loss_spread(losses: list[float]) -> str:
+    """``mean over n seeds (min-max)`` for a figure's note."""
+    if len(losses) == 1:
+        return "one seed"
+    return f"mean of {len(losses)} seeds ({min(losses):.3f}-{max(losses):.3f})"
 
 
 def without_start_token(train_run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -290,7 +313,8 @@ def no_bos_figures(kt_no_bos: dict[str, Any], runs: dict[str, dict[str, Any]]) -
             "nats/token",
             None,
             "ablation: kubetune rows without the start token (lines from position 0, "
-            "TRL's layout), scored without context, tokens 2..n",
+            "TRL's layout), scored without context, tokens 2..n; "
+            + loss_spread(kt_no_bos["test_losses"]),
         )
     ]
     if runs:
@@ -334,16 +358,18 @@ def test_loss(model: Any, tokenizer: Any, texts: list[str], context: int | None 
 
 def peer_figures(
     kt: dict[str, Any],
-    kt_loss: float,
     runs: dict[str, dict[str, Any]],
     errors: dict[str, str],
     steps: int,
     threads: int,
 ) -> list[Figure]:
-    """kubetune vs the faster peer (tokens/s) and vs the best peer loss, plus each peer's rate."""
+    """kubetune vs the faster peer (tokens/s) and vs the best peer loss, plus each peer's rate.
+
+    Every side is :func:`combine_rounds` of its runs: best rate, mean loss over the seeds.
+    """
     shape = (
         f"1 x {PEER_BLOCK}, {steps} steps, fp32, dropout {PEER_DROPOUT:g}, {threads} thread(s); "
-        f"every side: best of {PEER_ROUNDS} runs, the sides alternating"
+        f"every side: best of {len(kt['rates'])} runs (one per seed), the sides alternating"
     )
     labels = {
         "group_texts": "HF Trainer + run_clm group_texts",
@@ -359,10 +385,11 @@ def peer_figures(
         ),
         Figure(
             "train_peer_kubetune_test_loss",
-            kt_loss,
+            kt["test_loss"],
             "nats/token",
             None,
-            "lines kept apart; scored after its bos (eos), tokens 2..n",
+            "lines kept apart; scored after its bos (eos), tokens 2..n; "
+            + loss_spread(kt["test_losses"]),
         ),
     ]
     for name, label in labels.items():
@@ -376,7 +403,15 @@ def peer_figures(
                 if name == "group_texts"
                 else "lines kept apart, start at position 0; scored without context, tokens 2..n"
             )
-            figures.append(Figure(f"{name}_test_loss", r["test_loss"], "nats/token", None, apart))
+            figures.append(
+                Figure(
+                    f"{name}_test_loss",
+                    r["test_loss"],
+                    "nats/token",
+                    None,
+                    f"{apart}; {loss_spread(r['test_losses'])}",
+                )
+            )
         else:
             figures.append(
                 Figure(f"{name}_tokens_per_s", None, "tok/s", None, f"not measured: {errors[name]}")
@@ -396,10 +431,11 @@ def peer_figures(
         figures.append(
             Figure(
                 "train_loss_gap_vs_best_peer",
-                kt_loss / runs[best_loss]["test_loss"] - 1.0,
+                kt["test_loss"] / runs[best_loss]["test_loss"] - 1.0,
                 "",
                 "<= 0.01",
-                f"(kubetune / {best_loss}) - 1 on {TEST_LINES} held-out lines",
+                f"(kubetune / {best_loss}) - 1 on {TEST_LINES} held-out lines, "
+                f"losses averaged over seeds {', '.join(map(str, kt['seeds']))}",
             )
         )
     else:
@@ -461,10 +497,11 @@ def run(quick: bool, threads: int) -> tuple[list[Figure], dict[str, Any]]:
     test_texts = _read_jsonl_texts(data_dir / "dataset" / "test.jsonl")[:TEST_LINES]
 
     # Against the peers: same rows of PEER_BLOCK tokens, batch 1, same steps (= tokens),
-    # dropout 0 on every side. Each side runs PEER_ROUNDS times, the sides alternating
-    # (kubetune, peers, kubetune, peers), and keeps its best rate: a load change on the
-    # shared machine then moves every side, not one. Losses come from the first round.
+    # dropout 0 on every side. One round per seed, the sides alternating within it
+    # (kubetune, peers, ablation, kubetune, ...): a load change on the shared machine then
+    # moves every side, not one. Each run is scored on the held-out lines as it ends.
     peer_steps = PEER_STEPS_QUICK if quick else PEER_STEPS_FULL
+    peer_seeds = PEER_SEEDS_QUICK if quick else PEER_SEEDS_FULL
     peer_training = {
         **shape,
         "maxSteps": peer_steps,
@@ -472,14 +509,22 @@ def run(quick: bool, threads: int) -> tuple[list[Figure], dict[str, Any]]:
         "maxSeqLength": PEER_BLOCK,
         "dropout": PEER_DROPOUT,
     }
-    kt_peer: dict[str, Any] = {}
-    peer_runs: dict[str, dict[str, Any]] = {}
-    peer_errors: dict[str, str] = {}
-    for round_ in range(PEER_ROUNDS):
-        kt_round = run_kubetune(
-            workdir, f"peer{round_}", peer_training, data_dir, max_documents, vocab
+    eos = int(tokenizer.eos_token_id)
+
+    def kubetune_round(name: str, seed: int, context: int | None) -> dict[str, Any]:
+        got = run_kubetune(
+            workdir, name, {**peer_training, "seed": seed}, data_dir, max_documents, vocab
         )
-        kt_peer = keep_best(kt_peer, kt_round)
+        model = AutoModelForCausalLM.from_pretrained(str(got["output"] / "model"))
+        got["output"] = str(got["output"])
+        return {**got, "seed": seed, "test_loss": test_loss(model, tokenizer, test_texts, context)}
+
+    kt_rounds: list[dict[str, Any]] = []
+    no_bos_rounds: list[dict[str, Any]] = []
+    peer_rounds: dict[str, list[dict[str, Any]]] = {}
+    peer_errors: dict[str, str] = {}
+    for seed in peer_seeds:
+        kt_rounds.append(kubetune_round(f"peer-{seed}", seed, context=eos))
         for peer_name, peer_fn in (
             ("group_texts", peers.run_group_texts),
             ("trl_sft", peers.run_trl_sft),
@@ -499,16 +544,27 @@ def run(quick: bool, threads: int) -> tuple[list[Figure], dict[str, Any]]:
                     peer_steps,
                     workdir,
                     dropout=PEER_DROPOUT,
+                    seed=seed,
                 )
             except Exception as exc:  # a peer that fails is reported, the others still run
                 peer_errors[peer_name] = f"{type(exc).__name__}: {exc}"
                 continue
-            peer_runs[peer_name] = keep_best(peer_runs.get(peer_name, {}), got)
-    # Ablation: kubetune's layout without the start token (TRL's layout: a line starts at
-    # position 0 and its first token is context), to tell what the bos costs at equal tokens.
-    kt_no_bos = without_start_token(
-        lambda: run_kubetune(workdir, "peer-no-bos", peer_training, data_dir, max_documents, vocab)
-    )
+            peer_model = got.pop("model")
+            # Each scored in its training layout: group_texts lines follow an eos, TRL's
+            # start at position 0 (the other layout is kept in the details).
+            after_eos = test_loss(peer_model, tokenizer, test_texts, context=eos)
+            no_context = test_loss(peer_model, tokenizer, test_texts)
+            got.update(seed=seed, test_loss_after_eos=after_eos, test_loss_no_context=no_context)
+            got["test_loss"] = after_eos if peer_name == "group_texts" else no_context
+            peer_rounds.setdefault(peer_name, []).append(got)
+        # Ablation: kubetune's layout without the start token (TRL's layout: a line starts
+        # at position 0 and its first token is context): what the bos costs at equal tokens.
+        no_bos_rounds.append(
+            without_start_token(partial(kubetune_round, f"peer-no-bos-{seed}", seed, None))
+        )
+    kt_peer = combine_rounds(kt_rounds)
+    kt_no_bos = combine_rounds(no_bos_rounds)
+    peer_runs = {name: combine_rounds(rounds) for name, rounds in peer_rounds.items()}
 
     # Fraction of the CPU's matmul peak at a GPT-2-small-like shape (the real stage).
     mfu_model = MFU_MODEL_QUICK if quick else MFU_MODEL_FULL
@@ -549,24 +605,10 @@ def run(quick: bool, threads: int) -> tuple[list[Figure], dict[str, Any]]:
     kt_model = AutoModelForCausalLM.from_pretrained(str(kt["output"] / "model"))
     kt_loss = test_loss(kt_model, tokenizer, test_texts, context=int(tokenizer.eos_token_id))
     tpl_loss = test_loss(tpl.pop("model"), tokenizer, test_texts)
-    eos = int(tokenizer.eos_token_id)
-    kt_peer_model = AutoModelForCausalLM.from_pretrained(str(kt_peer["output"] / "model"))
-    kt_peer_loss = test_loss(kt_peer_model, tokenizer, test_texts, context=eos)
-    kt_peer["test_loss_no_context"] = test_loss(kt_peer_model, tokenizer, test_texts)
-    no_bos_model = AutoModelForCausalLM.from_pretrained(str(kt_no_bos["output"] / "model"))
-    kt_no_bos["test_loss"] = test_loss(no_bos_model, tokenizer, test_texts)  # TRL's layout
-    for peer_name, d in peer_runs.items():
-        peer_model = d.pop("model")
-        d["test_loss_no_context"] = test_loss(peer_model, tokenizer, test_texts)
-        d["test_loss_after_eos"] = test_loss(peer_model, tokenizer, test_texts, context=eos)
-        # Each in its training layout: group_texts lines follow an eos, TRL's start at 0.
-        d["test_loss"] = d[
-            "test_loss_after_eos" if peer_name == "group_texts" else "test_loss_no_context"
-        ]
     speedup = kt["steady_tokens_per_s"] / tpl["steady_tokens_per_s"]
     shape_speedup = kt_shape["steady_tokens_per_s"] / tpl["steady_tokens_per_s"]
     note = f"{steps} steps each, ~8 lines/step, fp32, {threads} threads"
-    figures = peer_figures(kt_peer, kt_peer_loss, peer_runs, peer_errors, peer_steps, threads)
+    figures = peer_figures(kt_peer, peer_runs, peer_errors, peer_steps, threads)
     figures += no_bos_figures(kt_no_bos, peer_runs)
     figures += [
         Figure(
@@ -640,17 +682,17 @@ def run(quick: bool, threads: int) -> tuple[list[Figure], dict[str, Any]]:
             "8 x 512 packed vs 8 x 512 padded",
         ),
     ]
-    for d in (kt, kt_shape, kt_peer, kt_no_bos, kt_mfu, kt_mfu_dropout):
+    for d in (kt, kt_shape, kt_mfu, kt_mfu_dropout):
         d["output"] = str(d["output"])
     details = {
         "kubetune_budget": kt,
         "kubetune_shape": kt_shape,
         "template": tpl,
-        "kubetune_peer": {**kt_peer, "test_loss": kt_peer_loss},
+        "kubetune_peer": kt_peer,
         "peers": peer_runs,
         "peer_errors": peer_errors,
         "kubetune_peer_no_bos": kt_no_bos,
-        "peer_rounds": PEER_ROUNDS,
+        "peer_seeds": list(peer_seeds),
         "kubetune_mfu": {**kt_mfu, "model": mfu_model, "flops_per_token": mfu_flops},
         "kubetune_mfu_default_dropout": kt_mfu_dropout,
         "peak": peak,

@@ -16,7 +16,7 @@ if str(REPO) not in sys.path:  # bench/ is a top-level package of the repo, not 
 from bench.eval_bench import alternate  # noqa: E402
 from bench.prepare_bench import tree_pss_mb  # noqa: E402
 from bench.train_bench import (  # noqa: E402
-    keep_best,
+    combine_rounds,
     no_bos_figures,
     peer_figures,
     without_start_token,
@@ -27,25 +27,33 @@ def _by_name(figures: list) -> dict:
     return {f.name: f for f in figures}
 
 
+def _side(rate: float, *losses: float) -> dict:
+    """One side of the peer comparison as combine_rounds makes it (seeds 42, 43, ...)."""
+    rounds = [
+        {"steady_tokens_per_s": rate, "test_loss": loss, "seed": 42 + i}
+        for i, loss in enumerate(losses)
+    ]
+    return combine_rounds(rounds)
+
+
 def test_peer_figures_compare_with_the_fastest_peer_and_the_best_loss() -> None:
-    kt = {"steady_tokens_per_s": 1200.0}
-    runs = {
-        "group_texts": {"steady_tokens_per_s": 1000.0, "test_loss": 7.0},
-        "trl_sft": {"steady_tokens_per_s": 800.0, "test_loss": 6.9},
-    }
-    figs = _by_name(peer_figures(kt, 6.969, runs, {}, steps=12, threads=1))
+    kt = _side(1200.0, 6.9, 7.038)  # mean 6.969
+    runs = {"group_texts": _side(1000.0, 7.0, 7.0), "trl_sft": _side(800.0, 6.8, 7.0)}
+    figs = _by_name(peer_figures(kt, runs, {}, steps=12, threads=1))
     assert figs["train_speedup_vs_fastest_peer"].value == pytest.approx(1.2)
     assert "group_texts" in figs["train_speedup_vs_fastest_peer"].note
     assert figs["train_speedup_vs_fastest_peer"].met is True
     assert figs["train_loss_gap_vs_best_peer"].value == pytest.approx(0.01)
     assert "trl_sft" in figs["train_loss_gap_vs_best_peer"].note
-    assert figs["trl_sft_test_loss"].value == 6.9
+    assert figs["trl_sft_test_loss"].value == pytest.approx(6.9)
+    assert "mean of 2 seeds (6.800-7.000)" in figs["trl_sft_test_loss"].note
+    assert "seeds 42, 43" in figs["train_loss_gap_vs_best_peer"].note
 
 
 def test_peer_figures_record_a_peer_that_did_not_run_as_not_measured() -> None:
-    runs = {"group_texts": {"steady_tokens_per_s": 1000.0, "test_loss": 7.0}}
+    runs = {"group_texts": _side(1000.0, 7.0)}
     errors = {"trl_sft": "trl is not installed"}
-    figs = _by_name(peer_figures({"steady_tokens_per_s": 900.0}, 7.2, runs, errors, 12, 1))
+    figs = _by_name(peer_figures(_side(900.0, 7.2), runs, errors, 12, 1))
     assert figs["trl_sft_tokens_per_s"].value is None
     assert "trl is not installed" in figs["trl_sft_tokens_per_s"].note
     assert figs["train_speedup_vs_fastest_peer"].met is False
@@ -54,7 +62,7 @@ def test_peer_figures_record_a_peer_that_did_not_run_as_not_measured() -> None:
 
 def test_peer_figures_without_any_peer_leave_the_comparisons_unmeasured() -> None:
     errors = {"group_texts": "boom", "trl_sft": "boom"}
-    figs = _by_name(peer_figures({"steady_tokens_per_s": 900.0}, 7.2, {}, errors, 12, 1))
+    figs = _by_name(peer_figures(_side(900.0, 7.2), {}, errors, 12, 1))
     assert figs["train_speedup_vs_fastest_peer"].value is None
     assert figs["train_loss_gap_vs_best_peer"].met is None
 
@@ -95,13 +103,18 @@ def test_test_loss_scores_the_same_targets_with_or_without_a_context_token() -> 
     assert plain != after_eos  # the same 11 targets, conditioned differently
 
 
-def test_keep_best_keeps_the_first_runs_model_and_the_best_rate() -> None:
-    first = {"steady_tokens_per_s": 900.0, "model": "first", "test_loss": 6.5}
-    best = keep_best({}, first)
-    best = keep_best(best, {"steady_tokens_per_s": 1100.0, "model": "second"})
-    best = keep_best(best, {"steady_tokens_per_s": 1000.0, "model": "third"})
-    assert best["steady_tokens_per_s"] == 1100.0 and best["rates"] == [900.0, 1100.0, 1000.0]
-    assert best["model"] == "first" and best["test_loss"] == 6.5
+def test_combine_rounds_keeps_the_best_rate_and_the_mean_loss_and_drops_the_models() -> None:
+    rounds = [
+        {"steady_tokens_per_s": 900.0, "test_loss": 6.5, "seed": 42, "model": "a", "steps": 60},
+        {"steady_tokens_per_s": 1100.0, "test_loss": 6.1, "seed": 43, "model": "b"},
+        {"steady_tokens_per_s": 1000.0, "test_loss": 6.3, "seed": 44, "model": "c"},
+    ]
+    side = combine_rounds(rounds)
+    assert side["steady_tokens_per_s"] == 1100.0 and side["rates"] == [900.0, 1100.0, 1000.0]
+    assert side["test_loss"] == pytest.approx(6.3) and side["test_losses"] == [6.5, 6.1, 6.3]
+    assert side["seeds"] == [42, 43, 44] and side["steps"] == 60 and "model" not in side
+    with pytest.raises(ValueError):
+        combine_rounds([])
 
 
 def test_alternate_interleaves_the_sides_and_keeps_each_first_result() -> None:
@@ -138,10 +151,10 @@ def test_the_start_token_ablation_drops_the_bos_and_restores_the_stage() -> None
 
 def test_no_bos_figures_compare_the_ablation_with_the_best_peer() -> None:
     runs = {"group_texts": {"test_loss": 7.0}, "trl_sft": {"test_loss": 6.0}}
-    figs = _by_name(no_bos_figures({"test_loss": 6.3}, runs))
-    assert figs["train_peer_kubetune_no_bos_test_loss"].value == 6.3
+    figs = _by_name(no_bos_figures(_side(1000.0, 6.2, 6.4), runs))
+    assert figs["train_peer_kubetune_no_bos_test_loss"].value == pytest.approx(6.3)
     gap = figs["train_loss_gap_no_bos_vs_best_peer"]
     assert gap.value == pytest.approx(0.05) and "trl_sft" in gap.note
     assert "train_loss_gap_no_bos_vs_best_peer" not in _by_name(
-        no_bos_figures({"test_loss": 1}, {})
+        no_bos_figures(_side(1000.0, 1.0), {})
     )

@@ -16,6 +16,7 @@ from kubetune_trainer.packing import (
     collate,
     count_targets,
     model_inputs,
+    packed_width,
     token_nll_sum,
 )
 
@@ -178,7 +179,18 @@ def test_positions_restart_and_labels_stop_at_every_line_boundary() -> None:
         -100,
     ]
     assert count_targets(b["labels"]) == 12 - 3  # one unpredictable first token per line
-    assert b["input_ids"].shape == (1, 16)  # packed rows are always block-sized
+    assert b["input_ids"].shape == (1, 16)  # 12 real tokens, rounded up to a multiple of 8
+
+
+def test_a_packed_batch_is_as_wide_as_its_longest_row_rounded_up_to_eight() -> None:
+    tokens, offsets = _arrays([[1, 2, 3], [4, 5, 6, 7, 8], list(range(1, 30))])
+    rows = build_rows(tokens, offsets, block_size=64, eos_id=EOS)
+    assert rows.row_lengths().tolist() == [4 + 6 + 30]  # one row of three lines + eos each
+    b = collate(rows, [0], pad_id=EOS)
+    assert b["input_ids"].shape == (1, 40)  # not 64: the tail would be computed for nothing
+    assert b["attention_mask"].sum() == 40
+    assert [packed_width(n, 64) for n in (1, 8, 9, 57, 64)] == [8, 8, 16, 64, 64]
+    assert packed_width(509, 510) == 510  # never wider than the block
 
 
 def test_lines_longer_than_a_block_are_split_into_block_chunks() -> None:

@@ -15,11 +15,13 @@ token of the line is predicted from it — the same convention the evaluate stag
 scores perplexity and prompts generation with (``bleu.context_token_id``) — and
 the model learns where a line ends.
 
-**Packing** (``packing=True``) fills rows of exactly ``block_size`` tokens greedily,
+**Packing** (``packing=True``) fills rows of at most ``block_size`` tokens greedily,
 in line order: a line goes into the current row if it fits, otherwise the row is
-closed (the rest is padding) and a new one starts. A line longer than a block is
-cut into block-size chunks, each its own segment. Rows are made of *segments*
-(one per line or chunk), and segments never see each other:
+closed and a new one starts. A batch is padded to its longest row, rounded up to a
+multiple of :data:`PACKED_WIDTH_MULTIPLE` (at most ``block_size``): the unfilled tail
+of a row costs compute and trains nothing, and a handful of widths keeps the shapes few.
+A line longer than a block is cut into block-size chunks, each its own segment. Rows
+are made of *segments* (one per line or chunk), and segments never see each other:
 
 * ``position_ids`` restart at 0 at every segment start (GPT-2's learned positions
   then see exactly what they would see for the line alone);
@@ -76,6 +78,8 @@ if TYPE_CHECKING:
     import torch
 
 IGNORE_INDEX = -100
+# A packed batch is as wide as its longest row rounded up to this (see ``packed_width``).
+PACKED_WIDTH_MULTIPLE = 8
 
 
 @dataclass(frozen=True)
@@ -239,10 +243,21 @@ def build_rows(
     return Rows(stream, seg_start, row_offsets, block_size, packing, trained)
 
 
+def packed_width(longest: int, block_size: int) -> int:
+    """Width of a packed batch: its longest row rounded up to the multiple, within the block.
+
+    Packed rows are nearly full (``Rows.efficiency``), so the widths seen are few; on a
+    GPU a multiple of 8 keeps the matmuls on their fast tiles.
+    """
+    m = PACKED_WIDTH_MULTIPLE
+    return min(block_size, -(-longest // m) * m)
+
+
 def collate(rows: Rows, indices: np.ndarray | list[int], pad_id: int) -> dict[str, np.ndarray]:
     """Numpy arrays of one batch: input_ids, position_ids, segment_ids, labels, attention_mask.
 
-    Packed rows are padded to ``block_size`` (fixed shapes); unpacked rows to the
+    Packed rows are padded to the longest row in the batch rounded up to a multiple of
+    :data:`PACKED_WIDTH_MULTIPLE` (capped at ``block_size``); unpacked rows to the
     longest row in the batch. ``segment_ids`` are 0, 1, ... per segment inside a
     row, and padding gets the next id (its own segment). ``labels`` are ``-100`` on
     segment starts, padding and (with a loss mask) every token that is not trained.
@@ -250,7 +265,7 @@ def collate(rows: Rows, indices: np.ndarray | list[int], pad_id: int) -> dict[st
     starts = rows.row_offsets[np.asarray(indices)]
     ends = rows.row_offsets[np.asarray(indices) + 1]
     lengths = ends - starts
-    width = rows.block_size if rows.packed else int(lengths.max())
+    width = packed_width(int(lengths.max()), rows.block_size) if rows.packed else int(lengths.max())
     b = len(starts)
     input_ids = np.full((b, width), pad_id, dtype=np.int64)
     seg_start = np.zeros((b, width), dtype=bool)
