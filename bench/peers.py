@@ -12,7 +12,7 @@ data collator. Nothing here is tuned down: each peer runs as its documentation s
 ``dropout`` sets the model's dropout on every side alike (the comparison uses 0, which is
 what ``training.dropout: 0`` gives kubetune; None keeps GPT-2's 0.1). ``seed`` seeds the
 initial weights and the data order (kubetune's ``training.seed``): at 60 steps the held-out
-loss of one side moves by ~1.5% from seed to seed, so the comparison averages seeds.
+loss of one side moves by 1.5-4.5% from seed to seed, so the comparison averages seeds.
 
 Differences that are the peers' design, not the benchmark's: ``group_texts`` cuts the
 concatenated lines into blocks with no regard to line boundaries (a line may start in

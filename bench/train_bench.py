@@ -56,8 +56,8 @@ PEER_BLOCK = 512
 PEER_STEPS_QUICK = 12
 PEER_STEPS_FULL = 60
 # One round per seed, the sides alternating within it: each side's rate is its best round,
-# its held-out loss the mean over the seeds (one seed's loss moves by ~1.5% at 60 steps,
-# more than the 1% the comparison is about; bench/RESULTS.md).
+# its held-out loss the mean over the seeds (at 60 steps one side's loss moves by 1.5-4.5%
+# from seed to seed, more than the 1% the comparison is about; bench/RESULTS.md).
 PEER_SEEDS_QUICK = (42, 43)
 PEER_SEEDS_FULL = (42, 43, 44)
 PEER_DROPOUT = 0.0  # on every side of the peer and fraction-of-peak runs
