@@ -69,6 +69,7 @@ PROMISED: dict[str, list[tuple[str, str, str | None]]] = {
         ("workers_2_tokens_per_s", "tok/s", None),
         ("workers_2_vs_1_speedup", "x", None),
         ("workers_final_loss_rel_diff", "", "< 0.02"),
+        ("workers_fitted_vs_default_threads", "x", ">= 1"),
     ],
 }
 ORDER = ("prepare", "train", "evaluate", "operator", "workers")

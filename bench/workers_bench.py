@@ -7,12 +7,18 @@ processes on this machine: ``kubetune train`` with torch.distributed's environme
 world size, a loopback rendezvous; gloo), each taking half of the global batch, against one
 ``kubetune train`` taking all of it. Both train the same prepared dataset (made once by the
 real prepare stage) with the same model, steps, seed and ``training.dropout: 0``, one torch
-thread per process, so the two-process run uses both cores and the one-process run one.
+thread per process (``KUBETUNE_CPUS=1``, what the operator sets for a pod that requests up to
+one CPU), so the two-process run uses both cores and the one-process run one.
 
 Figures: steady tokens/s of each (the trainer's own rate from step 1 to the last step,
 ``train/metrics.jsonl``) and their ratio. On two cores the ideal is 2x; gloo's all-reduce
 of every gradient, run on the same cores, takes its share. The final losses are reported
 too: the same global batch must train the same model (to float rounding).
+
+The two processes run a third time without ``KUBETUNE_CPUS``, as two pods did before the
+operator passed their CPU request: torch then starts a thread per core in each, four on two
+cores. ``workers_fitted_vs_default_threads`` is the fitted run's rate over that one
+(kubetune_trainer.cpus).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import yaml
 from bench.assets import bench_tokenizer, scratch_root
 from bench.common import Figure
 from bench.train_bench import _steady_tokens_per_s, make_job
+from kubetune.contract import Env
 
 MODEL = {"nLayer": 2, "nHead": 4, "nEmbd": 128, "nPositions": 256}
 GLOBAL_BATCH = 16
@@ -56,19 +63,18 @@ def _job_file(workdir: Path, name: str, batch: int, steps: int, vocab: int) -> t
     return path, out
 
 
-def _train(job_file: Path, processes: int, scratch: Path) -> None:
-    """``kubetune train`` in ``processes`` processes joined by gloo on a loopback port."""
+def _train(job_file: Path, processes: int, scratch: Path, cpus: int | None = 1) -> None:
+    """``kubetune train`` in ``processes`` processes joined by gloo on a loopback port, each
+    told it has ``cpus`` CPUs as a pod is (None: as many threads as torch starts by itself)."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     children = []
     for rank in range(processes):
-        env = {
-            **os.environ,
-            "OMP_NUM_THREADS": "1",
-            "KUBETUNE_METRICS_PORT": "0",
-            "KUBETUNE_SCRATCH": str(scratch),
-        }
+        env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", Env.CPUS)}
+        env.update(KUBETUNE_METRICS_PORT="0", KUBETUNE_SCRATCH=str(scratch))
+        if cpus is not None:
+            env[Env.CPUS] = str(cpus)
         if processes > 1:
             env.update(
                 ACCELERATE_USE_CPU="true",
@@ -108,19 +114,22 @@ def run(quick: bool, threads: int) -> tuple[list[Figure], dict[str, Any]]:
     vocab = len(AutoTokenizer.from_pretrained(str(bench_tokenizer())))
     one_file, one_out = _job_file(workdir, "one", GLOBAL_BATCH, steps, vocab)
     two_file, two_out = _job_file(workdir, "two", GLOBAL_BATCH // 2, steps, vocab)
-    # One prepared dataset for both (prepare once, copy).
+    default_file, default_out = _job_file(workdir, "default", GLOBAL_BATCH // 2, steps, vocab)
+    # One prepared dataset for all (prepare once, copy).
     prepare.run(make_context(load_job(one_file), scratch=workdir / "prep-scratch"))
     shutil.copytree(one_out / "dataset", two_out / "dataset")
+    shutil.copytree(one_out / "dataset", default_out / "dataset")
     # One after the other; bench.run records the load before and after.
     _train(one_file, 1, workdir / "one-scratch")
     _train(two_file, 2, workdir / "two-scratch")
+    _train(default_file, 2, workdir / "default-scratch", cpus=None)
+    outs = {"one": one_out, "two": two_out, "default": default_out}
     results = {
         name: TrainResult.model_validate_json((out / "train" / "train.json").read_text())
-        for name, out in (("one", one_out), ("two", two_out))
+        for name, out in outs.items()
     }
     rate = {
-        name: _steady_tokens_per_s(out / "train" / "metrics.jsonl")
-        for name, out in (("one", one_out), ("two", two_out))
+        name: _steady_tokens_per_s(out / "train" / "metrics.jsonl") for name, out in outs.items()
     }
     ratio = rate["two"] / rate["one"]
     one_loss, two_loss = results["one"].final_loss, results["two"].final_loss
@@ -144,6 +153,13 @@ def run(quick: bool, threads: int) -> tuple[list[Figure], dict[str, Any]]:
             "",
             "< 0.02",
             "same global batch; AdamW turns rounding into real differences (docs/distributed.md)",
+        ),
+        Figure(
+            "workers_fitted_vs_default_threads",
+            round(rate["two"] / rate["default"], 3),
+            "x",
+            ">= 1",
+            "2 processes, 1 thread each vs torch's default (a thread per core) each; docs/cpus.md",
         ),
     ]
     info = {

@@ -80,6 +80,9 @@ class Env:
     its attempt (default 300; 0: no retries beyond botocore's own few)."""
     PREPARE_WORKERS = "KUBETUNE_PREPARE_WORKERS"
     """Worker processes of prepare's first pass (default: the usable CPUs)."""
+    CPUS = "KUBETUNE_CPUS"
+    """Whole CPUs the pod requested (``spec.resources.cpu`` rounded up; unset without one):
+    a stage keeps at most this many busy, whatever the node has (kubetune_trainer.cpus)."""
     ATTN_IMPLEMENTATION = "KUBETUNE_ATTN_IMPLEMENTATION"
     """Overrides the attention implementation (e.g. ``flash_attention_2``)."""
     RENDEZVOUS_TIMEOUT_SECONDS = "KUBETUNE_RENDEZVOUS_TIMEOUT_SECONDS"

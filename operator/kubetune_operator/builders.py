@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -47,6 +48,7 @@ from kubetune.layout import run_id, run_prefix
 from kubetune.results import RunIdentity
 from kubetune.schema import API_VERSION, KIND, FineTuneJob
 from kubetune_operator.config import OperatorConfig
+from kubetune_operator.fit import parse_quantity
 from kubetune_operator.triggers import ANNOTATION_RETRAIN as ANNOTATION_RETRAIN
 from kubetune_operator.triggers import Trigger
 
@@ -391,6 +393,15 @@ def worker_env(job: FineTuneJob, run: RunRef) -> list[dict[str, Any]]:
     return env
 
 
+def requested_cpus(cpu: str) -> int:
+    """Whole CPUs of a CPU request (``250m`` -> 1, ``1.5`` -> 2): the threads a stage runs.
+
+    Rounded up, as the Downward API rounds ``requests.cpu`` with divisor 1, so a fractional
+    request still gets one thread; the trainer also caps it by the node's CPUs and any quota.
+    """
+    return max(1, math.ceil(parse_quantity(cpu)))
+
+
 def stage_env(job: FineTuneJob, stage: str, run: RunRef | None = None) -> list[dict[str, Any]]:
     """Environment of a stage container. Credentials only as secretKeyRef, never as values."""
     env: list[dict[str, Any]] = [
@@ -406,6 +417,8 @@ def stage_env(job: FineTuneJob, stage: str, run: RunRef | None = None) -> list[d
             "value": str(METRICS_PORT if stage == Stage.TRAIN else 0),
         },
     ]
+    if job.spec.resources.cpu:
+        env.append({"name": Env.CPUS, "value": str(requested_cpus(job.spec.resources.cpu))})
     storage = job.spec.storage
     if storage.credentials_secret:
         for key in S3_CREDENTIAL_KEYS:

@@ -20,7 +20,6 @@ from operator_helpers import (
     OperatorProcess,
     create_s3_secret,
     get_ftj,
-    install_crd,
     kubectl,
     tiny_job,
     wait_for,
@@ -40,14 +39,13 @@ def recorders() -> Iterator[tuple[RecordingServer, RecordingServer]]:
 
 
 def test_the_operator_reads_allowed_endpoints_with_the_jobs_keys_only(
-    k8s_cluster: Any,
-    k8s_namespace: str,
+    containerd_cluster: Any,
+    node_namespace: str,
     recorders: tuple[RecordingServer, RecordingServer],
     tmp_path: Path,
 ) -> None:
-    kc, ns = k8s_cluster.kubeconfig, k8s_namespace
+    kc, ns = containerd_cluster.kubeconfig, node_namespace
     allowed, elsewhere = recorders
-    install_crd(kc)
     create_s3_secret(kc, ns, TENANT_KEY, "tenant-secret", name="tenant-s3")
     op = OperatorProcess.start(
         kc,

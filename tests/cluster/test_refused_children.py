@@ -21,7 +21,6 @@ import yaml
 from operator_helpers import (
     OperatorProcess,
     get_ftj,
-    install_crd,
     kubectl,
     tiny_job,
     wait_for,
@@ -76,10 +75,10 @@ def _policy(name: str, namespace: str) -> list[dict[str, Any]]:
 
 
 @pytest.fixture
-def registry_policy(k8s_cluster: Any, k8s_namespace: str) -> Iterator[str]:
-    name = f"corp-images-{k8s_namespace}"
-    docs = _policy(name, k8s_namespace)
-    kc = k8s_cluster.kubeconfig
+def registry_policy(containerd_cluster: Any, node_namespace: str) -> Iterator[str]:
+    name = f"corp-images-{node_namespace}"
+    docs = _policy(name, node_namespace)
+    kc = containerd_cluster.kubeconfig
     kubectl(kc, "apply", "-f", "-", stdin=yaml.safe_dump_all(docs))
     probe = {
         "apiVersion": "batch/v1",
@@ -97,14 +96,14 @@ def registry_policy(k8s_cluster: Any, k8s_namespace: str) -> Iterator[str]:
 
     def enforced() -> bool:  # the policy takes a moment to reach the admission chain
         result = kubectl(
-            kc, "-n", k8s_namespace, "create", "--dry-run=server", "-f", "-",
+            kc, "-n", node_namespace, "create", "--dry-run=server", "-f", "-",
             stdin=json.dumps(probe), check=False,
         )  # fmt: skip
         return result.returncode != 0 and POLICY_MESSAGE in result.stderr
 
     wait_for(enforced, 60, "the admission policy to be enforced")
     yield name
-    k8s_cluster.kubectl(
+    containerd_cluster.kubectl(
         "delete",
         "validatingadmissionpolicybinding,validatingadmissionpolicy",
         name,
@@ -114,10 +113,9 @@ def registry_policy(k8s_cluster: Any, k8s_namespace: str) -> Iterator[str]:
 
 
 def test_a_job_the_cluster_refuses_stalls_with_the_policy_message_until_the_spec_is_fixed(
-    k8s_cluster: Any, k8s_namespace: str, registry_policy: str, tmp_path: Path
+    containerd_cluster: Any, node_namespace: str, registry_policy: str, tmp_path: Path
 ) -> None:
-    kc, ns, name = k8s_cluster.kubeconfig, k8s_namespace, "off-registry"
-    install_crd(kc)
+    kc, ns, name = containerd_cluster.kubeconfig, node_namespace, "off-registry"
     kubectl(kc, "-n", ns, "create", "secret", "generic", "s3", "--from-literal=AWS_ACCESS_KEY_ID=a")
     op = OperatorProcess.start(kc, ns, {}, tmp_path / "operator.log")
     try:

@@ -36,15 +36,15 @@ CFG = OperatorConfig(trainer_image="ghcr.io/kubetune/trainer:test")
 
 
 def test_api_server_refuses_each_malformed_field_naming_it(
-    k8s_cluster: Any, k8s_namespace: str, crd_installed: None
+    containerd_cluster: Any, node_namespace: str
 ) -> None:
     # (The Job API's own rules are in CEL_CASES, which test_operator.py checks the same way.)
-    failures = refusal_failures(k8s_cluster.kubeconfig, k8s_namespace, FIELD_CASES)
+    failures = refusal_failures(containerd_cluster.kubeconfig, node_namespace, FIELD_CASES)
     assert not failures, "\n".join(failures)
 
 
 def test_api_server_accepts_every_example_finetunejob(
-    k8s_cluster: Any, k8s_namespace: str, crd_installed: None
+    containerd_cluster: Any, node_namespace: str
 ) -> None:
     examples = [
         doc
@@ -56,7 +56,7 @@ def test_api_server_accepts_every_example_finetunejob(
     failures = []
     for doc in examples:
         doc.get("metadata", {}).pop("namespace", None)
-        result = dry_run(k8s_cluster.kubeconfig, k8s_namespace, doc)
+        result = dry_run(containerd_cluster.kubeconfig, node_namespace, doc)
         if result.returncode != 0:
             failures.append(f"{doc['metadata']['name']}: {result.stderr!r}")
     assert not failures, "\n".join(failures)
@@ -75,12 +75,12 @@ def _stage_job(job: FineTuneJob, namespace: str) -> dict[str, Any]:
 
 
 def test_job_api_accepts_the_stage_job_of_each_valid_counterpart(
-    k8s_cluster: Any, k8s_namespace: str
+    containerd_cluster: Any, node_namespace: str
 ) -> None:
     failures = []
     for case in [*FIELD_CASES, *JOB_API_CEL_CASES]:
-        stage_job = _stage_job(parse_job(case.valid_manifest()), k8s_namespace)
-        result = dry_run(k8s_cluster.kubeconfig, k8s_namespace, stage_job)
+        stage_job = _stage_job(parse_job(case.valid_manifest()), node_namespace)
+        result = dry_run(containerd_cluster.kubeconfig, node_namespace, stage_job)
         if result.returncode != 0:
             failures.append(f"{case.id}: stderr={result.stderr!r}")
     assert not failures, "\n".join(failures)
@@ -125,22 +125,22 @@ JOB_API_REFUSES: list[tuple[str, dict[str, Any], str]] = [
     ("what", "update", "named"), JOB_API_REFUSES, ids=[c[0] for c in JOB_API_REFUSES]
 )
 def test_job_api_refuses_what_the_crd_now_refuses_at_apply(
-    k8s_cluster: Any, k8s_namespace: str, what: str, update: dict[str, Any], named: str
+    containerd_cluster: Any, node_namespace: str, what: str, update: dict[str, Any], named: str
 ) -> None:
     job = parse_job(FIELD_CASES[0].valid_manifest())
     resources = job.spec.resources.model_copy(update=update)
     job.spec = job.spec.model_copy(update={"resources": resources})
-    stage_job = _stage_job(job, k8s_namespace)
-    result = dry_run(k8s_cluster.kubeconfig, k8s_namespace, stage_job)
+    stage_job = _stage_job(job, node_namespace)
+    result = dry_run(containerd_cluster.kubeconfig, node_namespace, stage_job)
     assert result.returncode != 0, f"the Job API accepted a Job with a malformed {what}"
     assert named in result.stderr, result.stderr
 
 
 def test_job_api_refuses_a_credentials_secret_of_another_namespace(
-    k8s_cluster: Any, k8s_namespace: str
+    containerd_cluster: Any, node_namespace: str
 ) -> None:
     job = parse_job(FIELD_CASES[0].valid_manifest())
     storage = job.spec.storage.model_copy(update={"credentials_secret": "../../kube-system/foo"})
     job.spec = job.spec.model_copy(update={"storage": storage})
-    result = dry_run(k8s_cluster.kubeconfig, k8s_namespace, _stage_job(job, k8s_namespace))
+    result = dry_run(containerd_cluster.kubeconfig, node_namespace, _stage_job(job, node_namespace))
     assert result.returncode != 0 and "secretKeyRef.name" in result.stderr, result.stderr

@@ -264,6 +264,19 @@ def test_placement_and_lifecycle_fields_reach_the_pods() -> None:
     assert res["limits"]["memory"] == "128Gi"
 
 
+@pytest.mark.parametrize(
+    ("cpu", "threads"), [("250m", "1"), ("1", "1"), ("1.5", "2"), ("16", "16"), (None, None)]
+)
+def test_the_cpu_request_reaches_every_stage_as_its_whole_cpus(
+    cpu: str | None, threads: str | None
+) -> None:
+    # The pod sees every core of its node; the trainer sizes its threads to this instead.
+    job = with_spec(example("tldr-tiny.yaml"), **{"resources.cpu": cpu})
+    for stage in JOB_STAGES:
+        env = {e["name"]: e.get("value") for e in builders.stage_env(job, stage)}
+        assert env.get(Env.CPUS) == threads, stage
+
+
 def test_image_comes_from_the_spec_else_the_operator_setting() -> None:
     job = example("tldr-tiny.yaml")
     assert builders.image(job, CFG) == "ghcr.io/kubetune/trainer:test"

@@ -67,6 +67,7 @@ from kubetune.results import PrepareResult
 from kubetune.schema import CleanSpec, DatasetStats, DedupMode, SplitSpec, SplitUnit, TwinCounts
 from kubetune_trainer.cleaning import Cleaner, seed_key, text_hash
 from kubetune_trainer.context import StageContext
+from kubetune_trainer.cpus import usable_cpus
 from kubetune_trainer.near_dup import (
     TwinCounter,
     near_duplicate_mask,
@@ -213,15 +214,12 @@ def _pool_call(raws: list[str]) -> _Chunk:
 
 
 def prepare_workers() -> int:
-    """Worker processes for the first pass: $KUBETUNE_PREPARE_WORKERS, else usable CPUs."""
+    """Worker processes for the first pass: $KUBETUNE_PREPARE_WORKERS, else the usable CPUs
+    (the affinity capped by the pod's request and the CPU quota: cpus.usable_cpus)."""
     env = os.environ.get(Env.PREPARE_WORKERS)
     if env:
         return max(1, int(env))
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cpus = os.cpu_count() or 1
-    return max(1, min(cpus, MAX_WORKERS))
+    return max(1, min(usable_cpus(), MAX_WORKERS))
 
 
 def _pool_start_method() -> str:

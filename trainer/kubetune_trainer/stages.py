@@ -37,6 +37,7 @@ from kubetune.schema import FineTuneJob
 from kubetune.storage import storage_failure_reason
 from kubetune_trainer.caches import check_caches_writable
 from kubetune_trainer.context import StageContext, make_context
+from kubetune_trainer.cpus import fit_threads
 
 _MODULES = {stage.value: f"kubetune_trainer.{stage.value}" for stage in Stage}
 
@@ -53,6 +54,8 @@ def run_stage(name: str, ctx: StageContext) -> StageResult:
     """
     if name not in _MODULES:
         raise ValueError(f"unknown stage {name!r}; expected one of {', '.join(STAGE_ORDER)}")
+    # Before the stage imports torch: the pod's CPUs, not the node's cores, set its threads.
+    fit_threads()
     module = importlib.import_module(_MODULES[name])
     try:
         result: StageResult = module.run(ctx)
