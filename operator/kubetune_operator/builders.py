@@ -393,13 +393,20 @@ def worker_env(job: FineTuneJob, run: RunRef) -> list[dict[str, Any]]:
     return env
 
 
-def requested_cpus(cpu: str) -> int:
+def requested_cpus(cpu: str | None) -> int | None:
     """Whole CPUs of a CPU request (``250m`` -> 1, ``1.5`` -> 2): the threads a stage runs.
 
     Rounded up, as the Downward API rounds ``requests.cpu`` with divisor 1, so a fractional
     request still gets one thread; the trainer also caps it by the node's CPUs and any quota.
+    None without a request, or for one that is no quantity (the CRD refuses it at apply; the
+    Job API would refuse the Job, naming the field).
     """
-    return max(1, math.ceil(parse_quantity(cpu)))
+    if not cpu:
+        return None
+    try:
+        return max(1, math.ceil(parse_quantity(cpu)))
+    except ValueError:
+        return None
 
 
 def stage_env(job: FineTuneJob, stage: str, run: RunRef | None = None) -> list[dict[str, Any]]:
@@ -417,8 +424,9 @@ def stage_env(job: FineTuneJob, stage: str, run: RunRef | None = None) -> list[d
             "value": str(METRICS_PORT if stage == Stage.TRAIN else 0),
         },
     ]
-    if job.spec.resources.cpu:
-        env.append({"name": Env.CPUS, "value": str(requested_cpus(job.spec.resources.cpu))})
+    cpus = requested_cpus(job.spec.resources.cpu)
+    if cpus is not None:
+        env.append({"name": Env.CPUS, "value": str(cpus)})
     storage = job.spec.storage
     if storage.credentials_secret:
         for key in S3_CREDENTIAL_KEYS:

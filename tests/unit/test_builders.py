@@ -275,6 +275,7 @@ def test_the_cpu_request_reaches_every_stage_as_its_whole_cpus(
     for stage in JOB_STAGES:
         env = {e["name"]: e.get("value") for e in builders.stage_env(job, stage)}
         assert env.get(Env.CPUS) == threads, stage
+    assert builders.requested_cpus("lots") is None  # refused at apply; never a crash here
 
 
 def test_image_comes_from_the_spec_else_the_operator_setting() -> None:
