@@ -65,33 +65,28 @@ def test_no_quota_anywhere_or_no_cgroups_is_none(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("quota", "affinity", "expected"),
-    [("25000 100000", 8, 1), ("150000 100000", 8, 1), ("200000 100000", 8, 2),
-     ("800000 100000", 2, 2), ("max 100000", 4, 4)],
+    ("quota", "affinity", "requested", "expected"),
+    [("25000 100000", 8, None, 1), ("150000 100000", 8, None, 1),
+     ("200000 100000", 8, None, 2), ("800000 100000", 2, None, 2), ("max 100000", 4, None, 4),
+     # Requests set no quota: without this cap two 250m pods on 2 cores run 4 threads.
+     ("max 100000", 8, "1", 1), ("max 100000", 8, "3", 3), ("max 100000", 8, "16", 8),
+     ("200000 100000", 8, "4", 2), ("max 100000", 8, "", 8), ("max 100000", 8, "two", 8)],
 )  # fmt: skip
-def test_usable_cpus_is_the_affinity_capped_by_the_quota_rounded_down(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, quota: str, affinity: int, expected: int
+def test_usable_cpus_is_the_affinity_capped_by_the_request_and_the_quota_rounded_down(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    quota: str,
+    affinity: int,
+    requested: str | None,
+    expected: int,
 ) -> None:
     root = tmp_path / "cgroup"
     _write(root / "cpu.max", quota)
     monkeypatch.setattr(cpus, "affinity_cpus", lambda: affinity)
-    monkeypatch.delenv(Env.CPUS, raising=False)
-    assert usable_cpus(root, _proc(tmp_path, "0::/")) == expected
-
-
-@pytest.mark.parametrize(
-    ("requested", "quota", "expected"),
-    [("1", "max 100000", 1), ("3", "max 100000", 3), ("16", "max 100000", 8),
-     ("4", "200000 100000", 2), ("", "max 100000", 8), ("two", "max 100000", 8)],
-)  # fmt: skip
-def test_the_pods_cpu_request_caps_the_cpus_too(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, requested: str, quota: str, expected: int
-) -> None:
-    # Requests set no quota: without this cap two 250m pods on 2 cores run 4 threads.
-    root = tmp_path / "cgroup"
-    _write(root / "cpu.max", quota)
-    monkeypatch.setattr(cpus, "affinity_cpus", lambda: 8)
-    monkeypatch.setenv(Env.CPUS, requested)
+    if requested is None:
+        monkeypatch.delenv(Env.CPUS, raising=False)
+    else:
+        monkeypatch.setenv(Env.CPUS, requested)
     assert usable_cpus(root, _proc(tmp_path, "0::/")) == expected
 
 

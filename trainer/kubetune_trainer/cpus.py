@@ -7,8 +7,8 @@ by its cgroup's CPU quota.
 A pod sees every core of its node, so torch starts one OpenMP thread per core whatever the
 pod asked for. Two training pods that request 250m each on a 2-core node then run four
 spinning threads on two cores, and a pod with ``limits.cpu: 250m`` runs for 25 ms in every
-100 ms while its threads wait on each other. Both are measured in docs/cpus.md: with one
-thread per requested CPU, training under a 250m quota took 52.1 s instead of 103.5 s. So
+100 ms while its threads wait on each other. Both are measured in docs/cpus.md (one thread
+per requested CPU about halved each). So
 every stage (pods, local mode, benchmarks) sizes its threads and worker processes from
 :func:`usable_cpus`, as Go's automaxprocs and the JVM size theirs from the quota.
 
@@ -95,14 +95,14 @@ def fit_threads() -> int | None:
     """
     if os.environ.get(THREADS_ENV):
         return None
-    cpus = usable_cpus()
-    if cpus >= affinity_cpus():
+    cpus, available = usable_cpus(), affinity_cpus()
+    if cpus >= available:
         return None
     os.environ[THREADS_ENV] = str(cpus)
     torch = sys.modules.get("torch")
     if torch is not None:
         torch.set_num_threads(cpus)
-    log.info("torch threads: %d of %d CPUs (the pod's CPU request or quota)", cpus, affinity_cpus())
+    log.info("torch threads: %d of %d CPUs (the pod's CPU request or quota)", cpus, available)
     return cpus
 
 
