@@ -5,7 +5,7 @@ SHELL := /bin/bash
 VENV ?= $(HOME)/.cache/kubetune/venv
 PY := $(VENV)/bin/python
 export KUBETUNE_VENV := $(VENV)
-# Stage pods on the test cluster's process node run `kubetune` from this PATH.
+# Recipes and the scripts they call find the venv's tools (kubetune, pytest, ruff) on PATH.
 export PATH := $(VENV)/bin:$(PATH)
 PYTEST_ARGS ?= --durations=30
 
@@ -33,7 +33,7 @@ test-unit: setup ## pure unit tests (no cluster, no training)
 test-integration: setup images ## stages on real text with tiny models, real S3 (moto server)
 	$(PY) -m pytest tests/integration $(PYTEST_ARGS)
 
-test-cluster: setup system-deps tools images ## the real control plane, process node, real node, S3, Prometheus
+test-cluster: setup system-deps tools images ## real control planes and real nodes (kubelet + containerd), S3, Prometheus, Kueue
 	$(PY) -m pytest tests/cluster $(PYTEST_ARGS)
 
 lint: setup check-generated ## ruff + mypy + generated files up to date
@@ -63,13 +63,13 @@ tools: ## build/reuse kube-apiserver, etcd, ... helm, kubeconform (cached in ~/.
 images: ## build/reuse the operator and trainer images with buildah (localhost/kubetune/*, docs/images.md)
 	@bash scripts/build-images.sh
 
-cluster-up: setup tools ## start the test cluster (control plane, process node, S3) for manual use
+cluster-up: setup system-deps tools ## start the test cluster by hand (root): control plane, a real node (kubelet + containerd), S3
 	cd tests && $(PY) -m harness up
 
-cluster-down: ## stop the test cluster
+cluster-down: ## stop the test cluster and remove what its node made (mounts, cgroups, bridge, iptables rules)
 	cd tests && $(PY) -m harness down
 
-demo-cluster: setup tools ## the README's cluster walkthrough as one command (exit 0 on Succeeded)
+demo-cluster: setup system-deps tools images ## the README's cluster walkthrough, all in containers (helm chart, trainer image); exit 0 on Succeeded
 	bash scripts/demo-cluster.sh
 
 bench: setup ## full benchmarks (bench/results/latest.json, bench/RESULTS.md)

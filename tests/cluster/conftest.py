@@ -13,8 +13,9 @@ from harness.kueue_fixtures import kueue, node_kueue  # noqa: F401  (real Kueues
 
 @pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark every test that runs on the real node ``real_node`` (scripts/run-tests.sh runs
-    them in the stream apart from the process node's)."""
+    """Mark every test on the main real node (``containerd_cluster``) ``real_node``:
+    scripts/run-tests.sh runs them in one stream and the rest, with the light node
+    (``k8s_cluster``), in the other."""
     for item in items:
         if "containerd_cluster" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.real_node)

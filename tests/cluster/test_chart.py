@@ -1,12 +1,16 @@
-"""The Helm chart on the real control plane (tests/harness): install, run a job, upgrade,
-refuse a bad value, uninstall. Run with ``pytest -m cluster tests/cluster/test_chart.py``.
+"""The Helm chart on a real node (the light one, harness.fixtures.k8s_cluster): install,
+run a job, upgrade, refuse a bad value, uninstall.
 
-The process node runs the chart's operator pod as a local process (``kubetune operator`` from
-the venv on PATH; the image is ignored). The Python client's in-cluster login reads a fixed
-path the process node cannot remap, so the test hands the operator a kubeconfig holding a
-token of the chart's own ServiceAccount (TokenRequest API) through the chart's
-``extraVolumes``/``extraVolumeMounts``/``operator.extraEnv``: the operator acts with exactly
-the RBAC the chart grants (a Role in ``watchNamespace``), as it would in a real cluster.
+    sudo bash scripts/install-system-deps.sh && make images   # once
+    PYTHONPATH=tests ~/.cache/kubetune/venv/bin/python -m pytest tests/cluster/test_chart.py
+
+The operator pod runs the operator image that `make images` built (loaded into the node,
+``pullPolicy: Never``) under Pod Security ``restricted``, logged in with the chart's own
+ServiceAccount, so it acts with exactly the RBAC the chart grants (a Role in each watched
+namespace). This node has no trainer image: the job's stage pods name an image that is not
+there, and the FineTuneJob must end ``Failed`` with ``ImagePullFailed``, written by the chart's
+operator. A job that succeeds under a chart's operator runs in test_observability.py, on the
+node that has the trainer image.
 
 The tests of this module share one release and run in order (install -> job -> upgrade ->
 bad value -> uninstall).
@@ -14,7 +18,6 @@ bad value -> uninstall).
 
 from __future__ import annotations
 
-import base64
 import json
 import subprocess
 import urllib.request
@@ -26,16 +29,11 @@ from typing import Any
 
 import pytest
 import yaml
-from datapaths import tldr_files
-from operator_helpers import (
-    free_port,
-    get_ftj,
-    kubectl,
-    let_helm_adopt_crd,
-    tiny_job,
-    upload_files,
-    wait_for,
-)
+from built_images import built_image
+from operator_helpers import get_ftj, kubectl, let_helm_adopt_crd, tiny_job, wait_for
+from real_node_env import restricted_namespace, tenant_data
+
+from harness.fixtures import ContainerdCluster
 
 pytestmark = pytest.mark.cluster
 
@@ -44,24 +42,19 @@ CHART = REPO / "charts/kubetune"
 CRD_NAME = "finetunejobs.kubetune.io"
 RELEASE = "kt"
 FULLNAME = "kt-kubetune"
-KUBECONFIG_MOUNT = "/etc/kubetune-kubeconfig"
-RUN_TIMEOUT = 480.0
-
-# The operator and stage pods run the venv's `kubetune` from the host PATH (the process node
-# passes PATH on), so the venv must be on it before the cluster fixture starts the node.
+HEALTH_PORT = 8081  # the chart's default operator.healthPort
+ABSENT_TRAINER = "localhost/kubetune/trainer:not-on-this-node"
+FAIL_TIMEOUT = 240.0
 
 
 @dataclass
 class Release:
-    cluster: Any
+    cluster: ContainerdCluster
     namespace: str  # where the operator runs
-    jobs_namespace: str  # watchNamespace
+    jobs_namespace: str  # watchNamespaces
     values_file: Path
-    health_port: int
-    metrics_port: int
-    s3: Any
-    data_uri: str
-    out_bucket: str
+    operator_image: str
+    data: dict[str, str]  # data_uri, out_bucket, endpoint (tenant_data)
 
     def helm(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         cmd = [
@@ -95,102 +88,51 @@ class Release:
         parts.append(f"operator log:\n{logs.stdout}{logs.stderr}")
         return "\n".join(parts)
 
+    def operator_pods(self) -> list[dict[str, Any]]:
+        selector = "app.kubernetes.io/component=operator"
+        return list(self.get("-n", self.namespace, "pods", "-l", selector)["items"])
+
     def healthy(self) -> bool:
-        try:
-            url = f"http://127.0.0.1:{self.health_port}/healthz"
-            with urllib.request.urlopen(url, timeout=2) as resp:
-                return bool(resp.status == 200)
-        except OSError:
-            return False
-
-
-def _sa_kubeconfig(cluster: Any, namespace: str, service_account: str) -> str:
-    """A kubeconfig that authenticates as the ServiceAccount (a bound token, 2 hours)."""
-    token = kubectl(
-        cluster.kubeconfig, "-n", namespace, "create", "token", service_account, "--duration=2h"
-    ).stdout.strip()
-    admin = yaml.safe_load(Path(cluster.kubeconfig).read_text())
-    ca_path = Path(admin["clusters"][0]["cluster"]["certificate-authority"])
-    config = {
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [
-            {
-                "name": "c",
-                "cluster": {
-                    "server": cluster.api_url,
-                    "certificate-authority-data": base64.b64encode(ca_path.read_bytes()).decode(),
-                },
-            }
-        ],
-        "users": [{"name": service_account, "user": {"token": token}}],
-        "contexts": [
-            {
-                "name": "c",
-                "context": {"cluster": "c", "user": service_account, "namespace": namespace},
-            }
-        ],
-        "current-context": "c",
-    }
-    return json.dumps(config)
+        """Whether a running operator pod answers /healthz at its pod address (the host
+        reaches pods through the node's bridge)."""
+        for pod in self.operator_pods():
+            ip = pod.get("status", {}).get("podIP")
+            if not ip or pod.get("metadata", {}).get("deletionTimestamp"):
+                continue
+            try:
+                with urllib.request.urlopen(f"http://{ip}:{HEALTH_PORT}/healthz", timeout=2) as r:
+                    if r.status == 200:
+                        return True
+            except OSError:
+                continue
+        return False
 
 
 @pytest.fixture(scope="module")
 def release(
-    k8s_cluster: Any, s3_server: Any, tmp_path_factory: pytest.TempPathFactory
+    k8s_cluster: ContainerdCluster, s3_server: Any, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Release]:
+    operator_image = built_image("operator")
+    k8s_cluster.load_image(operator_image)
     suffix = uuid.uuid4().hex[:6]
     namespace, jobs_ns = f"kubetune-{suffix}", f"ml-{suffix}"
     for ns in (namespace, jobs_ns):
-        k8s_cluster.kubectl("create", "namespace", ns)
-    client = s3_server.client()
-    data_bucket = s3_server.make_bucket(f"chart-data-{suffix}")
-    out_bucket = s3_server.make_bucket(f"chart-runs-{suffix}")
-    upload_files(client, data_bucket, "tldr/common", tldr_files("common")[:150])
-    kubectl(
-        k8s_cluster.kubeconfig,
-        "-n",
-        jobs_ns,
-        "create",
-        "secret",
-        "generic",
-        "kubetune-s3",
-        f"--from-literal=AWS_ACCESS_KEY_ID={s3_server.access_key}",
-        f"--from-literal=AWS_SECRET_ACCESS_KEY={s3_server.secret_key}",
-    )
-    health_port, metrics_port = free_port(), free_port()
+        restricted_namespace(k8s_cluster, ns)
+    data = tenant_data(k8s_cluster, s3_server, jobs_ns, f"chart-{suffix}")
+    repository, tag = operator_image.rsplit(":", 1)
     values = {
-        "watchNamespace": jobs_ns,
-        "image": {"tag": "test"},
+        "watchNamespaces": [jobs_ns],
+        "image": {"repository": repository, "tag": tag, "pullPolicy": "Never"},
         "operator": {
             "progressInterval": 2,
             "resyncInterval": 5,
-            "healthPort": health_port,
-            "metricsPort": metrics_port,
-            "trainerImage": "kubetune/trainer:test",
-            "extraEnv": [
-                {"name": "KUBECONFIG", "value": f"{KUBECONFIG_MOUNT}/config"},
-                *({"name": k, "value": v} for k, v in sorted(s3_server.env().items())),
-            ],
+            "trainerImage": ABSENT_TRAINER,
+            "storageEndpoints": [data["endpoint"]],
         },
-        "extraVolumes": [{"name": "kubeconfig", "secret": {"secretName": "operator-kubeconfig"}}],
-        "extraVolumeMounts": [
-            {"name": "kubeconfig", "mountPath": KUBECONFIG_MOUNT, "readOnly": True}
-        ],
     }
     values_file = tmp_path_factory.mktemp("chart") / "values.yaml"
     values_file.write_text(yaml.safe_dump(values))
-    rel = Release(
-        k8s_cluster,
-        namespace,
-        jobs_ns,
-        values_file,
-        health_port,
-        metrics_port,
-        s3_server,
-        f"s3://{data_bucket}/tldr/common/",
-        out_bucket,
-    )
+    rel = Release(k8s_cluster, namespace, jobs_ns, values_file, operator_image, data)
     let_helm_adopt_crd(k8s_cluster.kubeconfig, RELEASE, namespace)
     yield rel
     rel.helm("uninstall", RELEASE, check=False)
@@ -224,17 +166,6 @@ def test_helm_install_brings_the_operator_up_with_the_charts_rbac(release: Relea
     assert f"kubectl apply -n {rel.jobs_namespace} -f examples/tldr-gpt2.yaml" in notes
     assert f"kubectl get ftj -n {rel.jobs_namespace} -w" in notes
     assert f"rollout status deployment/{FULLNAME}" in notes
-    # The ServiceAccount exists now: give the operator a kubeconfig that acts as it.
-    kubeconfig = _sa_kubeconfig(rel.cluster, rel.namespace, FULLNAME)
-    rel.kubectl(
-        "-n",
-        rel.namespace,
-        "create",
-        "secret",
-        "generic",
-        "operator-kubeconfig",
-        f"--from-literal=config={kubeconfig}",
-    )
     wait_for(
         lambda: _deployment_ready(rel),
         180,
@@ -243,6 +174,14 @@ def test_helm_install_brings_the_operator_up_with_the_charts_rbac(release: Relea
         interval=2,
     )
     wait_for(rel.healthy, 120, "the operator's /healthz", dump=rel.diagnose)
+    # The pod runs the built image as the chart's ServiceAccount, non-root, read-only root.
+    [pod] = rel.operator_pods()
+    assert pod["spec"]["serviceAccountName"] == FULLNAME
+    [status] = pod["status"]["containerStatuses"]
+    assert status["image"].endswith(rel.operator_image.split("/", 1)[1]), status["image"]
+    assert status["ready"] is True
+    container = pod["spec"]["containers"][0]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
     crd = rel.get("crd", CRD_NAME)
     assert crd["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
     # Namespaced RBAC: a Role in the watched namespace; cluster-wide only the cluster-scoped
@@ -277,15 +216,21 @@ def test_helm_install_brings_the_operator_up_with_the_charts_rbac(release: Relea
     assert cannot.stdout.strip() == "no"
 
 
-def test_a_finetunejob_applied_after_install_succeeds(release: Release) -> None:
+def test_the_charts_operator_runs_a_finetunejob_with_the_trainer_image_of_its_values(
+    release: Release,
+) -> None:
+    """The operator reads the job, makes its prepare Job with ``operator.trainerImage``, sees
+    the kubelet fail to find that image and writes the typed reason: every step through the
+    chart's RBAC. This node has no trainer image on purpose (see the module docstring)."""
     rel = release
     job = tiny_job(
         "chart-tiny",
-        data_uri=rel.data_uri,
-        output=f"s3://{rel.out_bucket}/chart-tiny/",
-        endpoint=rel.s3.endpoint_url,
+        data_uri=rel.data["data_uri"],
+        output=f"s3://{rel.data['out_bucket']}/chart-tiny/",
+        endpoint=rel.data["endpoint"],
         secret="kubetune-s3",
     )
+    job["spec"]["resources"].update({"cpu": "1", "gpusPerWorker": 0, "imagePullPolicy": "Never"})
     kubectl(
         rel.cluster.kubeconfig,
         "apply",
@@ -296,18 +241,19 @@ def test_a_finetunejob_applied_after_install_succeeds(release: Release) -> None:
         stdin=yaml.safe_dump(job),
     )
 
-    def finished() -> str | None:
-        phase = (
-            get_ftj(rel.cluster.kubeconfig, rel.jobs_namespace, "chart-tiny").get("status") or {}
-        ).get("phase")
-        return phase if phase in ("Succeeded", "Failed") else None
+    def failed() -> dict[str, Any] | None:
+        ftj = get_ftj(rel.cluster.kubeconfig, rel.jobs_namespace, "chart-tiny")
+        return ftj if (ftj.get("status") or {}).get("phase") == "Failed" else None
 
-    phase = wait_for(finished, RUN_TIMEOUT, "chart-tiny to finish", dump=rel.diagnose, interval=2)
-    assert phase == "Succeeded", rel.diagnose()
-    status = get_ftj(rel.cluster.kubeconfig, rel.jobs_namespace, "chart-tiny")["status"]
-    assert status["results"]["perplexity"] > 0
+    ftj = wait_for(failed, FAIL_TIMEOUT, "chart-tiny to fail", dump=rel.diagnose, interval=2)
+    status = ftj["status"]
+    assert status["reason"] == "ImagePullFailed", rel.diagnose()
+    assert ABSENT_TRAINER in status["message"]
+    jobs = rel.get("-n", rel.jobs_namespace, "jobs")["items"]
+    images = {c["image"] for j in jobs for c in j["spec"]["template"]["spec"]["containers"]}
+    assert images == {ABSENT_TRAINER}
     ready = next(c for c in status["conditions"] if c["type"] == "Ready")
-    assert ready["status"] == "True"
+    assert ready["status"] == "False"
 
 
 def test_helm_upgrade_with_a_changed_value_rolls_the_operator(release: Release) -> None:
@@ -367,11 +313,11 @@ def test_helm_uninstall_keeps_the_crd_and_the_users_finetunejobs(release: Releas
     assert CRD_NAME in result.stdout  # "These resources were kept due to the resource policy"
     assert rel.get("crd", CRD_NAME)["metadata"]["name"] == CRD_NAME
     ftj = get_ftj(rel.cluster.kubeconfig, rel.jobs_namespace, "chart-tiny")
-    assert ftj["status"]["phase"] == "Succeeded"
+    assert ftj["status"]["phase"] == "Failed"  # as the job test left it
     for args in (
         ("-n", rel.namespace, "deployment", FULLNAME),
         ("-n", rel.jobs_namespace, "role", FULLNAME),
     ):
         gone = rel.kubectl("get", *args, "--ignore-not-found", "-o", "name")
         assert not gone.stdout.strip(), f"{args} still exists"
-    wait_for(lambda: not rel.healthy(), 60, "the operator process to stop", dump=rel.diagnose)
+    wait_for(lambda: not rel.operator_pods(), 120, "the operator pod to go", dump=rel.diagnose)

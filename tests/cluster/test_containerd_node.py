@@ -254,7 +254,7 @@ def test_pod_reaches_a_service_of_pods_through_kube_proxy(
     if not containerd_cluster.node.kube_proxy:
         pytest.fail(
             "the node runs without kube-proxy: another node on this host has it "
-            "(`python -m harness up --node containerd --kube-proxy`?)",
+            "(`python -m harness up`?)",
             pytrace=False,
         )
     server = probe_pod("web", probe_image, ["serve:8080"])

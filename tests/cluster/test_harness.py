@@ -1,19 +1,39 @@
-"""The harness against real components: control plane, process node, S3, Prometheus.
+"""The harness's components, and the Kubernetes behaviour the operator relies on, for real.
 
-    cd /work/main && PYTHONPATH=tests ~/.cache/kubetune/venv/bin/python -m pytest tests/cluster -q
+    cd /work/main && PYTHONPATH=tests ~/.cache/kubetune/venv/bin/python -m pytest -q \
+        -p no:cacheprovider tests/cluster/test_harness.py
 
-Needs the binaries from `make tools` (built on first use otherwise) and prometheus from
-scripts/install-system-deps.sh.
+Needs root, scripts/install-system-deps.sh (runc, CNI plugins, prometheus) and the binaries of
+scripts/build-tools.sh (built on first use otherwise).
+
+Pods run on ``k8s_cluster``'s real node (kubelet + containerd + runc) from the kt-probe test
+image (tests/harness/node/probe.go; its steps are listed there), which the harness loads into
+the node, so nothing is pulled. Covered here:
+
+- Jobs: one completes and ``kubectl logs`` (of its pod and of ``job/NAME``) shows its output;
+  a failing one fails after its backoffLimit, each pod with the container's exit code and
+  termination message; deleting one (Background or Foreground propagation) stops its
+  container on the node and removes its pods.
+- Pods: init containers run first and an OnFailure container is restarted; a ConfigMap volume
+  and Secret env reach the container; the service-account token authenticates to the API
+  server; activeDeadlineSeconds kills the pod (DeadlineExceeded); a pod wanting more GPUs than
+  the node has stays Pending (Unschedulable, a FailedScheduling event); a pod that ends while
+  the API server is down is reported once it is back; restricted Pod Security rejects a
+  privileged pod.
+- The rest of the harness: the control plane's pinned version, helm and kubeconform, an S3
+  object round trip, Prometheus scraping an endpoint.
+
+The node itself (containerd 2, non-root read-only pods, memory limits, networking, DNS, the
+trainer image, teardown) is tested in test_containerd_node.py.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import secrets
 import subprocess
-import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,19 +43,33 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from harness._proc import free_port, wait_until
-from harness.fixtures import K8sCluster
+from harness.fixtures import ContainerdCluster
 
 pytestmark = pytest.mark.cluster
-PY = sys.executable  # the image is ignored: pods run the host's (the venv's) interpreter
 KUBE_VERSION = re.search(
     r"k8s\.io/kubernetes (v\S+)", (Path(__file__).parent / "tools" / "go.mod").read_text()
 )
+# What the operator's pods declare too (and the image's user, 65534, already is).
+RESTRICTED = {
+    "runAsNonRoot": True,
+    "readOnlyRootFilesystem": True,
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+# Pods start in seconds, but other cluster tests may share the machine's 2 cores.
+POD_TIMEOUT = 120.0
 
 
 @pytest.fixture
-def api(k8s_cluster: K8sCluster) -> Iterator[Any]:
+def api(k8s_cluster: ContainerdCluster) -> Iterator[Any]:
     with k8s_cluster.api_client() as api_client:
         yield api_client
+
+
+@pytest.fixture(scope="module")
+def probe_image(k8s_cluster: ContainerdCluster) -> str:
+    return k8s_cluster.probe_image()
 
 
 def core_api(api: Any) -> Any:
@@ -47,10 +81,21 @@ def batch_api(api: Any) -> Any:
     return client.BatchV1Api(api)
 
 
-def python_pod(name: str, code: str, *args: str, **spec: Any) -> dict[str, Any]:
-    """A bare pod running `python -c code args...`; extra keyword args go into its spec."""
-    container = {"name": "main", "image": "python:3.11-slim", "command": [PY, "-c", code, *args]}
-    container.update(spec.pop("container", {}))
+def probe_container(name: str, image: str, steps: list[str], **extra: Any) -> dict[str, Any]:
+    return {
+        "name": name,
+        "image": image,
+        "imagePullPolicy": "Never",  # loaded into the node; there is no registry
+        "args": steps,
+        "securityContext": RESTRICTED,
+        **extra,
+    }
+
+
+def probe_pod(name: str, image: str, *steps: str, **spec: Any) -> dict[str, Any]:
+    """A bare pod running `kt-probe steps...`; `container` updates the container, the other
+    keyword args go into the pod's spec."""
+    container = probe_container("main", image, list(steps), **spec.pop("container", {}))
     return {
         "apiVersion": "v1",
         "kind": "Pod",
@@ -64,8 +109,8 @@ def python_pod(name: str, code: str, *args: str, **spec: Any) -> dict[str, Any]:
     }
 
 
-def python_job(name: str, code: str, *args: str, backoff_limit: int = 0) -> dict[str, Any]:
-    pod = python_pod(name, code, *args)
+def probe_job(name: str, image: str, *steps: str, backoff_limit: int = 0) -> dict[str, Any]:
+    pod = probe_pod(name, image, *steps)
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -75,7 +120,7 @@ def python_job(name: str, code: str, *args: str, backoff_limit: int = 0) -> dict
 
 
 def wait_pod_phase(
-    api: Any, namespace: str, name: str, phases: tuple[str, ...], timeout: float = 60
+    api: Any, namespace: str, name: str, phases: tuple[str, ...], timeout: float = POD_TIMEOUT
 ) -> Any:
     core = core_api(api)
 
@@ -83,10 +128,36 @@ def wait_pod_phase(
         pod = core.read_namespaced_pod(name, namespace)
         return pod if pod.status.phase in phases else None
 
-    return wait_until(in_phase, timeout=timeout, what=f"pod {name} in phase {phases}", interval=0.2)
+    return wait_until(in_phase, timeout=timeout, what=f"pod {name} in phase {phases}", interval=0.5)
 
 
-def job_condition(api: Any, namespace: str, name: str, timeout: float = 90) -> Any:
+def wait_container_started(api: Any, namespace: str, name: str) -> str:
+    """Wait until pod `name`'s container runs; return its containerd id."""
+    core = core_api(api)
+
+    def started() -> str | None:
+        statuses = core.read_namespaced_pod(name, namespace).status.container_statuses or []
+        running = statuses and statuses[0].state.running and statuses[0].container_id
+        return str(statuses[0].container_id) if running else None
+
+    container_id = wait_until(
+        started, timeout=POD_TIMEOUT, what=f"the container of pod {name} to run", interval=0.5
+    )
+    assert container_id.startswith("containerd://"), container_id
+    return container_id.removeprefix("containerd://")
+
+
+def node_task(cluster: ContainerdCluster, container_id: str) -> str | None:
+    """The containerd task (the process) of a container on the node: "PID STATUS", or None."""
+    listing = cluster.node.ctr("tasks", "ls", timeout=30).stdout.splitlines()
+    for line in listing[1:]:
+        task, *rest = line.split()
+        if task == container_id:
+            return " ".join(rest)
+    return None
+
+
+def job_condition(api: Any, namespace: str, name: str, timeout: float = POD_TIMEOUT) -> Any:
     """Wait for the Job's Complete or Failed condition and return it."""
     batch = batch_api(api)
 
@@ -96,7 +167,7 @@ def job_condition(api: Any, namespace: str, name: str, timeout: float = 90) -> A
             (c for c in conditions if c.type in ("Complete", "Failed") and c.status == "True"), None
         )
 
-    return wait_until(finished, timeout=timeout, what=f"job {name} to finish", interval=0.25)
+    return wait_until(finished, timeout=timeout, what=f"job {name} to finish", interval=0.5)
 
 
 def job_pods(api: Any, namespace: str, job: str) -> list[Any]:
@@ -106,30 +177,13 @@ def job_pods(api: Any, namespace: str, job: str) -> list[Any]:
     return items
 
 
-def wait_for_pid(pid_file: Path) -> int:
-    def pid() -> int | None:
-        text = pid_file.read_text() if pid_file.exists() else ""
-        return int(text) if text else None
-
-    return wait_until(pid, timeout=60, what=f"a pid in {pid_file}")
+# -- Jobs and logs -------------------------------------------------------------------------
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-# -- Jobs, logs and the process node ---------------------------------------------------
-
-
-def test_job_pod_runs_on_process_node_and_completes(
-    k8s_cluster: K8sCluster, k8s_namespace: str, api: Any
+def test_job_completes_and_its_logs_show_the_output(
+    k8s_cluster: ContainerdCluster, k8s_namespace: str, api: Any, probe_image: str
 ) -> None:
-    code = "import os, sys; print('hello from', os.environ['POD_NAME'], sys.argv[1])"
-    job = python_job("hello", code, "arg-1")
+    job = probe_job("hello", probe_image, "env:POD_NAME", "say:arg-1")
     env = [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}]
     job["spec"]["template"]["spec"]["containers"][0]["env"] = env
     batch_api(api).create_namespaced_job(k8s_namespace, job)
@@ -145,20 +199,27 @@ def test_job_pod_runs_on_process_node_and_completes(
         "Initialized",
     }
     logs = k8s_cluster.kubectl("logs", "-n", k8s_namespace, pod.metadata.name).stdout
-    assert logs == f"hello from {pod.metadata.name} arg-1\n"
+    assert logs == f"POD_NAME={pod.metadata.name}\narg-1\n"
     tail = k8s_cluster.kubectl("logs", "-n", k8s_namespace, "job/hello", "--tail=1").stdout
-    assert tail.strip().endswith("arg-1")
+    assert tail == "arg-1\n"
 
 
 def test_failing_job_fails_after_backoff_limit_with_exit_code_and_message(
-    k8s_namespace: str, api: Any
+    k8s_cluster: ContainerdCluster, k8s_namespace: str, api: Any, probe_image: str
 ) -> None:
-    # The termination message path is remapped into the pod's sandbox like any mount.
-    code = "open('/dev/termination-log', 'w').write('bad input'); raise SystemExit(3)"
-    batch_api(api).create_namespaced_job(k8s_namespace, python_job("fails", code, backoff_limit=1))
+    job = probe_job(
+        "fails",
+        probe_image,
+        "say:failing",
+        "write:/dev/termination-log=bad input",
+        "exit:3",
+        "say:not reached",
+        backoff_limit=1,
+    )
+    batch_api(api).create_namespaced_job(k8s_namespace, job)
 
     # backoffLimit 1 = two pods; the Job controller waits ~10s (pod-failure backoff) in between.
-    condition = job_condition(api, k8s_namespace, "fails", timeout=120)
+    condition = job_condition(api, k8s_namespace, "fails", timeout=240)
     assert (condition.type, condition.reason) == ("Failed", "BackoffLimitExceeded")
     pods = job_pods(api, k8s_namespace, "fails")
     assert len(pods) == 2
@@ -170,54 +231,81 @@ def test_failing_job_fails_after_backoff_limit_with_exit_code_and_message(
             "Error",
             "bad input",
         )
+        logs = k8s_cluster.kubectl("logs", "-n", k8s_namespace, pod.metadata.name).stdout
+        assert logs == "failing\n"
 
 
 @pytest.mark.parametrize("propagation", ["Background", "Foreground"])
-def test_deleting_job_kills_its_process_and_gc_removes_pods(
-    k8s_namespace: str, api: Any, tmp_path: Path, propagation: str
+def test_deleting_job_stops_its_container_and_removes_its_pods(
+    k8s_cluster: ContainerdCluster,
+    k8s_namespace: str,
+    api: Any,
+    probe_image: str,
+    propagation: str,
 ) -> None:
-    pid_file = tmp_path / "pid"  # a host path: not under any mountPath, so not remapped
-    code = "import os, sys, time; open(sys.argv[1], 'w').write(str(os.getpid())); time.sleep(300)"
-    batch_api(api).create_namespaced_job(k8s_namespace, python_job("sleeper", code, str(pid_file)))
-    pid = wait_for_pid(pid_file)
-    assert pid_alive(pid)
+    batch_api(api).create_namespaced_job(
+        k8s_namespace, probe_job("sleeper", probe_image, "say:up", "sleep")
+    )
+    pod_name = wait_until(
+        lambda: next((p.metadata.name for p in job_pods(api, k8s_namespace, "sleeper")), None),
+        timeout=POD_TIMEOUT,
+        what="the Job's pod",
+    )
+    container_id = wait_container_started(api, k8s_namespace, pod_name)
+    task = node_task(k8s_cluster, container_id)
+    assert task is not None and task.endswith("RUNNING"), task
 
     batch_api(api).delete_namespaced_job(
         "sleeper", k8s_namespace, body=client.V1DeleteOptions(propagation_policy=propagation)
     )
-    wait_until(lambda: not pid_alive(pid), timeout=30, what=f"pid {pid} to be killed")
+    wait_until(
+        lambda: node_task(k8s_cluster, container_id) is None,
+        timeout=POD_TIMEOUT,
+        what=f"the kubelet to stop container {container_id}",
+    )
     wait_until(
         lambda: not job_pods(api, k8s_namespace, "sleeper"),
-        timeout=60,
+        timeout=POD_TIMEOUT,
         what="GC to delete the pods",
     )
 
+    def job_gone() -> bool:
+        try:
+            batch_api(api).read_namespaced_job("sleeper", k8s_namespace)
+        except ApiException as err:
+            if err.status == 404:
+                return True
+            raise
+        return False
+
+    # Foreground: the Job object stays until its pods are gone, then goes too.
+    wait_until(job_gone, timeout=POD_TIMEOUT, what="the Job to be deleted")
+
+
+# -- Pods ----------------------------------------------------------------------------------
+
 
 def test_init_container_runs_first_and_on_failure_restarts_the_container(
-    k8s_cluster: K8sCluster, k8s_namespace: str, api: Any
+    k8s_cluster: ContainerdCluster, k8s_namespace: str, api: Any, probe_image: str
 ) -> None:
-    # The main container fails on its first attempt (no marker yet) and succeeds on the restart.
-    main = (
-        "import os; p = '/work/attempted'; first = not os.path.exists(p); open(p, 'w').close();"
-        "print(open('/work/from-init').read()); raise SystemExit(1 if first else 0)"
-    )
-    pod = python_pod(
+    # The main container fails on its first attempt (no marker yet) and succeeds on the restart;
+    # both attempts print what the init container wrote into the shared emptyDir.
+    work = [{"name": "work", "mountPath": "/work"}]
+    pod = probe_pod(
         "restarts",
-        main,
+        probe_image,
+        "cat:/work/from-init",
+        "failonce:/work/attempted",
         restartPolicy="OnFailure",
         volumes=[{"name": "work", "emptyDir": {}}],
-        container={"volumeMounts": [{"name": "work", "mountPath": "/work"}]},
+        container={"volumeMounts": work, "terminationMessagePolicy": "FallbackToLogsOnError"},
     )
     pod["spec"]["initContainers"] = [
-        {
-            "name": "init",
-            "image": "busybox",
-            "command": [PY, "-c", "open('/work/from-init', 'w').write('init ran')"],
-            "volumeMounts": [{"name": "work", "mountPath": "/work"}],
-        }
+        probe_container("init", probe_image, ["write:/work/from-init=init ran"], volumeMounts=work)
     ]
     core_api(api).create_namespaced_pod(k8s_namespace, pod)
 
+    # OnFailure restarts after the kubelet's crash-loop backoff (10 s the first time).
     done = wait_pod_phase(api, k8s_namespace, "restarts", ("Succeeded", "Failed"))
     assert done.status.phase == "Succeeded"
     assert done.status.init_container_statuses[0].state.terminated.exit_code == 0
@@ -225,10 +313,13 @@ def test_init_container_runs_first_and_on_failure_restarts_the_container(
     assert status.restart_count == 1
     assert status.last_state.terminated.exit_code == 1
     assert k8s_cluster.kubectl("logs", "-n", k8s_namespace, "restarts").stdout == "init ran\n"
+    # The first attempt's output, kept as its termination message (FallbackToLogsOnError).
+    first = status.last_state.terminated.message
+    assert first.startswith("init ran\n") and "first attempt" in first, first
 
 
 def test_pod_sees_config_map_volume_and_secret_env(
-    k8s_cluster: K8sCluster, k8s_namespace: str, api: Any
+    k8s_cluster: ContainerdCluster, k8s_namespace: str, api: Any, probe_image: str
 ) -> None:
     core = core_api(api)
     core.create_namespaced_config_map(
@@ -245,13 +336,13 @@ def test_pod_sees_config_map_volume_and_secret_env(
             "stringData": {"token": "s3cr3t", "region": "eu"},
         },
     )
-    code = (
-        "import os; print(open('/etc/kubetune/model.yaml').read().strip(), os.environ['TOKEN'],"
-        " os.environ['CRED_region'], sorted(os.listdir('/etc/kubetune')))"
-    )
-    pod = python_pod(
+    pod = probe_pod(
         "reader",
-        code,
+        probe_image,
+        "cat:/etc/kubetune/model.yaml",
+        "env:TOKEN",
+        "env:CRED_region",
+        "ls:/etc/kubetune",
         volumes=[
             {
                 "name": "settings",
@@ -271,63 +362,69 @@ def test_pod_sees_config_map_volume_and_secret_env(
     )
     core.create_namespaced_pod(k8s_namespace, pod)
 
-    assert (
-        wait_pod_phase(api, k8s_namespace, "reader", ("Succeeded", "Failed")).status.phase
-        == "Succeeded"
-    )
+    phase = wait_pod_phase(api, k8s_namespace, "reader", ("Succeeded", "Failed")).status.phase
     logs = k8s_cluster.kubectl("logs", "-n", k8s_namespace, "reader").stdout
-    assert logs == "lr: 0.1 s3cr3t eu ['model.yaml']\n"
+    assert phase == "Succeeded", logs
+    assert logs == "lr: 0.1\nTOKEN=s3cr3t\nCRED_region=eu\nls /etc/kubetune: model.yaml\n"
 
 
 def test_service_account_token_authenticates_the_pod(
-    k8s_cluster: K8sCluster, k8s_namespace: str, api: Any
+    k8s_cluster: ContainerdCluster, k8s_namespace: str, api: Any, probe_image: str
 ) -> None:
-    # The default projected token volume is remapped; KUBERNETES_SERVICE_* point at the API server.
-    code = """
-import json, os, ssl, urllib.request
-d = '/var/run/secrets/kubernetes.io/serviceaccount'
-token = open(d + '/token').read()
-ctx = ssl.create_default_context(cafile=d + '/ca.crt')
-url = 'https://%s:%s/apis/authentication.k8s.io/v1/selfsubjectreviews' % (
-    os.environ['KUBERNETES_SERVICE_HOST'], os.environ['KUBERNETES_SERVICE_PORT'])
-body = json.dumps({'apiVersion': 'authentication.k8s.io/v1', 'kind': 'SelfSubjectReview'}).encode()
-headers = {'Authorization': 'Bearer ' + token, 'Content-Type': 'application/json'}
-req = urllib.request.Request(url, body, headers)
-print(json.load(urllib.request.urlopen(req, context=ctx))['status']['userInfo']['username'])
-print(open(d + '/namespace').read())
-"""
-    core_api(api).create_namespaced_pod(k8s_namespace, python_pod("whoami", code))
-    assert (
-        wait_pod_phase(api, k8s_namespace, "whoami", ("Succeeded", "Failed")).status.phase
-        == "Succeeded"
+    # A SelfSubjectReview, not /version (which anonymous users may read too): the API server
+    # names the pod's service account. KUBERNETES_SERVICE_* point at the `kubernetes` Service.
+    pod = probe_pod(
+        "whoami",
+        probe_image,
+        "review",
+        "cat:/var/run/secrets/kubernetes.io/serviceaccount/namespace",
     )
-    logs = k8s_cluster.kubectl("logs", "-n", k8s_namespace, "whoami").stdout.split()
-    assert logs == [f"system:serviceaccount:{k8s_namespace}:default", k8s_namespace]
+    core_api(api).create_namespaced_pod(k8s_namespace, pod)
+    phase = wait_pod_phase(api, k8s_namespace, "whoami", ("Succeeded", "Failed")).status.phase
+    logs = k8s_cluster.kubectl("logs", "-n", k8s_namespace, "whoami").stdout
+    assert phase == "Succeeded", logs
+    assert logs.split() == [f"user=system:serviceaccount:{k8s_namespace}:default", k8s_namespace]
 
 
-def test_active_deadline_kills_the_pod(k8s_namespace: str, api: Any, tmp_path: Path) -> None:
-    pid_file = tmp_path / "pid"
-    code = "import os, sys, time; open(sys.argv[1], 'w').write(str(os.getpid())); time.sleep(300)"
-    core_api(api).create_namespaced_pod(
-        k8s_namespace, python_pod("deadline", code, str(pid_file), activeDeadlineSeconds=3)
-    )
-    pod = wait_pod_phase(api, k8s_namespace, "deadline", ("Succeeded", "Failed"), timeout=60)
+def test_active_deadline_kills_the_pod(
+    k8s_cluster: ContainerdCluster, k8s_namespace: str, api: Any, probe_image: str
+) -> None:
+    # Long enough for the container to be seen running first, on a busy machine.
+    pod = probe_pod("deadline", probe_image, "say:up", "sleep", activeDeadlineSeconds=8)
+    core_api(api).create_namespaced_pod(k8s_namespace, pod)
+    container_id = wait_container_started(api, k8s_namespace, "deadline")
+
+    pod = wait_pod_phase(api, k8s_namespace, "deadline", ("Succeeded", "Failed"))
     assert (pod.status.phase, pod.status.reason) == ("Failed", "DeadlineExceeded")
-    assert not pid_alive(int(pid_file.read_text()))
+    started = pod.status.start_time
+    assert started is not None
+    wait_until(
+        lambda: node_task(k8s_cluster, container_id) is None,
+        timeout=60,
+        what=f"the kubelet to kill container {container_id}",
+    )
+    terminated = core_api(api).read_namespaced_pod("deadline", k8s_namespace)
+    state = terminated.status.container_statuses[0].state
+    assert state.terminated is not None, state
+    # Killed by the deadline, not before it: sleep only ends on a signal.
+    assert (state.terminated.finished_at - started).total_seconds() >= 7, (started, state)
 
 
-# -- Scheduling and admission ------------------------------------------------------------
+# -- Scheduling and admission ----------------------------------------------------------------
 
 
 def test_pod_wanting_more_gpus_than_the_node_has_stays_pending(
-    k8s_namespace: str, api: Any
+    k8s_cluster: ContainerdCluster, k8s_namespace: str, api: Any, probe_image: str
 ) -> None:
-    pod = python_pod(
+    allocatable = json.loads(
+        k8s_cluster.kubectl("get", "node", k8s_cluster.node_name, "-o", "json").stdout
+    )["status"]["allocatable"]
+    assert allocatable["nvidia.com/gpu"] == "2"
+    pod = probe_pod(
         "greedy",
-        "print('never')",
-        container={
-            "resources": {"limits": {"nvidia.com/gpu": "3"}},  # the process node has 2
-        },
+        probe_image,
+        "say:never",
+        container={"resources": {"limits": {"nvidia.com/gpu": "3"}}},
     )
     core_api(api).create_namespaced_pod(k8s_namespace, pod)
 
@@ -342,39 +439,58 @@ def test_pod_wanting_more_gpus_than_the_node_has_stays_pending(
             None,
         )
 
-    condition = wait_until(unschedulable, timeout=30, what="the scheduler's verdict")
+    condition = wait_until(unschedulable, timeout=60, what="the scheduler's verdict")
     assert condition.reason == "Unschedulable"
     assert "nvidia.com/gpu" in condition.message
+
+    def failed_scheduling() -> Any:
+        events = core_api(api).list_namespaced_event(
+            k8s_namespace, field_selector="involvedObject.name=greedy"
+        )
+        return next((e for e in events.items if e.reason == "FailedScheduling"), None)
+
+    event = wait_until(failed_scheduling, timeout=60, what="a FailedScheduling event")
+    assert "Insufficient nvidia.com/gpu" in event.message, event.message
     pod_now = core_api(api).read_namespaced_pod("greedy", k8s_namespace)
     assert (pod_now.status.phase, pod_now.spec.node_name) == ("Pending", None)
 
 
 def test_a_pod_that_ends_while_the_api_server_is_down_is_reported_when_it_is_back(
-    k8s_cluster: K8sCluster, k8s_namespace: str, api: Any, tmp_path: Path
+    k8s_cluster: ContainerdCluster, k8s_namespace: str, api: Any, probe_image: str
 ) -> None:
-    go = tmp_path / "go"
-    code = (
-        "import os, sys, time\n"
-        "while not os.path.exists(sys.argv[1]): time.sleep(0.1)\n"
-        "print('done')"
-    )
-    core_api(api).create_namespaced_pod(k8s_namespace, python_pod("outlives", code, str(go)))
-    wait_pod_phase(api, k8s_namespace, "outlives", ("Running",))
+    pod = probe_pod("outlives", probe_image, "say:waiting", "sleep", "say:done")
+    core_api(api).create_namespaced_pod(k8s_namespace, pod)
+    container_id = wait_container_started(api, k8s_namespace, "outlives")
+    signalled: list[float] = []
+
+    def end_the_container() -> None:
+        # Straight to containerd, as nothing can go through the API server now: `sleep` ends.
+        k8s_cluster.node.ctr("tasks", "kill", "--signal", "SIGTERM", container_id, timeout=30)
+        signalled.append(time.time())
+
     # The pod finishes during a 10 s outage; its status must still reach the API server.
-    k8s_cluster.control_plane.restart_apiserver(down_seconds=10, while_down=go.touch)
-    pod = wait_pod_phase(api, k8s_namespace, "outlives", ("Succeeded", "Failed"), timeout=90)
+    k8s_cluster.control_plane.restart_apiserver(down_seconds=10, while_down=end_the_container)
+    pod = wait_pod_phase(api, k8s_namespace, "outlives", ("Succeeded", "Failed"))
     assert pod.status.phase == "Succeeded"
-    assert pod.status.container_statuses[0].state.terminated.exit_code == 0
+    terminated = pod.status.container_statuses[0].state.terminated
+    assert terminated.exit_code == 0
+    # It ended while the API server was down (finishedAt has whole seconds).
+    assert terminated.finished_at.timestamp() < signalled[0] + 5, (terminated, signalled)
+    logs = k8s_cluster.kubectl("logs", "-n", k8s_namespace, "outlives").stdout
+    assert logs == "waiting\ndone\n"
 
 
 def test_restricted_pod_security_rejects_privileged_pod(
-    k8s_cluster: K8sCluster, k8s_namespace: str, api: Any
+    k8s_cluster: ContainerdCluster, k8s_namespace: str, api: Any, probe_image: str
 ) -> None:
     k8s_cluster.kubectl(
         "label", "namespace", k8s_namespace, "pod-security.kubernetes.io/enforce=restricted"
     )
-    pod = python_pod(
-        "privileged", "print('no')", container={"securityContext": {"privileged": True}}
+    pod = probe_pod(
+        "privileged",
+        probe_image,
+        "say:no",
+        container={"securityContext": {"privileged": True}},
     )
     with pytest.raises(ApiException) as rejected:
         core_api(api).create_namespaced_pod(k8s_namespace, pod)
@@ -382,12 +498,15 @@ def test_restricted_pod_security_rejects_privileged_pod(
     message = json.loads(str(rejected.value.body))["message"]
     assert 'violates PodSecurity "restricted:latest"' in message
     assert "securityContext.privileged=true" in message
+    # The same pod without `privileged` is admitted: it was that field.
+    pod["spec"]["containers"][0]["securityContext"] = RESTRICTED
+    core_api(api).create_namespaced_pod(k8s_namespace, pod)
 
 
-# -- Tools, S3, Prometheus -----------------------------------------------------------------
+# -- Tools, S3, Prometheus -------------------------------------------------------------------
 
 
-def test_control_plane_reports_the_pinned_version(k8s_cluster: K8sCluster) -> None:
+def test_control_plane_reports_the_pinned_version(k8s_cluster: ContainerdCluster) -> None:
     assert KUBE_VERSION is not None
     version = json.loads(k8s_cluster.kubectl("version", "-o", "json").stdout)
     assert version["serverVersion"]["gitVersion"] == KUBE_VERSION.group(1)

@@ -1,14 +1,17 @@
 """Real Kueue (harness.kueue) queues and admits batch/v1 Jobs on the test control plane.
 
 Each test gets its own ResourceFlavor, ClusterQueue and LocalQueue (and priority classes), and
-Jobs labelled ``kueue.x-k8s.io/queue-name`` whose pods ask for ``nvidia.com/gpu`` (the process
-node has 2) and just sleep. What is checked is Kueue's side: its webhook suspends the Job on
-creation, its Workload's conditions say why it waits, and it unsuspends the Job on admission.
+Jobs labelled ``kueue.x-k8s.io/queue-name`` whose pods ask for ``nvidia.com/gpu`` (the real node
+of ``k8s_cluster`` advertises 2) and run the kt-probe test image (tests/harness/node/probe.go,
+loaded into the node, so nothing is pulled) with its ``sleep`` step: each holds its GPU until
+its pod is deleted. What is checked is Kueue's side: its webhook suspends the Job on creation,
+its Workload's conditions say why it waits, and it unsuspends the Job on admission.
 
-    PYTHONPATH=tests ~/.cache/kubetune/venv/bin/python -m pytest -m cluster \
-        tests/cluster/test_kueue.py -q
+    cd /work/main && PYTHONPATH=tests ~/.cache/kubetune/venv/bin/python -m pytest -q \
+        -p no:cacheprovider tests/cluster/test_kueue.py
 
-Builds Kueue with scripts/build-kueue.sh on first use (about 8 minutes cold).
+Needs root and scripts/install-system-deps.sh (the real node); builds Kueue with
+scripts/build-kueue.sh on first use (about 8 minutes cold).
 """
 
 from __future__ import annotations
@@ -23,13 +26,14 @@ from typing import Any
 import pytest
 
 from harness._proc import wait_until
-from harness.fixtures import K8sCluster
+from harness.fixtures import ContainerdCluster
 from harness.kueue import PRIORITY_LABEL, QUEUE_LABEL, Kueue, workload_condition
 
 pytestmark = pytest.mark.cluster
 
-TIMEOUT = 90.0  # seconds for Kueue (and the Job controller) to act on a busy 2-core machine
-QUOTA = {"cpu": "8", "memory": "32Gi"}  # the process node's; GPUs are what each test limits
+TIMEOUT = 120.0  # seconds for Kueue, the Job controller and the kubelet on a busy 2-core machine
+# More than the Jobs ask for (the node has 2 cores): GPUs are what each test limits.
+QUOTA = {"cpu": "8", "memory": "32Gi"}
 
 
 @dataclass
@@ -37,7 +41,7 @@ class Queues:
     """A test's own Kueue objects in `namespace`: Jobs go to `local_queue`."""
 
     kueue: Kueue
-    cluster: K8sCluster
+    cluster: ContainerdCluster
     namespace: str
     suffix: str
     local_queue: str = ""
@@ -72,17 +76,30 @@ class Queues:
             self.kueue.delete(kind, name)
 
 
+@pytest.fixture(scope="module")
+def probe_image(k8s_cluster: ContainerdCluster) -> str:
+    """The kt-probe image, loaded into the node."""
+    return k8s_cluster.probe_image()
+
+
 @pytest.fixture
-def queues(kueue: Kueue, k8s_cluster: K8sCluster, k8s_namespace: str) -> Iterator[Queues]:
+def queues(kueue: Kueue, k8s_cluster: ContainerdCluster, k8s_namespace: str) -> Iterator[Queues]:
     made = Queues(kueue, k8s_cluster, k8s_namespace, uuid.uuid4().hex[:6])
     yield made
     made.tear_down()
 
 
 def gpu_job(
-    name: str, queue: str, *, pods: int = 1, indexed: bool = False, priority: str | None = None
+    name: str,
+    queue: str,
+    image: str,
+    *,
+    pods: int = 1,
+    indexed: bool = False,
+    priority: str | None = None,
 ) -> dict[str, Any]:
-    """A Job of `pods` pods, each asking for 1 GPU and sleeping, queued in LocalQueue `queue`."""
+    """A Job of `pods` pods, each asking for 1 GPU and holding it (kt-probe's `sleep`, until
+    the pod is deleted), queued in LocalQueue `queue`."""
     labels = {QUEUE_LABEL: queue}
     if priority:
         labels[PRIORITY_LABEL] = priority
@@ -97,8 +114,9 @@ def gpu_job(
                 "containers": [
                     {
                         "name": "main",
-                        "image": "busybox",  # ignored by the process node
-                        "command": ["sleep", "3600"],
+                        "image": image,
+                        "imagePullPolicy": "Never",  # loaded into the node; no registry
+                        "args": ["sleep"],
                         "resources": {
                             "requests": {"cpu": "100m", "memory": "64Mi", "nvidia.com/gpu": "1"},
                             "limits": {"nvidia.com/gpu": "1"},
@@ -126,18 +144,18 @@ def create_job(kueue: Kueue, namespace: str, job: dict[str, Any]) -> dict[str, A
     return created
 
 
-def get_json(cluster: K8sCluster, path: str) -> dict[str, Any]:
+def get_json(cluster: ContainerdCluster, path: str) -> dict[str, Any]:
     status, body = cluster.control_plane.get(path)
     assert status == 200, f"GET {path}: HTTP {status}: {body[:300]!r}"
     obj: dict[str, Any] = json.loads(body)
     return obj
 
 
-def get_job(cluster: K8sCluster, namespace: str, name: str) -> dict[str, Any]:
+def get_job(cluster: ContainerdCluster, namespace: str, name: str) -> dict[str, Any]:
     return get_json(cluster, f"/apis/batch/v1/namespaces/{namespace}/jobs/{name}")
 
 
-def job_pods(cluster: K8sCluster, namespace: str, name: str) -> list[dict[str, Any]]:
+def job_pods(cluster: ContainerdCluster, namespace: str, name: str) -> list[dict[str, Any]]:
     path = f"/api/v1/namespaces/{namespace}/pods?labelSelector=job-name%3D{name}"
     pods: list[dict[str, Any]] = get_json(cluster, path)["items"]
     return pods
@@ -179,7 +197,7 @@ def has_condition(kind: str, status: str, reason: str | None = None) -> Callable
     return check
 
 
-def wait_unsuspended(cluster: K8sCluster, namespace: str, name: str) -> None:
+def wait_unsuspended(cluster: ContainerdCluster, namespace: str, name: str) -> None:
     wait_until(
         lambda: get_job(cluster, namespace, name)["spec"]["suspend"] is False,
         timeout=TIMEOUT,
@@ -188,7 +206,9 @@ def wait_unsuspended(cluster: K8sCluster, namespace: str, name: str) -> None:
     )
 
 
-def wait_pods(cluster: K8sCluster, namespace: str, name: str, count: int) -> list[dict[str, Any]]:
+def wait_pods(
+    cluster: ContainerdCluster, namespace: str, name: str, count: int
+) -> list[dict[str, Any]]:
     """Wait until Job `name` has `count` pods and return them."""
 
     def pods() -> list[dict[str, Any]] | None:
@@ -199,7 +219,7 @@ def wait_pods(cluster: K8sCluster, namespace: str, name: str, count: int) -> lis
 
 
 def admitted(
-    kueue: Kueue, cluster: K8sCluster, namespace: str, job: dict[str, Any]
+    kueue: Kueue, cluster: ContainerdCluster, namespace: str, job: dict[str, Any]
 ) -> dict[str, Any]:
     """Wait until `job`'s Workload is Admitted and Kueue has unsuspended the Job."""
     name = job["metadata"]["name"]
@@ -225,7 +245,7 @@ def pending_for_quota(kueue: Kueue, namespace: str, job: dict[str, Any]) -> dict
     return workload
 
 
-def assert_still_waiting(cluster: K8sCluster, namespace: str, name: str) -> None:
+def assert_still_waiting(cluster: ContainerdCluster, namespace: str, name: str) -> None:
     """The Job stays suspended with no pod at all, for a while (not just at one instant)."""
     deadline = time.monotonic() + 3.0
     while time.monotonic() < deadline:
@@ -239,37 +259,45 @@ def assert_still_waiting(cluster: K8sCluster, namespace: str, name: str) -> None
 
 
 def test_second_gpu_job_waits_for_the_quota_and_is_admitted_when_the_first_is_deleted(
-    kueue: Kueue, k8s_cluster: K8sCluster, k8s_namespace: str, queues: Queues
+    kueue: Kueue,
+    k8s_cluster: ContainerdCluster,
+    k8s_namespace: str,
+    queues: Queues,
+    probe_image: str,
 ) -> None:
     queues.set_up(gpus="1")
-    first = create_job(kueue, k8s_namespace, gpu_job("first", queues.local_queue))
+    first = create_job(kueue, k8s_namespace, gpu_job("first", queues.local_queue, probe_image))
     workload = admitted(kueue, k8s_cluster, k8s_namespace, first)
     assert workload["status"]["admission"]["clusterQueue"] == f"cq-{queues.suffix}"
     assert workload_condition(workload, "QuotaReserved")["status"] == "True"  # type: ignore[index]
 
-    second = create_job(kueue, k8s_namespace, gpu_job("second", queues.local_queue))
+    second = create_job(kueue, k8s_namespace, gpu_job("second", queues.local_queue, probe_image))
     pending_for_quota(kueue, k8s_namespace, second)
     assert_still_waiting(k8s_cluster, k8s_namespace, "second")
 
     k8s_cluster.kubectl("delete", "job", "first", "-n", k8s_namespace, "--cascade=background")
     admitted(kueue, k8s_cluster, k8s_namespace, second)
     wait_pods(k8s_cluster, k8s_namespace, "second", 1)
-    # waitForPodsReady is on: the Workload reports when its pod runs on the process node.
+    # waitForPodsReady is on: the Workload reports when its pod runs (Ready) on the node.
     wait_workload(
         kueue, k8s_namespace, second, has_condition("PodsReady", "True"), "second's PodsReady"
     )
 
 
 def test_indexed_job_is_admitted_whole_or_not_at_all(
-    kueue: Kueue, k8s_cluster: K8sCluster, k8s_namespace: str, queues: Queues
+    kueue: Kueue,
+    k8s_cluster: ContainerdCluster,
+    k8s_namespace: str,
+    queues: Queues,
+    probe_image: str,
 ) -> None:
     # 2 GPUs of quota; a 1-GPU Job holds one, so the 2-pod Job's second GPU is missing.
     queues.set_up(gpus="2")
-    holder = create_job(kueue, k8s_namespace, gpu_job("holder", queues.local_queue))
+    holder = create_job(kueue, k8s_namespace, gpu_job("holder", queues.local_queue, probe_image))
     admitted(kueue, k8s_cluster, k8s_namespace, holder)
 
     pair = create_job(
-        kueue, k8s_namespace, gpu_job("pair", queues.local_queue, pods=2, indexed=True)
+        kueue, k8s_namespace, gpu_job("pair", queues.local_queue, probe_image, pods=2, indexed=True)
     )
     workload = pending_for_quota(kueue, k8s_namespace, pair)
     assert [pod_set["count"] for pod_set in workload["spec"]["podSets"]] == [2]
@@ -286,16 +314,31 @@ def test_indexed_job_is_admitted_whole_or_not_at_all(
         pod["metadata"]["labels"]["batch.kubernetes.io/job-completion-index"] for pod in pods
     }
     assert indexes == {"0", "1"}
+    # Both run: the node gives them its 2 GPUs once the holder's pod is gone.
+    wait_until(
+        lambda: (
+            [p["status"].get("phase") for p in job_pods(k8s_cluster, k8s_namespace, "pair")]
+            == ["Running", "Running"]
+        ),
+        timeout=TIMEOUT,
+        what="both pods of Job pair to run",
+    )
 
 
 def test_high_priority_job_preempts_a_running_low_priority_one(
-    kueue: Kueue, k8s_cluster: K8sCluster, k8s_namespace: str, queues: Queues
+    kueue: Kueue,
+    k8s_cluster: ContainerdCluster,
+    k8s_namespace: str,
+    queues: Queues,
+    probe_image: str,
 ) -> None:
     queues.set_up(gpus="1", preempt_lower_priority=True)
     low_class = queues.priority_class("low", 100)
     high_class = queues.priority_class("high", 1000)
 
-    low = create_job(kueue, k8s_namespace, gpu_job("low", queues.local_queue, priority=low_class))
+    low = create_job(
+        kueue, k8s_namespace, gpu_job("low", queues.local_queue, probe_image, priority=low_class)
+    )
     admitted(kueue, k8s_cluster, k8s_namespace, low)
     wait_until(
         lambda: any(
@@ -307,7 +350,7 @@ def test_high_priority_job_preempts_a_running_low_priority_one(
     )
 
     high = create_job(
-        kueue, k8s_namespace, gpu_job("high", queues.local_queue, priority=high_class)
+        kueue, k8s_namespace, gpu_job("high", queues.local_queue, probe_image, priority=high_class)
     )
     evicted = wait_workload(
         kueue,
@@ -330,7 +373,7 @@ def test_high_priority_job_preempts_a_running_low_priority_one(
 
 
 def test_queues_read_back_in_v1beta1_through_the_conversion_webhook(
-    kueue: Kueue, k8s_cluster: K8sCluster, queues: Queues
+    kueue: Kueue, k8s_cluster: ContainerdCluster, queues: Queues
 ) -> None:
     queues.set_up(gpus="1")
     cluster_queue = get_json(

@@ -1,21 +1,27 @@
 """Least privilege on the real control plane: an operator installed for named namespaces may
 act in those and nowhere else, and runs FineTuneJobs there with no more than that.
 
-The chart is installed with ``watchNamespaces=[<ns-a>]`` (``replicaCount=0``: the operator
-runs as a local process instead, see below; the CRD comes from ``crds/``). Then:
+The chart is installed on a real node (the light one, harness.fixtures.k8s_cluster) with
+``watchNamespaces=[<ns-a>]``: its operator pod runs the operator image as the chart's
+ServiceAccount, every namespace enforces Pod Security ``restricted`` (the CRD comes from
+``crds/``). Then:
 
 * the API server is asked what the chart's ServiceAccount may do (``kubectl auth can-i
   --as``) and real requests are made with its token: Secrets, Jobs, ConfigMaps, pods and
   FineTuneJobs in ns-a, none of them in ns-b, kube-system or cluster-wide;
 * rbac.py's split is checked against this API server's resource scopes;
-* the operator runs as that ServiceAccount (a token kubeconfig), watching what the chart's
-  Deployment tells it (``KUBETUNE_NAMESPACE``): a tiny FineTuneJob in ns-a runs to
-  ``Succeeded``, one in ns-a naming a missing Secret is refused (the Role's ``get secrets``
-  at work), one in ns-b gets no status and no children, and nothing is refused along the way
-  but the cluster-wide FineTuneJob listing it falls back from.
+* the chart's operator, watching what its Deployment tells it (``KUBETUNE_NAMESPACE``), runs
+  a tiny FineTuneJob in ns-a to ``Succeeded`` (stage pods in the trainer image), refuses one in
+  ns-a naming a missing Secret (the Role's ``get secrets`` at work), leaves one in ns-b with
+  no status and no children, and its log (DEBUG: every API request) shows nothing refused
+  along the way but the cluster-wide FineTuneJob listing it falls back from.
 
-Run with ``pytest -m cluster tests/cluster/test_least_privilege.py`` (a few minutes: one tiny
-run on the process node).
+    sudo bash scripts/install-system-deps.sh && make images   # once
+    PYTHONPATH=tests ~/.cache/kubetune/venv/bin/python -m pytest \
+        tests/cluster/test_least_privilege.py
+
+A few minutes: one tiny run, plus about 2.5 minutes the first time the node imports the
+trainer image (its store keeps it).
 """
 
 from __future__ import annotations
@@ -31,22 +37,23 @@ from typing import Any
 
 import pytest
 import yaml
-from datapaths import tldr_files
+from built_images import built_image
 from operator_helpers import (
     REPO,
-    OperatorProcess,
     apply,
     child_jobs,
+    create_s3_secret,
     diagnose,
     get_ftj,
     get_json,
     kubectl,
     service_account_kubeconfig,
     tiny_job,
-    upload_files,
     wait_for,
 )
+from real_node_env import restricted_namespace, tenant_data
 
+from harness.fixtures import ContainerdCluster
 from kubetune_operator import rbac
 from kubetune_operator.kube import all_ftjs_path
 
@@ -65,14 +72,12 @@ EXPECTED_REFUSAL = f"GET {all_ftjs_path()}"
 
 @dataclass
 class Install:
-    cluster: Any
+    cluster: ContainerdCluster
     namespace: str  # the release's: where the ServiceAccount lives
     watched: str  # ns-a, in watchNamespaces
     other: str  # ns-b, not watched
     sa_kubeconfig: Path
-    s3: Any
-    data_uri: str
-    out_bucket: str
+    data: dict[str, str]  # data_uri, out_bucket, endpoint (as pods see S3)
 
     @property
     def who(self) -> str:
@@ -88,57 +93,59 @@ class Install:
         return kubectl(self.sa_kubeconfig, *args, check=False)
 
     def job(self, name: str, secret: str = SECRET) -> dict[str, Any]:
-        return tiny_job(
+        """The tiny cluster example for this node: one CPU, no GPU, the loaded image only."""
+        job = tiny_job(
             name,
-            data_uri=self.data_uri,
-            output=f"s3://{self.out_bucket}/{name}/",
-            endpoint=self.s3.endpoint_url,
+            data_uri=self.data["data_uri"],
+            output=f"s3://{self.data['out_bucket']}/{name}/",
+            endpoint=self.data["endpoint"],
             secret=secret,
         )
+        job["spec"]["resources"].update(
+            {"cpu": "1", "memory": "2Gi", "gpusPerWorker": 0, "imagePullPolicy": "Never"}
+        )
+        job["spec"]["evaluation"]["bleu"] = {"enabled": False}
+        return job
 
+    def operator_pod(self) -> dict[str, Any]:
+        selector = "app.kubernetes.io/component=operator"
+        [pod] = get_json(self.cluster.kubeconfig, self.namespace, "pods", "-l", selector)["items"]
+        return dict(pod)
 
-def _create_namespace(cluster: Any, name: str) -> None:
-    cluster.kubectl("create", "namespace", name)
-
-    # Pods are rejected until the service-account controller has made `default`.
-    def has_default_sa() -> bool:
-        status, _ = cluster.control_plane.get(f"/api/v1/namespaces/{name}/serviceaccounts/default")
-        return bool(status == 200)
-
-    wait_for(has_default_sa, 30, f"service account default in {name}")
+    def operator_log(self) -> str:
+        name = self.operator_pod()["metadata"]["name"]
+        return kubectl(self.cluster.kubeconfig, "-n", self.namespace, "logs", name).stdout
 
 
 @pytest.fixture(scope="module")
 def install(
-    k8s_cluster: Any,
+    k8s_cluster: ContainerdCluster,
     s3_server: Any,
     crd_installed: None,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Install]:
+    operator_image, trainer_image = built_image("operator"), built_image("trainer")
+    for image in (operator_image, trainer_image):
+        k8s_cluster.load_image(image)
     suffix = uuid.uuid4().hex[:6]
     release_ns, ns_a, ns_b = f"lp-op-{suffix}", f"lp-a-{suffix}", f"lp-b-{suffix}"
     for ns in (release_ns, ns_a, ns_b):
-        _create_namespace(k8s_cluster, ns)
-    client = s3_server.client()
-    data_bucket = s3_server.make_bucket(f"lp-data-{suffix}")
-    out_bucket = s3_server.make_bucket(f"lp-runs-{suffix}")
-    upload_files(client, data_bucket, "tldr/common", tldr_files("common")[:150])
-    for ns in (ns_a, ns_b):  # in both: a refusal in ns-b is RBAC, not a missing Secret
-        kubectl(
-            k8s_cluster.kubeconfig,
-            "-n",
-            ns,
-            "create",
-            "secret",
-            "generic",
-            SECRET,
-            f"--from-literal=AWS_ACCESS_KEY_ID={s3_server.access_key}",
-            f"--from-literal=AWS_SECRET_ACCESS_KEY={s3_server.secret_key}",
-        )
+        restricted_namespace(k8s_cluster, ns)
+    data = tenant_data(k8s_cluster, s3_server, ns_a, f"lp-{suffix}")
+    # In ns-b too: a refusal there is RBAC, not a missing Secret.
+    create_s3_secret(k8s_cluster.kubeconfig, ns_b, s3_server.access_key, s3_server.secret_key)
     tmp = tmp_path_factory.mktemp("least-privilege")
+    repository, tag = operator_image.rsplit(":", 1)
     values = {
         "watchNamespaces": [ns_a],
-        "replicaCount": 0,
+        "image": {"repository": repository, "tag": tag, "pullPolicy": "Never"},
+        "operator": {
+            "trainerImage": trainer_image,
+            "storageEndpoints": [data["endpoint"]],
+            "logLevel": "DEBUG",  # every API request in the log, for the refusal check
+            "progressInterval": 2,
+            "resyncInterval": 5,
+        },
         "crds": {"install": False},
         "metrics": {"service": {"enabled": False}},
         "grafana": {"dashboards": {"enabled": False}},
@@ -157,16 +164,7 @@ def install(
     sa_kubeconfig = service_account_kubeconfig(
         k8s_cluster.kubeconfig, release_ns, FULLNAME, tmp / "operator.kubeconfig"
     )
-    yield Install(
-        k8s_cluster,
-        release_ns,
-        ns_a,
-        ns_b,
-        sa_kubeconfig,
-        s3_server,
-        f"s3://{data_bucket}/tldr/common/",
-        out_bucket,
-    )
+    yield Install(k8s_cluster, release_ns, ns_a, ns_b, sa_kubeconfig, data)
     subprocess.run([*helm, "uninstall", RELEASE], capture_output=True, check=False, timeout=120)
     for ns in (release_ns, ns_a, ns_b):
         k8s_cluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)
@@ -281,7 +279,7 @@ def test_rbac_py_puts_each_rule_where_this_api_server_scopes_its_resources(
 
 
 def test_an_operator_confined_to_its_namespace_runs_jobs_there_and_leaves_others_alone(
-    install: Install, tmp_path: Path
+    install: Install,
 ) -> None:
     kc = install.cluster.kubeconfig
     deployment = get_json(kc, install.namespace, "deployment", FULLNAME)
@@ -290,52 +288,52 @@ def test_an_operator_confined_to_its_namespace_runs_jobs_there_and_leaves_others
         for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]
     }
     assert env["KUBETUNE_NAMESPACE"] == install.watched
-    op = OperatorProcess.start(
-        install.sa_kubeconfig, env["KUBETUNE_NAMESPACE"], install.s3.env(), tmp_path / "op.log"
-    )
-    try:
-        apply(kc, install.watched, install.job("tiny"))
-        apply(kc, install.watched, install.job("no-secret", secret="not-there"))
-        apply(kc, install.other, install.job("elsewhere"))
+    apply(kc, install.watched, install.job("tiny"))
+    apply(kc, install.watched, install.job("no-secret", secret="not-there"))
+    apply(kc, install.other, install.job("elsewhere"))
 
-        def dump() -> str:
-            return diagnose(kc, install.watched, "tiny", op)
+    def dump() -> str:
+        return (
+            diagnose(kc, install.watched, "tiny", None)
+            + "\noperator log:\n"
+            + "\n".join(install.operator_log().splitlines()[-80:])
+        )
 
-        def refused() -> dict[str, Any] | None:
-            status = get_ftj(kc, install.watched, "no-secret").get("status") or {}
-            stalled = [c for c in status.get("conditions") or [] if c["type"] == "Stalled"]
-            return stalled[0] if stalled and stalled[0]["status"] == "True" else None
+    def refused() -> dict[str, Any] | None:
+        status = get_ftj(kc, install.watched, "no-secret").get("status") or {}
+        stalled = [c for c in status.get("conditions") or [] if c["type"] == "Stalled"]
+        return stalled[0] if stalled and stalled[0]["status"] == "True" else None
 
-        stalled = wait_for(refused, 120, "no-secret to be refused", dump=dump)
-        assert stalled["reason"] == "InvalidSpec"
-        assert f"Secret {install.watched}/not-there" in stalled["message"]
-        assert not child_jobs(kc, install.watched, "no-secret")
+    stalled = wait_for(refused, 120, "no-secret to be refused", dump=dump)
+    assert stalled["reason"] == "InvalidSpec"
+    assert f"Secret {install.watched}/not-there" in stalled["message"]
+    assert not child_jobs(kc, install.watched, "no-secret")
 
-        def finished() -> str | None:
-            phase = (get_ftj(kc, install.watched, "tiny").get("status") or {}).get("phase")
-            return phase if phase in ("Succeeded", "Failed") else None
+    def finished() -> str | None:
+        phase = (get_ftj(kc, install.watched, "tiny").get("status") or {}).get("phase")
+        return phase if phase in ("Succeeded", "Failed") else None
 
-        assert wait_for(finished, RUN_TIMEOUT, "tiny to finish", dump=dump) == "Succeeded", dump()
-        assert len(child_jobs(kc, install.watched, "tiny")) == 3
+    assert wait_for(finished, RUN_TIMEOUT, "tiny to finish", dump=dump) == "Succeeded", dump()
+    assert len(child_jobs(kc, install.watched, "tiny")) == 3
 
-        # The unwatched namespace: its FineTuneJob was never touched.
-        elsewhere = get_ftj(kc, install.other, "elsewhere")
-        assert not elsewhere.get("status"), elsewhere.get("status")
-        assert not child_jobs(kc, install.other, "elsewhere")
-        labelled = get_json(kc, install.other, "configmaps", "-l", "kubetune.io/job")["items"]
-        assert not labelled
-        assert op.proc.poll() is None, op.log_tail()
-    finally:
-        op.stop()
-    log = op.log_text()
+    # The unwatched namespace: its FineTuneJob was never touched.
+    elsewhere = get_ftj(kc, install.other, "elsewhere")
+    assert not elsewhere.get("status"), elsewhere.get("status")
+    assert not child_jobs(kc, install.other, "elsewhere")
+    labelled = get_json(kc, install.other, "configmaps", "-l", "kubetune.io/job")["items"]
+    assert not labelled
+    [status] = install.operator_pod()["status"]["containerStatuses"]
+    assert status["restartCount"] == 0 and status["ready"], status
+    log = install.operator_log()
     # Every request the API server refused (urllib3 logs each at DEBUG), and any other word
     # of a refusal (kopf's watchers would log "Forbidden").
-    refused = re.findall(r'"([A-Z]+ [^ ?"]+)[^"]* HTTP/1\.1" 403', log)
-    assert refused.count(EXPECTED_REFUSAL) == len(refused) <= 1, refused
+    assert re.search(r'HTTP/1\.1" 20\d', log), log[-3000:]  # DEBUG request lines are there
+    refused_requests = re.findall(r'"([A-Z]+ [^ ?"]+)[^"]* HTTP/1\.1" 403', log)
+    assert refused_requests.count(EXPECTED_REFUSAL) == len(refused_requests) <= 1, refused_requests
     other = [
         line
         for line in log.splitlines()
         if re.search("forbidden", line, re.IGNORECASE) and "HTTP/1.1" not in line
     ]
     assert not other, "\n".join(other[:20])
-    assert "Traceback" not in log, op.log_tail(80)
+    assert "Traceback" not in log, log[-5000:]

@@ -1,89 +1,85 @@
 """Waiting is not failing: FineTuneJobs that the node cannot run all at once wait their turn.
 
-On the real control plane and the process node (8 allocatable CPUs, 2 ``nvidia.com/gpu``):
+On a real node (the light one, harness.fixtures.k8s_cluster: the host's 2 CPUs allocatable),
+stage pods in the trainer image under Pod Security ``restricted``:
 
-* many tiny FineTuneJobs applied at once, whose stage pods each request 3 CPUs (so two run
+* many tiny FineTuneJobs applied at once, whose stage pods each request 1 CPU (so two run
   at a time), all end ``Succeeded``; none fails for waiting, and the waiting ones show reason
   ``Waiting`` with the scheduler's message;
 * a FineTuneJob whose pod requests more CPUs than any node has fails with ``Unschedulable``
-  and a message naming ``spec.resources.cpu`` and the node's 8 CPUs, as soon as the
+  and a message naming ``spec.resources.cpu`` and the node's CPUs, as soon as the
   operator's ``KUBETUNE_UNSCHEDULABLE_TIMEOUT`` (5 s here) has passed.
 
-Run: ``pytest tests/cluster/test_waiting.py -q``; ``KUBETUNE_WAITING_JOBS`` sets how many
-jobs the first test applies (4 by default; the issue's 20 took 670 s on two cores).
+Run: ``PYTHONPATH=tests ~/.cache/kubetune/venv/bin/python -m pytest tests/cluster/test_waiting.py
+-q`` (root, after ``make images``); ``KUBETUNE_WAITING_JOBS`` sets how many jobs the first
+test applies (4 by default).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from datapaths import tldr_files
+from built_images import built_image
 from operator_helpers import (
     OperatorProcess,
     apply,
-    create_s3_secret,
     diagnose,
     get_ftj,
     get_json,
     kubectl,
     operator_service_account,
     tiny_job,
-    upload_files,
     wait_for,
 )
+from real_node_env import restricted_namespace, tenant_data
+
+from harness.fixtures import ContainerdCluster
 
 pytestmark = pytest.mark.cluster
 
-# Twice what the node holds at once, so some must wait. The issue's 20
-# (KUBETUNE_WAITING_JOBS=20) pass too but take about 11 minutes on two cores: 60 stage pods,
-# two at a time.
+# Twice what the node holds at once, so some must wait.
 JOBS = int(os.environ.get("KUBETUNE_WAITING_JOBS", "4"))
-CPU_PER_POD = "3"  # two stage pods fit the process node's 8 CPUs at once
+CPU_PER_POD = "1"  # two stage pods fit the node's 2 CPUs at once
 ALL_TIMEOUT = 900.0  # seconds for every job to succeed on a loaded 2-core machine
 UNSCHEDULABLE_TIMEOUT = "5"  # seconds a pod no node can hold may wait (default 300)
 
 
 @pytest.fixture
 def env(
-    k8s_cluster: Any, k8s_namespace: str, s3_server: Any, crd_installed: None, tmp_path: Path
+    k8s_cluster: ContainerdCluster, s3_server: Any, crd_installed: None, tmp_path: Path
 ) -> Iterator[dict[str, Any]]:
-    """A small tldr slice in S3, a credentials Secret, the operator with the rules of rbac.py."""
-    client = s3_server.client()
-    suffix = k8s_namespace.removeprefix("test-")
-    data_bucket = s3_server.make_bucket(f"data-{suffix}")
-    out_bucket = s3_server.make_bucket(f"runs-{suffix}")
-    upload_files(client, data_bucket, "tldr/common", tldr_files("common")[:40])
-    create_s3_secret(
-        k8s_cluster.kubeconfig, k8s_namespace, s3_server.access_key, s3_server.secret_key
-    )
+    """A restricted namespace, a small tldr slice in S3 that pods reach, a credentials Secret,
+    the trainer image in the node, the operator with the rules of rbac.py."""
+    kc = k8s_cluster.kubeconfig
+    image = built_image("trainer")
+    k8s_cluster.load_image(image)
+    ns = restricted_namespace(k8s_cluster, f"test-{uuid.uuid4().hex[:8]}")
+    data = tenant_data(k8s_cluster, s3_server, ns, ns.removeprefix("test-"))
     op = OperatorProcess.start(
-        operator_service_account(
-            k8s_cluster.kubeconfig, k8s_namespace, tmp_path / "operator.kubeconfig"
-        ),
-        k8s_namespace,
+        operator_service_account(kc, ns, tmp_path / "operator.kubeconfig"),
+        ns,
         s3_server.env(),
         tmp_path / "operator.log",
+        KUBETUNE_TRAINER_IMAGE=image,
+        KUBETUNE_STORAGE_ENDPOINTS=data["endpoint"],
         KUBETUNE_UNSCHEDULABLE_TIMEOUT=UNSCHEDULABLE_TIMEOUT,
     )
-    ctx = {
-        "kubeconfig": k8s_cluster.kubeconfig,
-        "ns": k8s_namespace,
-        "s3": s3_server,
-        "data_uri": f"s3://{data_bucket}/tldr/common/",
-        "out_bucket": out_bucket,
-        "op": op,
-    }
+    node = json.loads(kubectl(kc, "get", "node", k8s_cluster.node_name, "-o", "json").stdout)
+    ctx = {"kubeconfig": kc, "ns": ns, "op": op, "node": node, **data}
     yield ctx
     op.stop()
     log = op.log_text()
     assert "Forbidden" not in log and " 403 " not in log, "the operator lacked an RBAC right"
-    sa = f"kubetune-operator-{k8s_namespace}"
-    kubectl(k8s_cluster.kubeconfig, "delete", "clusterrole,clusterrolebinding", sa, check=False)
+    kubectl(kc, "delete", "namespace", ns, "--wait=false", check=False)
+    sa = f"kubetune-operator-{ns}"
+    kubectl(kc, "delete", "clusterrole,clusterrolebinding", sa, check=False)
 
 
 def minimal_job(env: dict[str, Any], name: str, cpu: str) -> dict[str, Any]:
@@ -92,7 +88,7 @@ def minimal_job(env: dict[str, Any], name: str, cpu: str) -> dict[str, Any]:
         name,
         data_uri=env["data_uri"],
         output=f"s3://{env['out_bucket']}/{name}/",
-        endpoint=env["s3"].endpoint_url,
+        endpoint=env["endpoint"],
         secret="kubetune-s3",
         maxSteps=2,
         checkpointEverySteps=2,
@@ -104,7 +100,13 @@ def minimal_job(env: dict[str, Any], name: str, cpu: str) -> dict[str, Any]:
         "maxSamples": 8,
         "bleu": {"enabled": False},
     }
-    job["spec"]["resources"] = {**job["spec"]["resources"], "cpu": cpu, "memory": "1Gi"}
+    job["spec"]["resources"] = {
+        **job["spec"]["resources"],
+        "cpu": cpu,
+        "memory": "1Gi",
+        "gpusPerWorker": 0,
+        "imagePullPolicy": "Never",
+    }
     return job
 
 
@@ -124,7 +126,7 @@ def test_jobs_beyond_the_nodes_cpus_wait_their_turn_and_all_succeed(
         "items": [minimal_job(env, n, CPU_PER_POD) for n in names],
     }
     started = time.monotonic()
-    apply(kc, ns, batch)  # all at once: 3 CPUs each, 8 on the node
+    apply(kc, ns, batch)  # all at once: 1 CPU each, 2 on the node
 
     waited: dict[str, str] = {}  # job -> a Waiting message it showed
     phases: dict[str, str] = {}
@@ -183,7 +185,9 @@ def test_a_job_no_node_can_hold_fails_quickly_naming_the_field(env: dict[str, An
     stalled = condition(ftj, "Stalled")
     assert (stalled["status"], stalled["reason"]) == ("True", "Unschedulable")
     message = stalled["message"]
-    assert "cpu 64 (spec.resources.cpu): the most any node has is 8 (node process-node)" in message
+    cpus, node = env["node"]["status"]["allocatable"]["cpu"], env["node"]["metadata"]["name"]
+    expected = f"cpu 64 (spec.resources.cpu): the most any node has is {cpus} (node {node})"
+    assert expected in message, message
     assert "Insufficient cpu" in message  # and the scheduler's words
     assert took < 60, f"took {took:.0f}s to fail a pod that no node can ever hold"
     (job,) = get_json(kc, ns, "jobs")["items"]

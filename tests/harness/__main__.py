@@ -1,17 +1,19 @@
-"""Bring a test cluster up or down from the shell, detached from this process.
+"""Bring a test cluster up or down from the shell, detached from this process (as root).
 
-    PYTHONPATH=tests python -m harness up [--state-dir DIR] [--gpus 2]
-        [--node process|containerd [--kube-proxy]]
-    eval "$(PYTHONPATH=tests python -m harness up)"     # sets KUBECONFIG and AWS_* here
+    PYTHONPATH=tests python -m harness up [--state-dir DIR] [--gpus 2] [--no-kube-proxy]
+    eval "$(PYTHONPATH=tests python -m harness up)"   # KUBECONFIG, AWS_*, S3_ENDPOINT_FROM_PODS
+    PYTHONPATH=tests python -m harness load-image IMAGE_OR_ARCHIVE... [--state-dir DIR]
     PYTHONPATH=tests python -m harness down [--state-dir DIR]
-    PYTHONPATH=tests python -m harness load-image IMAGE_OR_ARCHIVE [--state-dir DIR]
+
+`up` starts a control plane (etcd, kube-apiserver, controller manager, scheduler), one real
+node (harness.containerd_node: a kubelet with containerd, runc and CNI, CoreDNS and kube-proxy;
+docs/test-cluster.md) and an S3 server on loopback, which pods reach at the node's bridge
+address (S3_ENDPOINT_FROM_PODS). No registry is reachable: pods run images that `load-image`
+imported from podman's storage (`make images`) or from an OCI/Docker archive.
 
 The state dir (default ${KUBETUNE_CLUSTER_DIR:-/tmp/kubetune-cluster}) holds the PKI,
-kubeconfigs, etcd data, logs/ and state.json with the pids that `down` stops.
-
---node containerd (root) runs a real kubelet with containerd (harness.containerd_node) instead
-of the process node; `down` then also removes its mounts, cgroups, bridge and iptables rules.
-`load-image` imports an image from podman's storage (or an OCI/Docker archive) into it.
+kubeconfigs, etcd data, logs/ and state.json with the pids and the node's description; `down`
+stops it all and removes the node's mounts, cgroups, bridge and iptables rules.
 """
 
 from __future__ import annotations
@@ -25,15 +27,25 @@ import shutil
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
-from harness._proc import ManagedProcess, kill_process_groups
-from harness.cluster import ControlPlane, start_process_node, wait_node_ready
-from harness.containerd_node import ContainerdNode, NodeImages, stop_detached
+from harness._proc import kill_process_groups
+from harness.cluster import ControlPlane
+from harness.containerd_node import (
+    ContainerdNode,
+    NodeImages,
+    NodeUnavailable,
+    check_host,
+    find_node_bin_dir,
+    kube_proxy_available,
+    stop_detached,
+)
 from harness.node.teardown import mounts_under
 from harness.s3 import S3Server
 from harness.tools import ToolsMissing, find_bin_dir
 
-NODE_NAME = "process-node"
+NODE = "containerd-node"
+STATE_FILE = "state.json"
 
 
 def _default_state_dir() -> Path:
@@ -48,98 +60,121 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _exports(state: dict[str, object]) -> str:
-    env = {"KUBECONFIG": str(state["kubeconfig"])}
+def _read_state(state_dir: Path) -> dict[str, Any] | None:
+    state_file = state_dir / STATE_FILE
+    return json.loads(state_file.read_text()) if state_file.exists() else None
+
+
+def _exports(state: dict[str, Any]) -> str:
+    """Shell lines for `eval`: the kubeconfig and S3 settings, then comments on them."""
     s3 = state["s3"]
-    assert isinstance(s3, dict)
-    env.update(s3["env"])
+    env = {"KUBECONFIG": str(state["kubeconfig"]), **s3["env"]}
+    env["S3_ENDPOINT_FROM_PODS"] = s3["s3_from_pods"]
     lines = [f"export {k}={shlex.quote(v)}" for k, v in env.items()]
-    notes = [f"# S3 endpoint {s3['endpoint_url']} (only these keys work: it checks signatures)"]
-    if "s3_from_pods" in s3:
-        notes.append(f"# pods on the containerd node reach S3 at {s3['s3_from_pods']}")
-    return "\n".join([*lines, *notes])
+    lines.append(f"# S3 on the host: {s3['endpoint_url']}; from pods: {s3['s3_from_pods']}")
+    lines.append("# (only these keys work: the server checks signatures)")
+    return "\n".join(lines)
 
 
-def up(state_dir: Path, gpus: str, node_kind: str = "process", kube_proxy: bool = False) -> int:
-    state_file = state_dir / "state.json"
-    if state_file.exists():
-        state = json.loads(state_file.read_text())
-        if all(_alive(pid) for pid in state["pids"].values()):
-            print("# already up", file=sys.stderr)
-            print(_exports(state))
-            return 0
-        down(state_dir)
-    try:
-        bin_dir = find_bin_dir(build=True)
-    except ToolsMissing as err:
-        print(f"harness up: {err}", file=sys.stderr)
-        return 1
-    state_dir.mkdir(parents=True, exist_ok=True)
+def _hints(state_dir: Path, log_dir: Path) -> str:
+    where = "" if state_dir == _default_state_dir() else f" --state-dir {state_dir}"
+    return "\n".join(
+        [
+            f"# cluster up: node {NODE} (kubelet + containerd); logs in {log_dir}",
+            "# pods run only loaded images (no registry), e.g.:",
+            f"#   python -m harness load-image localhost/kubetune/trainer:dev{where}",
+            f"# stop with: python -m harness down{where}",
+        ]
+    )
+
+
+def _check_node_host(kube_proxy: bool) -> None:
+    """Fail before starting anything when the node cannot run here (NodeUnavailable)."""
+    check_host()
+    find_node_bin_dir()  # builds the node's binaries when one is missing
+    if kube_proxy and not kube_proxy_available():
+        raise NodeUnavailable(
+            "another node on this host runs kube-proxy (its iptables chains are host-wide, so "
+            "one node may have it): stop that cluster, or run `up --no-kube-proxy` (then only "
+            "Services of pods do not work)"
+        )
+
+
+def _start(state_dir: Path, bin_dir: Path, gpus: int, kube_proxy: bool) -> dict[str, Any]:
+    """Start everything; return the state `down` needs. Stops what it started on failure."""
     control_plane = ControlPlane(state_dir=state_dir, bin_dir=bin_dir)
-    extra: list[ManagedProcess] = []
-    node: ContainerdNode | None = None
+    node = ContainerdNode(
+        control_plane,
+        state_dir=state_dir / "nodes" / NODE,
+        name=NODE,
+        gpus=gpus,
+        kube_proxy=kube_proxy,
+    )
     # moto takes seconds to import: start it while the control plane comes up.
     pool = ThreadPoolExecutor(max_workers=1)
     s3_future = pool.submit(S3Server.start, control_plane.log_dir)
     pool.shutdown(wait=False)
     try:
         control_plane.start()
-        if node_kind == "containerd":
-            node = ContainerdNode(
-                control_plane,
-                state_dir=state_dir / "nodes" / "containerd-node",
-                gpus=int(gpus),
-                kube_proxy=kube_proxy,
-            )
-            node.start()
-        else:
-            extra.append(start_process_node(control_plane, name=NODE_NAME, gpus=gpus))
-            wait_node_ready(control_plane, NODE_NAME)
+        node.start()
         s3 = s3_future.result()
         assert s3.process is not None
-        extra.append(s3.process)
-    except BaseException as err:
+        port = int(s3.endpoint_url.rsplit(":", 1)[1])
+        s3_from_pods = f"http://{node.expose_host_port(port)}"
+    except BaseException:
         with contextlib.suppress(Exception):  # it may still be starting: wait, then stop it
             s3_future.result().stop()
-        for proc in extra:
-            proc.stop()
-        if node is not None:
-            node.stop()
+        node.stop()
         control_plane.stop()
-        print(f"harness up: failed: {err}", file=sys.stderr)
-        return 1
-    pids = control_plane.pids() | {proc.name: proc.pid for proc in extra}
-    s3_state: dict[str, object] = {
-        "endpoint_url": s3.endpoint_url,
-        "access_key": s3.access_key,
-        "env": s3.env(),
-    }
-    state = {
-        "pids": pids,
+        raise
+    return {
+        "pids": control_plane.pids() | node.pids() | {s3.process.name: s3.process.pid},
         "kubeconfig": str(control_plane.kubeconfig),
         "api_url": control_plane.api_url,
-        "s3": s3_state,
+        "log_dir": str(control_plane.log_dir),
+        "s3": {
+            "endpoint_url": s3.endpoint_url,
+            "access_key": s3.access_key,
+            "env": s3.env(),
+            "s3_from_pods": s3_from_pods,
+        },
+        "containerd_node": node.description(),
     }
-    if node is not None:
-        pids.update(node.pids())
-        port = int(s3.endpoint_url.rsplit(":", 1)[1])
-        s3_state["s3_from_pods"] = f"http://{node.expose_host_port(port)}"
-        state["containerd_node"] = node.description()
-    state_file.write_text(json.dumps(state, indent=2) + "\n")
-    print(
-        f"# cluster up; logs in {control_plane.log_dir}; stop with: python -m harness down",
-        file=sys.stderr,
-    )
+
+
+def up(state_dir: Path, gpus: int = 2, kube_proxy: bool = True) -> int:
+    """Start the cluster unless it runs already; print its settings for `eval`."""
+    state = _read_state(state_dir)
+    if state is not None:
+        if "containerd_node" in state and all(_alive(pid) for pid in state["pids"].values()):
+            print("# already up", file=sys.stderr)
+            print(_exports(state))
+            return 0
+        down(state_dir)  # a half-dead (or older kind of) cluster: clear it first
+    try:
+        bin_dir = find_bin_dir(build=True)
+        _check_node_host(kube_proxy)
+    except (ToolsMissing, NodeUnavailable) as err:
+        print(f"harness up: {err}", file=sys.stderr)
+        return 1
+    state_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        state = _start(state_dir, bin_dir, gpus, kube_proxy)
+    except Exception as err:
+        print(f"harness up: failed: {err}\n(logs: {state_dir / 'logs'})", file=sys.stderr)
+        return 1
+    (state_dir / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+    print(_hints(state_dir, Path(state["log_dir"])), file=sys.stderr)
     print(_exports(state))
     return 0
 
 
 def down(state_dir: Path) -> int:
-    state_file = state_dir / "state.json"
-    if not state_file.exists():
-        print(f"harness down: nothing running ({state_file} not found)", file=sys.stderr)
+    """Stop the cluster in `state_dir` and remove what it left; 0 when nothing is left."""
+    state = _read_state(state_dir)
+    if state is None:
+        print(f"harness down: nothing running (no {state_dir / STATE_FILE})", file=sys.stderr)
         return 0
-    state = json.loads(state_file.read_text())
     pids: dict[str, int] = state["pids"]
     if "containerd_node" in state:  # its own order (kubelet, containers, containerd), then sweep
         stop_detached(state["containerd_node"])
@@ -153,48 +188,61 @@ def down(state_dir: Path) -> int:
     return 0
 
 
-def load_image(state_dir: Path, source: str) -> int:
-    state_file = state_dir / "state.json"
-    state = json.loads(state_file.read_text()) if state_file.exists() else {}
+def load_images(state_dir: Path, sources: list[str]) -> int:
+    """Import images into the running node's containerd; print the names pods use."""
+    state = _read_state(state_dir) or {}
     if "containerd_node" not in state:
         print(
-            f"harness load-image: no containerd node in {state_dir} (`up --node containerd`)",
+            f"harness load-image: no cluster in {state_dir}: start one with `python -m harness up`"
+            " (or pass its --state-dir)",
             file=sys.stderr,
         )
         return 1
-    print(NodeImages.of(state["containerd_node"]).load(source))
+    images = NodeImages.of(state["containerd_node"])
+    for source in sources:
+        try:
+            print(images.load(source))
+        except (ValueError, RuntimeError) as err:
+            print(f"harness load-image: {err}", file=sys.stderr)
+            return 1
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--state-dir", type=Path, default=_default_state_dir())
     parser = argparse.ArgumentParser(
         prog="python -m harness",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("command", choices=["up", "down", "load-image"])
-    parser.add_argument("source", nargs="?", help="load-image: podman image name or archive")
-    parser.add_argument("--state-dir", type=Path, default=_default_state_dir())
-    parser.add_argument("--gpus", default="2", help="nvidia.com/gpu capacity of the node")
-    parser.add_argument(
-        "--node",
-        choices=["process", "containerd"],
-        default="process",
-        help="process: pods as host processes (default); containerd: a real kubelet (root)",
-    )
-    parser.add_argument(
+    commands = parser.add_subparsers(dest="command", required=True)
+    start = commands.add_parser("up", parents=[common], help="start the cluster")
+    start.add_argument("--gpus", type=int, default=2, help="nvidia.com/gpu capacity of the node")
+    start.add_argument(
         "--kube-proxy",
-        action="store_true",
-        help="with --node containerd: also run kube-proxy, so pods reach Services of pods",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run kube-proxy (default); only one node per host may, and without it Services "
+        "of pods do not work",
     )
-    args = parser.parse_args(argv)
+    # The process node is gone; `--node containerd` is accepted so older command lines work.
+    start.add_argument("--node", choices=["containerd"], help=argparse.SUPPRESS)
+    commands.add_parser("down", parents=[common], help="stop it and remove what it made")
+    load = commands.add_parser(
+        "load-image", parents=[common], help="import images into the node's containerd"
+    )
+    load.add_argument("sources", nargs="+", help="podman image name or OCI/Docker archive")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     state_dir = args.state_dir.resolve()
-    if args.command == "load-image":
-        if not args.source:
-            parser.error("load-image needs an image name or archive")
-        return load_image(state_dir, args.source)
     if args.command == "up":
-        return up(state_dir, args.gpus, args.node, args.kube_proxy)
+        return up(state_dir, args.gpus, args.kube_proxy)
+    if args.command == "load-image":
+        return load_images(state_dir, args.sources)
     return down(state_dir)
 
 

@@ -8,8 +8,9 @@
 
 Binaries come from scripts/build-tools.sh (see harness.tools). Every component listens on a
 free 127.0.0.1 port and keeps its data and logs under `state_dir`, so several control planes
-can run side by side. There is no kubelet: see harness.process_node for the node that runs pods.
-For a control plane plus node and S3 from the shell, use `python -m harness up`.
+can run side by side. There is no kubelet here: harness.containerd_node adds the node (a real
+kubelet with containerd). For a control plane plus node and S3 from the shell, use
+`python -m harness up`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import json
 import os
 import ssl
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -132,9 +132,6 @@ class ControlPlane:
             "apiserver-kubelet-client",
             "kube-apiserver-kubelet-client",
             organization="system:masters",
-        )
-        self.kubelet_serving = self.ca.issue(
-            "kubelet-serving", "process-node", hosts=("127.0.0.1", "localhost"), server=True
         )
         self.admin = self.ca.issue("admin", "kubetune-admin", organization="system:masters")
         self.kcm = self.ca.issue("controller-manager", "system:kube-controller-manager")
@@ -337,51 +334,6 @@ class ControlPlane:
                 f"kubectl {' '.join(args)} failed ({result.returncode}):\n{result.stderr}"
             )
         return result
-
-
-def start_process_node(
-    control_plane: ControlPlane,
-    *,
-    name: str = "process-node",
-    cpu: str = "8",
-    memory: str = "32Gi",
-    pods: str = "110",
-    gpus: str = "2",
-) -> ManagedProcess:
-    """Run harness.process_node as a child process registered with `control_plane`."""
-    node_dir = control_plane.state_dir / "nodes" / name
-    return ManagedProcess(
-        f"process-node-{name}",
-        [
-            sys.executable,
-            "-m",
-            "harness.process_node",
-            f"--kubeconfig={control_plane.kubeconfig}",
-            f"--name={name}",
-            f"--cpu={cpu}",
-            f"--memory={memory}",
-            f"--pods={pods}",
-            f"--gpus={gpus}",
-            f"--root-dir={node_dir}",
-            f"--tls-cert-file={control_plane.kubelet_serving.cert}",
-            f"--tls-private-key-file={control_plane.kubelet_serving.key}",
-        ],
-        control_plane.log_dir / f"process-node-{name}.log",
-        env=_child_env(),
-    )
-
-
-def _child_env() -> dict[str, str]:
-    env = dict(os.environ)
-    # The node imports `harness`: make sure the tests/ directory is importable in the child.
-    tests_dir = str(Path(__file__).resolve().parents[1])
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (tests_dir, env.get("PYTHONPATH", "")) if p)
-    env["PYTHONUNBUFFERED"] = "1"
-    # Pods run on the host's PATH: put this interpreter's bin dir (the venv, with the
-    # `kubetune` console script) first, even when the venv is not activated.
-    venv_bin = str(Path(sys.executable).parent)
-    env["PATH"] = os.pathsep.join([venv_bin, env.get("PATH", "/usr/bin:/bin")])
-    return env
 
 
 def wait_node_ready(control_plane: ControlPlane, name: str, timeout: float = 60.0) -> None:

@@ -157,6 +157,9 @@ class ContainerdNode:
     gpus: int = 2  # nvidia.com/gpu capacity (0: none)
     max_pods: int = 110
     image_store: Path | None = None  # default: the shared cache, else a private one
+    # The shared cache's subdirectory: nodes that run side by side on one host (the two CI
+    # streams) each keep their images between runs in a store of their own.
+    store_name: str = "containerd"
     kube_proxy: bool = False  # Services between pods; one node per host may have it
     cluster_dns: bool = True  # CoreDNS on the bridge address as the pods' name server
     processes: list[ManagedProcess] = field(default_factory=list)
@@ -462,13 +465,13 @@ class ContainerdNode:
             return self.image_store, None
         cache = node_cache_dir()
         cache.mkdir(parents=True, exist_ok=True)
-        lock = cache / "containerd.lock"
+        lock = cache / f"{self.store_name}.lock"
         with open(lock, "wb") as probe:
             try:
                 fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:  # another node's containerd uses the cache: go private
                 return self.containerd_dir / "root", None
-        return cache / "containerd", lock
+        return cache / self.store_name, lock
 
     def _write_containerd_config(self) -> Path:
         root = self.image_root

@@ -5,18 +5,26 @@ sys.path), or `pytest -p harness.fixtures`. Everything starts on first use and s
 of the session (or test, for function-scoped fixtures). Nothing is skipped: a missing binary that
 cannot be built fails the test with what to run.
 
+Two clusters, each a control plane of its own with one real node (a kubelet with containerd,
+harness.containerd_node; root, scripts/install-system-deps.sh), so that the two CI streams
+(scripts/run-tests.sh) each have one:
+
+    containerd_cluster  the main one: kube-proxy (unless another node on the host has it), the
+                        shared image store (the trainer image); FineTuneJobs run here
+    k8s_cluster         the light one: no kube-proxy, an image store of its own
+                        (~/.cache/kubetune/node/containerd-light), for tests that need the API
+                        server, the scheduler, Kueue or the operator image but not the trainer
+
+Both are ContainerdCluster: .kubeconfig .api_url .bin_dir .node_name .kubectl(*args)
+.api_client() .node .load_image(src) .probe_image().
+
     tools_bin           Path of the dir with etcd, kube-*, helm, kubeconform
-    k8s_cluster         K8sCluster: .kubeconfig .api_url .bin_dir .node_name .kubectl(*args)
-                        .api_client()
-    k8s_namespace       str: a fresh namespace (with its default service account), deleted after
+    k8s_namespace       str: a fresh namespace on k8s_cluster (with its default service
+                        account), deleted after
     s3_server           S3Server: .endpoint_url .access_key .secret_key .region .make_bucket()
                         .env()
     prometheus_factory  callable(["host:port", ...]) -> Prometheus: .url .query(expr)
                         .wait_for_target_up(timeout)
-    containerd_cluster  ContainerdCluster: a K8sCluster of its own whose node is a real kubelet
-                        with containerd, and kube-proxy unless another node on the host has
-                        it (harness.containerd_node); .node .load_image(src) (root,
-                        scripts/install-system-deps.sh; fails with what to run otherwise)
 """
 
 from __future__ import annotations
@@ -31,14 +39,11 @@ from typing import Any
 import pytest
 
 from harness._proc import install_exit_handlers, wait_until
-from harness.cluster import ControlPlane, start_process_node, wait_node_ready
+from harness.cluster import ControlPlane
 from harness.containerd_node import ContainerdNode, NodeUnavailable, kube_proxy_available
 from harness.prometheus import Prometheus, PrometheusMissing
 from harness.s3 import S3Server
 from harness.tools import ToolsMissing, find_bin_dir
-
-NODE_NAME = "process-node"
-NODE_CAPACITY = {"cpu": "8", "memory": "32Gi", "pods": "110", "gpus": "2"}
 
 
 @dataclass
@@ -83,6 +88,10 @@ class ContainerdCluster(K8sCluster):
         """Import an image (podman/buildah name or OCI/Docker archive) into the node."""
         return self.node.load_image(source)
 
+    def probe_image(self) -> str:
+        """The kt-probe test image (tests/harness/node/probe.go), loaded; returns its name."""
+        return self.node.probe_image()
+
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
@@ -100,19 +109,13 @@ def tools_bin() -> Path:
 
 
 @pytest.fixture(scope="session")
-def k8s_cluster(tools_bin: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[K8sCluster]:
-    install_exit_handlers()
-    control_plane = ControlPlane(state_dir=tmp_path_factory.mktemp("k8s"), bin_dir=tools_bin)
-    control_plane.start()
-    node = None
-    try:
-        node = start_process_node(control_plane, name=NODE_NAME, **NODE_CAPACITY)
-        wait_node_ready(control_plane, NODE_NAME)
-        yield K8sCluster(control_plane=control_plane, node_name=NODE_NAME)
-    finally:
-        if node is not None:
-            node.stop()
-        control_plane.stop()
+def k8s_cluster(
+    tools_bin: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ContainerdCluster]:
+    """The light real node's cluster: no kube-proxy, an image store of its own."""
+    yield from _real_node_cluster(
+        tools_bin, tmp_path_factory.mktemp("k8s-light"), "light-node", "containerd-light", False
+    )
 
 
 @pytest.fixture
@@ -161,26 +164,39 @@ def prometheus_factory(tmp_path: Path) -> Iterator[Callable[[list[str]], Prometh
 def containerd_cluster(
     tools_bin: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ContainerdCluster]:
-    """A control plane of its own plus a real node (kubelet + containerd); separate from
-    `k8s_cluster`, whose process node stays the default."""
-    install_exit_handlers()
-    state_dir = tmp_path_factory.mktemp("k8s-containerd")
-    control_plane = ControlPlane(state_dir=state_dir, bin_dir=tools_bin)
+    """The main real node's cluster: kube-proxy, the shared image store."""
     # Only one node per host can run kube-proxy; without it, only Services of pods fail.
+    yield from _real_node_cluster(
+        tools_bin,
+        tmp_path_factory.mktemp("k8s-containerd"),
+        "containerd-node",
+        "containerd",
+        kube_proxy_available(),
+    )
+
+
+def _real_node_cluster(
+    tools_bin: Path, state_dir: Path, name: str, store: str, kube_proxy: bool
+) -> Iterator[ContainerdCluster]:
+    """A control plane of its own plus one real node (kubelet + containerd), stopped after."""
+    install_exit_handlers()
+    control_plane = ControlPlane(state_dir=state_dir, bin_dir=tools_bin)
     node = ContainerdNode(
         control_plane,
-        state_dir=state_dir / "nodes" / "containerd-node",
-        kube_proxy=kube_proxy_available(),
+        state_dir=state_dir / "nodes" / name,
+        name=name,
+        store_name=store,
+        kube_proxy=kube_proxy,
     )
     control_plane.start()
     try:
         try:
             node.start()
         except NodeUnavailable as err:
-            pytest.fail(f"containerd node unavailable: {err}", pytrace=False)
+            pytest.fail(f"real node unavailable: {err}", pytrace=False)
         yield ContainerdCluster(control_plane=control_plane, node_name=node.name, node=node)
     finally:
         node.stop()
         control_plane.stop()
     left = node.leftovers()
-    assert not left, f"the containerd node left behind: {left}"
+    assert not left, f"the node {name} left behind: {left}"

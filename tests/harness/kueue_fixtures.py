@@ -1,7 +1,7 @@
 """pytest fixture: a real Kueue on the session's test cluster (harness.kueue).
 
-    kueue        on the process node's cluster (k8s_cluster)
-    node_kueue   on the real node's cluster (containerd_cluster)
+    kueue        on the light real node's cluster (k8s_cluster)
+    node_kueue   on the main real node's cluster (containerd_cluster)
 
     Kueue: .create_resource_flavor() .create_cluster_queue() .create_local_queue()
             .create_priority_class() .delete() .get() .workload_of(); started on first use
@@ -30,7 +30,7 @@ def kueue(k8s_cluster: Any) -> Iterator[Kueue]:
 
 @pytest.fixture(scope="session")
 def node_kueue(containerd_cluster: Any) -> Iterator[Kueue]:
-    """Kueue on the real node's cluster (FineTuneJobs whose pods run the trainer image)."""
+    """Kueue on the main real node's cluster (FineTuneJobs whose pods run the trainer image)."""
     yield from _running_kueue(containerd_cluster.control_plane)
 
 

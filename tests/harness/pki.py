@@ -1,8 +1,9 @@
 """A throwaway PKI for the test control plane, made with the `cryptography` package.
 
 One CA signs everything: the API server's serving cert, the client certs of the admin user
-(group system:masters), the controller manager, the scheduler and the process node, and the
-process node's kubelet serving cert. A separate RSA key pair signs service-account tokens.
+(group system:masters), the controller manager and the scheduler, and the real node's kubelet
+and kube-proxy certs (harness.containerd_node). A separate RSA key pair signs service-account
+tokens.
 Used by harness.cluster; not meant to be run directly.
 """
 
@@ -133,10 +134,3 @@ def write_service_account_keys(directory: Path) -> CertPair:
         )
     )
     return pair
-
-
-def self_signed_serving_cert(directory: Path, host: str = "127.0.0.1") -> CertPair:
-    """A standalone self-signed serving cert (for a process node started without the CA)."""
-    return CertificateAuthority(directory / "selfsigned").issue(
-        "serving", host, hosts=(host, "localhost"), server=True
-    )

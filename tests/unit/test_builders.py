@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
-from harness.pod_spec import expand_vars
+from harness.kubelet_vars import expand_vars
 from kubetune.contract import JOB_STAGES, Env, ExitCode, Stage
 from kubetune.results import RunIdentity
 from kubetune.schema import FineTuneJob, job_manifest, load_job, parse_job
