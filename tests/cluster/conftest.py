@@ -6,7 +6,12 @@ from typing import Any
 
 import pytest
 from operator_helpers import install_crd
-from real_node_env import env, loaded_image, node_namespace  # noqa: F401  (the real node)
+from real_node_env import (  # noqa: F401  (the real node's fixtures)
+    cluster_wide_env,
+    env,
+    loaded_image,
+    node_namespace,
+)
 
 from harness.kueue_fixtures import kueue, node_kueue  # noqa: F401  (real Kueues)
 

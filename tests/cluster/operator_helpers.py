@@ -21,7 +21,7 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import yaml
 
@@ -148,6 +148,12 @@ class OperatorProcess:
         return "\n".join(self.log_text().splitlines()[-lines:])
 
 
+class HasLog(Protocol):
+    """An operator whose log a diagnosis can show (OperatorProcess, chart_operator's)."""
+
+    def log_tail(self, lines: int = 60) -> str: ...
+
+
 def wait_for(
     check: Callable[[], Any],
     timeout: float,
@@ -246,7 +252,7 @@ def child_jobs(kubeconfig: Path, namespace: str, name: str) -> list[dict[str, An
     return list(items)
 
 
-def diagnose(kubeconfig: Path, namespace: str, name: str, op: OperatorProcess | None) -> str:
+def diagnose(kubeconfig: Path, namespace: str, name: str, op: HasLog | None) -> str:
     """Everything useful when a wait times out."""
     parts = []
     for args in (

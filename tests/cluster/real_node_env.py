@@ -3,10 +3,11 @@ restricted namespace with data in S3 the pods can reach, and an operator watchin
 
     from real_node_env import env, loaded_image, node_job  # fixtures and builders
 
-``env`` (per test) gives ``kubeconfig``, ``ns``, ``op`` (the operator, a host process with the
-ServiceAccount rules of rbac.py), ``image``, ``data_uri``, ``data_bucket``, ``out_bucket``,
-``endpoint`` (the S3 server as pods see it, through the node's bridge address), ``s3`` and
-``client`` (the server and a boto3 client of it), ``node`` (the ContainerdNode) and
+``env`` (per test) gives ``kubeconfig``, ``ns``, ``op`` (the operator: the chart's Deployment
+from the operator image, watching ``ns``; chart_operator.ChartOperator), ``image``,
+``data_uri``, ``data_bucket``, ``out_bucket``, ``endpoint`` (the S3 server as pods see it,
+through the node's bridge address), ``s3`` and ``client`` (the server and a boto3 client of
+it), ``node`` (the ContainerdNode) and
 ``secret_values``: the job's S3 keys are distinctive ones, and the operator's own environment
 holds a secret S3 refuses, so a leak check can look for both and the operator can only read a
 job's storage with the job's keys. ``node_namespace`` is a restricted namespace with the CRD,
@@ -22,6 +23,7 @@ from typing import Any
 
 import pytest
 from built_images import built_image
+from chart_operator import ChartOperator
 from datapaths import tldr_files
 from operator_helpers import (
     OperatorProcess,
@@ -107,8 +109,26 @@ def node_namespace(containerd_cluster: ContainerdCluster) -> Iterator[str]:
 def env(
     containerd_cluster: ContainerdCluster, s3_server: Any, loaded_image: str, tmp_path: Path
 ) -> Iterator[dict[str, Any]]:
-    """A restricted namespace, data in S3 reachable from pods, and an operator watching."""
-    cluster, kc = containerd_cluster, containerd_cluster.kubeconfig
+    """A restricted namespace, data in S3 reachable from pods, and the chart's operator (its
+    Deployment, from the operator image) watching it with the chart's namespaced RBAC."""
+    yield from _tenant_env(containerd_cluster, s3_server, loaded_image, tmp_path, "chart")
+
+
+@pytest.fixture
+def cluster_wide_env(
+    containerd_cluster: ContainerdCluster, s3_server: Any, loaded_image: str, tmp_path: Path
+) -> Iterator[dict[str, Any]]:
+    """``env`` with an operator that reads FineTuneJobs in every namespace, as a cluster-wide
+    install does (the ServiceAccount ``kubetune-operator-<ns>`` with every rule of rbac.py in
+    a ClusterRole), watching the test's namespace: for checks that span namespaces. A host
+    process (operator_helpers.OperatorProcess) logged in as that ServiceAccount."""
+    yield from _tenant_env(containerd_cluster, s3_server, loaded_image, tmp_path, "host")
+
+
+def _tenant_env(
+    cluster: ContainerdCluster, s3_server: Any, image: str, tmp_path: Path, operator: str
+) -> Iterator[dict[str, Any]]:
+    kc = cluster.kubeconfig
     ns = restricted_namespace(cluster, f"test-{uuid.uuid4().hex[:8]}")
     install_crd(kc)
     # Distinctive keys, so a leak check cannot match by accident; S3 is told to accept them.
@@ -116,22 +136,26 @@ def env(
     s3_server.add_credentials(*keys)
     data = tenant_data(cluster, s3_server, ns, ns.removeprefix("test-"), keys)
     op_secret = f"op-{uuid.uuid4().hex}"  # S3 refuses it: the operator must use the job's keys
-    op = OperatorProcess.start(
-        operator_service_account(kc, ns, tmp_path / "operator.kubeconfig"),
-        ns,
-        {**s3_server.env(), "AWS_SECRET_ACCESS_KEY": op_secret},
-        tmp_path / "operator.log",
-        KUBETUNE_TRAINER_IMAGE=loaded_image,
-        KUBETUNE_UNSCHEDULABLE_TIMEOUT="5",
+    own_env = {**s3_server.env(), "AWS_SECRET_ACCESS_KEY": op_secret}
+    settings = {
+        "KUBETUNE_TRAINER_IMAGE": image,
+        "KUBETUNE_UNSCHEDULABLE_TIMEOUT": "5",
         # The endpoint the jobs name, as the chart's operator.storageEndpoints would list it:
         # the operator reads progress and dataset listings there (with each job's own keys).
-        KUBETUNE_STORAGE_ENDPOINTS=data["endpoint"],
-    )
+        "KUBETUNE_STORAGE_ENDPOINTS": data["endpoint"],
+    }
+    log = tmp_path / "operator.log"
+    op: ChartOperator | OperatorProcess
+    if operator == "chart":
+        op = ChartOperator.start(cluster, ns, own_env, log, **settings)
+    else:
+        sa_kubeconfig = operator_service_account(kc, ns, tmp_path / "operator.kubeconfig")
+        op = OperatorProcess.start(sa_kubeconfig, ns, own_env, log, **settings)
     ctx = {
         "kubeconfig": kc,
         "ns": ns,
         "op": op,
-        "image": loaded_image,
+        "image": image,
         "s3": s3_server,
         "client": s3_server.client(),
         "node": cluster.node,
@@ -142,8 +166,9 @@ def env(
     yield ctx
     ctx["op"].stop()  # (a test may have restarted it)
     kubectl(kc, "delete", "namespace", ns, "--wait=false", check=False)
-    sa = f"kubetune-operator-{ns}"
-    kubectl(kc, "delete", "clusterrole,clusterrolebinding", sa, check=False)
+    if operator == "host":
+        sa = f"kubetune-operator-{ns}"
+        kubectl(kc, "delete", "clusterrole,clusterrolebinding", sa, check=False)
 
 
 def node_job(env: dict[str, Any], name: str, bleu: bool = False, **training: Any) -> dict[str, Any]:

@@ -27,7 +27,6 @@ trainer image (its store keeps it).
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -38,6 +37,7 @@ from typing import Any
 import pytest
 import yaml
 from built_images import built_image
+from chart_operator import assert_no_refusal_but_the_expected_one
 from operator_helpers import (
     REPO,
     apply,
@@ -55,7 +55,6 @@ from real_node_env import restricted_namespace, tenant_data
 
 from harness.fixtures import ContainerdCluster
 from kubetune_operator import rbac
-from kubetune_operator.kube import all_ftjs_path
 
 pytestmark = pytest.mark.cluster
 
@@ -64,10 +63,6 @@ RELEASE = "lp"
 FULLNAME = "lp-kubetune"
 RUN_TIMEOUT = 420.0  # seconds for a whole tiny run on a loaded 2-core machine
 SECRET = "kubetune-s3"
-# The one refusal an operator of named namespaces meets by design, once: reconcile.py lists
-# the FineTuneJobs of every namespace for the storage.output check and, refused, checks
-# within the job's namespace from then on (and logs a warning saying so).
-EXPECTED_REFUSAL = f"GET {all_ftjs_path()}"
 
 
 @dataclass
@@ -325,15 +320,5 @@ def test_an_operator_confined_to_its_namespace_runs_jobs_there_and_leaves_others
     [status] = install.operator_pod()["status"]["containerStatuses"]
     assert status["restartCount"] == 0 and status["ready"], status
     log = install.operator_log()
-    # Every request the API server refused (urllib3 logs each at DEBUG), and any other word
-    # of a refusal (kopf's watchers would log "Forbidden").
-    assert re.search(r'HTTP/1\.1" 20\d', log), log[-3000:]  # DEBUG request lines are there
-    refused_requests = re.findall(r'"([A-Z]+ [^ ?"]+)[^"]* HTTP/1\.1" 403', log)
-    assert refused_requests.count(EXPECTED_REFUSAL) == len(refused_requests) <= 1, refused_requests
-    other = [
-        line
-        for line in log.splitlines()
-        if re.search("forbidden", line, re.IGNORECASE) and "HTTP/1.1" not in line
-    ]
-    assert not other, "\n".join(other[:20])
+    assert_no_refusal_but_the_expected_one(log)
     assert "Traceback" not in log, log[-5000:]

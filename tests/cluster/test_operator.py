@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 from cel_cases import CEL_CASES
+from chart_operator import assert_no_refusal_but_the_expected_one
 from datapaths import TLDR_CHAT, require
 from operator_helpers import (
     apply,
@@ -49,10 +50,11 @@ pytestmark = pytest.mark.cluster
 @pytest.fixture
 def env(env: dict[str, Any]) -> Iterator[dict[str, Any]]:
     """The real node's FineTuneJob environment (real_node_env.env); afterwards, the operator's
-    log must show no request the API server refused."""
+    log must show no request the API server refused but the one a namespaced install meets by
+    design (the chart's Role covers the rest)."""
     yield env
-    log = env["op"].log_text()
-    assert "Forbidden" not in log and " 403 " not in log, "the operator lacked an RBAC right"
+    op = env["op"]
+    assert_no_refusal_but_the_expected_one(op.log_text(), getattr(op, "starts", 1))
 
 
 def job_for(env: dict[str, Any], name: str, **training: Any) -> dict[str, Any]:

@@ -104,9 +104,11 @@ def test_a_finetunejob_deleted_and_applied_again_with_a_new_spec_runs_new_jobs_w
 
 
 def test_a_second_finetunejob_on_an_output_in_use_is_refused_and_never_gets_its_results(
-    env: dict[str, Any],  # noqa: F811 (the fixture)
-    tmp_path: Path,
+    cluster_wide_env: dict[str, Any], tmp_path: Path
 ) -> None:
+    # Another namespace's jobs are in view only with cluster-wide reads (a namespaced
+    # install checks its own namespaces; see docs/security-rbac.md).
+    env = cluster_wide_env  # noqa: F811 (the module imports the fixture of that name)
     kc, ns, bucket = env["kubeconfig"], env["ns"], env["out_bucket"]
     # The first job holds s3://<bucket>/first/ (suspended: it needs no CPU to hold it).
     first = job_for(env, "first")

@@ -27,14 +27,13 @@ from typing import Any
 
 import pytest
 from built_images import built_image
+from chart_operator import ChartOperator, assert_no_refusal_but_the_expected_one
 from operator_helpers import (
-    OperatorProcess,
     apply,
     diagnose,
     get_ftj,
     get_json,
     kubectl,
-    operator_service_account,
     tiny_job,
     wait_for,
 )
@@ -56,14 +55,14 @@ def env(
     k8s_cluster: ContainerdCluster, s3_server: Any, crd_installed: None, tmp_path: Path
 ) -> Iterator[dict[str, Any]]:
     """A restricted namespace, a small tldr slice in S3 that pods reach, a credentials Secret,
-    the trainer image in the node, the operator with the rules of rbac.py."""
+    the trainer image in the node, the chart's operator watching the namespace."""
     kc = k8s_cluster.kubeconfig
     image = built_image("trainer")
     k8s_cluster.load_image(image)
     ns = restricted_namespace(k8s_cluster, f"test-{uuid.uuid4().hex[:8]}")
     data = tenant_data(k8s_cluster, s3_server, ns, ns.removeprefix("test-"))
-    op = OperatorProcess.start(
-        operator_service_account(kc, ns, tmp_path / "operator.kubeconfig"),
+    op = ChartOperator.start(
+        k8s_cluster,
         ns,
         s3_server.env(),
         tmp_path / "operator.log",
@@ -75,11 +74,8 @@ def env(
     ctx = {"kubeconfig": kc, "ns": ns, "op": op, "node": node, **data}
     yield ctx
     op.stop()
-    log = op.log_text()
-    assert "Forbidden" not in log and " 403 " not in log, "the operator lacked an RBAC right"
+    assert_no_refusal_but_the_expected_one(op.log_text())
     kubectl(kc, "delete", "namespace", ns, "--wait=false", check=False)
-    sa = f"kubetune-operator-{ns}"
-    kubectl(kc, "delete", "clusterrole,clusterrolebinding", sa, check=False)
 
 
 def minimal_job(env: dict[str, Any], name: str, cpu: str) -> dict[str, Any]:
