@@ -9,6 +9,7 @@ from operator_helpers import install_crd
 from real_node_env import (  # noqa: F401  (the real node's fixtures)
     cluster_wide_env,
     env,
+    light_env,
     loaded_image,
     node_namespace,
 )

@@ -125,6 +125,17 @@ def cluster_wide_env(
     yield from _tenant_env(containerd_cluster, s3_server, loaded_image, tmp_path, "host")
 
 
+@pytest.fixture
+def light_env(
+    k8s_cluster: ContainerdCluster, s3_server: Any, tmp_path: Path
+) -> Iterator[dict[str, Any]]:
+    """``env`` on the light node (its own CI stream; the trainer image loaded into its store),
+    for long FineTuneJob tests that need nothing of the main node (no kube-proxy)."""
+    image = built_image("trainer")
+    k8s_cluster.load_image(image)
+    yield from _tenant_env(k8s_cluster, s3_server, image, tmp_path, "chart")
+
+
 def _tenant_env(
     cluster: ContainerdCluster, s3_server: Any, image: str, tmp_path: Path, operator: str
 ) -> Iterator[dict[str, Any]]:

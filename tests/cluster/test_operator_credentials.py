@@ -1,7 +1,9 @@
 """The operator never uses its own storage credentials on a tenant's behalf (issue 12, item 2).
 
-Two stand-in "S3 endpoints" on loopback record every request. The operator runs with storage
-keys of its own in its environment and one endpoint on its allow-list. Each FineTuneJob names
+Two stand-in "S3 endpoints" on the host's loopback record every request; the operator, the
+chart's Deployment from the operator image (chart_operator.ChartOperator), reaches them at the
+node's bridge address. It runs with storage keys of its own in its environment and one
+endpoint on its allow-list. Each FineTuneJob names
 its own credentials Secret and is applied suspended, so no stage pod talks to the endpoints:
 every request they see comes from the operator looking for an earlier result.
 
@@ -16,14 +18,15 @@ from typing import Any
 
 import pytest
 import yaml
+from chart_operator import ChartOperator
 from operator_helpers import (
-    OperatorProcess,
     create_s3_secret,
     get_ftj,
     kubectl,
     tiny_job,
     wait_for,
 )
+from real_node_env import pod_url
 from recording_http import RecordingServer
 
 pytestmark = pytest.mark.cluster
@@ -47,15 +50,16 @@ def test_the_operator_reads_allowed_endpoints_with_the_jobs_keys_only(
     kc, ns = containerd_cluster.kubeconfig, node_namespace
     allowed, elsewhere = recorders
     create_s3_secret(kc, ns, TENANT_KEY, "tenant-secret", name="tenant-s3")
-    op = OperatorProcess.start(
-        kc,
+    allowed_url, elsewhere_url = (pod_url(containerd_cluster, r.url) for r in recorders)
+    op = ChartOperator.start(
+        containerd_cluster,
         ns,
         {"AWS_ACCESS_KEY_ID": OPERATOR_KEY, "AWS_SECRET_ACCESS_KEY": "operator-secret"},
         tmp_path / "operator.log",
-        KUBETUNE_STORAGE_ENDPOINTS=allowed.url,
+        KUBETUNE_STORAGE_ENDPOINTS=allowed_url,
     )
     try:
-        for name, endpoint in (("on-list", allowed.url), ("off-list", elsewhere.url)):
+        for name, endpoint in (("on-list", allowed_url), ("off-list", elsewhere_url)):
             job = tiny_job(
                 name,
                 data_uri="s3://data/tldr/",

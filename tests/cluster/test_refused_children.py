@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 import yaml
+from chart_operator import ChartOperator
 from operator_helpers import (
-    OperatorProcess,
     get_ftj,
     kubectl,
     tiny_job,
@@ -117,7 +117,7 @@ def test_a_job_the_cluster_refuses_stalls_with_the_policy_message_until_the_spec
 ) -> None:
     kc, ns, name = containerd_cluster.kubeconfig, node_namespace, "off-registry"
     kubectl(kc, "-n", ns, "create", "secret", "generic", "s3", "--from-literal=AWS_ACCESS_KEY_ID=a")
-    op = OperatorProcess.start(kc, ns, {}, tmp_path / "operator.log")
+    op = ChartOperator.start(containerd_cluster, ns, {}, tmp_path / "operator.log")
     try:
         job = tiny_job(
             name,

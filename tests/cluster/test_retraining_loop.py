@@ -23,16 +23,18 @@ from __future__ import annotations
 
 import json
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 from argocd_health import health
+from chart_operator import assert_no_refusal_but_the_expected_one
 from datapaths import tldr_files
 from operator_helpers import get_ftj, get_json, kubectl, upload_files, wait_for
 from real_node_env import RUN_TIMEOUT, pod_url
-from test_operator import env, job_for  # noqa: F401 (env is a fixture)
+from test_operator import job_for
 from tracking_server import MlflowServer, experiment_runs, mlflow_server  # noqa: F401
 
 from kubetune.layout import run_dir
@@ -150,8 +152,17 @@ def promoted(ftj: dict[str, Any]) -> dict[str, Any]:
     return {**ftj["status"]["promotion"], "condition": cond}
 
 
+@pytest.fixture
+def env(light_env: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """The FineTuneJob environment on the light node: this long test runs in the CI stream
+    of the unit tests, whose node has room (the main node's stream is the longer one).
+    Afterwards the operator's log shows no refusal but the one by design."""
+    yield light_env
+    assert_no_refusal_but_the_expected_one(light_env["op"].log_text())
+
+
 def test_gitops_loop_promotes_only_better_models_and_retrains_on_new_data(
-    env: dict[str, Any],  # noqa: F811 (the fixture)
+    env: dict[str, Any],
     tmp_path: Path,
     mlflow_server: MlflowServer,  # noqa: F811 (the fixture)
 ) -> None:
