@@ -35,9 +35,7 @@ from harness.containerd_node import (
     ContainerdNode,
     NodeImages,
     NodeUnavailable,
-    check_host,
-    find_node_bin_dir,
-    kube_proxy_available,
+    preflight,
     stop_detached,
 )
 from harness.node.teardown import mounts_under
@@ -86,18 +84,6 @@ def _hints(state_dir: Path, log_dir: Path) -> str:
             f"# stop with: python -m harness down{where}",
         ]
     )
-
-
-def _check_node_host(kube_proxy: bool) -> None:
-    """Fail before starting anything when the node cannot run here (NodeUnavailable)."""
-    check_host()
-    find_node_bin_dir()  # builds the node's binaries when one is missing
-    if kube_proxy and not kube_proxy_available():
-        raise NodeUnavailable(
-            "another node on this host runs kube-proxy (its iptables chains are host-wide, so "
-            "one node may have it): stop that cluster, or run `up --no-kube-proxy` (then only "
-            "Services of pods do not work)"
-        )
 
 
 def _start(state_dir: Path, bin_dir: Path, gpus: int, kube_proxy: bool) -> dict[str, Any]:
@@ -153,7 +139,7 @@ def up(state_dir: Path, gpus: int = 2, kube_proxy: bool = True) -> int:
         down(state_dir)  # a half-dead (or older kind of) cluster: clear it first
     try:
         bin_dir = find_bin_dir(build=True)
-        _check_node_host(kube_proxy)
+        preflight(kube_proxy)  # before the control plane: fail in a second, not a minute
     except (ToolsMissing, NodeUnavailable) as err:
         print(f"harness up: {err}", file=sys.stderr)
         return 1
@@ -226,8 +212,6 @@ def _parser() -> argparse.ArgumentParser:
         help="run kube-proxy (default); only one node per host may, and without it Services "
         "of pods do not work",
     )
-    # The process node is gone; `--node containerd` is accepted so older command lines work.
-    start.add_argument("--node", choices=["containerd"], help=argparse.SUPPRESS)
     commands.add_parser("down", parents=[common], help="stop it and remove what it made")
     load = commands.add_parser(
         "load-image", parents=[common], help="import images into the node's containerd"

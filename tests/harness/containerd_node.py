@@ -144,6 +144,22 @@ def check_host() -> None:
         )
 
 
+def preflight(kube_proxy: bool) -> Path:
+    """Raise NodeUnavailable unless a node (with kube-proxy, if asked) can start on this host:
+    root, runc, CNI, iptables, the node's binaries (built when one is missing) and, for
+    kube-proxy, no other node holding it. Returns the binaries' dir."""
+    check_host()
+    bin_dir = find_node_bin_dir()
+    if kube_proxy and not kube_proxy_available():
+        raise NodeUnavailable(
+            "another node on this host runs kube-proxy (its iptables chains are host-wide, so "
+            "one node may have it): stop that cluster, or start this node without kube-proxy "
+            "(`harness up --no-kube-proxy`, kube_proxy=False; then Services of pods carry no "
+            "traffic)"
+        )
+    return bin_dir
+
+
 @dataclass
 class ContainerdNode:
     control_plane: ControlPlane
@@ -192,14 +208,9 @@ class ContainerdNode:
 
     def start(self) -> None:
         """Start containerd and the kubelet; return once the Node is Ready with its GPUs."""
-        check_host()
+        bin_dir = preflight(self.kube_proxy)  # fail before making anything
         if self.bin_dir is None:
-            self.bin_dir = find_node_bin_dir()
-        if self.kube_proxy and not kube_proxy_available():  # fail before making anything
-            raise NodeUnavailable(
-                "another node on this host runs kube-proxy (its iptables chains are host-wide); "
-                "start this node with kube_proxy=False"
-            )
+            self.bin_dir = bin_dir
         sweep_abandoned_nodes()
         self._claim_bridge()
         self.state_dir.mkdir(parents=True, exist_ok=True)
